@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Start the director. Environment: DIRECTOR_HOST, DIRECTOR_PORT (override the config),
+# DIRECTOR_CONFIG (default: director_config.yaml beside this script).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+config="$(realpath -m "${DIRECTOR_CONFIG:-$here/director_config.yaml}")"
+if [[ ! -f "$config" ]]; then
+  echo "error: director config $config not found; set DIRECTOR_CONFIG to an existing file" >&2
+  exit 2
+fi
+fx="$(command -v fx || echo "$here/../.venv/bin/fx")"
+if [[ ! -x "$fx" ]]; then
+  echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
+  exit 2
+fi
+# OpenFL reads the config with dynaconf, which takes DYNACONF_SETTINGS__* variables as overrides.
+if [[ -n "${DIRECTOR_HOST:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_HOST="$DIRECTOR_HOST"; fi
+if [[ -n "${DIRECTOR_PORT:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_PORT="$DIRECTOR_PORT"; fi
+tls_args=(--disable-tls)
+# OpenFL insists that the config lies inside the working directory.
+cd "$(dirname "$config")"
+exec "$fx" director start "${tls_args[@]}" --director-config-path "$(basename "$config")"

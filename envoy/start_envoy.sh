@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Start an envoy: ./start_envoy.sh NAME CONFIG
+# Environment: DIRECTOR_HOST (default localhost), DIRECTOR_PORT (default 50051),
+# OMP_NUM_THREADS (torch threads for training; give each envoy its share of the cores).
+set -euo pipefail
+if [[ $# -ne 2 ]]; then
+  echo "usage: $0 NAME CONFIG   e.g. $0 envoy_1 envoy_config_1.yaml" >&2
+  exit 2
+fi
+name="$1"
+config="$(realpath -m "$2")"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ ! -f "$config" ]]; then
+  echo "error: envoy config $2 not found" >&2
+  exit 2
+fi
+bin="$(dirname "$(command -v fx || echo "$here/../.venv/bin/fx")")"
+if [[ ! -x "$bin/fx" ]]; then
+  echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
+  exit 2
+fi
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+# The envoy runs where its config is: relative data folders and experiment folders land there,
+# and OpenFL insists that the config lies inside the working directory.
+cd "$(dirname "$config")"
+# Check the shard (and fetch a missing file) first, so a bad config ends in one clear line.
+"$bin/python" -m medmnist_shard check "$config"
+tls_args=(--disable-tls)
+exec "$bin/fx" envoy start --shard-name "$name" "${tls_args[@]}" \
+  --director-host "${DIRECTOR_HOST:-localhost}" --director-port "${DIRECTOR_PORT:-50051}" \
+  --envoy-config-path "$(basename "$config")"

@@ -1,0 +1,72 @@
+"""One process, no federation: the tasks train and evaluate on a shard; devices resolve as documented."""
+import cloudpickle
+import pytest
+import torch
+from medfl import MedMNISTData, build_model, build_tasks, pick_device, train, validate
+from medfl.device import DeviceError
+from medmnist_shard import MedMNISTShardDescriptor
+
+
+@pytest.mark.parametrize("flag", ["bloodmnist", "chestmnist", "pneumoniamnist", "retinamnist"])
+def test_training_on_a_synthetic_shard_lowers_the_loss(tiny_file, flag):
+    sizes = {"train": 96, "val": 48, "test": 8}
+    shard = MedMNISTShardDescriptor(flag, 28, tiny_file(flag, 28, sizes).parent, "1,1")
+    data = MedMNISTData(train_batch_size=16, eval_batch_size=32)
+    data.shard_descriptor = shard
+    assert (data.get_train_data_size(), data.get_valid_data_size()) == (96, 48)
+    torch.manual_seed(0)
+    model = build_model(flag, 28)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    task = {"bloodmnist": "multi-class", "chestmnist": "multi-label, binary-class",
+            "pneumoniamnist": "binary-class", "retinamnist": "ordinal-regression"}[flag]
+    first = train(model, data.get_train_loader(), optimizer, "cpu", task=task)["train_loss"]
+    for _ in range(4):
+        last = train(model, data.get_train_loader(), optimizer, "cpu", task=task)["train_loss"]
+    assert last < first
+    result = validate(model, data.get_valid_loader(), "cpu", task=task)
+    assert set(result) == {"loss", "acc", "auc"}
+    assert 0 <= result["acc"] <= 1 and 0 <= result["auc"] <= 1
+
+
+def test_each_round_reshuffles_but_a_seed_repeats_the_order(tiny_file):
+    shard = MedMNISTShardDescriptor("bloodmnist", 28, tiny_file("bloodmnist").parent)
+
+    def orders(seed):
+        data = MedMNISTData(train_batch_size=24, seed=seed)
+        data.shard_descriptor = shard
+        return [next(iter(data.get_train_loader()))[0].sum((1, 2, 3)).tolist() for _ in range(2)]
+
+    first, second = orders(0)
+    assert first != second and orders(0) == [first, second]
+
+
+def test_build_tasks_registers_train_and_validate_with_settings():
+    tasks = build_tasks("chestmnist", epochs_per_round=2, device="cpu")
+    assert set(tasks.get_registered_tasks()) == {"train", "locally_tuned_model_validate", "aggregated_model_validate"}
+    assert tasks.task_settings["train"] == {"task": "multi-label, binary-class", "epochs": 2, "device_request": "cpu"}
+    # Shipped by reference to the medfl package, which travels with the experiment.
+    assert b"medfl.tasks" in cloudpickle.dumps(tasks)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_build_tasks_rejects_bad_epochs(bad):
+    with pytest.raises(ValueError, match="epochs_per_round must be a positive integer"):
+        build_tasks("bloodmnist", epochs_per_round=bad)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"train_batch_size": 0}, "train_batch_size"),
+                                            ({"eval_batch_size": -3}, "eval_batch_size"),
+                                            ({"eval_split": "train"}, "eval_split")])
+def test_data_interface_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MedMNISTData(**kwargs)
+
+
+def test_pick_device():
+    assert pick_device("cpu", "cuda:0") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert pick_device("auto", "cpu") == torch.device("cpu")
+        with pytest.raises(DeviceError, match="node-7 has no CUDA device.*device='cuda'"):
+            pick_device("cuda", "cpu", node="node-7")
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        pick_device("tpu")

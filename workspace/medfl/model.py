@@ -1,0 +1,65 @@
+"""The CNN of MedMNIST's tutorial, sized for any flag and image size."""
+from __future__ import annotations
+
+import medmnist
+import torch
+from torch import nn
+
+MULTI_LABEL = "multi-label, binary-class"
+# The 12 2D datasets; INFO also describes the 3D ones, whose flags end in "3d".
+FLAGS = tuple(flag for flag in medmnist.INFO if not flag.endswith("3d"))
+
+
+def _block(c_in: int, c_out: int, pool: bool = False, padding: int = 0) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU()]
+    if pool:
+        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+class Net(nn.Module):
+    """Five 3x3 conv blocks with BatchNorm, then three fully connected layers."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            _block(in_channels, 16),
+            _block(16, 16, pool=True),
+            _block(16, 64),
+            _block(64, 64),
+            _block(64, 64, pool=True, padding=1),
+            # 28 px images leave exactly 4x4 here; larger ones are pooled down to it, so the
+            # classifier (and the weights that travel each round) stay the same size at 224 px.
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+            nn.Linear(128, 128), nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def task_type(flag: str) -> str:
+    """MedMNIST's task type for a flag, e.g. 'multi-class' or 'multi-label, binary-class'."""
+    if flag not in FLAGS:
+        raise ValueError(f"unknown MedMNIST 2D dataset {flag!r}: choose one of {', '.join(FLAGS)}")
+    return medmnist.INFO[flag]["task"]
+
+
+def build_model(flag: str, size: int = 28) -> Net:
+    """The network for a MedMNIST flag: input channels and outputs from medmnist.INFO.
+
+    Load trained weights with:
+        model = build_model("bloodmnist", 28)
+        model.load_state_dict(torch.load("runs/latest/best_model.pt"))
+        model.eval()
+    """
+    if size not in (28, 64, 128, 224):
+        raise ValueError(f"unsupported image size {size}: MedMNIST has 28, 64, 128 and 224")
+    task_type(flag)  # rejects unknown flags with a clear message
+    meta = medmnist.INFO[flag]
+    return Net(meta["n_channels"], len(meta["label"]))

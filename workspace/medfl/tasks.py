@@ -1,0 +1,68 @@
+"""The federated tasks: one local training pass and one evaluation, for every MedMNIST task type."""
+from __future__ import annotations
+
+import socket
+
+import torch
+from openfl.interface.interactive_api.experiment import TaskInterface
+
+from .data import to_float_chw
+from .device import pick_device, step_barrier
+from .metrics import evaluate, loss_fn, loss_target, scores
+from .model import task_type
+
+
+def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, device_request: str = "auto"):
+    """Train for `epochs` passes over the shard; report the last pass's mean loss per sample."""
+    dev = pick_device(device_request, str(device), node=socket.gethostname())
+    model.to(dev)
+    model.train()
+    # OpenFL 1.6's RESET treatment hands back the same optimizer object every round, so its
+    # moments would carry over; FedAvg starts each round's local training from a clean state.
+    optimizer.state.clear()
+    criterion, barrier = loss_fn(task), step_barrier(dev)
+    for _ in range(epochs):
+        loss_sum, seen = torch.zeros((), device=dev), 0
+        for images, labels in train_loader:
+            x = to_float_chw(images.to(dev))
+            y = loss_target(task, labels.to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            loss.backward()
+            barrier()
+            optimizer.step()
+            barrier()
+            loss_sum += loss.detach() * len(x)  # stays on the device: no sync per step
+            seen += len(x)
+    return {"train_loss": loss_sum.item() / max(seen, 1)}
+
+
+@torch.no_grad()
+def validate(model, val_loader, device, task: str, device_request: str = "auto"):
+    """Mean loss, ACC and AUC of the model on the shard's evaluation split."""
+    dev = pick_device(device_request, str(device), node=socket.gethostname())
+    model.to(dev)
+    model.eval()
+    criterion, barrier = loss_fn(task), step_barrier(dev)
+    loss_sum, all_scores, all_labels = torch.zeros((), device=dev), [], []
+    for images, labels in val_loader:
+        logits = model(to_float_chw(images.to(dev)))
+        loss_sum += criterion(logits, loss_target(task, labels.to(dev))) * len(images)
+        barrier()
+        all_scores.append(scores(task, logits).float().cpu())
+        all_labels.append(labels)
+    y_score, y_true = torch.cat(all_scores).numpy(), torch.cat(all_labels).numpy()
+    return {"loss": loss_sum.item() / len(y_true), **evaluate(task, y_true, y_score)}
+
+
+def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto") -> TaskInterface:
+    """Register train and validate for a flag's task type, as OpenFL's TaskInterface."""
+    if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
+        raise ValueError(f"epochs_per_round must be a positive integer, not {epochs_per_round!r}")
+    task = task_type(flag)
+    tasks = TaskInterface()
+    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device)(train)
+    tasks.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")(train)
+    tasks.add_kwargs(task=task, device_request=device)(validate)
+    tasks.register_fl_task(model="model", data_loader="val_loader", device="device")(validate)
+    return tasks
