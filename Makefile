@@ -16,6 +16,7 @@ $(VENV)/.installed: requirements.txt
 venv: $(VENV)/.installed
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 lint: venv

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The envoy's data package and the notebook's training package, as the nodes import them.
-sys.path[:0] = [str(ROOT / "envoy"), str(ROOT / "workspace")]
+sys.path[:0] = [str(ROOT), str(ROOT / "envoy"), str(ROOT / "workspace")]
 
 from medmnist_shard.synthetic import make_synthetic  # noqa: E402
 

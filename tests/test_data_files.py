@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from medmnist_shard import files
 from medmnist_shard.files import ensure_file, inspect, load_split
 from medmnist_shard.spec import DataError

@@ -1,6 +1,7 @@
 """Dataset facts come from medmnist.INFO, and bad names fail with a clear message."""
 import medmnist
 import pytest
+
 from medmnist_shard.spec import (
     FLAGS,
     SIZES,

@@ -3,9 +3,10 @@ import medmnist
 import numpy as np
 import pytest
 import torch
+from medmnist.evaluator import getACC, getAUC
+
 from medfl import MedMNISTData, build_model, loss_fn, to_float_chw, validate
 from medfl.metrics import evaluate
-from medmnist.evaluator import getACC, getAUC
 from medmnist_shard import FLAGS, SIZES, MedMNISTShardDataset
 
 

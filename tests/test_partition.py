@@ -1,6 +1,7 @@
 """Shards are disjoint, cover the split, are deterministic, and bad settings are refused."""
 import numpy as np
 import pytest
+
 from medmnist_shard.partition import parse_rank_worldsize, shard_indices
 from medmnist_shard.spec import DataError
 

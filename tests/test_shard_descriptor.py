@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+
 from conftest import ROOT
 from medmnist_shard import FLAGS, SIZES, DataError, MedMNISTShardDescriptor
 from medmnist_shard.spec import sample_shape, target_shape

@@ -2,6 +2,7 @@
 import cloudpickle
 import pytest
 import torch
+
 from medfl import MedMNISTData, build_model, build_tasks, pick_device, train, validate
 from medfl.device import DeviceError
 from medmnist_shard import MedMNISTShardDescriptor

@@ -1,0 +1,155 @@
+"""A whole federation on this machine: a director and N envoys as real processes.
+
+Each component runs through the same start script a user would run, in its own process group, on a
+free loopback port, with its log in the run folder. Used by the tests (and the demo launcher).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REGISTERED = "Shard was accepted by director"
+
+
+class FederationError(RuntimeError):
+    """A component failed to start or to register; the message ends with its log's tail."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, or a note that there is none."""
+    if not path.exists():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Component:
+    """One started process: its name, process, and log file."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class LocalFederation:
+    """Director plus envoys under `workdir`; `shard_params` gives each envoy's shard descriptor params."""
+
+    workdir: Path
+    shard_params: dict[str, dict]
+    sample_shape: list
+    target_shape: list
+    host: str = "localhost"
+    port: int = field(default_factory=free_port)
+    components: list[Component] = field(default_factory=list)
+
+    def _spawn(self, name: str, command: list[str], env: dict) -> Component:
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env={**os.environ, **env}, start_new_session=True)
+        component = Component(name, process, log)
+        self.components.append(component)
+        return component
+
+    def _fail(self, component: Component, what: str) -> FederationError:
+        return FederationError(f"{component.name} {what}; its log ends with:\n{tail(component.log)}")
+
+    def start(self, timeout: float = 120.0) -> LocalFederation:
+        """Start the director, then every envoy; return once all envoys are registered."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {"DIRECTOR_HOST": self.host, "DIRECTOR_PORT": str(self.port)}
+        director_dir = self.workdir / "director"
+        director_dir.mkdir(exist_ok=True)
+        config = yaml.safe_load((ROOT / "director" / "director_config.yaml").read_text())
+        config["settings"].update(sample_shape=[str(d) for d in self.sample_shape],
+                                  target_shape=[str(d) for d in self.target_shape])
+        (director_dir / "director_config.yaml").write_text(yaml.safe_dump(config))
+        director = self._spawn("director", ["bash", str(ROOT / "director" / "start_director.sh")],
+                               {**env, "DIRECTOR_CONFIG": str(director_dir / "director_config.yaml")})
+        deadline = time.monotonic() + timeout
+        self._wait(director, lambda: _listening(self.host, self.port), deadline, "did not open its port")
+        threads = str(max(1, (os.cpu_count() or 1) // len(self.shard_params)))
+        envoys = []
+        for name, params in self.shard_params.items():
+            envoy_dir = self.workdir / name
+            envoy_dir.mkdir(exist_ok=True)
+            envoy_config = {
+                "params": {"cuda_devices": [], "install_requirements": False},
+                "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor", "params": params},
+            }
+            (envoy_dir / "envoy_config.yaml").write_text(yaml.safe_dump(envoy_config))
+            command = ["bash", str(ROOT / "envoy" / "start_envoy.sh"), name, str(envoy_dir / "envoy_config.yaml")]
+            envoys.append(self._spawn(name, command, {**env, "OMP_NUM_THREADS": threads}))
+        for envoy in envoys:
+            self._wait(envoy, lambda e=envoy: REGISTERED in e.log.read_text(errors="replace"), deadline,
+                       "did not register with the director")
+        return self
+
+    def _wait(self, component: Component, ready, deadline: float, what: str) -> None:
+        while not ready():
+            if component.process.poll() is not None:
+                raise self._fail(component, f"exited with status {component.process.returncode}")
+            if time.monotonic() > deadline:
+                raise self._fail(component, what)
+            time.sleep(0.2)
+
+    def check_alive(self) -> None:
+        """Raise FederationError naming the first component that has exited."""
+        for component in self.components:
+            if component.process.poll() is not None:
+                raise self._fail(component, f"exited with status {component.process.returncode}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every component's process group: SIGTERM, then SIGKILL after `grace` seconds."""
+        for component in self.components:
+            _signal_group(component.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for component in self.components:
+            try:
+                component.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(component.process, signal.SIGKILL)
+                component.process.wait()
+        for component in self.components:
+            _signal_group(component.process, signal.SIGKILL)  # leftovers in the group, if any
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
