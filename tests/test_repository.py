@@ -1,7 +1,11 @@
 """Repository hygiene that a reviewer would otherwise check by hand."""
 import json
 
+import yaml
+
 from conftest import ROOT
+from medmnist_shard.partition import parse_rank_worldsize
+from medmnist_shard.spec import sample_shape, target_shape
 
 NOTEBOOKS = sorted((ROOT / "workspace").glob("*.ipynb"))
 
@@ -37,3 +41,16 @@ def test_every_pin_lives_in_requirements():
     pins = (ROOT / "requirements.txt").read_text()
     for pin in ("openfl==1.6", "torch==2.13.0", "torchvision==0.28.0", "medmnist==3.0.2", "numpy>=1.26,<2.4"):
         assert pin in pins
+
+
+def test_shipped_configs_agree_and_shard_disjointly():
+    director = yaml.safe_load((ROOT / "director" / "director_config.yaml").read_text())["settings"]
+    envoys = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "envoy").glob("envoy_config_*.yaml"))]
+    shards = [e["shard_descriptor"]["params"] for e in envoys]
+    assert len(shards) == 2
+    for envoy, shard in zip(envoys, shards, strict=True):
+        assert envoy["params"]["install_requirements"] is False
+        assert director["sample_shape"] == [str(d) for d in sample_shape(shard["flag"], shard["size"])]
+        assert director["target_shape"] == [str(d) for d in target_shape(shard["flag"])]
+    assert sorted(parse_rank_worldsize(s["rank_worldsize"]) for s in shards) == [(1, 2), (2, 2)]
+    assert len({(s["flag"], s["size"], s["seed"], s["partition"]) for s in shards}) == 1

@@ -19,7 +19,8 @@ DOWNLOAD_TIMEOUT_S = 60
 
 def synthetic_hint(flag: str, size: int, data_dir: Path) -> str:
     """The command that writes a synthetic stand-in for a missing file."""
-    return f"python -m medmnist_shard make-synthetic {flag} --size {size} --out {data_dir}"
+    package_parent = Path(__file__).resolve().parents[1]
+    return f"PYTHONPATH={package_parent} python -m medmnist_shard make-synthetic {flag} --size {size} --out {data_dir}"
 
 
 @contextlib.contextmanager

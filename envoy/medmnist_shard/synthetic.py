@@ -13,6 +13,7 @@ from .files import atomic_write
 from .spec import MULTI_LABEL, SPLITS, check_size, file_name, info, n_channels
 
 GRID = 4  # class patterns are drawn on a 4x4 grid and blown up, so every size gets the same task
+SIGNAL, NOISE = 12.0, 60.0  # grey levels: pattern amplitude and per-pixel noise
 
 
 def split_sizes(flag: str, scale: float = 0.1, minimum: int = 8) -> dict[str, int]:
@@ -40,10 +41,13 @@ def _images(rng: np.random.Generator, patterns: np.ndarray, labels: np.ndarray, 
     coarse = mix.reshape(len(labels), GRID, GRID, patterns.shape[-1])
     scale = size // GRID
     images = np.empty((len(labels), size, size, patterns.shape[-1]), np.uint8)
+    # A faint class pattern under strong pixel noise and a per-image brightness shift: a CNN
+    # needs a few epochs to find it, so learning curves rise instead of saturating at once.
     for start in range(0, len(labels), 512):  # chunks keep float memory small at 224 px
         block = np.repeat(np.repeat(coarse[start:start + 512], scale, axis=1), scale, axis=2)
-        noise = rng.normal(0.0, 30.0, block.shape).astype(np.float32)
-        images[start:start + 512] = np.clip(128.0 + 55.0 * block + noise, 0, 255).astype(np.uint8)
+        block = 128.0 + SIGNAL * block + rng.normal(0.0, 20.0, (len(block), 1, 1, 1))
+        block += rng.normal(0.0, NOISE, block.shape)
+        images[start:start + 512] = np.clip(block, 0, 255).astype(np.uint8)
     return images
 
 
