@@ -1,6 +1,6 @@
-"""Evaluate a saved state_dict on shards' val splits, in a process of its own; print JSON.
+"""Evaluate a saved state_dict on every shard's split, in a process of its own; print JSON.
 
-usage: python evaluate_saved.py MODEL.pt FLAG SIZE DATA_DIR WORLD_SIZE
+usage: python evaluate_saved.py MODEL.pt SPLIT FLAG SIZE DATA_DIR WORLD_SIZE [PARTITION ALPHA SEED]
 """
 import json
 import sys
@@ -14,13 +14,15 @@ import torch  # noqa: E402
 from medfl import MedMNISTData, build_model, task_type, validate  # noqa: E402
 from medmnist_shard import MedMNISTShardDescriptor  # noqa: E402
 
-model_path, flag, size, data_dir, world = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-model = build_model(flag, size)
+model_path, split, flag, size, data_dir, world, *skew = sys.argv[1:]
+partition, alpha, seed = skew or ("iid", "0.5", "0")
+model = build_model(flag, int(size))
 model.load_state_dict(torch.load(model_path))
-shards = []
-for rank in range(1, world + 1):
-    data = MedMNISTData()
-    data.shard_descriptor = MedMNISTShardDescriptor(flag, size, data_dir, f"{rank},{world}", download=False)
-    shards.append({"n": data.get_valid_data_size(),
-                   **validate(model, data.get_valid_loader(), "cpu", task=task_type(flag))})
+shards = {}
+for rank in range(1, int(world) + 1):
+    data = MedMNISTData(eval_split=split)
+    data.shard_descriptor = MedMNISTShardDescriptor(flag, int(size), data_dir, f"{rank},{world}", partition,
+                                                    float(alpha), int(seed), download=False)
+    shards[f"envoy_{rank}"] = {"n": data.get_valid_data_size(),
+                               **validate(model, data.get_valid_loader(), "cpu", task=task_type(flag))}
 print(json.dumps(shards))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medmnist_shard import files
-from medmnist_shard.files import ensure_file, inspect, load_split
+from medmnist_shard.files import ensure_file, inspect, load_images, load_labels
 from medmnist_shard.spec import DataError
 
 
@@ -137,7 +137,8 @@ def test_truncated_file_is_reported_as_corrupt(tiny_file, tmp_path):
         inspect(broken, "bloodmnist", 28)
 
 
-def test_load_split_adds_the_channel_axis_and_keeps_uint8(tiny_file):
-    images, labels = load_split(tiny_file("pneumoniamnist"), "val", "pneumoniamnist")
+def test_loading_adds_the_channel_axis_and_keeps_uint8(tiny_file):
+    images = load_images(tiny_file("pneumoniamnist"), "val")
+    labels = load_labels(tiny_file("pneumoniamnist"), "val", "pneumoniamnist")
     assert images.shape == (12, 28, 28, 1) and images.dtype == np.uint8
     assert labels.shape == (12, 1)

@@ -6,19 +6,21 @@ import uuid
 
 import papermill
 import pytest
+from results_schema import check_results
 
 from conftest import ROOT
 from localfed import LocalFederation, tail
 
 SIZES = {"train": 256, "val": 64, "test": 64}
 ROUNDS = 2
+ENVOYS = ["envoy_1", "envoy_2"]
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, tiny_file):
     data_dir = tiny_file("bloodmnist", 28, SIZES).parent
-    shards = {f"envoy_{r}": {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir),
-                             "rank_worldsize": f"{r},2", "download": False} for r in (1, 2)}
+    shards = {name: {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},2",
+                     "download": False} for r, name in enumerate(ENVOYS, 1)}
     fed = LocalFederation(tmp_path_factory.mktemp("federation"), shards, [28, 28, 3], [1])
     with fed:
         fed.data_dir = data_dir
@@ -43,53 +45,70 @@ def run(federation, tmp_path_factory):
     return out / name
 
 
-def _aggregated(metrics, task):
-    rounds = {}
-    for m in metrics:
-        if m["metric_origin"] == "aggregator" and m["task_name"] == task:
-            rounds.setdefault(m["round"], {})[m["metric_name"]] = m["metric_value"]
-    return rounds
+@pytest.fixture(scope="module")
+def results(run):
+    return json.loads((run / "results.json").read_text())
 
 
-def test_experiment_finished_every_round_for_every_envoy(run):
-    metrics = json.loads((run / "metrics.json").read_text())
-    for task in ("train", "aggregated_model_validate", "locally_tuned_model_validate"):
-        assert sorted(_aggregated(metrics, task)) == list(range(ROUNDS))
-        for envoy in ("envoy_1", "envoy_2"):
-            assert {m["round"] for m in metrics if m["metric_origin"] == envoy and m["task_name"] == task} \
-                == set(range(ROUNDS))
-    params = json.loads((run / "params.json").read_text())
-    assert params["synthetic"] is True and params["dataset"] == "bloodmnist"
+def test_results_follow_the_schema(results, run):
+    check_results(results, envoys=ENVOYS, rounds=ROUNDS)
+    assert results["synthetic"] is True and results["data_source"] == "synthetic"
+    for name in ("metrics.csv", "curves.png", "partition.png", "best_model.pt", "last_model.pt"):
+        assert (run / name).stat().st_size > 0, name
+    assert any((run / "tensorboard").iterdir())
+    assert (run.parent / "latest").resolve() == run.resolve()
 
 
-def test_every_acc_and_auc_is_a_fraction(run):
-    metrics = json.loads((run / "metrics.json").read_text())
-    values = [m["metric_value"] for m in metrics if m["metric_name"] in ("acc", "auc")]
-    assert len(values) == ROUNDS * 3 * 2 * 2  # rounds x (2 envoys + aggregate) x 2 tasks x 2 metrics
+def test_every_streamed_acc_and_auc_is_a_fraction(run):
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    values = [float(r.split(",")[-1]) for r in rows if r.split(",")[5] in ("acc", "auc")]
+    # training: (rounds + final validation) x global validate + rounds x local validate, x (2 envoys + aggregate);
+    # test: 3; two metrics each
+    assert len(values) == ((ROUNDS + 1) + ROUNDS) * 3 * 2 + 3 * 2
     assert all(0.0 <= v <= 1.0 for v in values)
 
 
-def test_training_loss_went_down(run):
-    train = _aggregated(json.loads((run / "metrics.json").read_text()), "train")
-    assert train[ROUNDS - 1]["train_loss"] < train[0]["train_loss"]
+def test_training_loss_went_down(results):
+    losses = [e["aggregated"]["train_loss"] for e in results["rounds"][1:]]
+    assert losses[-1] < losses[0]
 
 
-def test_saved_best_model_reproduces_its_reported_validation(run, federation):
-    """Loaded in a fresh process, the best model scores what the federation reported for it."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "evaluate_saved.py"), str(run / "best_model.pt"), "bloodmnist", "28",
-         str(federation.data_dir), "2"], capture_output=True, text=True, timeout=120, check=True)
-    shards = json.loads(result.stdout)
-    total = sum(s["n"] for s in shards)
-    assert total == SIZES["val"]
+def _evaluate(model, split, federation):
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "evaluate_saved.py"), str(model), split,
+                             "bloodmnist", "28", str(federation.data_dir), "2"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(result.stdout)
+
+
+def _pooled(shards):
+    total = sum(s["n"] for s in shards.values())
     # OpenFL's aggregate is the sample-weighted mean of the envoys' values.
-    pooled = {k: sum(s[k] * s["n"] for s in shards) / total for k in ("loss", "acc", "auc")}
-    reported = _aggregated(json.loads((run / "metrics.json").read_text()), "aggregated_model_validate")
-    matches = [r for r, m in reported.items() if all(abs(m[k] - pooled[k]) < 1e-4 for k in pooled)]
-    assert matches, f"fresh evaluation {pooled} matches no reported round: {reported}"
+    return {k: sum(s[k] * s["n"] for s in shards.values()) / total for k in ("loss", "acc", "auc")}
 
 
-def test_last_model_is_trained_and_loads_in_three_lines(run):
+def test_best_model_is_the_reported_best_and_reproduces_its_validation(results, federation):
+    """Loaded in a fresh process, the best model scores exactly what the federation reported for it."""
+    best = results["best"]
+    aucs = [e["aggregated"]["val_auc"] for e in results["rounds"]]
+    assert best["value"] == max(aucs) and best["round"] == aucs.index(max(aucs))
+    reported = results["rounds"][best["round"]]["aggregated"]
+    fresh = _pooled(_evaluate(results["best_model"], "val", federation))
+    for name in ("loss", "acc", "auc"):
+        assert fresh[name] == pytest.approx(reported[f"val_{name}"], abs=1e-5), name
+
+
+def test_test_scores_are_the_best_models_on_each_envoys_test_split(results, federation):
+    shards = _evaluate(results["best_model"], "test", federation)
+    for name, scores in results["test"]["per_envoy"].items():
+        assert scores["samples"] == shards[name]["n"]
+        for metric in ("loss", "acc", "auc"):
+            assert scores[metric] == pytest.approx(shards[name][metric], abs=1e-5), (name, metric)
+    pooled = _pooled(shards)
+    for metric in ("loss", "acc", "auc"):
+        assert results["test"][metric] == pytest.approx(pooled[metric], abs=1e-5)
+
+
+def test_last_model_is_the_final_average_and_loads_in_three_lines(results, federation):
     import torch
 
     from medfl import build_model
@@ -97,5 +116,8 @@ def test_last_model_is_trained_and_loads_in_three_lines(run):
     torch.manual_seed(0)  # the notebook's seed: this is the model it submitted
     initial = build_model("bloodmnist", 28).state_dict()
     model = build_model("bloodmnist", 28)
-    model.load_state_dict(torch.load(run / "last_model.pt"))
+    model.load_state_dict(torch.load(results["last_model"]))
     assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
+    # The final global model is validated too (the extra round), so its scores are on record.
+    fresh = _pooled(_evaluate(results["last_model"], "val", federation))
+    assert fresh["loss"] == pytest.approx(results["rounds"][-1]["aggregated"]["val_loss"], abs=1e-5)

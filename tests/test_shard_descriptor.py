@@ -1,4 +1,5 @@
 """The shard descriptor: served shapes for every flag and size, three splits, clear config errors."""
+import json
 import os
 import subprocess
 import sys
@@ -43,9 +44,14 @@ def test_batches_come_from_one_indexing_call(tiny_file):
     assert images.shape == (3, 28, 28, 1) and labels.shape == (3, 14)
 
 
-def test_description_says_synthetic(tiny_file):
-    shard = MedMNISTShardDescriptor("bloodmnist", 28, tiny_file("bloodmnist").parent, "1,2")
-    assert "shard 1/2" in shard.dataset_description and "SYNTHETIC" in shard.dataset_description
+def test_description_tells_the_notebook_what_the_node_serves(tiny_file):
+    shard = MedMNISTShardDescriptor("bloodmnist", 28, tiny_file("bloodmnist").parent, "1,2", "dirichlet", 1.0)
+    summary = json.loads(shard.dataset_description)
+    assert "shard 1/2 (dirichlet, alpha 1.0)" in summary["text"] and "SYNTHETIC" in summary["text"]
+    assert (summary["flag"], summary["size"], summary["synthetic"]) == ("bloodmnist", 28, True)
+    assert summary["samples"] == {s: len(shard.get_dataset(s)) for s in ("train", "val", "test")}
+    train_labels = shard.get_dataset("train").labels[:, 0]
+    assert summary["label_histogram"]["train"] == np.bincount(train_labels, minlength=8).tolist()
 
 
 def test_unknown_split(tiny_file):
@@ -59,10 +65,11 @@ def test_unknown_split(tiny_file):
     ({"size": 32}, "unsupported image size"),
     ({"rank_worldsize": "1/2"}, "malformed"),
     ({"rank_worldsize": "3,2"}, "rank must be between 1 and 2"),
-    ({"rank_worldsize": "13,13"}, "cannot cut 12 samples into 13 shards"),
+    ({"rank_worldsize": "13,13"}, "cannot cut 12 val samples into 13 shards"),
     ({"size": 64}, "missing .*bloodmnist_64.npz"),
     ({"partition": "dirichlet-ish"}, "unknown partition"),
-    ({"seed": "x"}, "seed 'x' is not an integer"),
+    ({"seed": "x"}, "seed .x. must be an integer"),
+    ({"partition": "dirichlet", "alpha": 0}, "alpha must be positive"),
 ])
 def test_bad_configuration_is_refused(tiny_file, params, message):
     settings = {"flag": "bloodmnist", "size": 28, "data_dir": tiny_file("bloodmnist").parent, "download": False}

@@ -25,7 +25,7 @@ def _check(args) -> str:
     # Relative data folders are relative to the config, which is where the envoy runs.
     params["data_dir"] = config_path.parent / params.get("data_dir", "data")
     try:
-        return prepare(**params).describe()
+        return prepare(**params).summary()["text"]
     except TypeError as exc:
         raise DataError(f"envoy config {config_path}: {exc}") from None
 

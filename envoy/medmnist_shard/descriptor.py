@@ -1,6 +1,7 @@
 """OpenFL shard descriptor that serves one node's share of a MedMNIST 2D dataset."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from openfl.interface.interactive_api.shard_descriptor import ShardDataset, ShardDescriptor
 
-from .files import ensure_file, inspect, load_split
-from .partition import parse_rank_worldsize, shard_indices
-from .spec import SPLITS, DataError, check_flag, check_size, sample_shape, target_shape
+from .files import ensure_file, inspect, load_images, load_labels
+from .partition import label_histogram, make_shards, parse_rank_worldsize
+from .spec import SPLITS, DataError, check_flag, check_size, info, sample_shape, target_shape
 from .synthetic import is_synthetic
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ShardSetup:
-    """A checked shard configuration: the file exists and is well formed, the shard is non-empty."""
+    """A checked shard: the file exists and is well formed, and this node's samples are chosen."""
 
     flag: str
     size: int
@@ -26,37 +27,47 @@ class ShardSetup:
     rank: int
     world_size: int
     partition: str
+    alpha: float
     seed: int
-    split_sizes: dict
     synthetic: bool
+    indices: dict  # split -> this node's sample indices within MedMNIST's split
+    labels: dict  # split -> this node's labels, int64 (N, label width)
 
-    def indices(self, split: str) -> np.ndarray:
-        """Indices of this node's samples within MedMNIST's split."""
-        return shard_indices(self.split_sizes[split], self.rank, self.world_size, self.partition, self.seed)
-
-    def describe(self) -> str:
-        """One line naming the dataset, the shard and where the data came from."""
-        sizes = ", ".join(f"{s} {len(self.indices(s))}" for s in SPLITS)
+    def summary(self) -> dict:
+        """What the node serves, in a form the notebook can read back from the director."""
+        n_classes = len(info(self.flag)["label"])
+        skew = f", alpha {self.alpha}" if self.partition == "dirichlet" else ""
+        sizes = ", ".join(f"{s} {len(self.indices[s])}" for s in SPLITS)
         origin = "SYNTHETIC data" if self.synthetic else "MedMNIST data"
-        return (f"{self.flag} {self.size}px, shard {self.rank}/{self.world_size} ({self.partition}): "
-                f"{sizes}; {origin} from {self.path.name}")
+        return {
+            "text": (f"{self.flag} {self.size}px, shard {self.rank}/{self.world_size} ({self.partition}{skew}): "
+                     f"{sizes}; {origin} from {self.path.name}"),
+            "flag": self.flag, "size": self.size, "rank": self.rank, "world_size": self.world_size,
+            "partition": self.partition, "alpha": self.alpha, "seed": self.seed, "synthetic": self.synthetic,
+            "samples": {s: len(self.indices[s]) for s in SPLITS},
+            "label_histogram": {s: label_histogram(self.labels[s], n_classes) for s in SPLITS},
+        }
 
 
-def prepare(flag="bloodmnist", size=28, data_dir="data", rank_worldsize="1,1", partition="iid",
+def prepare(flag="bloodmnist", size=28, data_dir="data", rank_worldsize="1,1", partition="iid", alpha=0.5,
             seed=0, download=True) -> ShardSetup:
-    """Check a shard configuration without reading pixels; download the file if it is missing."""
+    """Check a shard configuration and choose its samples, reading labels but no pixels.
+
+    Downloads the file first if it is missing and `download` is true.
+    """
     flag, size = check_flag(flag), check_size(size)
     rank, world_size = parse_rank_worldsize(rank_worldsize)
     try:
-        seed = int(seed)
+        seed, alpha = int(seed), float(alpha)
     except (TypeError, ValueError):
-        raise DataError(f"seed {seed!r} is not an integer") from None
+        raise DataError(f"seed {seed!r} must be an integer and alpha {alpha!r} a number") from None
     path = ensure_file(flag, size, Path(data_dir), allow_download=bool(download))
-    setup = ShardSetup(flag, size, path, rank, world_size, partition, seed, inspect(path, flag, size),
-                       is_synthetic(path))
-    for split in SPLITS:
-        setup.indices(split)  # raises DataError for an unknown partition or too many shards
-    return setup
+    inspect(path, flag, size)
+    labels = {split: load_labels(path, split, flag) for split in SPLITS}
+    mine = {split: shards[rank - 1] for split, shards in
+            make_shards(labels, world_size, partition, alpha, seed).items()}
+    return ShardSetup(flag, size, path, rank, world_size, partition, alpha, seed, is_synthetic(path), mine,
+                      {split: labels[split][mine[split]] for split in SPLITS})
 
 
 class MedMNISTShardDataset(ShardDataset):
@@ -78,15 +89,14 @@ class MedMNISTShardDescriptor(ShardDescriptor):
     """Serves `train`, `val` and `test`: this node's share of each of MedMNIST's own splits."""
 
     def __init__(self, flag="bloodmnist", size=28, data_dir="data", rank_worldsize="1,1",
-                 partition="iid", seed=0, download=True):
-        self.setup = prepare(flag, size, data_dir, rank_worldsize, partition, seed, download)
+                 partition="iid", alpha=0.5, seed=0, download=True):
+        self.setup = prepare(flag, size, data_dir, rank_worldsize, partition, alpha, seed, download)
         self._datasets = {}
         for split in SPLITS:
-            images, labels = load_split(self.setup.path, split, self.setup.flag)
-            keep = self.setup.indices(split)
             # Fancy indexing copies just this shard, so the full split is freed on return.
-            self._datasets[split] = MedMNISTShardDataset(images[keep], labels[keep])
-        logger.info("Serving %s", self.setup.describe())
+            images = load_images(self.setup.path, split)[self.setup.indices[split]]
+            self._datasets[split] = MedMNISTShardDataset(images, self.setup.labels[split])
+        logger.info("Serving %s", self.setup.summary()["text"])
 
     def get_dataset(self, dataset_type: str = "train") -> MedMNISTShardDataset:
         """The shard's `train`, `val` or `test` split."""
@@ -104,4 +114,5 @@ class MedMNISTShardDescriptor(ShardDescriptor):
 
     @property
     def dataset_description(self) -> str:
-        return self.setup.describe()
+        """JSON (see ShardSetup.summary): the director shows it, the notebook parses it."""
+        return json.dumps(self.setup.summary())

@@ -133,14 +133,21 @@ def _corrupt(path: Path, exc: Exception) -> DataError:
     return DataError(f"{path} is corrupt or truncated ({exc}); delete it and download or generate it again")
 
 
-def load_split(path: Path, split: str, flag: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images as uint8 (N, H, W, C) and labels as int64 (N, label width) of one split."""
+def load_images(path: Path, split: str) -> np.ndarray:
+    """One split's images as uint8 (N, H, W, C); grayscale files get their channel axis here."""
+    images = _load(path, f"{split}_images")
+    return images[..., None] if images.ndim == 3 else images
+
+
+def load_labels(path: Path, split: str, flag: str) -> np.ndarray:
+    """One split's labels as int64 (N, label width)."""
+    labels = _load(path, f"{split}_labels")
+    return labels.reshape(len(labels), label_width(flag)).astype(np.int64)
+
+
+def _load(path: Path, key: str) -> np.ndarray:
     try:
         with np.load(path) as npz:
-            images = npz[f"{split}_images"]
-            labels = npz[f"{split}_labels"]
+            return npz[key]
     except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
         raise _corrupt(path, exc) from None
-    if images.ndim == 3:
-        images = images[..., None]
-    return images, labels.reshape(len(labels), label_width(flag)).astype(np.int64)

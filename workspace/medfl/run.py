@@ -1,40 +1,40 @@
-"""The notebook's plumbing: show the federation, follow an experiment, keep its results."""
+"""The notebook's plumbing: read the federation, start and follow experiments."""
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import medmnist
 import torch
+from openfl.interface.interactive_api.experiment import FLExperiment, ModelInterface
 
+from .aggregator import VALIDATE_GLOBAL
+from .data import MedMNISTData
 from .model import MULTI_LABEL, build_model
 
-AGGREGATED = "aggregator"
+PYTORCH_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 
 
-def registry_rows(federation) -> list[dict]:
-    """One row per registered envoy: name, online, shapes and what its shard holds."""
-    rows = []
+def registry(federation) -> list[dict]:
+    """One entry per registered envoy: name, online, and what its shard descriptor says it serves."""
+    envoys = []
     for name, entry in sorted(federation.get_shard_registry().items()):
-        info = entry["shard_info"]
-        rows.append({
-            "envoy": name,
-            "online": entry["is_online"],
-            "sample_shape": list(info.sample_shape),
-            "target_shape": list(info.target_shape),
-            "shard": info.shard_description,
-        })
-    return rows
+        description = entry["shard_info"].shard_description
+        try:
+            served = json.loads(description)
+        except ValueError:  # a shard descriptor other than this project's
+            served = {"text": description}
+        envoys.append({"envoy": name, "online": entry["is_online"], **served})
+    return envoys
 
 
-def is_synthetic(rows: list[dict]) -> bool:
-    """True if any envoy serves synthetic data (its description says so)."""
-    return any("SYNTHETIC" in row["shard"] for row in rows)
+def is_synthetic(envoys: list[dict]) -> bool:
+    """True if any envoy serves synthetic data."""
+    return any(e.get("synthetic") or "SYNTHETIC" in e.get("text", "") for e in envoys)
 
 
-def check_shapes(federation, flag: str, size: int) -> None:
-    """Raise ValueError if the director's sample/target shapes are not those of flag at size."""
+def check_dataset(federation, flag: str, size: int) -> None:
+    """Raise ValueError if the director's sample/label shapes are not those of flag at size."""
     build_model(flag, size)  # validates flag and size
     meta = medmnist.INFO[flag]
     sample = [str(size), str(size), str(meta["n_channels"])]
@@ -47,37 +47,71 @@ def check_shapes(federation, flag: str, size: int) -> None:
         )
 
 
-def format_metric(m: dict, rounds: int) -> str:
-    """One progress line for a streamed metric."""
-    return (f"round {m['round'] + 1}/{rounds}  {m['metric_origin']:<12} {m['task_name']:<28} "
-            f"{m['metric_name']:<10} {m['metric_value']:.4f}")
+class Schedule:
+    """Task assignment: `train_rounds` rounds of validate-train-validate, then one validation round.
+
+    OpenFL validates each global model at the start of the next round, so the model left by the
+    last training round would never be validated; the extra round validates it, which lets it be
+    chosen as the best. With train_rounds=0 this is a validation-only experiment (the test run).
+    """
+
+    def __init__(self, tasks: dict, train_rounds: int):
+        self.tasks, self.train_rounds = tasks, train_rounds
+
+    def __call__(self, collaborators, round_number, **kwargs):
+        names = ["aggregated_model_validate"]
+        if round_number < self.train_rounds:
+            names += ["train", "locally_tuned_model_validate"]
+        return {c: [self.tasks[n] for n in names] for c in collaborators}
 
 
-def stream(experiment, rounds: int, echo=print) -> list[dict]:
+def start_training(experiment: FLExperiment, model, optimizer, tasks, data: MedMNISTData, rounds: int,
+                   best_metric: str = "auc", best_mode: str = "max") -> None:
+    """Submit `rounds` rounds of federated training; the best model is chosen on `best_metric`."""
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds_to_train must be a positive integer, not {rounds!r}")
+    experiment.start(
+        model_provider=ModelInterface(model=model, optimizer=optimizer, framework_plugin=PYTORCH_ADAPTER),
+        task_keeper=tasks, data_loader=data, rounds_to_train=rounds + 1,
+        task_assigner=Schedule(tasks.get_registered_tasks(), rounds), opt_treatment="RESET",
+        override_config={"aggregator.template": "medfl.aggregator.SelectingAggregator",
+                         "aggregator.settings.best_metric": best_metric,
+                         "aggregator.settings.best_mode": best_mode},
+    )
+    _check_submitted(experiment)
+
+
+def start_test(experiment: FLExperiment, model, tasks, eval_batch_size: int = 256) -> None:
+    """Submit a validation-only experiment that evaluates `model` on every envoy's test split."""
+    experiment.start(
+        model_provider=ModelInterface(model=model, optimizer=torch.optim.Adam(model.parameters()),
+                                      framework_plugin=PYTORCH_ADAPTER),
+        task_keeper=tasks, data_loader=MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test"),
+        rounds_to_train=1, task_assigner=Schedule(tasks.get_registered_tasks(), 0),
+    )
+    _check_submitted(experiment)
+
+
+def _check_submitted(experiment: FLExperiment) -> None:
+    if not experiment.experiment_submitted:
+        raise RuntimeError(f"the director refused experiment {experiment.experiment_name}; its log says why")
+
+
+def round_label(metric: dict, rounds: int) -> str:
+    """Which model a metric is about: validation of the global model after r rounds, or training in round r."""
+    r = metric["round"]
+    if metric["task_name"] == VALIDATE_GLOBAL:
+        return "initial model" if r == 0 else f"model after {r}/{rounds}"
+    return f"round {r + 1}/{rounds}"
+
+
+def stream(experiment: FLExperiment, rounds: int, echo=print, label: str = "") -> list[dict]:
     """Follow an experiment until it ends, echoing each metric; return them all, timestamped."""
     metrics = []
     for m in experiment.federation.dir_client.stream_metrics(experiment.experiment_name):
         m = {**m, "time": time.time()}
         metrics.append(m)
-        echo(format_metric(m, rounds))
+        where = label or round_label(m, rounds)
+        echo(f"{where:<18} {m['metric_origin']:<12} {m['task_name']:<28} {m['metric_name']:<10} "
+             f"{m['metric_value']:.4f}")
     return metrics
-
-
-def aggregated(metrics: list[dict], task_name: str = "aggregated_model_validate") -> dict[int, dict]:
-    """{round: {metric: value}} of the aggregator's sample-weighted metrics for one task."""
-    table: dict[int, dict] = {}
-    for m in metrics:
-        if m["metric_origin"] == AGGREGATED and m["task_name"] == task_name:
-            table.setdefault(m["round"], {})[m["metric_name"]] = m["metric_value"]
-    return dict(sorted(table.items()))
-
-
-def save_run(run_dir: Path, experiment, metrics: list[dict], params: dict) -> Path:
-    """Write best_model.pt, last_model.pt (state_dicts), metrics.json and params.json."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(experiment.get_best_model().state_dict(), run_dir / "best_model.pt")
-    torch.save(experiment.get_last_model().state_dict(), run_dir / "last_model.pt")
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (run_dir / "params.json").write_text(json.dumps(params, indent=1, default=str))
-    return run_dir

@@ -1,0 +1,186 @@
+"""What a run leaves behind: results.json, metrics.csv, plots, TensorBoard logs and the models."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import medmnist
+import torch
+
+from .aggregator import AGGREGATED, VALIDATE_GLOBAL
+
+VAL_NAMES = {"loss": "val_loss", "acc": "val_acc", "auc": "val_auc"}
+
+
+def _by_round(metrics: list[dict]) -> dict:
+    """{round: {origin: {name: value}}}: train metrics of round r, validation of the model after r rounds."""
+    table: dict = {}
+    for m in metrics:
+        if m["task_name"] == "train":
+            r, name = m["round"] + 1, m["metric_name"]
+        elif m["task_name"] == VALIDATE_GLOBAL:
+            r, name = m["round"], VAL_NAMES[m["metric_name"]]
+        else:
+            continue
+        table.setdefault(r, {}).setdefault(m["metric_origin"], {})[name] = m["metric_value"]
+    return dict(sorted(table.items()))
+
+
+def rounds_entries(metrics: list[dict]) -> list[dict]:
+    """One entry per round r (0 = the untrained model): aggregated and per-envoy train and val metrics."""
+    return [{"round": r, "aggregated": origins.get(AGGREGATED, {}),
+             "envoys": {k: v for k, v in sorted(origins.items()) if k != AGGREGATED}}
+            for r, origins in _by_round(metrics).items()]
+
+
+def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
+    """Sample-weighted overall test ACC, AUC and loss, and each envoy's, from a test run's metrics."""
+    block: dict = {"per_envoy": {}}
+    for m in metrics:
+        if m["task_name"] != VALIDATE_GLOBAL:
+            continue
+        if m["metric_origin"] == AGGREGATED:
+            block[m["metric_name"]] = m["metric_value"]
+        else:
+            entry = block["per_envoy"].setdefault(m["metric_origin"], {"samples": samples.get(m["metric_origin"])})
+            entry[m["metric_name"]] = m["metric_value"]
+    return block
+
+
+def build_results(*, params: dict, envoys: list[dict], metrics: list[dict], test_metrics: list[dict], best,
+                  wall_seconds: float, data_source: str) -> dict:
+    """The run's summary: what was trained on which shards, per-round metrics, the test of the best model."""
+    synthetic = any(e.get("synthetic") for e in envoys)
+    first = envoys[0] if envoys else {}
+    nodes = [{"name": e["envoy"], **e.get("samples", {}), "label_histogram": e.get("label_histogram", {})}
+             for e in envoys]
+    return {
+        "dataset": params["dataset"], "size": params["size"],
+        "data_source": data_source or ("synthetic" if synthetic else "medmnist"), "synthetic": synthetic,
+        "partition": {"strategy": first.get("partition"), "alpha": first.get("alpha"), "seed": first.get("seed")},
+        "envoys": nodes,
+        "rounds": rounds_entries(metrics),
+        "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value},
+        "test": {"model": "best", "round": best.round,
+                 **test_block(test_metrics, {n["name"]: n.get("test") for n in nodes})},
+        "wall_seconds": round(wall_seconds, 2),
+        "params": params,
+    }
+
+
+def write_metrics_csv(path: Path, streams: dict[str, list[dict]]) -> None:
+    """Every streamed metric as a row: experiment, time, round, origin, task, metric, value."""
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["experiment", "time", "round", "origin", "task", "metric", "value"])
+        for kind, metrics in streams.items():
+            for m in metrics:
+                writer.writerow([kind, f"{m['time']:.3f}", m["round"], m["metric_origin"], m["task_name"],
+                                 m["metric_name"], m["metric_value"]])
+
+
+def write_tensorboard(folder: Path, results: dict) -> None:
+    """Per-round curves for the aggregate and each envoy, and the test scores, for TensorBoard."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for entry in results["rounds"]:
+            for origin, values in [("aggregated", entry["aggregated"]), *entry["envoys"].items()]:
+                for name, value in values.items():
+                    writer.add_scalar(f"{name}/{origin}", value, entry["round"])
+        for name in ("acc", "auc", "loss"):
+            if name in results["test"]:
+                writer.add_scalar(f"test_{name}/aggregated", results["test"][name], results["best"]["round"])
+
+
+def plot_curves(path: Path, results: dict) -> None:
+    """Aggregated val ACC, val AUC and train loss per round, each envoy as a fainter line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [("val_acc", "validation ACC"), ("val_auc", "validation AUC"), ("train_loss", "training loss")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    envoys = sorted({name for entry in results["rounds"] for name in entry["envoys"]})
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for name in envoys:
+            points = [(e["round"], e["envoys"][name][key]) for e in results["rounds"]
+                      if key in e["envoys"].get(name, {})]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", alpha=0.35, linewidth=1, label=name)
+        points = [(e["round"], e["aggregated"][key]) for e in results["rounds"] if key in e["aggregated"]]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", color="black", linewidth=2, label="aggregated")
+        if key.startswith("val") and results["best"]["round"] is not None:
+            ax.axvline(results["best"]["round"], color="tab:green", linestyle=":", label="best model")
+        ax.set_title(title)
+        ax.set_xlabel("rounds trained")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(_headline(results))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_partition(path: Path, results: dict) -> None:
+    """Training labels per envoy: how the data is spread over the nodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = medmnist.INFO[results["dataset"]]["label"]
+    envoys = [e for e in results["envoys"] if e["label_histogram"].get("train")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(envoys) + 4), 4))
+    bottom = [0] * len(envoys)
+    colors = plt.get_cmap("tab20")
+    for k in range(len(labels)):
+        counts = [e["label_histogram"]["train"][k] for e in envoys]
+        ax.bar([e["name"] for e in envoys], counts, bottom=bottom, color=colors(k % 20),
+               label=_short(labels[str(k)]))
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    multi = medmnist.INFO[results["dataset"]]["task"].startswith("multi-label")
+    ax.set_ylabel("positive findings (train)" if multi else "training samples")
+    partition = results["partition"]
+    skew = f", alpha {partition['alpha']}" if partition["strategy"] == "dirichlet" else ""
+    ax.set_title(f"{_headline(results)}\npartition: {partition['strategy']}{skew}")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= 28 else label[:26] + "..."
+
+
+def _headline(results: dict) -> str:
+    source = "SYNTHETIC data" if results["synthetic"] else "MedMNIST"
+    return f"{results['dataset']} {results['size']}px, {len(results['envoys'])} envoys ({source})"
+
+
+def save_run(run_dir: Path, *, results: dict, streams: dict[str, list[dict]], best_model, last_model) -> Path:
+    """Write the models, results.json, metrics.csv, plots and TensorBoard logs; point `latest` here."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = {**results, "best_model": str(run_dir / "best_model.pt"), "last_model": str(run_dir / "last_model.pt")}
+    torch.save(best_model.state_dict(), results["best_model"])
+    torch.save(last_model.state_dict(), results["last_model"])
+    write_metrics_csv(run_dir / "metrics.csv", streams)
+    plot_curves(run_dir / "curves.png", results)
+    plot_partition(run_dir / "partition.png", results)
+    write_tensorboard(run_dir / "tensorboard", results)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    latest = run_dir.parent / "latest"
+    if latest.is_symlink() or not latest.exists():
+        tmp = run_dir.parent / f".latest-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, latest)  # atomic: readers never see a missing link
+    return run_dir
