@@ -1,9 +1,10 @@
 """What medfl.aggregator and medfl.run rely on in the pinned OpenFL: if an upgrade changes it, fail here."""
 import inspect
 
-from medfl.aggregator import Best, SelectingAggregator, _Never, _Tap
 from openfl.component.aggregator.aggregator import Aggregator
 from openfl.component.assigner.custom_assigner import Assigner
+
+from medfl.aggregator import Best, SelectingAggregator, _Never, _Tap
 
 
 def _m(origin, task, name, value, r):
