@@ -1,10 +1,25 @@
-# The two commands a newcomer needs: `make test`, and (later) `make demo`.
+# The two commands a newcomer needs: `make demo` and `make test`.
 # Each creates .venv from requirements.txt on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test lint clean
+# make demo / make baseline settings (override on the command line: make demo DATA=synthetic ENVOYS=3)
+DATASET ?= bloodmnist
+SIZE ?= 28
+ENVOYS ?= 2
+ROUNDS ?= 3
+EPOCHS ?= 1
+PARTITION ?= iid
+ALPHA ?= 0.5
+SEED ?= 0
+DATA ?= download
+DATA_DIR ?=
+RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
+	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
+	--data "$(DATA)" --data-dir "$(DATA_DIR)"
+
+.PHONY: venv demo baseline test lint clean
 
 $(VENV)/.installed: requirements.txt
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 8) <= v < (3, 12) else \
@@ -14,6 +29,12 @@ $(VENV)/.installed: requirements.txt
 	@touch $@
 
 venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m localfed demo $(RUN_ARGS)
+
+baseline: venv
+	$(PY) -m localfed baseline $(RUN_ARGS)
 
 test: venv
 	$(VENV)/bin/ruff check .

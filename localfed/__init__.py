@@ -1,14 +1,17 @@
 """A whole federation on this machine: a director and N envoys as real processes.
 
 Each component runs through the same start script a user would run, in its own process group, on a
-free loopback port, with its log in the run folder. Used by the tests (and the demo launcher).
+free loopback port; configs go to `<workdir>/nodes/<name>/`, logs to `<workdir>/logs/<name>.log`.
+Used by `make demo` (see __main__.py) and the tests.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +19,27 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# The launcher uses both halves of the project: the data node's package and the notebook's. Only
+# this process: the envoys and the director find their code as they would on other hosts.
+for _folder in (ROOT / "envoy", ROOT / "workspace"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 REGISTERED = "Shard was accepted by director"
 
 
 class FederationError(RuntimeError):
     """A component failed to start or to register; the message ends with its log's tail."""
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold Ctrl-C and SIGTERM until a started process is recorded, so that none escapes cleanup."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def free_port() -> int:
@@ -59,12 +78,12 @@ class LocalFederation:
     components: list[Component] = field(default_factory=list)
 
     def _spawn(self, name: str, command: list[str], env: dict) -> Component:
-        log = self.workdir / f"{name}.log"
-        with open(log, "wb") as out:
+        log = self.workdir / "logs" / f"{name}.log"
+        with open(log, "wb") as out, signals_deferred():
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env={**os.environ, **env}, start_new_session=True)
-        component = Component(name, process, log)
-        self.components.append(component)
+            component = Component(name, process, log)
+            self.components.append(component)
         return component
 
     def _fail(self, component: Component, what: str) -> FederationError:
@@ -72,10 +91,10 @@ class LocalFederation:
 
     def start(self, timeout: float = 120.0) -> LocalFederation:
         """Start the director, then every envoy; return once all envoys are registered."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         env = {"DIRECTOR_HOST": self.host, "DIRECTOR_PORT": str(self.port)}
-        director_dir = self.workdir / "director"
-        director_dir.mkdir(exist_ok=True)
+        director_dir = self.workdir / "nodes" / "director"
+        director_dir.mkdir(parents=True, exist_ok=True)
         config = yaml.safe_load((ROOT / "director" / "director_config.yaml").read_text())
         config["settings"].update(sample_shape=[str(d) for d in self.sample_shape],
                                   target_shape=[str(d) for d in self.target_shape])
@@ -87,8 +106,8 @@ class LocalFederation:
         threads = str(max(1, (os.cpu_count() or 1) // len(self.shard_params)))
         envoys = []
         for name, params in self.shard_params.items():
-            envoy_dir = self.workdir / name
-            envoy_dir.mkdir(exist_ok=True)
+            envoy_dir = self.workdir / "nodes" / name
+            envoy_dir.mkdir(parents=True, exist_ok=True)
             envoy_config = {
                 "params": {"cuda_devices": [], "install_requirements": False},
                 "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor", "params": params},

@@ -1,69 +1,84 @@
-"""The notebook, run headless against a real director and two envoys on disjoint synthetic shards."""
+"""`make demo` end to end: a real director and two envoys on disjoint synthetic shards, the notebook
+executed headless against them, and everything it leaves behind checked against a fresh evaluation."""
 import json
 import subprocess
 import sys
-import uuid
 
-import papermill
+import psutil
 import pytest
 from results_schema import check_results
 
 from conftest import ROOT
-from localfed import LocalFederation, tail
 
-SIZES = {"train": 256, "val": 64, "test": 64}
+SIZES = {"train": 512, "val": 64, "test": 64}
 ROUNDS = 2
 ENVOYS = ["envoy_1", "envoy_2"]
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory, tiny_file):
-    data_dir = tiny_file("bloodmnist", 28, SIZES).parent
-    shards = {name: {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},2",
-                     "download": False} for r, name in enumerate(ENVOYS, 1)}
-    fed = LocalFederation(tmp_path_factory.mktemp("federation"), shards, [28, 28, 3], [1])
-    with fed:
-        fed.data_dir = data_dir
-        yield fed
-    assert all(c.process.poll() is not None for c in fed.components), "a component outlived the test"
+def leftovers(run_dir):
+    """Processes still running inside a run folder (the director and envoys work there)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cwd", "cmdline"]):
+        cwd = process.info["cwd"] or ""
+        if cwd.startswith(str(run_dir)) or str(run_dir) in " ".join(process.info["cmdline"] or []):
+            found.append(process.info)
+    return found
+
+
+def demo_command(data_dir, runs, *extra):
+    return [sys.executable, "-m", "localfed", "demo", "--data-dir", str(data_dir), "--runs", str(runs),
+            "--rounds", str(ROUNDS), "--envoys", "2", "--timeout", "300", *extra]
 
 
 @pytest.fixture(scope="module")
-def run(federation, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
-    try:
-        papermill.execute_notebook(
-            ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb", out / "executed.ipynb", cwd=ROOT / "workspace",
-            parameters={"director_port": federation.port, "rounds_to_train": ROUNDS, "train_batch_size": 32,
-                        "experiment_name": name, "output_dir": str(out)},
-            kernel_name="python3", progress_bar=False, execution_timeout=240,
-        )
-    except Exception as exc:
-        logs = "\n".join(f"--- {c.name} ---\n{tail(c.log)}" for c in federation.components)
-        pytest.fail(f"notebook failed: {exc}\n{logs}")
-    return out / name
+def data_dir(tiny_file):
+    return tiny_file("bloodmnist", 28, SIZES).parent
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    result = subprocess.run(demo_command(data_dir, runs), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, f"make demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run_dir = (runs / "latest").resolve()
+    assert not leftovers(run_dir), "a director, envoy or kernel outlived the run"
+    return run_dir, result.stdout
 
 
 @pytest.fixture(scope="module")
 def results(run):
-    return json.loads((run / "results.json").read_text())
+    return json.loads((run[0] / "results.json").read_text())
 
 
-def test_results_follow_the_schema(results, run):
+def test_results_follow_the_schema(results):
     check_results(results, envoys=ENVOYS, rounds=ROUNDS)
-    assert results["synthetic"] is True and results["data_source"] == "synthetic"
-    for name in ("metrics.csv", "curves.png", "partition.png", "best_model.pt", "last_model.pt"):
-        assert (run / name).stat().st_size > 0, name
-    assert any((run / "tensorboard").iterdir())
-    assert (run.parent / "latest").resolve() == run.resolve()
+    assert results["data_source"] == "file" and results["synthetic"] is True
+    assert results["partition"] == {"strategy": "iid", "alpha": 0.5, "seed": 0}
+
+
+def test_the_run_folder_holds_everything_a_user_looks_at(run):
+    run_dir, _ = run
+    for name in ("results.json", "metrics.csv", "curves.png", "partition.png", "best_model.pt", "last_model.pt",
+                 "notebook.ipynb", "logs/director.log", "logs/envoy_1.log", "logs/envoy_2.log", "logs/notebook.log"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert any((run_dir / "tensorboard").iterdir())
+    for png in ("curves.png", "partition.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_is_shown_round_by_round(run):
+    _, stdout = run
+    assert "all 2 envoys registered" in stdout
+    for line in ("round 1/2        envoy_1     train", "round 2/2        envoy_2     train",
+                 "model after 2/2  aggregator  global val", "test             aggregator  global val"):
+        assert line in stdout, line
+    assert "SYNTHETIC data, not MedMNIST" in stdout and "test ACC" in stdout
 
 
 def test_every_streamed_acc_and_auc_is_a_fraction(run):
-    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    rows = (run[0] / "metrics.csv").read_text().splitlines()[1:]
     values = [float(r.split(",")[-1]) for r in rows if r.split(",")[5] in ("acc", "auc")]
-    # training: (rounds + final validation) x global validate + rounds x local validate, x (2 envoys + aggregate);
-    # test: 3; two metrics each
+    # (rounds + final validation) global + rounds local validations, x (2 envoys + aggregate) x 2 metrics; test: 3 x 2
     assert len(values) == ((ROUNDS + 1) + ROUNDS) * 3 * 2 + 3 * 2
     assert all(0.0 <= v <= 1.0 for v in values)
 
@@ -73,9 +88,9 @@ def test_training_loss_went_down(results):
     assert losses[-1] < losses[0]
 
 
-def _evaluate(model, split, federation):
+def _evaluate(model, split, data_dir):
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "evaluate_saved.py"), str(model), split,
-                             "bloodmnist", "28", str(federation.data_dir), "2"],
+                             "bloodmnist", "28", str(data_dir), "2"],
                             capture_output=True, text=True, timeout=120, check=True)
     return json.loads(result.stdout)
 
@@ -86,19 +101,19 @@ def _pooled(shards):
     return {k: sum(s[k] * s["n"] for s in shards.values()) / total for k in ("loss", "acc", "auc")}
 
 
-def test_best_model_is_the_reported_best_and_reproduces_its_validation(results, federation):
+def test_best_model_is_the_reported_best_and_reproduces_its_validation(results, data_dir):
     """Loaded in a fresh process, the best model scores exactly what the federation reported for it."""
     best = results["best"]
     aucs = [e["aggregated"]["val_auc"] for e in results["rounds"]]
     assert best["value"] == max(aucs) and best["round"] == aucs.index(max(aucs))
     reported = results["rounds"][best["round"]]["aggregated"]
-    fresh = _pooled(_evaluate(results["best_model"], "val", federation))
+    fresh = _pooled(_evaluate(results["best_model"], "val", data_dir))
     for name in ("loss", "acc", "auc"):
         assert fresh[name] == pytest.approx(reported[f"val_{name}"], abs=1e-5), name
 
 
-def test_test_scores_are_the_best_models_on_each_envoys_test_split(results, federation):
-    shards = _evaluate(results["best_model"], "test", federation)
+def test_test_scores_are_the_best_models_on_each_envoys_test_split(results, data_dir):
+    shards = _evaluate(results["best_model"], "test", data_dir)
     for name, scores in results["test"]["per_envoy"].items():
         assert scores["samples"] == shards[name]["n"]
         for metric in ("loss", "acc", "auc"):
@@ -108,7 +123,7 @@ def test_test_scores_are_the_best_models_on_each_envoys_test_split(results, fede
         assert results["test"][metric] == pytest.approx(pooled[metric], abs=1e-5)
 
 
-def test_last_model_is_the_final_average_and_loads_in_three_lines(results, federation):
+def test_last_model_is_the_final_average_and_loads_in_three_lines(results, data_dir):
     import torch
 
     from medfl import build_model
@@ -119,5 +134,24 @@ def test_last_model_is_the_final_average_and_loads_in_three_lines(results, feder
     model.load_state_dict(torch.load(results["last_model"]))
     assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
     # The final global model is validated too (the extra round), so its scores are on record.
-    fresh = _pooled(_evaluate(results["last_model"], "val", federation))
+    fresh = _pooled(_evaluate(results["last_model"], "val", data_dir))
     assert fresh["loss"] == pytest.approx(results["rounds"][-1]["aggregated"]["val_loss"], abs=1e-5)
+
+
+def test_ctrl_c_stops_every_process(data_dir, tmp_path):
+    demo = subprocess.Popen(demo_command(data_dir, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in demo.stdout:  # wait until the federation is up and the notebook is running
+            if "running the notebook" in line:
+                break
+        run_dir = next(tmp_path.glob("*-bloodmnist-28"))
+        assert leftovers(run_dir), "nothing was running yet"
+        demo.send_signal(2)  # SIGINT, as Ctrl-C sends
+        rest = demo.communicate(timeout=60)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130 and "interrupted" in rest
+    assert not leftovers(run_dir)
+    assert not (tmp_path / "latest").exists()

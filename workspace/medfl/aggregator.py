@@ -38,6 +38,12 @@ class Best:
             return True
         return False
 
+    def describe(self, rounds: int) -> str:
+        """One line naming the chosen model, or saying that none could be chosen."""
+        if self.round is None:
+            return f"no global model had a finite validation {self.metric}: the last model stands in for the best"
+        return f"best model: after {self.round} of {rounds} rounds, validation {self.metric} {self.value:.4f}"
+
     def pick(self, metrics: list[dict]) -> Best:
         """Replay a metric stream through this rule: the choice the aggregator made."""
         for metric in metrics:

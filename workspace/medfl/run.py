@@ -97,6 +97,18 @@ def _check_submitted(experiment: FLExperiment) -> None:
         raise RuntimeError(f"the director refused experiment {experiment.experiment_name}; its log says why")
 
 
+TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val"}
+# The metrics each of medfl's tasks reports: a progress line is printed once all have arrived.
+TASK_METRICS = {"train": {"train_loss"}, "locally_tuned_model_validate": {"loss", "acc", "auc"},
+                VALIDATE_GLOBAL: {"loss", "acc", "auc"}}
+
+
+def trained_models(experiment: FLExperiment, best) -> tuple:
+    """(best model, last model) from the director; the last stands in if no model could be judged."""
+    last = experiment.get_last_model()
+    return (last if best.round is None else experiment.get_best_model()), last
+
+
 def round_label(metric: dict, rounds: int) -> str:
     """Which model a metric is about: validation of the global model after r rounds, or training in round r."""
     r = metric["round"]
@@ -106,12 +118,25 @@ def round_label(metric: dict, rounds: int) -> str:
 
 
 def stream(experiment: FLExperiment, rounds: int, echo=print, label: str = "") -> list[dict]:
-    """Follow an experiment until it ends, echoing each metric; return them all, timestamped."""
-    metrics = []
+    """Follow an experiment until it ends; echo one line per envoy task as its metrics arrive.
+
+    Returns every metric, timestamped. `label` replaces the round label (the test run uses 'test').
+    """
+    metrics, pending = [], {}
     for m in experiment.federation.dir_client.stream_metrics(experiment.experiment_name):
         m = {**m, "time": time.time()}
         metrics.append(m)
-        where = label or round_label(m, rounds)
-        echo(f"{where:<18} {m['metric_origin']:<12} {m['task_name']:<28} {m['metric_name']:<10} "
-             f"{m['metric_value']:.4f}")
+        key = (m["round"], m["metric_origin"], m["task_name"])
+        group = pending.setdefault(key, {})
+        group[m["metric_name"]] = m["metric_value"]
+        if set(group) >= TASK_METRICS.get(m["task_name"], set(group)):
+            echo(_line(label or round_label(m, rounds), m, pending.pop(key)))
+    for (r, origin, task), group in pending.items():
+        echo(_line(label or round_label({"round": r, "task_name": task}, rounds),
+                   {"metric_origin": origin, "task_name": task}, group))
     return metrics
+
+
+def _line(where: str, m: dict, values: dict) -> str:
+    shown = "  ".join(f"{name} {value:.4f}" for name, value in values.items())
+    return f"{where:<16} {m['metric_origin']:<11} {TASK_NAMES.get(m['task_name'], m['task_name']):<11} {shown}"

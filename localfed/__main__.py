@@ -1,0 +1,172 @@
+"""`make demo` and `make baseline`: python -m localfed {demo,baseline} [options]."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from medmnist_shard import DataError
+from medmnist_shard.descriptor import prepare
+from medmnist_shard.partition import STRATEGIES
+from medmnist_shard.spec import sample_shape, target_shape
+
+from . import ROOT, FederationError, LocalFederation, signals_deferred, tail
+from .data import SOURCES, resolve
+
+NOTEBOOK = ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"
+# Lines of the notebook's output worth showing live: its progress lines (medfl.run.stream) and summary.
+PROGRESS = re.compile(r"^(initial model|model after|round \d|test |best model|no global model|NOTE)")
+
+
+class RunError(RuntimeError):
+    """The run failed; the message says where, with the failing component's log."""
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """Command-line options; the Makefile passes its variables through them."""
+    parser = argparse.ArgumentParser(prog="python -m localfed", description=__doc__)
+    parser.add_argument("command", choices=("demo", "baseline"))
+    parser.add_argument("--dataset", default="bloodmnist")
+    parser.add_argument("--size", default="28")
+    parser.add_argument("--envoys", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--partition", default="iid", choices=STRATEGIES)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default="download", choices=SOURCES)
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--runs", default=str(ROOT / "runs"))
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
+    return parser.parse_args(argv)
+
+
+def check(args) -> None:
+    """Refuse impossible settings before anything starts."""
+    for name in ("envoys", "rounds", "epochs"):
+        if getattr(args, name) < 1:
+            raise DataError(f"{name.upper()}={getattr(args, name)}: must be at least 1")
+    if args.partition == "dirichlet" and not args.alpha > 0:
+        raise DataError(f"ALPHA={args.alpha}: the Dirichlet concentration must be positive")
+
+
+def shard_params(args, data_dir: Path) -> dict[str, dict]:
+    """Every envoy's shard descriptor params, each checked (and its samples chosen) up front."""
+    shards = {}
+    for rank in range(1, args.envoys + 1):
+        params = {"flag": args.dataset, "size": int(args.size), "data_dir": str(data_dir),
+                  "rank_worldsize": f"{rank},{args.envoys}", "partition": args.partition, "alpha": args.alpha,
+                  "seed": args.seed, "download": False}
+        setup = prepare(**params)
+        print(f"  envoy_{rank}: {setup.summary()['text']}")
+        shards[f"envoy_{rank}"] = params
+    return shards
+
+
+def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: str, deadline: float) -> None:
+    """Execute the notebook headless against the federation, showing its progress lines live."""
+    command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(run_dir / "notebook.ipynb"),
+               "--cwd", str(NOTEBOOK.parent), "--log-output", "--no-progress-bar",
+               "-p", "dataset", args.dataset, "-p", "size", str(args.size), "-p", "rounds_to_train", str(args.rounds),
+               "-p", "epochs_per_round", str(args.epochs), "-p", "seed", str(args.seed),
+               "-p", "director_host", federation.host, "-p", "director_port", str(federation.port),
+               "-p", "experiment_name", run_dir.name, "-p", "output_dir", str(run_dir.parent),
+               "-p", "data_source", data_source]
+    log = run_dir / "logs" / "notebook.log"
+    with open(log, "w") as out:
+        with signals_deferred():
+            notebook = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            reader = threading.Thread(target=_relay, args=(notebook.stdout, out), daemon=True)
+            reader.start()
+            while notebook.poll() is None:
+                federation.check_alive()
+                if time.monotonic() > deadline:
+                    raise RunError(f"the run took longer than --timeout; stopped it. Notebook log: {log}")
+                time.sleep(0.5)
+        except BaseException:
+            _kill_group(notebook)
+            raise
+        reader.join(timeout=5)
+    if notebook.returncode != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        director = federation.components[0]
+        raise RunError(f"the notebook failed: {lines[-1] if lines else 'no output'}\n(full log: {log})\n"
+                       f"the director's log ends with:\n{tail(director.log, 15)}")
+
+
+def _relay(stream, out) -> None:
+    for line in stream:
+        out.write(line)
+        out.flush()
+        if PROGRESS.match(line):
+            print(f"  {line.rstrip()}", flush=True)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def demo(args) -> int:
+    """Bring up a director and ENVOYS envoys, run the notebook, stop everything; 0 on success."""
+    started = time.monotonic()
+    deadline = started + args.timeout
+    data_dir, data_source = resolve(args.dataset, args.size, args.data, args.data_dir)
+    print(f"data: {data_source} ({data_dir})")
+    shards = shard_params(args, data_dir)
+    run_dir = Path(args.runs).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.size}"
+    federation = LocalFederation(run_dir, shards, sample_shape(args.dataset, args.size), target_shape(args.dataset))
+    print(f"run folder: {run_dir}")
+    print(f"starting a director and {args.envoys} envoys on {federation.host}:{federation.port} ...")
+    with federation:
+        print(f"all {args.envoys} envoys registered; running the notebook "
+              f"({args.rounds} rounds x {args.epochs} epochs)")
+        run_notebook(run_dir, federation, args, data_source, deadline)
+    results = json.loads((run_dir / "results.json").read_text())
+    test = results["test"]
+    print(f"\ndone in {time.monotonic() - started:.0f} s"
+          + (" -- SYNTHETIC data, not MedMNIST" if results["synthetic"] else ""))
+    print(f"best model: after {results['best']['round']} rounds (val {results['best']['metric']} "
+          f"{results['best']['value']:.4f}); test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
+    print(f"results: {run_dir}  (runs/latest points there)")
+    return 0
+
+
+def _interrupt(signum, frame):
+    # SIGTERM (a CI runner, `kill`) stops the run as Ctrl-C does: every process we started ends.
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    """Run a command; a failure prints one clear message (and the failing log) and exits non-zero."""
+    args = parse(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        check(args)
+        if args.command == "demo":
+            return demo(args)
+        from .baseline import baseline
+
+        return baseline(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped the director, the envoys and the notebook", file=sys.stderr)
+        return 130
+    except (DataError, FederationError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The launcher's checks that run before any process starts, and the centralized baseline."""
+import json
+import socket
+
+import pytest
+
+import localfed.data
+from localfed.__main__ import main
+from medmnist_shard import files
+
+
+def test_data_dir_without_the_file_fails_before_anything_starts(tmp_path, capsys):
+    assert main(["demo", "--data-dir", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert f"DATA_DIR {tmp_path} has no bloodmnist.npz" in err and "never written to" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, monkeypatch, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/pathmnist_64.npz"
+    monkeypatch.setattr(files, "url_and_md5", lambda flag, size: (url, "x"))
+    monkeypatch.setattr(localfed.data, "CACHE", tmp_path / "cache")
+    assert main(["demo", "--dataset", "pathmnist", "--size", "64", "--runs", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert url in err and "make-synthetic pathmnist --size 64" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--envoys", "0"], "ENVOYS=0: must be at least 1"),
+    (["--rounds", "0"], "ROUNDS=0: must be at least 1"),
+    (["--partition", "dirichlet", "--alpha", "0"], "ALPHA=0.0: the Dirichlet concentration must be positive"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--size", "100"], "unsupported image size '100'"),
+])
+def test_bad_settings_are_refused_up_front(tmp_path, capsys, args, message):
+    assert main(["demo", "--data", "synthetic", "--runs", str(tmp_path / "runs"), *args]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_partition_that_starves_an_envoy_is_refused_up_front(tiny_file, tmp_path, capsys):
+    data_dir = tiny_file("bloodmnist").parent
+    # 12 val samples for 12 envoys: every envoy needs exactly one, which a strong skew never deals out.
+    code = main(["demo", "--data-dir", str(data_dir), "--envoys", "12", "--partition", "dirichlet", "--alpha", "0.01",
+                 "--runs", str(tmp_path / "runs")])
+    assert code == 1 and "leaves a node without samples" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_baseline_reports_the_same_test_block(tiny_file, tmp_path, capsys):
+    data_dir = tiny_file("bloodmnist", 28, {"train": 128, "val": 32, "test": 32}).parent
+    assert main(["baseline", "--data-dir", str(data_dir), "--rounds", "2", "--runs", str(tmp_path)]) == 0
+    results = json.loads(next(tmp_path.glob("*-baseline/results.json")).read_text())
+    assert results["kind"] == "centralized baseline" and results["synthetic"] is True
+    assert [e["round"] for e in results["rounds"]] == [0, 1, 2]
+    test = results["test"]
+    assert sorted(test["per_envoy"]) == ["envoy_1", "envoy_2"]
+    assert sum(e["samples"] for e in test["per_envoy"].values()) == 32
+    for block in [test, *test["per_envoy"].values()]:
+        assert 0 <= block["acc"] <= 1 and 0 <= block["auc"] <= 1
+    assert "centralized baseline on SYNTHETIC data" in capsys.readouterr().out
