@@ -19,7 +19,7 @@ RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds
 	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
 	--data "$(DATA)" --data-dir "$(DATA_DIR)"
 
-.PHONY: venv demo baseline test lint clean
+.PHONY: venv demo baseline bench test lint clean
 
 $(VENV)/.installed: requirements.txt
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 8) <= v < (3, 12) else \
@@ -35,6 +35,11 @@ demo: venv
 
 baseline: venv
 	$(PY) -m localfed baseline $(RUN_ARGS)
+
+# The federation against its own compute, on synthetic data of MedMNIST's real split sizes.
+bench: venv
+	$(PY) -m localfed bench --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
+		--epochs "$(EPOCHS)"
 
 test: venv
 	$(VENV)/bin/ruff check .

@@ -8,8 +8,8 @@ if [[ ! -f "$config" ]]; then
   echo "error: director config $config not found; set DIRECTOR_CONFIG to an existing file" >&2
   exit 2
 fi
-fx="$(command -v fx || echo "$here/../.venv/bin/fx")"
-if [[ ! -x "$fx" ]]; then
+bin="$(dirname "$(command -v fx || echo "$here/../.venv/bin/fx")")"
+if [[ ! -x "$bin/fx" ]]; then
   echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
   exit 2
 fi
@@ -19,4 +19,6 @@ if [[ -n "${DIRECTOR_PORT:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_PORT="$D
 tls_args=(--disable-tls)
 # OpenFL insists that the config lies inside the working directory.
 cd "$(dirname "$config")"
-exec "$fx" director start "${tls_args[@]}" --director-config-path "$(basename "$config")"
+# fx, with OpenFL's 10-second polling steps shortened (see openfl_prompt.py).
+exec "$bin/python" "$here/../openfl_prompt.py" director start "${tls_args[@]}" \
+  --director-config-path "$(basename "$config")"

@@ -26,6 +26,7 @@ cd "$(dirname "$config")"
 # Check the shard (and fetch a missing file) first, so a bad config ends in one clear line.
 "$bin/python" -m medmnist_shard check "$config"
 tls_args=(--disable-tls)
-exec "$bin/fx" envoy start --shard-name "$name" "${tls_args[@]}" \
+# fx, with OpenFL's 10-second polling steps shortened (see openfl_prompt.py).
+exec "$bin/python" "$here/../openfl_prompt.py" envoy start --shard-name "$name" "${tls_args[@]}" \
   --director-host "${DIRECTOR_HOST:-localhost}" --director-port "${DIRECTOR_PORT:-50051}" \
   --envoy-config-path "$(basename "$config")"

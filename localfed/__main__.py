@@ -32,7 +32,7 @@ class RunError(RuntimeError):
 def parse(argv=None) -> argparse.Namespace:
     """Command-line options; the Makefile passes its variables through them."""
     parser = argparse.ArgumentParser(prog="python -m localfed", description=__doc__)
-    parser.add_argument("command", choices=("demo", "baseline"))
+    parser.add_argument("command", choices=("demo", "baseline", "bench"))
     parser.add_argument("--dataset", default="bloodmnist")
     parser.add_argument("--size", default="28")
     parser.add_argument("--envoys", type=int, default=2)
@@ -157,6 +157,10 @@ def main(argv=None) -> int:
         check(args)
         if args.command == "demo":
             return demo(args)
+        if args.command == "bench":
+            from .bench import bench
+
+            return bench(args)
         from .baseline import baseline
 
         return baseline(args)

@@ -13,10 +13,18 @@ from medmnist_shard import FLAGS, SIZES, MedMNISTShardDataset
 @pytest.mark.parametrize("flag", FLAGS)
 def test_model_output_per_flag_and_size(flag):
     meta = medmnist.INFO[flag]
-    model = build_model(flag, 28).eval()
     for size in SIZES:
+        model = build_model(flag, size).eval()
         x = torch.zeros(2, meta["n_channels"], size, size)
         assert model(x).shape == (2, len(meta["label"]))
+
+
+def test_28px_is_the_tutorial_network_and_larger_sizes_add_only_a_stem():
+    plain = build_model("bloodmnist", 28)
+    assert sum(p.numel() for p in plain.parameters()) == 235_096  # upstream's Net(3, 8) at 28 px
+    for size, patch in ((64, 2), (128, 4), (224, 8)):
+        stem = build_model("bloodmnist", size).features[0]
+        assert stem.kernel_size == (patch, patch) and stem.stride == (patch, patch)
 
 
 def test_build_model_rejects_bad_flag_and_size():

@@ -52,3 +52,88 @@ def test_a_round_without_training_leaves_the_last_model_as_it_was():
     # The final validation-only round has no new model to save; OpenFL logs it and keeps the last one.
     source = inspect.getsource(Aggregator._save_model)
     assert "Cannot save model for round" in source and "return" in source
+
+
+def test_the_polling_sleeps_that_openfl_prompt_caps_are_still_there():
+    from openfl.component.collaborator import collaborator
+    from openfl.component.director import director, experiment
+    from openfl.transport.grpc import director_server
+
+    assert "await asyncio.sleep(10)" in inspect.getsource(experiment.ExperimentsRegistry.get_next_experiment)
+    assert "await asyncio.sleep(10)" in inspect.getsource(experiment.Experiment._run_aggregator_grpc_server)
+    assert "await asyncio.sleep(1)" in inspect.getsource(director.Director.stream_metrics)
+    assert "await asyncio.sleep(1)" in inspect.getsource(director_server.DirectorGRPCServer.GetMetricStream)
+    assert "sleep(sleep_time)" in inspect.getsource(collaborator.Collaborator.run)
+    assert collaborator.sleep.__module__ == "time"  # `from time import sleep`: the name openfl_prompt replaces
+
+
+def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
+    import asyncio
+    import time
+
+    from openfl.component.collaborator import collaborator
+    from openfl.component.director import director, experiment
+    from openfl.transport.grpc import director_server
+
+    import openfl_prompt
+
+    modules = (director, experiment, director_server)
+    saved = [m.asyncio for m in modules], collaborator.sleep
+    try:
+        openfl_prompt.install()
+        started = time.monotonic()
+        collaborator.sleep(10)
+        asyncio.run(experiment.asyncio.sleep(10))
+        assert time.monotonic() - started < 2 * openfl_prompt.POLL_S + 0.5
+        assert experiment.asyncio.Queue is asyncio.Queue  # the rest of asyncio is untouched
+        assert time.sleep is not collaborator.sleep and asyncio.sleep is not experiment.asyncio.sleep
+    finally:
+        for module, original in zip(modules, saved[0], strict=True):
+            module.asyncio = original
+        collaborator.sleep = saved[1]
+
+
+def test_fast_tensor_db_answers_as_openfls_does():
+    import numpy as np
+    from openfl.databases.tensor_db import TensorDB
+    from openfl.databases.utilities import ROUND_PLACEHOLDER
+    from openfl.interface.aggregation_functions import WeightedAverage
+    from openfl.utilities import TensorKey, change_tags
+
+    from openfl_prompt import FastTensorDB
+
+    rng = np.random.default_rng(0)
+    ops = []
+    for r in range(4):
+        for name in ("conv.weight", "bn.running_mean"):
+            for col in ("envoy_1", "envoy_2"):
+                ops.append({TensorKey(name, "agg", r, False, change_tags(("trained",), add_field=col)):
+                            rng.normal(size=3)})
+            ops.append({TensorKey(name, "agg", r + 1, False, ("model",)): rng.normal(size=3)})
+        ops.append({TensorKey("acc", "envoy_1", r, True, ("metric", "validate_agg")): np.array(0.5 + r / 10)})
+    ops.append({TensorKey("conv.weight", "agg", 2, False, ("model",)): np.zeros(3)})  # a duplicate: first one wins
+    ops.append({TensorKey("x", "agg", ROUND_PLACEHOLDER, False, ("model",)): np.ones(1)})
+    dbs = [TensorDB(), FastTensorDB()]
+    for db in dbs:
+        for op in ops:
+            db.cache_tensor(op)
+    weights = {"envoy_1": 0.25, "envoy_2": 0.75}
+    for r in range(4):
+        key = TensorKey("conv.weight", "agg", r, False, ("trained",))
+        answers = [db.get_aggregated_tensor(key, weights, WeightedAverage()) for db in dbs]
+        assert answers[0] is not None
+        np.testing.assert_allclose(answers[0], answers[1])
+        again = [db.get_aggregated_tensor(key, weights, WeightedAverage()) for db in dbs]  # now cached
+        np.testing.assert_allclose(again[0][0], again[1][0])
+        assert again[0][1] == again[1][1] == {}
+    missing = TensorKey("conv.weight", "agg", 9, False, ("trained",))
+    assert [db.get_aggregated_tensor(missing, weights, WeightedAverage()) for db in dbs] == [None, None]
+    for db in dbs:
+        db.clean_up(2)
+    keys = [sorted(map(tuple, db.tensor_db[["tensor_name", "origin", "round", "report", "tags"]].values.tolist()),
+                   key=str) for db in dbs]
+    assert keys[0] == keys[1]
+    for key in [TensorKey("conv.weight", "agg", 2, False, ("model",)), TensorKey("acc", "envoy_1", 0, True,
+                                                                                  ("metric", "validate_agg"))]:
+        np.testing.assert_array_equal(dbs[0].get_tensor_from_cache(key), dbs[1].get_tensor_from_cache(key))
+    assert dbs[1].get_tensor_from_cache(TensorKey("gone", "agg", 0, False, ())) is None

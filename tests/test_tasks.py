@@ -25,7 +25,7 @@ def test_training_on_a_synthetic_shard_lowers_the_loss(tiny_file, flag):
         last = train(model, data.get_train_loader(), optimizer, "cpu", task=task)["train_loss"]
     assert last < first
     result = validate(model, data.get_valid_loader(), "cpu", task=task)
-    assert set(result) == {"loss", "acc", "auc"}
+    assert set(result) == {"loss", "acc", "auc", "seconds"}
     assert 0 <= result["acc"] <= 1 and 0 <= result["auc"] <= 1
 
 

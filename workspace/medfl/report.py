@@ -11,7 +11,7 @@ import torch
 
 from .aggregator import AGGREGATED, VALIDATE_GLOBAL
 
-VAL_NAMES = {"loss": "val_loss", "acc": "val_acc", "auc": "val_auc"}
+VAL_NAMES = {"loss": "val_loss", "acc": "val_acc", "auc": "val_auc", "seconds": "val_seconds"}
 
 
 def _by_round(metrics: list[dict]) -> dict:

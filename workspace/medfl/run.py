@@ -99,8 +99,9 @@ def _check_submitted(experiment: FLExperiment) -> None:
 
 TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val"}
 # The metrics each of medfl's tasks reports: a progress line is printed once all have arrived.
-TASK_METRICS = {"train": {"train_loss"}, "locally_tuned_model_validate": {"loss", "acc", "auc"},
-                VALIDATE_GLOBAL: {"loss", "acc", "auc"}}
+TASK_METRICS = {"train": {"train_loss", "train_seconds"},
+                "locally_tuned_model_validate": {"loss", "acc", "auc", "seconds"},
+                VALIDATE_GLOBAL: {"loss", "acc", "auc", "seconds"}}
 
 
 def trained_models(experiment: FLExperiment, best) -> tuple:
@@ -138,5 +139,6 @@ def stream(experiment: FLExperiment, rounds: int, echo=print, label: str = "") -
 
 
 def _line(where: str, m: dict, values: dict) -> str:
-    shown = "  ".join(f"{name} {value:.4f}" for name, value in values.items())
+    shown = "  ".join(f"{name} {value:.1f}" if "seconds" in name else f"{name} {value:.4f}"
+                      for name, value in values.items())
     return f"{where:<16} {m['metric_origin']:<11} {TASK_NAMES.get(m['task_name'], m['task_name']):<11} {shown}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import torch
 from openfl.interface.interactive_api.experiment import TaskInterface
@@ -13,7 +14,8 @@ from .model import task_type
 
 
 def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, device_request: str = "auto"):
-    """Train for `epochs` passes over the shard; report the last pass's mean loss per sample."""
+    """Train for `epochs` passes over the shard; report the last pass's mean loss per sample and the time."""
+    started = time.perf_counter()
     dev = pick_device(device_request, str(device), node=socket.gethostname())
     model.to(dev)
     model.train()
@@ -34,12 +36,14 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
             barrier()
             loss_sum += loss.detach() * len(x)  # stays on the device: no sync per step
             seen += len(x)
-    return {"train_loss": loss_sum.item() / max(seen, 1)}
+    train_loss = loss_sum.item() / max(seen, 1)  # .item() waits for the device, so the time is honest
+    return {"train_loss": train_loss, "train_seconds": time.perf_counter() - started}
 
 
 @torch.no_grad()
 def validate(model, val_loader, device, task: str, device_request: str = "auto"):
-    """Mean loss, ACC and AUC of the model on the shard's evaluation split."""
+    """Mean loss, ACC and AUC of the model on the shard's evaluation split, and the time it took."""
+    started = time.perf_counter()
     dev = pick_device(device_request, str(device), node=socket.gethostname())
     model.to(dev)
     model.eval()
@@ -52,7 +56,8 @@ def validate(model, val_loader, device, task: str, device_request: str = "auto")
         all_scores.append(scores(task, logits).float().cpu())
         all_labels.append(labels)
     y_score, y_true = torch.cat(all_scores).numpy(), torch.cat(all_labels).numpy()
-    return {"loss": loss_sum.item() / len(y_true), **evaluate(task, y_true, y_score)}
+    return {"loss": loss_sum.item() / len(y_true), **evaluate(task, y_true, y_score),
+            "seconds": time.perf_counter() - started}
 
 
 def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto") -> TaskInterface:

@@ -1,0 +1,194 @@
+"""`make bench`: the federation against the compute it does, measured in one run.
+
+1. The compute limit: exactly the federation's work (same model, batch sizes, shards, passes:
+   per round a validation of the global model, EPOCHS training epochs and a validation of the
+   local model on every envoy, plus the final validation round), done in-process by one worker
+   process per envoy with the envoys' thread share, tensors in memory, weights averaged in between.
+2. The real federation: director and envoys as processes, the experiment submitted as the notebook
+   does it (medfl.run), timed from submission to the final model saved on disk.
+
+The last line printed is one JSON object with the ratios.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from medfl import MedMNISTData, build_model, build_tasks, run, task_type, train, validate
+from medmnist_shard import MedMNISTShardDescriptor, prepare
+from medmnist_shard.spec import file_name, info, sample_shape, target_shape
+from medmnist_shard.synthetic import make_synthetic
+
+from . import ROOT, LocalFederation
+
+TRAIN_BATCH, EVAL_BATCH, LR = 64, 256, 1e-3
+
+
+def bench_data(flag: str, size: int) -> Path:
+    """A synthetic file with MedMNIST's real split sizes for the flag, made once."""
+    sizes = {s: n for s, n in info(flag)["n_samples"].items()}
+    folder = ROOT / "data" / "bench" / "-".join(str(sizes[s]) for s in ("train", "val", "test"))
+    if not (folder / file_name(flag, size)).is_file():
+        print(f"writing synthetic {flag} {size}px with MedMNIST's split sizes {sizes} ...", flush=True)
+        make_synthetic(flag, size, folder, sizes)
+    return folder
+
+
+# --- 1. the compute limit -----------------------------------------------------------------------
+_worker: dict = {}
+
+
+def _init_worker(flag, size, data_dir, rank, envoys, threads):
+    torch.set_num_threads(threads)
+    descriptor = MedMNISTShardDescriptor(flag, size, data_dir, f"{rank},{envoys}", download=False)
+    data = MedMNISTData(train_batch_size=TRAIN_BATCH, eval_batch_size=EVAL_BATCH)
+    data.shard_descriptor = descriptor
+    model = build_model(flag, size)
+    _worker.update(data=data, model=model, optimizer=torch.optim.Adam(model.parameters(), lr=LR),
+                   task=task_type(flag))
+
+
+def _round(state: dict, epochs: int, train_round: bool) -> dict:
+    """One envoy's work in one round, as the federation's tasks do it."""
+    w = _worker
+    w["model"].load_state_dict(state)
+    started = time.perf_counter()
+    out = {"val_seconds": validate(w["model"], w["data"].get_valid_loader(), "cpu", task=w["task"])["seconds"]}
+    if train_round:
+        trained = train(w["model"], w["data"].get_train_loader(), w["optimizer"], "cpu", task=w["task"], epochs=epochs)
+        out["train_seconds"] = trained["train_seconds"]
+        out["train_images"] = epochs * w["data"].get_train_data_size()
+        out["state"] = {k: v.clone() for k, v in w["model"].state_dict().items()}
+        out["weight"] = w["data"].get_train_data_size()
+        validate(w["model"], w["data"].get_valid_loader(), "cpu", task=w["task"])
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def _call(args):
+    return _round(*args)
+
+
+def compute_limit(flag, size, data_dir, envoys, rounds, epochs, threads, out: Path) -> dict:
+    """Wall time and training throughput of the same work with no federation."""
+    ctx = multiprocessing.get_context("spawn")
+    pools = [ctx.Pool(1, _init_worker, (flag, size, str(data_dir), r, envoys, threads)) for r in range(1, envoys + 1)]
+    try:
+        torch.manual_seed(0)
+        state = build_model(flag, size).state_dict()
+        for pool in pools:  # load the data before the clock starts, as the envoys do before submission
+            pool.apply(time.sleep, (0,))
+        started = time.perf_counter()
+        images = seconds = 0.0
+        for r in range(rounds + 1):
+            jobs = [pool.apply_async(_call, ((state, epochs, r < rounds),)) for pool in pools]
+            results = [job.get() for job in jobs]
+            if r < rounds:
+                total = sum(x["weight"] for x in results)
+                state = {k: sum(x["state"][k].float() * x["weight"] for x in results) / total for k in state}
+                images += sum(x["train_images"] for x in results)
+                seconds += sum(x["train_seconds"] for x in results)
+        model = build_model(flag, size)
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+        torch.save(model.state_dict(), out)
+        return {"wall_s": time.perf_counter() - started, "train_images_per_s": images / seconds}
+    finally:
+        for pool in pools:
+            pool.terminate()
+
+
+# --- 2. the real federation ---------------------------------------------------------------------
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def federation_run(flag, size, data_dir, envoys, rounds, epochs, workdir: Path) -> dict:
+    """Wall time from submission to the saved final model, per-round timings and peak memory."""
+    from openfl.interface.interactive_api.experiment import FLExperiment
+    from openfl.interface.interactive_api.federation import Federation
+
+    shards = {f"envoy_{r}": {"flag": flag, "size": size, "data_dir": str(data_dir), "rank_worldsize": f"{r},{envoys}",
+                             "download": False} for r in range(1, envoys + 1)}
+    with LocalFederation(workdir, shards, sample_shape(flag, size), target_shape(flag)) as fed:
+        os.chdir(ROOT / "workspace")  # OpenFL ships the working directory: the notebook's folder
+        federation = Federation(client_id="bench", director_node_fqdn=fed.host, director_port=fed.port, tls=False)
+        torch.manual_seed(0)
+        # Defined before the clock starts, as in the notebook's cell before the one that submits.
+        model = build_model(flag, size)
+        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+        tasks, data = build_tasks(flag, epochs), MedMNISTData(train_batch_size=TRAIN_BATCH, eval_batch_size=EVAL_BATCH)
+        experiment = FLExperiment(federation=federation, experiment_name=workdir.name)
+        started = time.time()
+        run.start_training(experiment, model, optimizer, tasks, data, rounds)
+        metrics = run.stream(experiment, rounds, echo=lambda line: None)
+        torch.save(experiment.get_last_model().state_dict(), workdir / "last_model.pt")
+        wall = time.time() - started
+        rss = {c.name: _peak_rss_mb(c.process.pid) for c in fed.components}
+    rss["frontend"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Round r ends when the aggregator reports its metrics; each envoy's compute is what its tasks timed.
+    ends, compute, train_s = {}, {}, 0.0
+    for m in metrics:
+        r = m["round"]
+        if m["metric_origin"] == "aggregator":
+            ends[r] = max(ends.get(r, 0), m["time"])
+        elif m["metric_name"] in ("seconds", "train_seconds"):
+            compute.setdefault(r, {}).setdefault(m["metric_origin"], 0.0)
+            compute[r][m["metric_origin"]] += m["metric_value"]
+            if m["metric_name"] == "train_seconds":
+                train_s += m["metric_value"]
+    overheads = [ends[r] - ends[r - 1] - max(compute[r].values()) for r in sorted(ends) if r > 0]
+    train_images = epochs * rounds * info(flag)["n_samples"]["train"]
+    return {"wall_s": wall, "round_overhead_s": statistics.median(overheads), "round_overheads_s": overheads,
+            "train_images_per_s": train_images / train_s, "peak_rss_mb": rss}
+
+
+def bench(args) -> int:
+    """Run both sides, print a table and, last, one JSON line."""
+    flag, size = args.dataset, int(args.size)
+    envoys, rounds, epochs = args.envoys, args.rounds, args.epochs
+    threads = max(1, (os.cpu_count() or 1) // envoys)
+    data_dir = bench_data(flag, size)
+    setups = [prepare(flag, size, data_dir, f"{r},{envoys}", download=False) for r in range(1, envoys + 1)]
+    shard_mb = [sum(len(s.indices[x]) for x in s.indices) * sample_shape(flag, size)[0] ** 2
+                * sample_shape(flag, size)[2] / 2**20 for s in setups]
+    workdir = Path(args.runs).resolve() / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{flag}-{size}"
+    workdir.mkdir(parents=True)
+    print(f"workload: {flag} {size}px, {info(flag)['n_samples']}, {envoys} envoys x {threads} threads, "
+          f"{rounds} rounds x {epochs} epochs, batch {TRAIN_BATCH} (SYNTHETIC data)", flush=True)
+    limit = compute_limit(flag, size, data_dir, envoys, rounds, epochs, threads, workdir / "limit_model.pt")
+    print(f"compute limit: {limit['wall_s']:.1f} s", flush=True)
+    fed = federation_run(flag, size, data_dir, envoys, rounds, epochs, workdir)
+    result = {
+        "wall_s": round(fed["wall_s"], 2),
+        "limit_s": round(limit["wall_s"], 2),
+        "wall_over_limit": round(fed["wall_s"] / limit["wall_s"], 3),
+        "train_throughput_over_limit": round(fed["train_images_per_s"] / limit["train_images_per_s"], 3),
+        "round_overhead_s": round(fed["round_overhead_s"], 3),
+        "peak_rss_mb": {k: round(v) for k, v in fed["peak_rss_mb"].items()},
+    }
+    rows = [("wall, submission to saved model", f"{fed['wall_s']:.1f} s", f"{limit['wall_s']:.1f} s",
+             f"{result['wall_over_limit']:.2f}", "<= 1.5"),
+            ("training images/s per envoy", f"{fed['train_images_per_s']:.0f}", f"{limit['train_images_per_s']:.0f}",
+             f"{result['train_throughput_over_limit']:.2f}", ">= 0.9"),
+            ("round overhead (median)", f"{fed['round_overhead_s']:.2f} s", "", "", "<= 1.0 s")]
+    print(f"\n{'':34}{'federation':>12}{'limit':>10}{'ratio':>8}{'target':>10}")
+    for row in rows:
+        print(f"{row[0]:34}{row[1]:>12}{row[2]:>10}{row[3]:>8}{row[4]:>10}")
+    print("round overheads: " + ", ".join(f"{x:.2f} s" for x in fed["round_overheads_s"]))
+    for i, mb in enumerate(shard_mb, 1):
+        name = f"envoy_{i}"
+        print(f"{name} peak RSS {result['peak_rss_mb'][name]} MB; target <= 2 x {mb:.0f} MB shard + 600 MB "
+              f"= {2 * mb + 600:.0f} MB")
+    print(f"director peak RSS {result['peak_rss_mb']['director']} MB; frontend {result['peak_rss_mb']['frontend']} MB")
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,132 @@
+"""Run OpenFL's `fx` with its idle waits shortened; start_director.sh and start_envoy.sh use it.
+
+OpenFL 1.6 waits in long fixed steps: the director looks for a submitted experiment every 10 s and
+checks every 10 s whether a running one has ended; it streams metrics in 1 s steps; and an envoy's
+collaborator with no task to run sleeps as long as the aggregator tells it, 10 s. In a few-round
+run that waiting is most of the wall time. Here each of those waits is capped at POLL_S, by giving
+exactly those modules a `sleep` that caps the delay; everything else runs as OpenFL wrote it, and
+site-packages is untouched. tests/test_openfl_contract.py fails if the pinned OpenFL stops waiting
+in these places.
+
+OpenFL keeps every tensor of a node (about 40 per model and round) in a pandas DataFrame that it
+scans and re-concatenates on every lookup and insert; that alone costs the director about 0.4 s of
+each round. FastTensorDB keeps the same entries with the same semantics in a dict.
+
+An envoy also imports torch's compiler front end (torch._dynamo) while it waits: the first
+optimizer an experiment unpickles would otherwise import it, about a second and a half, in the middle
+of the experiment's start.
+
+usage: python openfl_prompt.py {director,envoy} start ...   (the same arguments as `fx`)
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from threading import Lock
+
+import numpy as np
+import pandas as pd
+from openfl.databases.tensor_db import TensorDB
+from openfl.databases.utilities import ROUND_PLACEHOLDER
+from openfl.utilities import LocalTensor, TensorKey, change_tags
+
+POLL_S = float(os.environ.get("FX_POLL_S", "0.1"))
+
+
+class _CappedAsyncio:
+    """The asyncio module as those modules see it: the same, except that sleep is capped."""
+
+    def __getattr__(self, name):
+        return getattr(asyncio, name)
+
+    @staticmethod
+    def sleep(delay, result=None):
+        return asyncio.sleep(min(delay, POLL_S), result)
+
+
+def _capped_sleep(seconds: float) -> None:
+    time.sleep(min(seconds, POLL_S))
+
+
+class FastTensorDB(TensorDB):
+    """OpenFL's TensorDB over a dict keyed by TensorKey: same entries, same answers, no scans.
+
+    As in OpenFL, the first value cached under a key is the one returned. Aggregation functions that
+    ask for the database itself (`_privileged` ones; this project's FedAvg does not) are refused.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict = {}
+        self.mutex = Lock()
+
+    @property
+    def tensor_db(self) -> pd.DataFrame:
+        """The entries as OpenFL's DataFrame, built on demand (for printing and iteration only)."""
+        rows = [[*key, value] for key, value in self._entries.items()]
+        return pd.DataFrame(rows, columns=["tensor_name", "origin", "round", "report", "tags", "nparray"])
+
+    def cache_tensor(self, tensor_key_dict: dict) -> None:
+        with self.mutex:
+            for key, value in tensor_key_dict.items():
+                self._entries.setdefault(TensorKey(*key), value)
+
+    def get_tensor_from_cache(self, tensor_key):
+        value = self._entries.get(TensorKey(*tensor_key))
+        return None if value is None else np.array(value)
+
+    def clean_up(self, remove_older_than: int = 1) -> None:
+        if remove_older_than < 0 or not self._entries:
+            return
+        rounds = sorted({int(key.round_number) for key in self._entries})
+        current = rounds[-1] if rounds[-1] != ROUND_PLACEHOLDER else rounds[-2]
+        with self.mutex:
+            self._entries = {k: v for k, v in self._entries.items()
+                             if int(k.round_number) > current - remove_older_than or k.report}
+
+    def get_aggregated_tensor(self, tensor_key, collaborator_weight_dict: dict, aggregation_function):
+        if collaborator_weight_dict:
+            total = sum(collaborator_weight_dict.values())
+            assert abs(1.0 - total) < 0.01, f"Collaborator weights do not sum to 1.0: {collaborator_weight_dict}"
+        tensor_name, origin, fl_round, report, tags = tensor_key
+        cached = self._entries.get(TensorKey(*tensor_key))
+        if cached is not None:
+            return np.array(cached), {}  # what OpenFL's TensorDB returns here, tuple included
+        local_tensors = []
+        for col, weight in collaborator_weight_dict.items():
+            own = TensorKey(tensor_name, origin, fl_round, report, change_tags(tags, add_field=col))
+            value = self._entries.get(own)
+            if value is None:
+                return None
+            local_tensors.append(LocalTensor(col_name=col, tensor=value, weight=weight))
+        if getattr(aggregation_function, "_privileged", False):
+            raise NotImplementedError("privileged aggregation functions need OpenFL's own TensorDB: start "
+                                      "the director with fx instead of openfl_prompt.py")
+        aggregated = aggregation_function(local_tensors, self._iterate(), tensor_name, fl_round, tags)
+        self.cache_tensor({tensor_key: aggregated})
+        return np.array(aggregated)
+
+
+def install() -> None:
+    """Cap the polling sleeps of OpenFL's director, experiment runner, director server and collaborator,
+    and give the aggregator and the collaborator the dict-backed TensorDB."""
+    from openfl.component.aggregator import aggregator
+    from openfl.component.collaborator import collaborator
+    from openfl.component.director import director, experiment
+    from openfl.transport.grpc import director_server
+
+    for module in (director, experiment, director_server):
+        module.asyncio = _CappedAsyncio()
+    collaborator.sleep = _capped_sleep
+    aggregator.TensorDB = collaborator.TensorDB = FastTensorDB
+
+
+if __name__ == "__main__":
+    install()
+    if sys.argv[1:2] == ["envoy"]:
+        import torch._dynamo  # noqa: F401
+    from openfl.interface.cli import entry
+
+    sys.argv[0] = "fx"
+    entry()
