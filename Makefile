@@ -15,11 +15,13 @@ ALPHA ?= 0.5
 SEED ?= 0
 DATA ?= download
 DATA_DIR ?=
+NOTEBOOK ?= workspace/Pytorch_MedMNIST_2D.ipynb
+DEVICE ?=
 RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
 	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
-	--data "$(DATA)" --data-dir "$(DATA_DIR)"
+	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)"
 
-.PHONY: venv demo baseline bench test lint clean
+.PHONY: venv demo baseline bench test lint clean hpu-deps
 
 $(VENV)/.installed: requirements.txt
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 8) <= v < (3, 12) else \
@@ -47,6 +49,13 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# On an Intel Gaudi host, inside the environment that holds Intel's PyTorch: install this project's
+# other pins into it, keeping its torch, torchvision and Habana packages exactly as they are.
+hpu-deps:
+	python -m pip list --format=freeze | grep -iE '^(torch|torchvision|torchaudio|habana|lightning-habana)' > .hpu-keep.txt || true
+	grep -vE '^(torch|torchvision)==' requirements.txt | python -m pip install -r /dev/stdin -c .hpu-keep.txt
+	rm -f .hpu-keep.txt
 
 clean:
 	rm -rf workspace/plan workspace/save workspace/logs workspace/*.pkl workspace/requirements.txt

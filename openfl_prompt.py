@@ -12,6 +12,10 @@ OpenFL keeps every tensor of a node (about 40 per model and round) in a pandas D
 scans and re-concatenates on every lookup and insert; that alone costs the director about 0.4 s of
 each round. FastTensorDB keeps the same entries with the same semantics in a dict.
 
+One fix for faults: when an envoy reports an error, the director stops the experiment but would
+hand it out again to an envoy that asks for work, which then joins an aggregator about to vanish
+and waits for it forever. Here a failed experiment is no envoy's current experiment any more.
+
 An envoy also imports torch's compiler front end (torch._dynamo) while it waits: the first
 optimizer an experiment unpickles would otherwise import it, about a second and a half, in the middle
 of the experiment's start.
@@ -120,6 +124,21 @@ def install() -> None:
         module.asyncio = _CappedAsyncio()
     collaborator.sleep = _capped_sleep
     aggregator.TensorDB = collaborator.TensorDB = FastTensorDB
+    if not hasattr(director.Director.set_experiment_failed, "forgets_failed"):
+        director.Director.set_experiment_failed = _forgetting(director.Director.set_experiment_failed)
+
+
+def _forgetting(set_experiment_failed):
+    """Director.set_experiment_failed that also stops offering the failed experiment to envoys."""
+
+    def wrapper(self, *, experiment_name: str, collaborator_name: str):
+        set_experiment_failed(self, experiment_name=experiment_name, collaborator_name=collaborator_name)
+        for envoy, current in list(self.col_exp.items()):
+            if current == experiment_name:
+                self.col_exp[envoy] = None
+
+    wrapper.forgets_failed = True
+    return wrapper
 
 
 if __name__ == "__main__":

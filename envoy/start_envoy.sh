@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start an envoy: ./start_envoy.sh NAME CONFIG
 # Environment: DIRECTOR_HOST (default localhost), DIRECTOR_PORT (default 50051),
-# OMP_NUM_THREADS (torch threads for training; give each envoy its share of the cores).
+# OMP_NUM_THREADS (torch threads for training; give each envoy its share of the cores),
+# HPU_LAZY_MODE=1 (Intel Gaudi's legacy lazy execution; eager is the default since Gaudi 1.21).
 set -euo pipefail
 if [[ $# -ne 2 ]]; then
   echo "usage: $0 NAME CONFIG   e.g. $0 envoy_1 envoy_config_1.yaml" >&2
@@ -20,6 +21,9 @@ if [[ ! -x "$bin/fx" ]]; then
   exit 2
 fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+export ENVOY_NAME="$name"  # the tasks name the node in their errors
+# Habana reads PT_HPU_LAZY_MODE when torch is imported, so it must be set before Python starts.
+if [[ -n "${HPU_LAZY_MODE:-}" ]]; then export PT_HPU_LAZY_MODE="$HPU_LAZY_MODE"; fi
 # The envoy runs where its config is: relative data folders and experiment folders land there,
 # and OpenFL insists that the config lies inside the working directory.
 cd "$(dirname "$config")"

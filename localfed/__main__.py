@@ -20,7 +20,6 @@ from medmnist_shard.spec import sample_shape, target_shape
 from . import ROOT, FederationError, LocalFederation, signals_deferred, tail
 from .data import SOURCES, resolve
 
-NOTEBOOK = ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"
 # Lines of the notebook's output worth showing live: its progress lines (medfl.run.stream) and summary.
 PROGRESS = re.compile(r"^(initial model|model after|round \d|test |best model|no global model|NOTE)")
 
@@ -44,12 +43,16 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default="download", choices=SOURCES)
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--runs", default=str(ROOT / "runs"))
+    parser.add_argument("--notebook", default=str(ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"))
+    parser.add_argument("--device", default="", help="override the notebook's device (auto, cpu, cuda, hpu)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
     return parser.parse_args(argv)
 
 
 def check(args) -> None:
     """Refuse impossible settings before anything starts."""
+    if not Path(args.notebook).is_file():
+        raise DataError(f"NOTEBOOK={args.notebook} does not exist")
     for name in ("envoys", "rounds", "epochs"):
         if getattr(args, name) < 1:
             raise DataError(f"{name.upper()}={getattr(args, name)}: must be at least 1")
@@ -72,13 +75,14 @@ def shard_params(args, data_dir: Path) -> dict[str, dict]:
 
 def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: str, deadline: float) -> None:
     """Execute the notebook headless against the federation, showing its progress lines live."""
-    command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(run_dir / "notebook.ipynb"),
-               "--cwd", str(NOTEBOOK.parent), "--log-output", "--no-progress-bar",
+    notebook_path = Path(args.notebook).resolve()
+    command = [sys.executable, "-m", "papermill", str(notebook_path), str(run_dir / "notebook.ipynb"),
+               "--cwd", str(notebook_path.parent), "--log-output", "--no-progress-bar",
                "-p", "dataset", args.dataset, "-p", "size", str(args.size), "-p", "rounds_to_train", str(args.rounds),
                "-p", "epochs_per_round", str(args.epochs), "-p", "seed", str(args.seed),
                "-p", "director_host", federation.host, "-p", "director_port", str(federation.port),
                "-p", "experiment_name", run_dir.name, "-p", "output_dir", str(run_dir.parent),
-               "-p", "data_source", data_source]
+               "-p", "data_source", data_source, *(["-p", "device", args.device] if args.device else [])]
     log = run_dir / "logs" / "notebook.log"
     with open(log, "w") as out:
         with signals_deferred():

@@ -155,3 +155,25 @@ def test_ctrl_c_stops_every_process(data_dir, tmp_path):
     assert demo.returncode == 130 and "interrupted" in rest
     assert not leftovers(run_dir)
     assert not (tmp_path / "latest").exists()
+
+
+def test_the_hpu_notebook_runs_here_with_device_auto(data_dir, tmp_path):
+    notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"
+    result = subprocess.run(demo_command(data_dir, tmp_path, "--notebook", str(notebook), "--device", "auto",
+                                         "--rounds", "1"), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    results = json.loads((tmp_path / "latest" / "results.json").read_text())
+    check_results(results, envoys=ENVOYS, rounds=1)
+    assert results["params"]["device"] == "auto" and results["params"]["bf16"] is True  # autocast is off on CPU
+    assert not leftovers((tmp_path / "latest").resolve())
+
+
+def test_an_envoy_without_the_requested_device_fails_by_name(data_dir, tmp_path):
+    notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"
+    result = subprocess.run(demo_command(data_dir, tmp_path, "--notebook", str(notebook), "--rounds", "1"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode != 0
+    run_dir = next(tmp_path.glob("*-bloodmnist-28"))
+    logs = "".join(p.read_text() for p in (run_dir / "logs").glob("envoy_*.log"))
+    assert "has no HPU device, but the experiment asked for device='hpu'" in logs
+    assert not leftovers(run_dir)

@@ -71,6 +71,7 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
     import asyncio
     import time
 
+    from openfl.component.aggregator import aggregator
     from openfl.component.collaborator import collaborator
     from openfl.component.director import director, experiment
     from openfl.transport.grpc import director_server
@@ -79,6 +80,7 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
 
     modules = (director, experiment, director_server)
     saved = [m.asyncio for m in modules], collaborator.sleep
+    saved_db, saved_failed = aggregator.TensorDB, director.Director.set_experiment_failed
     try:
         openfl_prompt.install()
         started = time.monotonic()
@@ -91,6 +93,37 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
         for module, original in zip(modules, saved[0], strict=True):
             module.asyncio = original
         collaborator.sleep = saved[1]
+        aggregator.TensorDB = collaborator.TensorDB = saved_db
+        director.Director.set_experiment_failed = saved_failed
+
+
+def test_a_failed_experiment_is_no_longer_handed_to_envoys():
+    from types import SimpleNamespace
+
+    from openfl.component.director import director
+
+    import openfl_prompt
+
+    source = inspect.getsource(director.Director.wait_experiment)
+    assert "experiment_name = self.col_exp.get(envoy_name)" in source  # what the fix clears
+    stopped = []
+    fake = SimpleNamespace(col_exp={"envoy_1": "exp", "envoy_2": "exp", "envoy_3": "other"})
+    wrapped = openfl_prompt._forgetting(lambda self, **kw: stopped.append(kw))
+    wrapped(fake, experiment_name="exp", collaborator_name="envoy_1")
+    assert stopped == [{"experiment_name": "exp", "collaborator_name": "envoy_1"}]
+    assert fake.col_exp == {"envoy_1": None, "envoy_2": None, "envoy_3": "other"}
+
+
+def test_a_stopped_selecting_aggregator_tells_collaborators_to_quit():
+    assert "if self._time_to_quit():" in inspect.getsource(Aggregator.get_tasks)
+    assert "self.quit_job_sent_to.append" in inspect.getsource(Aggregator.stop)
+    aggregator = SelectingAggregator.__new__(SelectingAggregator)  # only the stop/quit logic is exercised
+    aggregator.round_number, aggregator.rounds_to_train = 0, 3
+    aggregator.authorized_cols, aggregator.quit_job_sent_to = ["envoy_1", "envoy_2"], []
+    aggregator.logger = __import__("logging").getLogger("test")
+    assert not aggregator._time_to_quit()
+    aggregator.stop(failed_collaborator="envoy_1")
+    assert aggregator._time_to_quit() and aggregator.all_quit_jobs_sent()
 
 
 def test_fast_tensor_db_answers_as_openfls_does():

@@ -1,9 +1,12 @@
 """Repository hygiene that a reviewer would otherwise check by hand."""
 import json
+import sys
 
 import yaml
 
 from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
 from medmnist_shard.partition import parse_rank_worldsize
 from medmnist_shard.spec import sample_shape, target_shape
 
@@ -28,6 +31,25 @@ def test_one_parameters_cell_that_a_runner_can_fill():
                      "eval_batch_size", "learning_rate", "director_host", "director_port", "experiment_name",
                      "output_dir"):
             assert f"\n{name} = " in f"\n{source}", f"{path.name} lacks parameter {name}"
+
+
+def test_notebooks_are_what_tools_notebooks_writes():
+    import nbformat
+    import notebooks
+
+    for path in NOTEBOOKS:
+        committed = nbformat.read(path, as_version=4)
+        assert [c.source for c in committed.cells] == [c.source for c in notebooks.notebook(path.name).cells], \
+            f"{path.name} differs from tools/notebooks.py: edit the generator and run it"
+
+
+def test_cpu_and_hpu_notebooks_differ_only_in_narrative_and_parameters():
+    cpu, hpu = (json.loads((ROOT / "workspace" / name).read_text())["cells"]
+                for name in ("Pytorch_MedMNIST_2D.ipynb", "HPU_Pytorch_MedMNIST_2D.ipynb"))
+    code = [["".join(c["source"]) for c in cells if c["cell_type"] == "code"] for cells in (cpu, hpu)]
+    assert code[0][1:] == code[1][1:]  # every cell after the parameters: the same package calls
+    assert 'device = "auto"' in code[0][0] and 'device = "hpu"' in code[1][0] and "bf16 = True" in code[1][0]
+    assert code[0][0].replace('"auto"', '"hpu"').splitlines()[:10] == code[1][0].splitlines()[:10]
 
 
 def test_notebooks_hold_no_model_or_task_code():

@@ -3,8 +3,7 @@ import cloudpickle
 import pytest
 import torch
 
-from medfl import MedMNISTData, build_model, build_tasks, pick_device, train, validate
-from medfl.device import DeviceError
+from medfl import MedMNISTData, build_model, build_tasks, train, validate
 from medmnist_shard import MedMNISTShardDescriptor
 
 
@@ -44,7 +43,8 @@ def test_each_round_reshuffles_but_a_seed_repeats_the_order(tiny_file):
 def test_build_tasks_registers_train_and_validate_with_settings():
     tasks = build_tasks("chestmnist", epochs_per_round=2, device="cpu")
     assert set(tasks.get_registered_tasks()) == {"train", "locally_tuned_model_validate", "aggregated_model_validate"}
-    assert tasks.task_settings["train"] == {"task": "multi-label, binary-class", "epochs": 2, "device_request": "cpu"}
+    assert tasks.task_settings["train"] == {"task": "multi-label, binary-class", "epochs": 2, "device_request": "cpu",
+                                            "bf16": False}
     # Shipped by reference to the medfl package, which travels with the experiment.
     assert b"medfl.tasks" in cloudpickle.dumps(tasks)
 
@@ -61,13 +61,3 @@ def test_build_tasks_rejects_bad_epochs(bad):
 def test_data_interface_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MedMNISTData(**kwargs)
-
-
-def test_pick_device():
-    assert pick_device("cpu", "cuda:0") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        assert pick_device("auto", "cpu") == torch.device("cpu")
-        with pytest.raises(DeviceError, match="node-7 has no CUDA device.*device='cuda'"):
-            pick_device("cuda", "cpu", node="node-7")
-    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
-        pick_device("tpu")

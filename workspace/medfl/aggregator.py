@@ -1,10 +1,13 @@
 """The one place where this project adjusts OpenFL 1.6's aggregator (tests/test_openfl_contract.py
-checks that the pinned OpenFL still does what this relies on).
+checks that the pinned OpenFL still does what this relies on). The aggregator is built on the
+director from the experiment's plan, so it arrives with the workspace like the rest of this package.
 
-OpenFL keeps as "best" whichever global model raised *any* aggregated validation metric, loss
-included, compared against one shared score. Here the best model is the one with the best value of
-one named metric (`auc` by default, higher is better). The aggregator is built on the director
-from the experiment's plan, so it arrives with the workspace like the rest of this package.
+- OpenFL keeps as "best" whichever global model raised *any* aggregated validation metric, loss
+  included, compared against one shared score. Here the best model is the one with the best value
+  of one named metric (`auc` by default, higher is better).
+- When an envoy reports an error, OpenFL stops the aggregator but keeps handing tasks to the other
+  envoys, whose collaborators then wait forever for an aggregator that has gone. Here a stopped
+  aggregator tells every collaborator to quit.
 """
 from __future__ import annotations
 
@@ -79,6 +82,13 @@ class SelectingAggregator(Aggregator):
         self.best_model_score = _Never()
         # OpenFL puts each aggregated metric on this queue right where it would judge "best".
         self.metric_queue = _Tap(self._consider)
+
+    def stop(self, failed_collaborator: str = None) -> None:
+        self.stopped = True
+        super().stop(failed_collaborator)
+
+    def _time_to_quit(self) -> bool:
+        return getattr(self, "stopped", False) or super()._time_to_quit()
 
     def _consider(self, metric: dict) -> None:
         if self.best.consider(metric):

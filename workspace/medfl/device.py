@@ -1,40 +1,75 @@
-"""Where an envoy trains, and the step barrier that accelerators with graph capture need."""
+"""Where an envoy trains (CPU, CUDA or Habana Gaudi HPU), and the step barrier lazy HPUs need.
+
+Each envoy resolves the notebook's device request against its own hardware when a task runs, so
+the notebook's machine needs no accelerator. Habana's modules are imported only when present.
+"""
 from __future__ import annotations
 
+import importlib.util
+import os
+import socket
 from collections.abc import Callable
 
 import torch
 
-REQUESTS = ("auto", "cpu", "cuda")
+REQUESTS = ("auto", "cpu", "cuda", "hpu")
 
 
 class DeviceError(RuntimeError):
     """A node cannot provide the device that the experiment asked for."""
 
 
-def pick_device(request: str = "auto", assigned: str = "cpu", node: str = "this node") -> torch.device:
-    """Resolve the notebook's device request against this node's hardware.
+def node_name() -> str:
+    """The envoy's name (start_envoy.sh exports it), else the host name."""
+    return os.environ.get("ENVOY_NAME") or socket.gethostname()
+
+
+def hpu_available() -> bool:
+    """True if Habana's PyTorch bridge is installed and sees a Gaudi device."""
+    if importlib.util.find_spec("habana_frameworks") is None:
+        return False
+    import habana_frameworks.torch.core  # noqa: F401  registers the hpu device with torch
+
+    return bool(getattr(torch, "hpu", None) and torch.hpu.is_available())
+
+
+def pick_device(request: str = "auto", assigned: str = "cpu") -> torch.device:
+    """Resolve a device request on this node: `auto` takes HPU, then CUDA, then CPU.
 
     `assigned` is what OpenFL hands the task: 'cpu', or 'cuda:N' when the experiment uses the
-    CUDA_PREFERRED policy and the envoy lists `cuda_devices`. `auto` takes CUDA when present.
+    CUDA_PREFERRED policy and the envoy config lists `cuda_devices`.
     """
     if request not in REQUESTS:
         raise DeviceError(f"unknown device {request!r}: choose one of {', '.join(REQUESTS)}")
     if request == "cpu":
         return torch.device("cpu")
-    if torch.cuda.is_available():
+    if request in ("auto", "hpu") and hpu_available():
+        return torch.device("hpu")
+    if request in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device(assigned if assigned.startswith("cuda") else "cuda")
-    if request == "cuda":
-        raise DeviceError(f"{node} has no CUDA device, but the experiment asked for device='cuda'")
+    if request != "auto":
+        raise DeviceError(f"envoy {node_name()} has no {request.upper()} device, but the experiment "
+                          f"asked for device={request!r}: use 'auto' or run this envoy where it has one")
     return torch.device("cpu")
 
 
 def step_barrier(device: torch.device) -> Callable[[], None]:
-    """A call to make after backward, after optimizer.step and per evaluation batch.
+    """What to call after backward, after optimizer.step and per evaluation batch.
 
-    A no-op on CPU and CUDA; the hook where a lazily executing device flushes its graph.
+    On HPU, Habana's mark_step: in lazy mode it runs the graph built so far (in eager mode, the
+    default since Intel Gaudi 1.21, it returns at once). Elsewhere a no-op.
     """
+    if device.type == "hpu":
+        import habana_frameworks.torch.core as htcore
+
+        return htcore.mark_step
     return _no_op
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bfloat16 autocast on HPU and CUDA when asked; a disabled context elsewhere."""
+    enabled = bf16 and device.type in ("hpu", "cuda")
+    return torch.autocast(device_type=device.type if enabled else "cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def _no_op() -> None:

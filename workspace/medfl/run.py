@@ -74,6 +74,9 @@ def start_training(experiment: FLExperiment, model, optimizer, tasks, data: MedM
         model_provider=ModelInterface(model=model, optimizer=optimizer, framework_plugin=PYTORCH_ADAPTER),
         task_keeper=tasks, data_loader=data, rounds_to_train=rounds + 1,
         task_assigner=Schedule(tasks.get_registered_tasks(), rounds), opt_treatment="RESET",
+        # An envoy whose config lists cuda_devices gets 'cuda:N' for its tasks; others get 'cpu',
+        # which medfl.device.pick_device still turns into the node's HPU or GPU under device="auto".
+        device_assignment_policy="CUDA_PREFERRED",
         override_config={"aggregator.template": "medfl.aggregator.SelectingAggregator",
                          "aggregator.settings.best_metric": best_metric,
                          "aggregator.settings.best_mode": best_mode},
@@ -81,13 +84,16 @@ def start_training(experiment: FLExperiment, model, optimizer, tasks, data: MedM
     _check_submitted(experiment)
 
 
-def start_test(experiment: FLExperiment, model, tasks, eval_batch_size: int = 256) -> None:
+def start_test(experiment: FLExperiment, model, tasks, eval_batch_size: int = 256, device: str = "auto") -> None:
     """Submit a validation-only experiment that evaluates `model` on every envoy's test split."""
     experiment.start(
         model_provider=ModelInterface(model=model, optimizer=torch.optim.Adam(model.parameters()),
                                       framework_plugin=PYTORCH_ADAPTER),
-        task_keeper=tasks, data_loader=MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test"),
+        task_keeper=tasks,
+        data_loader=MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test", device=device),
         rounds_to_train=1, task_assigner=Schedule(tasks.get_registered_tasks(), 0),
+        device_assignment_policy="CUDA_PREFERRED",
+        override_config={"aggregator.template": "medfl.aggregator.SelectingAggregator"},
     )
     _check_submitted(experiment)
 
@@ -135,6 +141,9 @@ def stream(experiment: FLExperiment, rounds: int, echo=print, label: str = "") -
     for (r, origin, task), group in pending.items():
         echo(_line(label or round_label({"round": r, "task_name": task}, rounds),
                    {"metric_origin": origin, "task_name": task}, group))
+    if experiment.get_experiment_status() == "failed":
+        raise RuntimeError(f"experiment {experiment.experiment_name} failed: an envoy reported an error; "
+                           "the director's log shows it, with the envoy's name")
     return metrics
 
 

@@ -1,23 +1,23 @@
 """The federated tasks: one local training pass and one evaluation, for every MedMNIST task type."""
 from __future__ import annotations
 
-import socket
 import time
 
 import torch
 from openfl.interface.interactive_api.experiment import TaskInterface
 
 from .data import to_float_chw
-from .device import pick_device, step_barrier
+from .device import REQUESTS, autocast, pick_device, step_barrier
 from .metrics import evaluate, loss_fn, loss_target, scores
 from .model import task_type
 
 
-def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, device_request: str = "auto"):
+def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, device_request: str = "auto",
+          bf16: bool = False):
     """Train for `epochs` passes over the shard; report the last pass's mean loss per sample and the time."""
     started = time.perf_counter()
-    dev = pick_device(device_request, str(device), node=socket.gethostname())
-    model.to(dev)
+    dev = pick_device(device_request, str(device))
+    model.to(dev)  # moves the parameters in place, so the optimizer built on them follows
     model.train()
     # OpenFL 1.6's RESET treatment hands back the same optimizer object every round, so its
     # moments would carry over; FedAvg starts each round's local training from a clean state.
@@ -29,7 +29,8 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
             x = to_float_chw(images.to(dev))
             y = loss_target(task, labels.to(dev))
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(x), y)
+            with autocast(dev, bf16):
+                loss = criterion(model(x), y)
             loss.backward()
             barrier()
             optimizer.step()
@@ -41,16 +42,17 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
 
 
 @torch.no_grad()
-def validate(model, val_loader, device, task: str, device_request: str = "auto"):
+def validate(model, val_loader, device, task: str, device_request: str = "auto", bf16: bool = False):
     """Mean loss, ACC and AUC of the model on the shard's evaluation split, and the time it took."""
     started = time.perf_counter()
-    dev = pick_device(device_request, str(device), node=socket.gethostname())
+    dev = pick_device(device_request, str(device))
     model.to(dev)
     model.eval()
     criterion, barrier = loss_fn(task), step_barrier(dev)
     loss_sum, all_scores, all_labels = torch.zeros((), device=dev), [], []
     for images, labels in val_loader:
-        logits = model(to_float_chw(images.to(dev)))
+        with autocast(dev, bf16):
+            logits = model(to_float_chw(images.to(dev))).float()
         loss_sum += criterion(logits, loss_target(task, labels.to(dev))) * len(images)
         barrier()
         all_scores.append(scores(task, logits).float().cpu())
@@ -60,14 +62,19 @@ def validate(model, val_loader, device, task: str, device_request: str = "auto")
             "seconds": time.perf_counter() - started}
 
 
-def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto") -> TaskInterface:
-    """Register train and validate for a flag's task type, as OpenFL's TaskInterface."""
+def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16: bool = False) -> TaskInterface:
+    """Register train and validate for a flag's task type, as OpenFL's TaskInterface.
+
+    `device` is resolved on each envoy (see medfl.device); `bf16` autocasts on HPU and CUDA.
+    """
     if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
         raise ValueError(f"epochs_per_round must be a positive integer, not {epochs_per_round!r}")
     task = task_type(flag)
     tasks = TaskInterface()
-    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device)(train)
+    if device not in REQUESTS:  # refused here rather than on every node
+        raise ValueError(f"device must be one of {', '.join(REQUESTS)}, not {device!r}")
+    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16)(train)
     tasks.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")(train)
-    tasks.add_kwargs(task=task, device_request=device)(validate)
+    tasks.add_kwargs(task=task, device_request=device, bf16=bf16)(validate)
     tasks.register_fl_task(model="model", data_loader="val_loader", device="device")(validate)
     return tasks
