@@ -125,3 +125,14 @@ def test_mark_step_follows_backward_and_step_in_training_and_each_batch_in_evalu
 def test_bf16_autocast_only_where_it_helps():
     assert not autocast(torch.device("cpu"), True)._enabled
     assert not autocast(torch.device("cpu"), False)._enabled
+
+
+def test_the_optimizer_follows_a_backend_that_replaces_parameters():
+    model = build_model("bloodmnist", 28)
+    optimizer = torch.optim.Adam(model.parameters())
+    for module in model.modules():  # what a parameter-replacing .to(device) does
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(param.detach().clone()))
+    assert optimizer.param_groups[0]["params"][0] is not next(model.parameters())
+    medfl.tasks._bind(optimizer, model)
+    assert all(a is b for a, b in zip(optimizer.param_groups[0]["params"], model.parameters(), strict=True))

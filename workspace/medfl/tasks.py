@@ -17,7 +17,8 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
     """Train for `epochs` passes over the shard; report the last pass's mean loss per sample and the time."""
     started = time.perf_counter()
     dev = pick_device(device_request, str(device))
-    model.to(dev)  # moves the parameters in place, so the optimizer built on them follows
+    model.to(dev)
+    _bind(optimizer, model)
     model.train()
     # OpenFL 1.6's RESET treatment hands back the same optimizer object every round, so its
     # moments would carry over; FedAvg starts each round's local training from a clean state.
@@ -39,6 +40,17 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
             seen += len(x)
     train_loss = loss_sum.item() / max(seen, 1)  # .item() waits for the device, so the time is honest
     return {"train_loss": train_loss, "train_seconds": time.perf_counter() - started}
+
+
+def _bind(optimizer, model) -> None:
+    """Point the optimizer at the model's parameters. The optimizer was built in the notebook, on CPU;
+    moving the model keeps its parameter objects on CPU and CUDA, but a backend that replaces them
+    (Habana asks to move the model before building the optimizer) would leave the optimizer behind."""
+    params = list(model.parameters())
+    if [id(p) for group in optimizer.param_groups for p in group["params"]] != [id(p) for p in params]:
+        for group in optimizer.param_groups:
+            count = len(group["params"])
+            group["params"], params = params[:count], params[count:]
 
 
 @torch.no_grad()
