@@ -17,11 +17,12 @@ DATA ?= download
 DATA_DIR ?=
 NOTEBOOK ?= workspace/Pytorch_MedMNIST_2D.ipynb
 DEVICE ?=
+TLS ?= 1
 RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
 	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
-	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)"
+	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)"
 
-.PHONY: venv demo baseline bench test lint clean hpu-deps
+.PHONY: venv demo baseline bench certs test lint clean hpu-deps
 
 $(VENV)/.installed: requirements.txt
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 8) <= v < (3, 12) else \
@@ -42,6 +43,13 @@ baseline: venv
 bench: venv
 	$(PY) -m localfed bench --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
 		--epochs "$(EPOCHS)"
+
+# A local CA and certificates for the director, envoy_1..ENVOYS and the notebook, in certs/.
+# More director names or addresses: make certs DIRECTOR_HOSTS="director.example.org 10.0.0.5"
+DIRECTOR_HOSTS ?= localhost 127.0.0.1
+certs: venv
+	$(PY) tlscerts.py make $(foreach h,$(DIRECTOR_HOSTS),--director-host $(h)) \
+		$(foreach i,$(shell seq 1 $(ENVOYS)),--envoy envoy_$(i))
 
 test: venv
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,10 @@ OpenFL keeps every tensor of a node (about 40 per model and round) in a pandas D
 scans and re-concatenates on every lookup and insert; that alone costs the director about 0.4 s of
 each round. FastTensorDB keeps the same entries with the same semantics in a dict.
 
+With mutual TLS the director accepts an envoy only if its certificate's common name is the name
+the envoy registers under (OpenFL itself checks that only later, in the aggregator, once an
+experiment runs).
+
 One fix for faults: when an envoy reports an error, the director stops the experiment but would
 hand it out again to an envoy that asks for work, which then joins an aggregator about to vanish
 and waits for it forever. Here a failed experiment is no envoy's current experiment any more.
@@ -25,6 +29,7 @@ usage: python openfl_prompt.py {director,envoy} start ...   (the same arguments 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -36,6 +41,7 @@ from openfl.databases.tensor_db import TensorDB
 from openfl.databases.utilities import ROUND_PLACEHOLDER
 from openfl.utilities import LocalTensor, TensorKey, change_tags
 
+logger = logging.getLogger("openfl_prompt")
 POLL_S = float(os.environ.get("FX_POLL_S", "0.1"))
 
 
@@ -126,6 +132,26 @@ def install() -> None:
     aggregator.TensorDB = collaborator.TensorDB = FastTensorDB
     if not hasattr(director.Director.set_experiment_failed, "forgets_failed"):
         director.Director.set_experiment_failed = _forgetting(director.Director.set_experiment_failed)
+    server = director_server.DirectorGRPCServer
+    if not hasattr(server.UpdateShardInfo, "checks_name"):
+        server.UpdateShardInfo = _named_envoys_only(server.UpdateShardInfo)
+
+
+def _named_envoys_only(update_shard_info):
+    """DirectorGRPCServer.UpdateShardInfo that, under TLS, refuses an envoy registering under a name
+    other than its certificate's."""
+    from openfl.protocols import director_pb2
+
+    async def wrapper(self, request, context):
+        name = request.shard_info.node_info.name
+        if self.tls and self.get_caller(context) != name:
+            logger.error("Refused envoy %r: its certificate is for %r. Start it with the certificate made for "
+                         "its name (python tlscerts.py make --envoy %s).", name, self.get_caller(context), name)
+            return director_pb2.UpdateShardInfoResponse(accepted=False)
+        return await update_shard_info(self, request, context)
+
+    wrapper.checks_name = True
+    return wrapper
 
 
 def _forgetting(set_experiment_failed):

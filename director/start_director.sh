@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Start the director. Environment: DIRECTOR_HOST, DIRECTOR_PORT (override the config),
-# DIRECTOR_CONFIG (default: director_config.yaml beside this script).
+# DIRECTOR_CONFIG (default: director_config.yaml beside this script),
+# CERTS (a folder from `make certs`: mutual TLS with ca.crt and director.crt/.key; unset: no TLS).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 config="$(realpath -m "${DIRECTOR_CONFIG:-$here/director_config.yaml}")"
+certs="${CERTS:+$(realpath -m "$CERTS")}"  # resolved before the cd below
 if [[ ! -f "$config" ]]; then
   echo "error: director config $config not found; set DIRECTOR_CONFIG to an existing file" >&2
   exit 2
@@ -17,6 +19,12 @@ fi
 if [[ -n "${DIRECTOR_HOST:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_HOST="$DIRECTOR_HOST"; fi
 if [[ -n "${DIRECTOR_PORT:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_PORT="$DIRECTOR_PORT"; fi
 tls_args=(--disable-tls)
+if [[ -n "$certs" ]]; then
+  "$bin/python" "$here/../tlscerts.py" check --cert "$certs/director.crt" --key "$certs/director.key" \
+    --ca "$certs/ca.crt"
+  tls_args=(--root-cert-path "$certs/ca.crt" --private-key-path "$certs/director.key"
+            --public-cert-path "$certs/director.crt")
+fi
 # OpenFL insists that the config lies inside the working directory.
 cd "$(dirname "$config")"
 # fx, with OpenFL's 10-second polling steps shortened (see openfl_prompt.py).

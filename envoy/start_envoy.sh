@@ -2,7 +2,8 @@
 # Start an envoy: ./start_envoy.sh NAME CONFIG
 # Environment: DIRECTOR_HOST (default localhost), DIRECTOR_PORT (default 50051),
 # OMP_NUM_THREADS (torch threads for training; give each envoy its share of the cores),
-# HPU_LAZY_MODE=1 (Intel Gaudi's legacy lazy execution; eager is the default since Gaudi 1.21).
+# HPU_LAZY_MODE=1 (Intel Gaudi's legacy lazy execution; eager is the default since Gaudi 1.21),
+# CERTS (a folder from `make certs`: mutual TLS with ca.crt and NAME.crt/.key; unset: no TLS).
 set -euo pipefail
 if [[ $# -ne 2 ]]; then
   echo "usage: $0 NAME CONFIG   e.g. $0 envoy_1 envoy_config_1.yaml" >&2
@@ -10,6 +11,7 @@ if [[ $# -ne 2 ]]; then
 fi
 name="$1"
 config="$(realpath -m "$2")"
+certs="${CERTS:+$(realpath -m "$CERTS")}"  # resolved before the cd below
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ ! -f "$config" ]]; then
   echo "error: envoy config $2 not found" >&2
@@ -30,6 +32,13 @@ cd "$(dirname "$config")"
 # Check the shard (and fetch a missing file) first, so a bad config ends in one clear line.
 "$bin/python" -m medmnist_shard check "$config"
 tls_args=(--disable-tls)
+if [[ -n "$certs" ]]; then
+  # OpenFL's aggregator refuses an envoy whose certificate names another: say so before starting.
+  "$bin/python" "$here/../tlscerts.py" check --name "$name" --cert "$certs/$name.crt" --key "$certs/$name.key" \
+    --ca "$certs/ca.crt"
+  tls_args=(--root-cert-path "$certs/ca.crt" --private-key-path "$certs/$name.key"
+            --public-cert-path "$certs/$name.crt")
+fi
 # fx, with OpenFL's 10-second polling steps shortened (see openfl_prompt.py).
 exec "$bin/python" "$here/../openfl_prompt.py" envoy start --shard-name "$name" "${tls_args[@]}" \
   --director-host "${DIRECTOR_HOST:-localhost}" --director-port "${DIRECTOR_PORT:-50051}" \

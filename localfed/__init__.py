@@ -73,6 +73,7 @@ class LocalFederation:
     shard_params: dict[str, dict]
     sample_shape: list
     target_shape: list
+    certs: Path | None = None  # a folder from tlscerts.py make: mutual TLS; None: plaintext
     host: str = "localhost"
     port: int = field(default_factory=free_port)
     components: list[Component] = field(default_factory=list)
@@ -92,7 +93,7 @@ class LocalFederation:
     def start(self, timeout: float = 120.0) -> LocalFederation:
         """Start the director, then every envoy; return once all envoys are registered."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        env = {"DIRECTOR_HOST": self.host, "DIRECTOR_PORT": str(self.port)}
+        env = {"DIRECTOR_HOST": self.host, "DIRECTOR_PORT": str(self.port), "CERTS": str(self.certs or "")}
         director_dir = self.workdir / "nodes" / "director"
         director_dir.mkdir(parents=True, exist_ok=True)
         config = yaml.safe_load((ROOT / "director" / "director_config.yaml").read_text())

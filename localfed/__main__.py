@@ -16,6 +16,7 @@ from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
 from medmnist_shard.spec import sample_shape, target_shape
+from tlscerts import make as make_certs
 
 from . import ROOT, FederationError, LocalFederation, signals_deferred, tail
 from .data import SOURCES, resolve
@@ -45,6 +46,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", default=str(ROOT / "runs"))
     parser.add_argument("--notebook", default=str(ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"))
     parser.add_argument("--device", default="", help="override the notebook's device (auto, cpu, cuda, hpu)")
+    parser.add_argument("--tls", type=int, default=1, choices=(0, 1), help="mutual TLS (certificates in certs/)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
     return parser.parse_args(argv)
 
@@ -83,6 +85,9 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                "-p", "director_host", federation.host, "-p", "director_port", str(federation.port),
                "-p", "experiment_name", run_dir.name, "-p", "output_dir", str(run_dir.parent),
                "-p", "data_source", data_source, *(["-p", "device", args.device] if args.device else [])]
+    if federation.certs:
+        command += ["-p", "ca_cert", str(federation.certs / "ca.crt"), "-p", "api_cert",
+                    str(federation.certs / "frontend.crt"), "-p", "api_key", str(federation.certs / "frontend.key")]
     log = run_dir / "logs" / "notebook.log"
     with open(log, "w") as out:
         with signals_deferred():
@@ -131,7 +136,13 @@ def demo(args) -> int:
     print(f"data: {data_source} ({data_dir})")
     shards = shard_params(args, data_dir)
     run_dir = Path(args.runs).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.size}"
-    federation = LocalFederation(run_dir, shards, sample_shape(args.dataset, args.size), target_shape(args.dataset))
+    certs = None
+    if args.tls:
+        certs = ROOT / "certs"
+        written = make_certs(certs, envoys=list(shards))  # only what is missing
+        print(f"mutual TLS with certificates in {certs}" + (f" ({len(written)} files made)" if written else ""))
+    federation = LocalFederation(run_dir, shards, sample_shape(args.dataset, args.size), target_shape(args.dataset),
+                                 certs)
     print(f"run folder: {run_dir}")
     print(f"starting a director and {args.envoys} envoys on {federation.host}:{federation.port} ...")
     with federation:

@@ -53,6 +53,7 @@ def results(run):
 def test_results_follow_the_schema(results):
     check_results(results, envoys=ENVOYS, rounds=ROUNDS)
     assert results["data_source"] == "file" and results["synthetic"] is True
+    assert results["tls"] is True  # make demo runs with mutual TLS unless TLS=0
     assert results["partition"] == {"strategy": "iid", "alpha": 0.5, "seed": 0}
 
 
@@ -160,11 +161,13 @@ def test_ctrl_c_stops_every_process(data_dir, tmp_path):
 def test_the_hpu_notebook_runs_here_with_device_auto(data_dir, tmp_path):
     notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"
     result = subprocess.run(demo_command(data_dir, tmp_path, "--notebook", str(notebook), "--device", "auto",
-                                         "--rounds", "1"), cwd=ROOT, capture_output=True, text=True, timeout=400)
+                                         "--rounds", "1", "--tls", "0"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
     check_results(results, envoys=ENVOYS, rounds=1)
     assert results["params"]["device"] == "auto" and results["params"]["bf16"] is True  # autocast is off on CPU
+    assert results["tls"] is False
     assert not leftovers((tmp_path / "latest").resolve())
 
 

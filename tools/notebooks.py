@@ -43,6 +43,9 @@ device = "{device}"{device_pad}# {device_comment}
 bf16 = {bf16}{bf16_pad}# bfloat16 autocast on HPU and CUDA envoys
 director_host = "localhost"
 director_port = 50051
+ca_cert = ""                # mutual TLS: the CA, and this client's certificate and key (`make certs`
+api_cert = ""               # writes certs/ca.crt, certs/frontend.crt and certs/frontend.key);
+api_key = ""                # all empty: plaintext, for a director started without CERTS
 experiment_name = ""        # empty: medmnist-<dataset>-<date>-<time>
 output_dir = "../runs"      # outside workspace/, which travels with the experiment
 data_source = ""            # recorded in results.json; empty: "synthetic" or "medmnist" from the envoys
@@ -79,8 +82,10 @@ from openfl.interface.interactive_api.federation import Federation
 
 import medfl
 
-federation = Federation(client_id="frontend", director_node_fqdn=director_host,
-                        director_port=director_port, tls=False)
+tls = bool(ca_cert)
+federation = Federation(client_id="frontend", director_node_fqdn=director_host, director_port=director_port,
+                        tls=tls, cert_chain=ca_cert or None, api_cert=api_cert or None,
+                        api_private_key=api_key or None)
 envoys = medfl.run.registry(federation)
 if medfl.run.is_synthetic(envoys):
     print("NOTE: the envoys serve SYNTHETIC data; the results below say nothing about MedMNIST.")
@@ -124,7 +129,7 @@ Saved under `runs/<experiment name>/` at the repository root (`runs/latest` poin
 code("""params = dict(dataset=dataset, size=size, rounds_to_train=rounds_to_train, epochs_per_round=epochs_per_round,
               train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, learning_rate=learning_rate,
               best_metric=best_metric, best_mode=best_mode, device=device, bf16=bf16, seed=seed,
-              experiment=experiment_name)
+              experiment=experiment_name, tls=tls)
 results = medfl.report.build_results(params=params, envoys=envoys, metrics=metrics, test_metrics=test_metrics,
                                      best=best, wall_seconds=time.time() - started, data_source=data_source)
 run_dir = medfl.report.save_run(Path(output_dir) / experiment_name, results=results,

@@ -66,6 +66,7 @@ def build_results(*, params: dict, envoys: list[dict], metrics: list[dict], test
         "test": {"model": "best", "round": best.round,
                  **test_block(test_metrics, {n["name"]: n.get("test") for n in nodes})},
         "wall_seconds": round(wall_seconds, 2),
+        "tls": bool(params.get("tls")),
         "params": params,
     }
 

@@ -1,0 +1,171 @@
+"""Certificates for mutual TLS, made offline (OpenFL's `fx pki` downloads step-ca, which fails offline).
+
+    python tlscerts.py make [--out certs] [--director-host NAME_OR_IP ...] [--envoy NAME ...] [--force]
+    python tlscerts.py check --name NAME --cert FILE --key FILE --ca FILE
+
+`make` writes a local CA (ca.crt, ca.key); director.crt/.key, valid for the director's host names
+and addresses (localhost and 127.0.0.1 unless others are given); one certificate per envoy whose
+common name is the envoy's name, which OpenFL's aggregator checks; and frontend.crt/.key for the
+notebook's API client (its client_id is "frontend"). Private keys are written with mode 0600, and
+existing files are kept unless --force. `check` tells in one line why a node's certificate would be
+refused, before the node starts: wrong CA, expired, another name, or a key that does not match.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CLIENT = "frontend"
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+
+
+class CertError(ValueError):
+    """A certificate that a node would refuse, with what to do about it."""
+
+
+def _write(path: Path, data: bytes, private: bool) -> None:
+    # Keys are created 0600 from the start, never readable by others even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.chmod(path, 0o600 if private else 0o644)
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _save(folder: Path, name: str, key, cert: x509.Certificate) -> None:
+    _write(folder / f"{name}.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()), private=True)
+    _write(folder / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _issue(common_name: str, key, ca_cert, ca_key, hosts: list[str], days: int, not_before=None) -> x509.Certificate:
+    start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    return (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+
+
+def _load_ca(folder: Path):
+    ca_cert = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    return ca_cert, ca_key
+
+
+def make(out: Path, director_hosts=DEFAULT_HOSTS, envoys=("envoy_1", "envoy_2"), force: bool = False,
+         days: int = 365, not_before=None) -> list[Path]:
+    """Write the CA (unless present) and every missing node certificate; return the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if force or not (out / "ca.crt").exists():
+        ca_key = _key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MedMNIST federation CA")])
+        start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+        ca_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=max(days, 1) + 365))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                                content_commitment=False, key_encipherment=False,
+                                                data_encipherment=False, key_agreement=False, encipher_only=False,
+                                                decipher_only=False), critical=True)
+                   .sign(ca_key, hashes.SHA256()))
+        _save(out, "ca", ca_key, ca_cert)
+        written += [out / "ca.crt", out / "ca.key"]
+        force = True  # a new CA invalidates every certificate the old one signed
+    ca_cert, ca_key = _load_ca(out)
+    nodes = {"director": list(director_hosts), CLIENT: [CLIENT], **{e: [e] for e in envoys}}
+    for name, hosts in nodes.items():
+        if force or not (out / f"{name}.crt").exists():
+            key = _key()
+            _save(out, name, key, _issue(name, key, ca_cert, ca_key, hosts, days, not_before))
+            written += [out / f"{name}.crt", out / f"{name}.key"]
+    return written
+
+
+def check(name: str | None, cert_path: Path, key_path: Path, ca_path: Path) -> x509.Certificate:
+    """Raise CertError if this node's certificate would be refused; return it otherwise."""
+    for path in (cert_path, key_path, ca_path):
+        if not Path(path).is_file():
+            raise CertError(f"{path} does not exist: run `make certs` (or python tlscerts.py make) first")
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertError(f"{cert_path} was not signed by the CA in {ca_path}: every node needs certificates "
+                        "from the same CA") from None
+    now = datetime.datetime.now(datetime.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise CertError(f"{cert_path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: make a new one (python tlscerts.py make "
+                        "--force)")
+    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = common[0].value if common else ""
+    if name is not None and common_name != name:
+        raise CertError(f"{cert_path} is for {common_name!r}, not {name!r}: OpenFL refuses a node whose "
+                        f"certificate names another; use {name}.crt (python tlscerts.py make --envoy {name})")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+        raise CertError(f"{key_path} is not the key of {cert_path}")
+    return cert
+
+
+def main(argv=None) -> int:
+    """Run `make` or `check`; a refused certificate prints one line and exits with status 2."""
+    parser = argparse.ArgumentParser(prog="python tlscerts.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    mk = sub.add_parser("make")
+    mk.add_argument("--out", default=str(Path(__file__).resolve().parent / "certs"))
+    mk.add_argument("--director-host", action="append", help="a name or address envoys use to reach the director")
+    mk.add_argument("--envoy", action="append", help="an envoy's name (repeat); default envoy_1 and envoy_2")
+    mk.add_argument("--days", type=int, default=365)
+    mk.add_argument("--force", action="store_true", help="replace existing files, the CA included")
+    ck = sub.add_parser("check")
+    ck.add_argument("--name")
+    ck.add_argument("--cert", required=True)
+    ck.add_argument("--key", required=True)
+    ck.add_argument("--ca", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "make":
+            hosts = args.director_host or list(DEFAULT_HOSTS)
+            written = make(Path(args.out), hosts, args.envoy or ["envoy_1", "envoy_2"], args.force, args.days)
+            print(f"wrote {len(written)} files to {args.out}" if written else f"{args.out} is complete; kept as is")
+        else:
+            check(args.name, Path(args.cert), Path(args.key), Path(args.ca))
+    except CertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
