@@ -1,28 +1,23 @@
-"""Run OpenFL's `fx` with its idle waits shortened; start_director.sh and start_envoy.sh use it.
+"""Run OpenFL's `fx` with this project's adjustments; start_director.sh and start_envoy.sh use it.
 
-OpenFL 1.6 waits in long fixed steps: the director looks for a submitted experiment every 10 s and
-checks every 10 s whether a running one has ended; it streams metrics in 1 s steps; and an envoy's
-collaborator with no task to run sleeps as long as the aggregator tells it, 10 s. In a few-round
-run that waiting is most of the wall time. Here each of those waits is capped at POLL_S, by giving
-exactly those modules a `sleep` that caps the delay; everything else runs as OpenFL wrote it, and
-site-packages is untouched. tests/test_openfl_contract.py fails if the pinned OpenFL stops waiting
-in these places.
+Each adjustment replaces one named piece of OpenFL 1.6 at start-up; site-packages is untouched, and
+tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adjustment relies on.
 
-OpenFL keeps every tensor of a node (about 40 per model and round) in a pandas DataFrame that it
-scans and re-concatenates on every lookup and insert; that alone costs the director about 0.4 s of
-each round. FastTensorDB keeps the same entries with the same semantics in a dict.
-
-With mutual TLS the director accepts an envoy only if its certificate's common name is the name
-the envoy registers under (OpenFL itself checks that only later, in the aggregator, once an
-experiment runs).
-
-One fix for faults: when an envoy reports an error, the director stops the experiment but would
-hand it out again to an envoy that asks for work, which then joins an aggregator about to vanish
-and waits for it forever. Here a failed experiment is no envoy's current experiment any more.
-
-An envoy also imports torch's compiler front end (torch._dynamo) while it waits: the first
-optimizer an experiment unpickles would otherwise import it, about a second and a half, in the middle
-of the experiment's start.
+- Waiting. OpenFL polls in long fixed steps: the director looks for a submitted experiment every
+  10 s and checks every 10 s whether a running one has ended, it streams metrics in 1 s steps, and
+  an idle collaborator sleeps as long as the aggregator says, 10 s. Those sleeps are capped at
+  POLL_S (0.1 s, FX_POLL_S); in a few-round run they were most of the wall time.
+- Tensor store. Every node keeps its tensors (about 40 per model and round) in a pandas DataFrame
+  that it scans and re-concatenates on each lookup and insert, about 0.4 s of the director's time
+  a round. FastTensorDB keeps the same entries, with the same answers, in a dict.
+- Names under TLS. The director accepts an envoy only if its certificate's common name is the name
+  it registers under (OpenFL checks that only later, in the aggregator, once an experiment runs).
+- Failures. Under TLS, OpenFL's director ignores an envoy's report that its task failed (it hears
+  only callers without a certificate name), so the experiment would wait forever: an envoy may
+  report its own failure. And a failed experiment is no envoy's current experiment any more, so
+  that no envoy joins it again and waits forever for its vanished aggregator.
+- Start-up. An envoy imports torch's compiler front end (torch._dynamo) while idle: the first
+  optimizer an experiment unpickles would otherwise import it, 1.5 s into the experiment.
 
 usage: python openfl_prompt.py {director,envoy} start ...   (the same arguments as `fx`)
 """
@@ -135,6 +130,25 @@ def install() -> None:
     server = director_server.DirectorGRPCServer
     if not hasattr(server.UpdateShardInfo, "checks_name"):
         server.UpdateShardInfo = _named_envoys_only(server.UpdateShardInfo)
+    if not hasattr(server.SetExperimentFailed, "hears_envoys"):
+        server.SetExperimentFailed = _hearing_envoys(server.SetExperimentFailed)
+
+
+def _hearing_envoys(set_experiment_failed):
+    """DirectorGRPCServer.SetExperimentFailed that, under TLS, accepts an envoy's report of its own failure."""
+    from openfl.protocols import director_pb2
+
+    async def wrapper(self, request, context):
+        if self.tls and self.get_caller(context) == request.collaborator_name:
+            logger.error("Envoy %s failed in experiment %s, which stops: %s", request.collaborator_name,
+                         request.experiment_name, request.error_description)
+            self.director.set_experiment_failed(experiment_name=request.experiment_name,
+                                                collaborator_name=request.collaborator_name)
+            return director_pb2.SetExperimentFailedResponse()
+        return await set_experiment_failed(self, request, context)
+
+    wrapper.hears_envoys = True
+    return wrapper
 
 
 def _named_envoys_only(update_shard_info):

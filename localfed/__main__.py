@@ -18,7 +18,7 @@ from medmnist_shard.partition import STRATEGIES
 from medmnist_shard.spec import sample_shape, target_shape
 from tlscerts import make as make_certs
 
-from . import ROOT, FederationError, LocalFederation, signals_deferred, tail
+from . import ROOT, FederationError, LocalFederation, free_port, signals_deferred, tail
 from .data import SOURCES, resolve
 
 # Lines of the notebook's output worth showing live: its progress lines (medfl.run.stream) and summary.
@@ -83,6 +83,7 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                "-p", "dataset", args.dataset, "-p", "size", str(args.size), "-p", "rounds_to_train", str(args.rounds),
                "-p", "epochs_per_round", str(args.epochs), "-p", "seed", str(args.seed),
                "-p", "director_host", federation.host, "-p", "director_port", str(federation.port),
+               "-p", "aggregator_port", str(free_port()),
                "-p", "experiment_name", run_dir.name, "-p", "output_dir", str(run_dir.parent),
                "-p", "data_source", data_source, *(["-p", "device", args.device] if args.device else [])]
     if federation.certs:

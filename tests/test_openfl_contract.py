@@ -81,6 +81,8 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
     modules = (director, experiment, director_server)
     saved = [m.asyncio for m in modules], collaborator.sleep
     saved_db, saved_failed = aggregator.TensorDB, director.Director.set_experiment_failed
+    server = director_server.DirectorGRPCServer
+    saved_server = server.UpdateShardInfo, server.SetExperimentFailed
     try:
         openfl_prompt.install()
         started = time.monotonic()
@@ -95,6 +97,7 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
         collaborator.sleep = saved[1]
         aggregator.TensorDB = collaborator.TensorDB = saved_db
         director.Director.set_experiment_failed = saved_failed
+        server.UpdateShardInfo, server.SetExperimentFailed = saved_server
 
 
 def test_a_failed_experiment_is_no_longer_handed_to_envoys():
@@ -170,3 +173,12 @@ def test_fast_tensor_db_answers_as_openfls_does():
                                                                                   ("metric", "validate_agg"))]:
         np.testing.assert_array_equal(dbs[0].get_tensor_from_cache(key), dbs[1].get_tensor_from_cache(key))
     assert dbs[1].get_tensor_from_cache(TensorKey("gone", "agg", 0, False, ())) is None
+
+
+def test_under_tls_openfl_ignores_an_envoys_failure_report_and_checks_no_names_at_registration():
+    from openfl.transport.grpc import director_server
+
+    server = director_server.DirectorGRPCServer
+    assert "if self.get_caller(context) != CLIENT_ID_DEFAULT:" in inspect.getsource(server.SetExperimentFailed)
+    assert "get_caller" not in inspect.getsource(server.UpdateShardInfo)
+    assert 'return context.auth_context()["x509_common_name"]' in inspect.getsource(server.get_caller)

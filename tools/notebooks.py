@@ -43,6 +43,7 @@ device = "{device}"{device_pad}# {device_comment}
 bf16 = {bf16}{bf16_pad}# bfloat16 autocast on HPU and CUDA envoys
 director_host = "localhost"
 director_port = 50051
+aggregator_port = 0         # 0: OpenFL derives one per experiment (49152-60999); fix it for firewalls
 ca_cert = ""                # mutual TLS: the CA, and this client's certificate and key (`make certs`
 api_cert = ""               # writes certs/ca.crt, certs/frontend.crt and certs/frontend.key);
 api_key = ""                # all empty: plaintext, for a director started without CERTS
@@ -112,7 +113,7 @@ code("""experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime
 experiment = FLExperiment(federation=federation, experiment_name=experiment_name)
 started = time.time()
 medfl.run.start_training(experiment, model, optimizer, task_interface, data_interface, rounds_to_train,
-                         best_metric=best_metric, best_mode=best_mode)
+                         best_metric=best_metric, best_mode=best_mode, aggregator_port=aggregator_port)
 metrics = medfl.run.stream(experiment, rounds_to_train)"""),
 md("""## Test the best model
 
@@ -121,7 +122,7 @@ code("""best = medfl.Best(best_metric, best_mode).pick(metrics)
 print(best.describe(rounds_to_train))
 best_model, last_model = medfl.run.trained_models(experiment, best)
 test_run = FLExperiment(federation=federation, experiment_name=f"{experiment_name}-test")
-medfl.run.start_test(test_run, best_model, task_interface, eval_batch_size, device)
+medfl.run.start_test(test_run, best_model, task_interface, eval_batch_size, device, aggregator_port)
 test_metrics = medfl.run.stream(test_run, 1, label="test")"""),
 md("""## Results
 

@@ -65,8 +65,13 @@ class Schedule:
         return {c: [self.tasks[n] for n in names] for c in collaborators}
 
 
+def _network(aggregator_port: int) -> dict:
+    """Plan overrides for the aggregator's port; 0 keeps OpenFL's, derived per experiment (49152-60999)."""
+    return {"network.settings.agg_port": int(aggregator_port)} if aggregator_port else {}
+
+
 def start_training(experiment: FLExperiment, model, optimizer, tasks, data: MedMNISTData, rounds: int,
-                   best_metric: str = "auc", best_mode: str = "max") -> None:
+                   best_metric: str = "auc", best_mode: str = "max", aggregator_port: int = 0) -> None:
     """Submit `rounds` rounds of federated training; the best model is chosen on `best_metric`."""
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds_to_train must be a positive integer, not {rounds!r}")
@@ -79,12 +84,13 @@ def start_training(experiment: FLExperiment, model, optimizer, tasks, data: MedM
         device_assignment_policy="CUDA_PREFERRED",
         override_config={"aggregator.template": "medfl.aggregator.SelectingAggregator",
                          "aggregator.settings.best_metric": best_metric,
-                         "aggregator.settings.best_mode": best_mode},
+                         "aggregator.settings.best_mode": best_mode, **_network(aggregator_port)},
     )
     _check_submitted(experiment)
 
 
-def start_test(experiment: FLExperiment, model, tasks, eval_batch_size: int = 256, device: str = "auto") -> None:
+def start_test(experiment: FLExperiment, model, tasks, eval_batch_size: int = 256, device: str = "auto",
+               aggregator_port: int = 0) -> None:
     """Submit a validation-only experiment that evaluates `model` on every envoy's test split."""
     experiment.start(
         model_provider=ModelInterface(model=model, optimizer=torch.optim.Adam(model.parameters()),
@@ -93,7 +99,7 @@ def start_test(experiment: FLExperiment, model, tasks, eval_batch_size: int = 25
         data_loader=MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test", device=device),
         rounds_to_train=1, task_assigner=Schedule(tasks.get_registered_tasks(), 0),
         device_assignment_policy="CUDA_PREFERRED",
-        override_config={"aggregator.template": "medfl.aggregator.SelectingAggregator"},
+        override_config={"aggregator.template": "medfl.aggregator.SelectingAggregator", **_network(aggregator_port)},
     )
     _check_submitted(experiment)
 
