@@ -140,11 +140,12 @@ def test_last_model_is_the_final_average_and_loads_in_three_lines(results, data_
 
 
 def test_ctrl_c_stops_every_process(data_dir, tmp_path):
-    demo = subprocess.Popen(demo_command(data_dir, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+    # Many rounds, so that the interrupt surely lands in the middle of training.
+    demo = subprocess.Popen(demo_command(data_dir, tmp_path, "--rounds", "100"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        for line in demo.stdout:  # wait until the federation is up and the notebook is running
-            if "running the notebook" in line:
+        for line in demo.stdout:  # wait until the envoys are training
+            if "round 1/100" in line:
                 break
         run_dir = next(tmp_path.glob("*-bloodmnist-28"))
         assert leftovers(run_dir), "nothing was running yet"
