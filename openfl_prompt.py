@@ -16,6 +16,7 @@ tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adj
   only callers without a certificate name), so the experiment would wait forever: an envoy may
   report its own failure. And a failed experiment is no envoy's current experiment any more, so
   that no envoy joins it again and waits forever for its vanished aggregator.
+- Busy port. A director whose port is taken says so in one line instead of a gRPC traceback.
 - Start-up. An envoy imports torch's compiler front end (torch._dynamo) while idle: the first
   optimizer an experiment unpickles would otherwise import it, 1.5 s into the experiment.
 
@@ -181,7 +182,27 @@ def _forgetting(set_experiment_failed):
     return wrapper
 
 
+def director_port_is_free(argv: list[str]) -> None:
+    """Exit with one line if the director's configured (or overridden) port is already taken."""
+    import socket
+
+    import yaml
+
+    config = argv[argv.index("--director-config-path") + 1]
+    settings = (yaml.safe_load(open(config)) or {}).get("settings", {})
+    host = os.environ.get("DYNACONF_SETTINGS__LISTEN_HOST") or settings.get("listen_host", "localhost")
+    port = int(os.environ.get("DYNACONF_SETTINGS__LISTEN_PORT") or settings.get("listen_port", 50051))
+    with socket.socket() as probe:
+        try:
+            probe.bind((socket.gethostbyname(host) if host not in ("", "0.0.0.0") else "0.0.0.0", port))
+        except OSError as exc:
+            sys.exit(f"error: cannot listen on {host}:{port} ({exc.strerror}): another director or program "
+                     "holds it; stop it, or choose another port with DIRECTOR_PORT")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:3] == ["director", "start"]:
+        director_port_is_free(sys.argv)
     install()
     if sys.argv[1:2] == ["envoy"]:
         import torch._dynamo  # noqa: F401

@@ -142,3 +142,18 @@ def test_make_synthetic_command(tmp_path):
     again = _run(sys.executable, "-m", "medmnist_shard", "make-synthetic", "retinamnist", "--size", "64",
                  "--out", str(tmp_path))
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+
+
+def test_start_director_says_when_its_port_is_taken(tmp_path):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "DIRECTOR_HOST": "localhost", "DIRECTOR_PORT": str(port)}
+        result = subprocess.run(["bash", str(ROOT / "director" / "start_director.sh")], env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"error: cannot listen on localhost:{port} (Address already in use)" in result.stderr
+    assert "Traceback" not in result.stderr

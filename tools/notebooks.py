@@ -83,6 +83,7 @@ from openfl.interface.interactive_api.federation import Federation
 
 import medfl
 
+medfl.run.check_parameters(**globals())  # impossible parameters stop here, before anything runs
 tls = bool(ca_cert)
 federation = Federation(client_id="frontend", director_node_fqdn=director_host, director_port=director_port,
                         tls=tls, cert_chain=ca_cert or None, api_cert=api_cert or None,
@@ -92,7 +93,7 @@ if medfl.run.is_synthetic(envoys):
     print("NOTE: the envoys serve SYNTHETIC data; the results below say nothing about MedMNIST.")
 pd.DataFrame(envoys)[["envoy", "online", "text"]]"""),
 md("""The director accepts only envoys whose images and labels have its configured shapes. Those must also be what this notebook's `dataset` and `size` imply; a dummy sample shows what a batch will look like."""),
-code("""medfl.run.check_dataset(federation, dataset, size)
+code("""medfl.run.check_dataset(federation, dataset, size, envoys)
 image, label = federation.get_dummy_shard_descriptor(size=4).get_dataset("train")[0]
 print(f"one sample: image {image.shape} {image.dtype}, label {label.shape}; task: {medfl.task_type(dataset)}")"""),
 md("""## Define the experiment

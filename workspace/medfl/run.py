@@ -10,7 +10,8 @@ from openfl.interface.interactive_api.experiment import FLExperiment, ModelInter
 
 from .aggregator import VALIDATE_GLOBAL
 from .data import MedMNISTData
-from .model import MULTI_LABEL, build_model
+from .device import REQUESTS
+from .model import FLAGS, MULTI_LABEL
 
 PYTORCH_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 
@@ -33,15 +34,49 @@ def is_synthetic(envoys: list[dict]) -> bool:
     return any(e.get("synthetic") or "SYNTHETIC" in e.get("text", "") for e in envoys)
 
 
-def check_dataset(federation, flag: str, size: int) -> None:
-    """Raise ValueError if the director's sample/label shapes are not those of flag at size."""
-    build_model(flag, size)  # validates flag and size
+class ParameterError(ValueError):
+    """A notebook parameter or dataset choice that cannot work; the message says what to change."""
+
+
+def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
+                     learning_rate, device, best_metric, best_mode, **_) -> None:
+    """Refuse impossible parameters before anything is submitted, one clear line each."""
+    if dataset not in FLAGS:
+        raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
+    if size not in (28, 64, 128, 224):
+        raise ParameterError(f"size={size!r} is not a MedMNIST size: use 28, 64, 128 or 224")
+    for name, value in (("rounds_to_train", rounds_to_train), ("epochs_per_round", epochs_per_round),
+                        ("train_batch_size", train_batch_size), ("eval_batch_size", eval_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ParameterError(f"{name}={value!r}: it must be a whole number of at least 1")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise ParameterError(f"learning_rate={learning_rate!r}: it must be a positive number, e.g. 1e-3")
+    if device not in REQUESTS:
+        raise ParameterError(f"device={device!r}: use one of {', '.join(REQUESTS)}")
+    if best_metric not in ("auc", "acc", "loss") or best_mode not in ("max", "min"):
+        raise ParameterError(f"best_metric={best_metric!r}, best_mode={best_mode!r}: use auc, acc or loss, "
+                             "with max or min")
+
+
+def check_dataset(federation, flag: str, size: int, envoys: list[dict] = ()) -> None:
+    """Raise ParameterError unless the director and every envoy serve flag at size, naming the envoys."""
+    served_by = {}
+    for envoy in envoys:
+        if "flag" in envoy:
+            served_by.setdefault(f"{envoy['flag']} {envoy['size']}px", []).append(envoy["envoy"])
+    if len(served_by) > 1:
+        mix = "; ".join(f"{what}: {', '.join(names)}" for what, names in served_by.items())
+        raise ParameterError(f"the envoys serve different datasets ({mix}): give them all the same flag and size")
+    if served_by and f"{flag} {size}px" not in served_by:
+        (what, names), = served_by.items()
+        raise ParameterError(f"the envoys ({', '.join(names)}) serve {what}, not {flag} {size}px: "
+                             "set `dataset` and `size` to what they serve")
     meta = medmnist.INFO[flag]
     sample = [str(size), str(size), str(meta["n_channels"])]
     target = [str(len(meta["label"]) if meta["task"] == MULTI_LABEL else 1)]
     served = (list(federation.sample_shape), list(federation.target_shape))
     if served != (sample, target):
-        raise ValueError(
+        raise ParameterError(
             f"the federation serves samples {served[0]} with labels {served[1]}, but {flag} at {size} px "
             f"needs {sample} and {target}: set `dataset` and `size` to what the envoys serve"
         )

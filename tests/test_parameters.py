@@ -1,0 +1,58 @@
+"""The notebook refuses impossible parameters and mismatched datasets before anything runs."""
+from types import SimpleNamespace
+
+import pytest
+
+from medfl.run import ParameterError, check_dataset, check_parameters
+
+GOOD = dict(dataset="bloodmnist", size=28, rounds_to_train=3, epochs_per_round=1, train_batch_size=64,
+            eval_batch_size=256, learning_rate=1e-3, device="auto", best_metric="auc", best_mode="max")
+
+
+def test_good_parameters_pass():
+    check_parameters(**GOOD, director_port=50051)  # other notebook variables are ignored
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"dataset": "bloodmnist3d"}, "dataset='bloodmnist3d' is not a MedMNIST 2D dataset: use one of pathmnist"),
+    ({"size": 32}, "size=32 is not a MedMNIST size: use 28, 64, 128 or 224"),
+    ({"rounds_to_train": 0}, "rounds_to_train=0: it must be a whole number of at least 1"),
+    ({"epochs_per_round": -1}, "epochs_per_round=-1: it must be a whole number"),
+    ({"train_batch_size": 0}, "train_batch_size=0"),
+    ({"eval_batch_size": 2.5}, "eval_batch_size=2.5"),
+    ({"learning_rate": 0}, "learning_rate=0: it must be a positive number"),
+    ({"learning_rate": -0.1}, "learning_rate=-0.1"),
+    ({"device": "gpu"}, "device='gpu': use one of auto, cpu, cuda, hpu"),
+    ({"best_metric": "f1"}, "best_metric='f1'"),
+])
+def test_bad_parameters_are_refused_with_the_fix(change, message):
+    with pytest.raises(ParameterError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_parameters(**{**GOOD, **change})
+
+
+def _federation(sample=("28", "28", "3"), target=("1",)):
+    return SimpleNamespace(sample_shape=list(sample), target_shape=list(target))
+
+
+def _envoy(name, flag="bloodmnist", size=28):
+    return {"envoy": name, "flag": flag, "size": size}
+
+
+def test_matching_dataset_passes():
+    check_dataset(_federation(), "bloodmnist", 28, [_envoy("envoy_1"), _envoy("envoy_2")])
+
+
+def test_envoys_serving_another_dataset_are_named():
+    with pytest.raises(ParameterError, match=r"the envoys \(envoy_1, envoy_2\) serve pathmnist 28px, not bloodmnist"):
+        check_dataset(_federation(), "bloodmnist", 28, [_envoy("envoy_1", "pathmnist"), _envoy("envoy_2", "pathmnist")])
+
+
+def test_envoys_serving_different_datasets_are_named():
+    # Same shapes, so OpenFL's director let both in.
+    with pytest.raises(ParameterError, match="different datasets .*bloodmnist 28px: envoy_1; pathmnist 28px: envoy_2"):
+        check_dataset(_federation(), "bloodmnist", 28, [_envoy("envoy_1"), _envoy("envoy_2", "pathmnist")])
+
+
+def test_director_shapes_must_fit_the_dataset():
+    with pytest.raises(ParameterError, match=r"serves samples \['64', '64', '3'\].*needs \['28', '28', '3'\]"):
+        check_dataset(_federation(sample=("64", "64", "3")), "bloodmnist", 28)
