@@ -1,6 +1,7 @@
 """`make demo` end to end: a real director and two envoys on disjoint synthetic shards, the notebook
 executed headless against them, and everything it leaves behind checked against a fresh evaluation."""
 import json
+import os
 import subprocess
 import sys
 
@@ -180,4 +181,23 @@ def test_an_envoy_without_the_requested_device_fails_by_name(data_dir, tmp_path)
     run_dir = next(tmp_path.glob("*-bloodmnist-28"))
     logs = "".join(p.read_text() for p in (run_dir / "logs").glob("envoy_*.log"))
     assert "has no HPU device, but the experiment asked for device='hpu'" in logs
+    assert not leftovers(run_dir)
+
+
+def test_an_envoy_that_dies_mid_run_stops_make_demo_with_its_log(data_dir, tmp_path):
+    demo = subprocess.Popen(demo_command(data_dir, tmp_path, "--rounds", "100"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in demo.stdout:
+            if "round 1/100" in line:
+                break
+        run_dir = next(tmp_path.glob("*-bloodmnist-28"))
+        envoy = next(p for p in leftovers(run_dir) if "envoy_2" in " ".join(p["cmdline"]) and "start" in p["cmdline"])
+        os.kill(envoy["pid"], 9)
+        rest = demo.communicate(timeout=60)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 1
+    assert "error: envoy_2 exited with status -9; its log ends with:" in rest
     assert not leftovers(run_dir)
