@@ -26,6 +26,16 @@ def leftovers(run_dir):
     return found
 
 
+def stop(demo):
+    """End a launcher the way a user would (Ctrl-C), so that it still stops what it started."""
+    if demo.poll() is None:
+        demo.send_signal(2)
+        try:
+            demo.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+
+
 def demo_command(data_dir, runs, *extra):
     return [sys.executable, "-m", "localfed", "demo", "--data-dir", str(data_dir), "--runs", str(runs),
             "--rounds", str(ROUNDS), "--envoys", "2", "--timeout", "300", *extra]
@@ -153,8 +163,7 @@ def test_ctrl_c_stops_every_process(data_dir, tmp_path):
         demo.send_signal(2)  # SIGINT, as Ctrl-C sends
         rest = demo.communicate(timeout=60)[0]
     finally:
-        if demo.poll() is None:
-            demo.kill()
+        stop(demo)
     assert demo.returncode == 130 and "interrupted" in rest
     assert not leftovers(run_dir)
     assert not (tmp_path / "latest").exists()
@@ -196,8 +205,7 @@ def test_an_envoy_that_dies_mid_run_stops_make_demo_with_its_log(data_dir, tmp_p
         os.kill(envoy["pid"], 9)
         rest = demo.communicate(timeout=60)[0]
     finally:
-        if demo.poll() is None:
-            demo.kill()
+        stop(demo)
     assert demo.returncode == 1
     assert "error: envoy_2 exited with status -9; its log ends with:" in rest
     assert not leftovers(run_dir)
