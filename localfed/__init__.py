@@ -33,13 +33,21 @@ class FederationError(RuntimeError):
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Hold Ctrl-C and SIGTERM until a started process is recorded, so that none escapes cleanup."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold Ctrl-C and SIGTERM until a started process is recorded, so that none escapes cleanup.
+
+    They are caught and replayed, not blocked: a blocked signal mask would be inherited by the
+    process started meanwhile, which could then never be stopped but by SIGKILL.
+    """
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda number, frame: caught.append(number)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def free_port() -> int:
