@@ -16,6 +16,8 @@ tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adj
   only callers without a certificate name), so the experiment would wait forever: an envoy may
   report its own failure. And a failed experiment is no envoy's current experiment any more, so
   that no envoy joins it again and waits forever for its vanished aggregator.
+- Start order. An envoy started before its director waits for it, retrying with a growing pause
+  and one log line each time, instead of exiting; TLS refusals still end it at once.
 - Busy port. A director whose port is taken says so in one line instead of a gRPC traceback.
 - Start-up. An envoy imports torch's compiler front end (torch._dynamo) while idle: the first
   optimizer an experiment unpickles would otherwise import it, 1.5 s into the experiment.
@@ -128,6 +130,11 @@ def install() -> None:
     aggregator.TensorDB = collaborator.TensorDB = FastTensorDB
     if not hasattr(director.Director.set_experiment_failed, "forgets_failed"):
         director.Director.set_experiment_failed = _forgetting(director.Director.set_experiment_failed)
+    from openfl.transport.grpc import director_client
+
+    shard_client = director_client.ShardDirectorClient
+    if not hasattr(shard_client.report_shard_info, "waits"):
+        shard_client.report_shard_info = _waiting_for_director(shard_client.report_shard_info)
     server = director_server.DirectorGRPCServer
     if not hasattr(server.UpdateShardInfo, "checks_name"):
         server.UpdateShardInfo = _named_envoys_only(server.UpdateShardInfo)
@@ -149,6 +156,28 @@ def _hearing_envoys(set_experiment_failed):
         return await set_experiment_failed(self, request, context)
 
     wrapper.hears_envoys = True
+    return wrapper
+
+
+def _waiting_for_director(report_shard_info, first_pause: float = 1.0, longest_pause: float = 30.0):
+    """ShardDirectorClient.report_shard_info that waits for a director that is not up yet."""
+    import grpc
+
+    def wrapper(self, *args, **kwargs):
+        pause = first_pause
+        while True:
+            try:
+                return report_shard_info(self, *args, **kwargs)
+            except grpc.RpcError as exc:
+                details = str(exc.details() if hasattr(exc, "details") else exc)
+                # Nobody listening: wait. A handshake or certificate failure is final.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or "Connection refused" not in details:
+                    raise
+                logger.warning("No director answers yet (connection refused); trying again in %.0f s", pause)
+                time.sleep(pause)
+                pause = min(pause * 2, longest_pause)
+
+    wrapper.waits = True
     return wrapper
 
 

@@ -81,8 +81,11 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
     modules = (director, experiment, director_server)
     saved = [m.asyncio for m in modules], collaborator.sleep
     saved_db, saved_failed = aggregator.TensorDB, director.Director.set_experiment_failed
+    from openfl.transport.grpc import director_client
+
     server = director_server.DirectorGRPCServer
     saved_server = server.UpdateShardInfo, server.SetExperimentFailed
+    saved_report = director_client.ShardDirectorClient.report_shard_info
     try:
         openfl_prompt.install()
         started = time.monotonic()
@@ -98,6 +101,7 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
         aggregator.TensorDB = collaborator.TensorDB = saved_db
         director.Director.set_experiment_failed = saved_failed
         server.UpdateShardInfo, server.SetExperimentFailed = saved_server
+        director_client.ShardDirectorClient.report_shard_info = saved_report
 
 
 def test_a_failed_experiment_is_no_longer_handed_to_envoys():
@@ -182,3 +186,10 @@ def test_under_tls_openfl_ignores_an_envoys_failure_report_and_checks_no_names_a
     assert "if self.get_caller(context) != CLIENT_ID_DEFAULT:" in inspect.getsource(server.SetExperimentFailed)
     assert "get_caller" not in inspect.getsource(server.UpdateShardInfo)
     assert 'return context.auth_context()["x509_common_name"]' in inspect.getsource(server.get_caller)
+
+
+def test_an_envoy_that_cannot_reach_its_director_exits_in_openfl_unless_it_waits():
+    from openfl.component.envoy.envoy import Envoy
+
+    source = inspect.getsource(Envoy.start)
+    assert "self.director_client.report_shard_info(" in source and "sys.exit(1)" in source
