@@ -22,7 +22,7 @@ from .data import resolve
 LR, TRAIN_BATCH, EVAL_BATCH = 1e-3, 64, 256  # the notebook's defaults
 
 
-def _loader_pair(descriptor, split: str, seed: int) -> MedMNISTData:
+def _data(descriptor, split: str, seed: int) -> MedMNISTData:
     data = MedMNISTData(train_batch_size=TRAIN_BATCH, eval_batch_size=EVAL_BATCH, eval_split=split, seed=seed)
     data.shard_descriptor = descriptor
     return data
@@ -41,7 +41,7 @@ def baseline(args) -> int:
     torch.manual_seed(args.seed)
     model = build_model(flag, size)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    data = _loader_pair(pooled, "val", args.seed)
+    data = _data(pooled, "val", args.seed)
     best, best_state, rounds = Best(), None, []
     for r in range(args.rounds + 1):
         entry = {"round": r, "aggregated": {}, "envoys": {}}
@@ -58,10 +58,10 @@ def baseline(args) -> int:
             best_state = copy.deepcopy(model.state_dict())
     last_state = model.state_dict()
     model.load_state_dict(best_state)
-    test = validate(model, _loader_pair(pooled, "test", args.seed).get_valid_loader(), "cpu", task=task)
+    test = validate(model, _data(pooled, "test", args.seed).get_valid_loader(), "cpu", task=task)
     per_envoy = {}
     for name, descriptor in nodes.items():
-        shard = _loader_pair(descriptor, "test", args.seed)
+        shard = _data(descriptor, "test", args.seed)
         per_envoy[name] = {"samples": shard.get_valid_data_size(),
                            **validate(model, shard.get_valid_loader(), "cpu", task=task)}
     run_dir = Path(args.runs).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{flag}-{size}-baseline"

@@ -8,6 +8,7 @@ from torch import nn
 MULTI_LABEL = "multi-label, binary-class"
 # The 12 2D datasets; INFO also describes the 3D ones, whose flags end in "3d".
 FLAGS = tuple(flag for flag in medmnist.INFO if not flag.endswith("3d"))
+SIZES = (28, 64, 128, 224)  # the image sizes MedMNIST publishes
 
 
 def _block(c_in: int, c_out: int, pool: bool = False, padding: int = 0) -> nn.Sequential:
@@ -67,7 +68,7 @@ def build_model(flag: str, size: int = 28) -> Net:
         model.load_state_dict(torch.load("runs/latest/best_model.pt"))
         model.eval()
     """
-    if size not in (28, 64, 128, 224):
+    if size not in SIZES:
         raise ValueError(f"unsupported image size {size}: MedMNIST has 28, 64, 128 and 224")
     task_type(flag)  # rejects unknown flags with a clear message
     meta = medmnist.INFO[flag]

@@ -10,6 +10,7 @@ import medmnist
 import torch
 
 from .aggregator import AGGREGATED, VALIDATE_GLOBAL
+from .run import is_synthetic
 
 VAL_NAMES = {"loss": "val_loss", "acc": "val_acc", "auc": "val_auc", "seconds": "val_seconds"}
 
@@ -52,7 +53,7 @@ def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
 def build_results(*, params: dict, envoys: list[dict], metrics: list[dict], test_metrics: list[dict], best,
                   wall_seconds: float, data_source: str) -> dict:
     """The run's summary: what was trained on which shards, per-round metrics, the test of the best model."""
-    synthetic = any(e.get("synthetic") for e in envoys)
+    synthetic = is_synthetic(envoys)
     first = envoys[0] if envoys else {}
     nodes = [{"name": e["envoy"], **e.get("samples", {}), "label_histogram": e.get("label_histogram", {})}
              for e in envoys]

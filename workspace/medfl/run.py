@@ -11,7 +11,7 @@ from openfl.interface.interactive_api.experiment import FLExperiment, ModelInter
 from .aggregator import VALIDATE_GLOBAL
 from .data import MedMNISTData
 from .device import REQUESTS
-from .model import FLAGS, MULTI_LABEL
+from .model import FLAGS, MULTI_LABEL, SIZES
 
 PYTORCH_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 
@@ -43,7 +43,7 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
     """Refuse impossible parameters before anything is submitted, one clear line each."""
     if dataset not in FLAGS:
         raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
-    if size not in (28, 64, 128, 224):
+    if size not in SIZES:
         raise ParameterError(f"size={size!r} is not a MedMNIST size: use 28, 64, 128 or 224")
     for name, value in (("rounds_to_train", rounds_to_train), ("epochs_per_round", epochs_per_round),
                         ("train_batch_size", train_batch_size), ("eval_batch_size", eval_batch_size)):
