@@ -18,9 +18,12 @@ DATA_DIR ?=
 NOTEBOOK ?= workspace/Pytorch_MedMNIST_2D.ipynb
 DEVICE ?=
 TLS ?= 1
+MIN_ENVOYS ?= 0.5
+ROUND_TIMEOUT ?= 0
 RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
 	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
-	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)"
+	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)" \
+	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)"
 
 .PHONY: venv demo baseline bench certs test lint clean hpu-deps
 

@@ -14,8 +14,12 @@ tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adj
   it registers under (OpenFL checks that only later, in the aggregator, once an experiment runs).
 - Failures. Under TLS, OpenFL's director ignores an envoy's report that its task failed (it hears
   only callers without a certificate name), so the experiment would wait forever: an envoy may
-  report its own failure. And a failed experiment is no envoy's current experiment any more, so
-  that no envoy joins it again and waits forever for its vanished aggregator.
+  report its own failure. An envoy is handed an experiment again (after a restart) only while it
+  runs and has not dropped that envoy: joining an ended one, it would wait forever for its
+  vanished aggregator.
+- Lost envoys. Each experiment's aggregator (medfl.aggregator.SelectingAggregator) learns which
+  envoys the director no longer hears from (no health check for twice envoy_health_check_period),
+  so that it can go on without them; an experiment it stopped for want of envoys ends as failed.
 - Start order. An envoy started before its director waits for it, retrying with a growing pause
   and one log line each time, instead of exiting; TLS refusals still end it at once.
 - Busy port. A director whose port is taken says so in one line instead of a gRPC traceback.
@@ -128,13 +132,17 @@ def install() -> None:
         module.asyncio = _CappedAsyncio()
     collaborator.sleep = _capped_sleep
     aggregator.TensorDB = collaborator.TensorDB = FastTensorDB
-    if not hasattr(director.Director.set_experiment_failed, "forgets_failed"):
-        director.Director.set_experiment_failed = _forgetting(director.Director.set_experiment_failed)
+    if not hasattr(director.Director.wait_experiment, "current_only"):
+        director.Director.wait_experiment = _current_only(director.Director.wait_experiment)
+    if not hasattr(experiment.Experiment.start, "tells_lost"):
+        experiment.Experiment.start = _telling_lost_envoys(experiment.Experiment.start)
     from openfl.transport.grpc import director_client
 
     shard_client = director_client.ShardDirectorClient
     if not hasattr(shard_client.report_shard_info, "waits"):
         shard_client.report_shard_info = _waiting_for_director(shard_client.report_shard_info)
+    if not hasattr(director.Director.__init__, "remembered"):
+        director.Director.__init__ = _remembered(director.Director.__init__)
     server = director_server.DirectorGRPCServer
     if not hasattr(server.UpdateShardInfo, "checks_name"):
         server.UpdateShardInfo = _named_envoys_only(server.UpdateShardInfo)
@@ -198,17 +206,68 @@ def _named_envoys_only(update_shard_info):
     return wrapper
 
 
-def _forgetting(set_experiment_failed):
-    """Director.set_experiment_failed that also stops offering the failed experiment to envoys."""
+def _remembered(init):
+    """Director.__init__ that keeps the director where the experiments' aggregators can ask it."""
 
-    def wrapper(self, *, experiment_name: str, collaborator_name: str):
-        set_experiment_failed(self, experiment_name=experiment_name, collaborator_name=collaborator_name)
-        for envoy, current in list(self.col_exp.items()):
-            if current == experiment_name:
-                self.col_exp[envoy] = None
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _DIRECTOR[:] = [self]
 
-    wrapper.forgets_failed = True
+    wrapper.remembered = True
     return wrapper
+
+
+def _current_only(wait_experiment):
+    """Director.wait_experiment that hands an envoy its last experiment again only while that runs and
+    still counts the envoy in."""
+    from openfl.component.director.experiment import Status
+
+    async def wrapper(self, envoy_name: str):
+        experiment = self.experiments_registry.get(self.col_exp.get(envoy_name) or "")
+        if experiment is not None and (experiment.status in (Status.FINISHED, Status.FAILED, Status.REJECTED)
+                                       or envoy_name in getattr(experiment.aggregator, "dropped", ())):
+            self.col_exp[envoy_name] = None
+        return await wait_experiment(self, envoy_name)
+
+    wrapper.current_only = True
+    return wrapper
+
+
+def silent_envoys(director) -> dict:
+    """{envoy: seconds since its last health check} for the envoys the director counts as offline."""
+    now = time.time()
+    return {name: now - entry["last_updated"] for name, entry in list(director._shard_registry.items())
+            if now > entry["last_updated"] + entry["valid_duration"]}
+
+
+def _telling_lost_envoys(start):
+    """Experiment.start that lets the aggregator ask which envoys the director has lost, and that ends an
+    experiment the aggregator stopped (too few envoys left, an envoy's error) as failed."""
+    from openfl.component.director import director as director_module
+    from openfl.component.director.experiment import Status
+
+    async def wrapper(self, **kwargs):
+        director = _DIRECTOR[0] if _DIRECTOR else None
+        create = self._create_aggregator_grpc_server
+
+        def creating(**create_kwargs):
+            server = create(**create_kwargs)
+            if director is not None and hasattr(server.aggregator, "lost_envoys"):
+                server.aggregator.lost_envoys = lambda: silent_envoys(director)
+            return server
+
+        self._create_aggregator_grpc_server = creating
+        await start(self, **kwargs)
+        failure = getattr(self.aggregator, "failure", None)
+        if failure and self.status == Status.FINISHED:
+            self.status = Status.FAILED
+            director_module.logger.error("Experiment %s failed: %s", self.name, failure)
+
+    wrapper.tells_lost = True
+    return wrapper
+
+
+_DIRECTOR: list = []  # the director of this process, once made
 
 
 def director_port_is_free(argv: list[str]) -> None:

@@ -82,9 +82,11 @@ class LocalFederation:
     sample_shape: list
     target_shape: list
     certs: Path | None = None  # a folder from tlscerts.py make: mutual TLS; None: plaintext
+    health_period: int | None = None  # seconds between envoys' health checks; None: the director config's
     host: str = "localhost"
     port: int = field(default_factory=free_port)
     components: list[Component] = field(default_factory=list)
+    _reported: list[Component] = field(default_factory=list)
 
     def _spawn(self, name: str, command: list[str], env: dict) -> Component:
         log = self.workdir / "logs" / f"{name}.log"
@@ -101,33 +103,52 @@ class LocalFederation:
     def start(self, timeout: float = 120.0) -> LocalFederation:
         """Start the director, then every envoy; return once all envoys are registered."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        env = {"DIRECTOR_HOST": self.host, "DIRECTOR_PORT": str(self.port), "CERTS": str(self.certs or "")}
         director_dir = self.workdir / "nodes" / "director"
         director_dir.mkdir(parents=True, exist_ok=True)
         config = yaml.safe_load((ROOT / "director" / "director_config.yaml").read_text())
         config["settings"].update(sample_shape=[str(d) for d in self.sample_shape],
                                   target_shape=[str(d) for d in self.target_shape])
+        if self.health_period:
+            config["settings"]["envoy_health_check_period"] = self.health_period
         (director_dir / "director_config.yaml").write_text(yaml.safe_dump(config))
         director = self._spawn("director", ["bash", str(ROOT / "director" / "start_director.sh")],
-                               {**env, "DIRECTOR_CONFIG": str(director_dir / "director_config.yaml")})
+                               {**self._env(), "DIRECTOR_CONFIG": str(director_dir / "director_config.yaml")})
         deadline = time.monotonic() + timeout
         self._wait(director, lambda: _listening(self.host, self.port), deadline, "did not open its port")
-        threads = str(max(1, (os.cpu_count() or 1) // len(self.shard_params)))
-        envoys = []
-        for name, params in self.shard_params.items():
-            envoy_dir = self.workdir / "nodes" / name
-            envoy_dir.mkdir(parents=True, exist_ok=True)
-            envoy_config = {
-                "params": {"cuda_devices": [], "install_requirements": False},
-                "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor", "params": params},
-            }
-            (envoy_dir / "envoy_config.yaml").write_text(yaml.safe_dump(envoy_config))
-            command = ["bash", str(ROOT / "envoy" / "start_envoy.sh"), name, str(envoy_dir / "envoy_config.yaml")]
-            envoys.append(self._spawn(name, command, {**env, "OMP_NUM_THREADS": threads}))
+        envoys = [self._start_envoy(name, params) for name, params in self.shard_params.items()]
         for envoy in envoys:
-            self._wait(envoy, lambda e=envoy: REGISTERED in e.log.read_text(errors="replace"), deadline,
-                       "did not register with the director")
+            self.wait_registered(envoy, deadline)
         return self
+
+    def _start_envoy(self, name: str, params: dict) -> Component:
+        envoy_dir = self.workdir / "nodes" / name
+        envoy_dir.mkdir(parents=True, exist_ok=True)
+        envoy_config = {
+            "params": {"cuda_devices": [], "install_requirements": False},
+            "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor", "params": params},
+        }
+        (envoy_dir / "envoy_config.yaml").write_text(yaml.safe_dump(envoy_config))
+        command = ["bash", str(ROOT / "envoy" / "start_envoy.sh"), name, str(envoy_dir / "envoy_config.yaml")]
+        threads = str(max(1, (os.cpu_count() or 1) // len(self.shard_params)))
+        return self._spawn(name, command, {**self._env(), "OMP_NUM_THREADS": threads})
+
+    def _env(self) -> dict:
+        return {"DIRECTOR_HOST": self.host, "DIRECTOR_PORT": str(self.port), "CERTS": str(self.certs or "")}
+
+    def wait_registered(self, envoy: Component, deadline: float) -> None:
+        """Return once `envoy` has registered with the director (its log says so)."""
+        self._wait(envoy, lambda: REGISTERED in envoy.log.read_text(errors="replace"), deadline,
+                   "did not register with the director")
+
+    def restart(self, name: str, timeout: float = 60.0) -> Component:
+        """Start envoy `name` again (after it stopped), as its host would; return once it has registered."""
+        old = next(c for c in self.components if c.name == name)
+        if old.process.poll() is None:
+            raise FederationError(f"{name} is still running")
+        old.log = old.log.rename(old.log.with_suffix(f".{old.process.pid}.log"))  # keep the crashed run's log
+        envoy = self._start_envoy(name, self.shard_params[name])
+        self.wait_registered(envoy, time.monotonic() + timeout)
+        return envoy
 
     def _wait(self, component: Component, ready, deadline: float, what: str) -> None:
         while not ready():
@@ -137,11 +158,27 @@ class LocalFederation:
                 raise self._fail(component, what)
             time.sleep(0.2)
 
-    def check_alive(self) -> None:
-        """Raise FederationError naming the first component that has exited."""
-        for component in self.components:
-            if component.process.poll() is not None:
-                raise self._fail(component, f"exited with status {component.process.returncode}")
+    @property
+    def director(self) -> Component:
+        return self.components[0]
+
+    def newly_exited(self) -> list[Component]:
+        """The components that have exited since the last call (a restarted envoy counts afresh)."""
+        exited = [c for c in self.components if c.process.poll() is not None and c not in self._reported]
+        self._reported.extend(exited)
+        return exited
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        """Peak resident memory of each running component's process so far, in MB (Linux)."""
+        peaks = {}
+        for c in self.components:
+            try:
+                status = Path(f"/proc/{c.process.pid}/status").read_text()
+            except OSError:
+                continue
+            peaks[c.name] = next(int(line.split()[1]) / 1024 for line in status.splitlines()
+                                 if line.startswith("VmHWM:"))
+        return peaks
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every component's process group: SIGTERM, then SIGKILL after `grace` seconds."""

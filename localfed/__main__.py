@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from medfl.aggregator import quorum
 from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
@@ -22,7 +23,10 @@ from . import ROOT, FederationError, LocalFederation, free_port, signals_deferre
 from .data import SOURCES, resolve
 
 # Lines of the notebook's output worth showing live: its progress lines (medfl.run.stream) and summary.
-PROGRESS = re.compile(r"^(initial model|model after|round \d|test |best model|no global model|NOTE)")
+PROGRESS = re.compile(r"^(initial model|model after|round \d|final validation|test |best model|no global model|NOTE|"
+                      r"FAILED)")
+# Once the director has gone, the notebook gets this long to save what it received and stop.
+DIRECTOR_GONE_GRACE_S = 60
 
 
 class RunError(RuntimeError):
@@ -47,8 +51,19 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--notebook", default=str(ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"))
     parser.add_argument("--device", default="", help="override the notebook's device (auto, cpu, cuda, hpu)")
     parser.add_argument("--tls", type=int, default=1, choices=(0, 1), help="mutual TLS (certificates in certs/)")
+    parser.add_argument("--min-envoys", type=_count_or_share, default=0.5,
+                        help="envoys a run needs to go on without lost ones: a number (2) or a share (0.5)")
+    parser.add_argument("--round-timeout", type=float, default=0,
+                        help="seconds into a round after which envoys still busy are dropped (0: no limit)")
+    parser.add_argument("--health-period", type=int, default=0,
+                        help="seconds between envoys' health checks; one silent for twice as long is lost "
+                             "(0: the director config's)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
     return parser.parse_args(argv)
+
+
+def _count_or_share(text: str):
+    return int(text) if text.isdigit() else float(text)
 
 
 def check(args) -> None:
@@ -58,6 +73,14 @@ def check(args) -> None:
     for name in ("envoys", "rounds", "epochs"):
         if getattr(args, name) < 1:
             raise DataError(f"{name.upper()}={getattr(args, name)}: must be at least 1")
+    try:
+        needed = quorum(args.min_envoys, args.envoys)
+    except ValueError as exc:
+        raise DataError(f"MIN_ENVOYS={args.min_envoys}: {exc}") from None
+    if needed > args.envoys:
+        raise DataError(f"MIN_ENVOYS={args.min_envoys} is more than ENVOYS={args.envoys}")
+    if args.round_timeout < 0:
+        raise DataError(f"ROUND_TIMEOUT={args.round_timeout}: give seconds, or 0 for no limit")
     if args.partition == "dirichlet" and not args.alpha > 0:
         raise DataError(f"ALPHA={args.alpha}: the Dirichlet concentration must be positive")
 
@@ -85,7 +108,8 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                "-p", "director_host", federation.host, "-p", "director_port", str(federation.port),
                "-p", "aggregator_port", str(free_port()),
                "-p", "experiment_name", run_dir.name, "-p", "output_dir", str(run_dir.parent),
-               "-p", "data_source", data_source, *(["-p", "device", args.device] if args.device else [])]
+               "-p", "data_source", data_source, "-p", "min_envoys", str(args.min_envoys),
+               "-p", "round_timeout", str(args.round_timeout), *(["-p", "device", args.device] if args.device else [])]
     if federation.certs:
         command += ["-p", "ca_cert", str(federation.certs / "ca.crt"), "-p", "api_cert",
                     str(federation.certs / "frontend.crt"), "-p", "api_key", str(federation.certs / "frontend.key")]
@@ -97,20 +121,38 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
         try:
             reader = threading.Thread(target=_relay, args=(notebook.stdout, out), daemon=True)
             reader.start()
-            while notebook.poll() is None:
-                federation.check_alive()
-                if time.monotonic() > deadline:
-                    raise RunError(f"the run took longer than --timeout; stopped it. Notebook log: {log}")
-                time.sleep(0.5)
+            watch(notebook, federation, deadline, log)
         except BaseException:
             _kill_group(notebook)
             raise
         reader.join(timeout=5)
     if notebook.returncode != 0:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
-        director = federation.components[0]
         raise RunError(f"the notebook failed: {lines[-1] if lines else 'no output'}\n(full log: {log})\n"
-                       f"the director's log ends with:\n{tail(director.log, 15)}")
+                       f"the director's log ends with:\n{tail(federation.director.log, 15)}")
+
+
+def watch(notebook: subprocess.Popen, federation: LocalFederation, deadline: float, log: Path) -> None:
+    """Wait for the notebook, saying when a node exits. A lost envoy is the experiment's to handle (it
+    goes on without it, or fails); a lost director gives the notebook a grace period to save and stop."""
+    director_gone = None
+    while notebook.poll() is None:
+        for component in federation.newly_exited():
+            status = component.process.returncode
+            if component is federation.director:
+                director_gone = time.monotonic()
+                print(f"  the director exited (status {status}); the notebook saves what it received and stops",
+                      flush=True)
+            else:
+                print(f"  {component.name} exited (status {status}): once the director misses its health checks "
+                      f"the experiment goes on without it, or fails (log: {component.log})", flush=True)
+        if director_gone and time.monotonic() > director_gone + DIRECTOR_GONE_GRACE_S:
+            raise RunError(f"the director exited and the notebook had not stopped {DIRECTOR_GONE_GRACE_S} s later; "
+                           f"stopped it. Notebook log: {log}\nthe director's log ends with:\n"
+                           f"{tail(federation.director.log, 15)}")
+        if time.monotonic() > deadline:
+            raise RunError(f"the run took longer than --timeout; stopped it. Notebook log: {log}")
+        time.sleep(0.5)
 
 
 def _relay(stream, out) -> None:
@@ -143,19 +185,24 @@ def demo(args) -> int:
         written = make_certs(certs, envoys=list(shards))  # only what is missing
         print(f"mutual TLS with certificates in {certs}" + (f" ({len(written)} files made)" if written else ""))
     federation = LocalFederation(run_dir, shards, sample_shape(args.dataset, args.size), target_shape(args.dataset),
-                                 certs)
+                                 certs, health_period=args.health_period or None)
     print(f"run folder: {run_dir}")
     print(f"starting a director and {args.envoys} envoys on {federation.host}:{federation.port} ...")
     with federation:
         print(f"all {args.envoys} envoys registered; running the notebook "
               f"({args.rounds} rounds x {args.epochs} epochs)")
         run_notebook(run_dir, federation, args, data_source, deadline)
+        memory = federation.peak_rss_mb()
     results = json.loads((run_dir / "results.json").read_text())
     test = results["test"]
     print(f"\ndone in {time.monotonic() - started:.0f} s"
           + (" -- SYNTHETIC data, not MedMNIST" if results["synthetic"] else ""))
+    for dropout in results["dropouts"]:
+        print(f"{dropout['envoy']} dropped out of {dropout['experiment']} in round {dropout['round']}: "
+              f"{dropout['reason']}")
     print(f"best model: after {results['best']['round']} rounds (val {results['best']['metric']} "
           f"{results['best']['value']:.4f}); test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
+    print("peak memory (MB): " + ", ".join(f"{name} {mb:.0f}" for name, mb in memory.items()))
     print(f"results: {run_dir}  (runs/latest points there)")
     return 0
 

@@ -26,7 +26,7 @@ from medmnist_shard import MedMNISTShardDescriptor, prepare
 from medmnist_shard.spec import file_name, info, sample_shape, target_shape
 from medmnist_shard.synthetic import make_synthetic
 
-from . import ROOT, LocalFederation
+from . import ROOT, FederationError, LocalFederation
 
 TRAIN_BATCH, EVAL_BATCH, LR = 64, 256, 1e-3
 
@@ -130,7 +130,10 @@ def federation_run(flag, size, data_dir, envoys, rounds, epochs, workdir: Path) 
         experiment = FLExperiment(federation=federation, experiment_name=workdir.name)
         started = time.time()
         run.start_training(experiment, model, optimizer, tasks, data, rounds)
-        metrics = run.stream(experiment, rounds, echo=lambda line: None)
+        followed = run.follow(experiment, rounds, echo=lambda line: None)
+        if followed.error:
+            raise FederationError(f"the benchmark's experiment failed: {followed.error}")
+        metrics = followed.metrics
         torch.save(experiment.get_last_model().state_dict(), workdir / "last_model.pt")
         wall = time.time() - started
         rss = {c.name: _peak_rss_mb(c.process.pid) for c in fed.components}

@@ -80,7 +80,8 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
 
     modules = (director, experiment, director_server)
     saved = [m.asyncio for m in modules], collaborator.sleep
-    saved_db, saved_failed = aggregator.TensorDB, director.Director.set_experiment_failed
+    saved_db = aggregator.TensorDB
+    saved_director = director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start
     from openfl.transport.grpc import director_client
 
     server = director_server.DirectorGRPCServer
@@ -99,12 +100,13 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
             module.asyncio = original
         collaborator.sleep = saved[1]
         aggregator.TensorDB = collaborator.TensorDB = saved_db
-        director.Director.set_experiment_failed = saved_failed
+        director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start = saved_director
         server.UpdateShardInfo, server.SetExperimentFailed = saved_server
         director_client.ShardDirectorClient.report_shard_info = saved_report
 
 
-def test_a_failed_experiment_is_no_longer_handed_to_envoys():
+def test_an_envoy_is_handed_its_last_experiment_again_only_while_it_runs_and_counts_the_envoy_in():
+    import asyncio
     from types import SimpleNamespace
 
     from openfl.component.director import director
@@ -113,24 +115,36 @@ def test_a_failed_experiment_is_no_longer_handed_to_envoys():
 
     source = inspect.getsource(director.Director.wait_experiment)
     assert "experiment_name = self.col_exp.get(envoy_name)" in source  # what the fix clears
-    stopped = []
-    fake = SimpleNamespace(col_exp={"envoy_1": "exp", "envoy_2": "exp", "envoy_3": "other"})
-    wrapped = openfl_prompt._forgetting(lambda self, **kw: stopped.append(kw))
-    wrapped(fake, experiment_name="exp", collaborator_name="envoy_1")
-    assert stopped == [{"experiment_name": "exp", "collaborator_name": "envoy_1"}]
-    assert fake.col_exp == {"envoy_1": None, "envoy_2": None, "envoy_3": "other"}
+    running = SimpleNamespace(status="in_progress", aggregator=SimpleNamespace(dropped={"envoy_2": "lost"}))
+    ended = SimpleNamespace(status="failed", aggregator=None)
+    fake = SimpleNamespace(col_exp={"envoy_1": "run", "envoy_2": "run", "envoy_3": "old", "envoy_4": None},
+                           experiments_registry={"run": running, "old": ended})
+    handed = []
+
+    async def original(self, envoy_name):
+        handed.append((envoy_name, self.col_exp[envoy_name]))
+
+    wrapped = openfl_prompt._current_only(original)
+    for name in ("envoy_1", "envoy_2", "envoy_3", "envoy_4"):
+        asyncio.run(wrapped(fake, name))
+    assert handed == [("envoy_1", "run"), ("envoy_2", None), ("envoy_3", None), ("envoy_4", None)]
 
 
-def test_a_stopped_selecting_aggregator_tells_collaborators_to_quit():
-    assert "if self._time_to_quit():" in inspect.getsource(Aggregator.get_tasks)
-    assert "self.quit_job_sent_to.append" in inspect.getsource(Aggregator.stop)
-    aggregator = SelectingAggregator.__new__(SelectingAggregator)  # only the stop/quit logic is exercised
-    aggregator.round_number, aggregator.rounds_to_train = 0, 3
-    aggregator.authorized_cols, aggregator.quit_job_sent_to = ["envoy_1", "envoy_2"], []
-    aggregator.logger = __import__("logging").getLogger("test")
-    assert not aggregator._time_to_quit()
-    aggregator.stop(failed_collaborator="envoy_1")
-    assert aggregator._time_to_quit() and aggregator.all_quit_jobs_sent()
+def test_the_director_tells_the_aggregator_which_envoys_it_no_longer_hears():
+    import time
+    from types import SimpleNamespace
+
+    from openfl.component.director import director
+
+    import openfl_prompt
+
+    assert '"valid_duration": 2 * self.envoy_health_check_period' in inspect.getsource(director.Director)
+    assert 'shard_info["last_updated"] = time.time()' in inspect.getsource(director.Director.update_envoy_status)
+    now = time.time()
+    fake = SimpleNamespace(_shard_registry={"envoy_1": {"last_updated": now - 1, "valid_duration": 20},
+                                            "envoy_2": {"last_updated": now - 25, "valid_duration": 20}})
+    silent = openfl_prompt.silent_envoys(fake)
+    assert list(silent) == ["envoy_2"] and 25 <= silent["envoy_2"] < 30
 
 
 def test_fast_tensor_db_answers_as_openfls_does():

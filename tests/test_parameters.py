@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from medfl.run import ParameterError, check_dataset, check_parameters
+from medfl.run import ParameterError, check_dataset, check_parameters, check_quorum
 
 GOOD = dict(dataset="bloodmnist", size=28, rounds_to_train=3, epochs_per_round=1, train_batch_size=64,
             eval_batch_size=256, learning_rate=1e-3, device="auto", best_metric="auc", best_mode="max")
@@ -24,6 +24,11 @@ def test_good_parameters_pass():
     ({"learning_rate": -0.1}, "learning_rate=-0.1"),
     ({"device": "gpu"}, "device='gpu': use one of auto, cpu, cuda, hpu"),
     ({"best_metric": "f1"}, "best_metric='f1'"),
+    ({"min_envoys": 0}, "min_envoys=0: give a number of envoys (an int of at least 1) or a share of them"),
+    ({"min_envoys": 1.5}, "min_envoys=1.5: give a number of envoys"),
+    ({"min_envoys": "2"}, "min_envoys='2': give a number"),
+    ({"min_envoys": True}, "min_envoys=True"),
+    ({"round_timeout": -1}, "round_timeout=-1: give seconds (0 for no limit)"),
 ])
 def test_bad_parameters_are_refused_with_the_fix(change, message):
     with pytest.raises(ParameterError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -56,3 +61,12 @@ def test_envoys_serving_different_datasets_are_named():
 def test_director_shapes_must_fit_the_dataset():
     with pytest.raises(ParameterError, match=r"serves samples \['64', '64', '3'\].*needs \['28', '28', '3'\]"):
         check_dataset(_federation(sample=("64", "64", "3")), "bloodmnist", 28)
+
+
+def test_min_envoys_is_a_number_or_a_share_of_the_online_envoys():
+    envoys = [{"envoy": f"envoy_{i}", "online": i != 3} for i in (1, 2, 3)]
+    check_quorum(envoys, 2)
+    check_quorum(envoys, 1.0)  # every online envoy
+    with pytest.raises(ParameterError, match=r"min_envoys=3, but only 2 envoys are online \(envoy_1, envoy_2\): "
+                                             "start more envoys or lower min_envoys"):
+        check_quorum(envoys, 3)

@@ -39,6 +39,9 @@ eval_batch_size = 256
 learning_rate = 1e-3        # Adam, as in the MedMNIST v2 experiments
 best_metric = "auc"         # the best model is the global model with the best aggregated val AUC...
 best_mode = "max"           # ...highest ("min" for loss)
+min_envoys = 0.5            # envoys lost mid-run are dropped; the run goes on while this share (float) or
+                            # number (int) of its envoys remain, and fails, naming the lost ones, below it
+round_timeout = 0           # seconds; envoys still busy this long into a round are dropped too (0: no limit)
 device = "{device}"{device_pad}# {device_comment}
 bf16 = {bf16}{bf16_pad}# bfloat16 autocast on HPU and CUDA envoys
 director_host = "localhost"
@@ -94,6 +97,7 @@ if medfl.run.is_synthetic(envoys):
 pd.DataFrame(envoys)[["envoy", "online", "text"]]"""),
 md("""The director accepts only envoys whose images and labels have its configured shapes. Those must also be what this notebook's `dataset` and `size` imply; a dummy sample shows what a batch will look like."""),
 code("""medfl.run.check_dataset(federation, dataset, size, envoys)
+medfl.run.check_quorum(envoys, min_envoys)
 image, label = federation.get_dummy_shard_descriptor(size=4).get_dataset("train")[0]
 print(f"one sample: image {image.shape} {image.dtype}, label {label.shape}; task: {medfl.task_type(dataset)}")"""),
 md("""## Define the experiment
@@ -109,34 +113,36 @@ data_interface = medfl.MedMNISTData(train_batch_size=train_batch_size, eval_batc
                                     seed=seed, device=device)"""),
 md("""## Train
 
-Each round, every envoy validates the current global model on its `val` split, trains on its shard, and validates its local result; the director averages the weights by sample count. One last round only validates the final global model, so that it too can be chosen as the best. Lines marked `aggregator` are sample-weighted means over the envoys."""),
+Each round, every envoy validates the current global model on its `val` split, trains on its shard, and validates its local result; the director averages the weights by sample count. One last round only validates the final global model, so that it too can be chosen as the best. Lines marked `aggregator` are sample-weighted means over the envoys.
+
+An envoy that stops answering (the director misses its health checks) or passes `round_timeout` is dropped, and the round ends with the others while `min_envoys` remain; below that, or if an envoy's task raises an error, the experiment fails. If anything fails, even the director, this cell stops with one line saying why, after saving the metrics and the best model received so far."""),
 code("""experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+run_dir = Path(output_dir) / experiment_name
+params = dict(dataset=dataset, size=size, rounds_to_train=rounds_to_train, epochs_per_round=epochs_per_round,
+              train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, learning_rate=learning_rate,
+              best_metric=best_metric, best_mode=best_mode, min_envoys=min_envoys, round_timeout=round_timeout,
+              device=device, bf16=bf16, seed=seed, experiment=experiment_name, tls=tls)
+record = dict(params=params, envoys=envoys, started=time.time(), data_source=data_source)
 experiment = FLExperiment(federation=federation, experiment_name=experiment_name)
-started = time.time()
 medfl.run.start_training(experiment, model, optimizer, task_interface, data_interface, rounds_to_train,
-                         best_metric=best_metric, best_mode=best_mode, aggregator_port=aggregator_port)
-metrics = medfl.run.stream(experiment, rounds_to_train)"""),
+                         best_metric=best_metric, best_mode=best_mode, min_envoys=min_envoys,
+                         round_timeout=round_timeout, aggregator_port=aggregator_port)
+training = medfl.run.follow(experiment, rounds_to_train, medfl.Best(best_metric, best_mode))
+medfl.report.stop_if_failed(run_dir, training=training, **record)"""),
 md("""## Test the best model
 
 The best global model is the one with the best aggregated validation `best_metric`. It is sent back to every envoy in a validation-only experiment on their `test` splits: the test images never leave the nodes either."""),
-code("""best = medfl.Best(best_metric, best_mode).pick(metrics)
-print(best.describe(rounds_to_train))
-best_model, last_model = medfl.run.trained_models(experiment, best)
+code("""print(training.best.describe(rounds_to_train))
 test_run = FLExperiment(federation=federation, experiment_name=f"{experiment_name}-test")
-medfl.run.start_test(test_run, best_model, task_interface, eval_batch_size, device, aggregator_port)
-test_metrics = medfl.run.stream(test_run, 1, label="test")"""),
+medfl.run.start_test(test_run, training.best_model, task_interface, eval_batch_size, device, min_envoys,
+                     round_timeout, aggregator_port)
+testing = medfl.run.follow(test_run, 1, label="test")
+medfl.report.stop_if_failed(run_dir, training=training, testing=testing, **record)"""),
 md("""## Results
 
-Saved under `runs/<experiment name>/` at the repository root (`runs/latest` points at the newest): `results.json`, `metrics.csv`, `curves.png`, `partition.png`, TensorBoard logs (`tensorboard --logdir runs`), and the best and last models as PyTorch `state_dict`s."""),
-code("""params = dict(dataset=dataset, size=size, rounds_to_train=rounds_to_train, epochs_per_round=epochs_per_round,
-              train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, learning_rate=learning_rate,
-              best_metric=best_metric, best_mode=best_mode, device=device, bf16=bf16, seed=seed,
-              experiment=experiment_name, tls=tls)
-results = medfl.report.build_results(params=params, envoys=envoys, metrics=metrics, test_metrics=test_metrics,
-                                     best=best, wall_seconds=time.time() - started, data_source=data_source)
-run_dir = medfl.report.save_run(Path(output_dir) / experiment_name, results=results,
-                                streams={"train": metrics, "test": test_metrics},
-                                best_model=best_model, last_model=last_model)
+Saved under `runs/<experiment name>/` at the repository root (`runs/latest` points at the newest): `results.json` (with any envoys that dropped out, and when), `metrics.csv`, `curves.png`, `partition.png`, TensorBoard logs (`tensorboard --logdir runs`), and the best and last models as PyTorch `state_dict`s."""),
+code("""results = medfl.report.build_results(training=training, testing=testing, **record)
+medfl.report.save_run(run_dir, results, training, testing)
 test = results["test"]
 print(("SYNTHETIC data: " if results["synthetic"] else "") + f"{dataset} {size}px, {len(envoys)} envoys; "
       f"test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}; saved to {run_dir.resolve()}")

@@ -5,18 +5,30 @@ director from the experiment's plan, so it arrives with the workspace like the r
 - OpenFL keeps as "best" whichever global model raised *any* aggregated validation metric, loss
   included, compared against one shared score. Here the best model is the one with the best value
   of one named metric (`auc` by default, higher is better).
-- When an envoy reports an error, OpenFL stops the aggregator but keeps handing tasks to the other
-  envoys, whose collaborators then wait forever for an aggregator that has gone. Here a stopped
-  aggregator tells every collaborator to quit.
+- OpenFL waits forever for an envoy that has gone. Here an envoy is dropped from the experiment
+  when the director stops hearing from it (`lost_envoys`, which openfl_prompt.py connects to the
+  director's health checks) or when it has not finished a round `round_timeout` seconds after the
+  round began. The round then ends with the envoys that remain, if at least `min_envoys` do (a
+  number, or a share of the experiment's envoys); otherwise the experiment fails, naming them.
+  Both are streamed to the notebook as events (DROPPED, FAILED) among the metrics.
+- When an envoy reports an error, OpenFL stops the aggregator and, on paper, every collaborator,
+  whose envoys then retry forever against an aggregator that has gone. Here a stopped aggregator
+  keeps running until each remaining collaborator has been told to quit (or has been lost).
 """
 from __future__ import annotations
 
+import math
 import queue
+import threading
+import time
 
 from openfl.component.aggregator.aggregator import Aggregator
 
 VALIDATE_GLOBAL = "aggregated_model_validate"
 AGGREGATED = "aggregator"
+# Events streamed with the metrics; metric_name carries the reason, metric_value the seconds into the round.
+DROPPED = "envoy_dropped"  # metric_origin is the envoy
+FAILED = "experiment_failed"  # metric_origin is the aggregator
 
 
 class Best:
@@ -73,22 +85,129 @@ class _Tap(queue.Queue):
         super().put(item, block, timeout)
 
 
-class SelectingAggregator(Aggregator):
-    """OpenFL's Aggregator, keeping as best the global model with the best `best_metric`."""
+def quorum(min_envoys, envoys: int) -> int:
+    """How many of `envoys` must remain: min_envoys is a number (int) or a share of them (float)."""
+    if isinstance(min_envoys, float) and 0 < min_envoys <= 1:
+        return max(1, math.ceil(min_envoys * envoys - 1e-9))
+    if isinstance(min_envoys, int) and not isinstance(min_envoys, bool) and min_envoys >= 1:
+        return min_envoys
+    raise ValueError("give a number of envoys (an int of at least 1) or a share of them (a float above 0 and "
+                     "at most 1, e.g. 0.5)")
 
-    def __init__(self, *args, best_metric: str = "auc", best_mode: str = "max", **kwargs):
+
+class SelectingAggregator(Aggregator):
+    """OpenFL's Aggregator, keeping as best the global model with the best `best_metric`, and going on
+    without envoys that are lost or too slow while at least `min_envoys` remain."""
+
+    def __init__(self, *args, best_metric: str = "auc", best_mode: str = "max", min_envoys=0.5,
+                 round_timeout: float = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.best = Best(best_metric, best_mode)
         self.best_model_score = _Never()
         # OpenFL puts each aggregated metric on this queue right where it would judge "best".
         self.metric_queue = _Tap(self._consider)
+        self._policy(min_envoys, round_timeout)
+        threading.Thread(target=self._watch, name="envoy-watch", daemon=True).start()
 
-    def stop(self, failed_collaborator: str = None) -> None:
+    def _policy(self, min_envoys, round_timeout: float) -> None:
+        self.min_envoys, self.round_timeout = min_envoys, float(round_timeout or 0)
+        self.dropped: dict[str, str] = {}  # envoy: why
+        self.failure = None  # why the experiment stopped, if it did so here
+        self.stopped = False
+        # Set by the director (openfl_prompt.py): {envoy: seconds silent} for the envoys it no longer hears.
+        self.lost_envoys = None
+        self._round_started: dict[int, float] = {}
+
+    # --- tasks and results: a dropped envoy gets no more work and its late results are ignored ----------
+    def get_tasks(self, collaborator_name):
+        if collaborator_name in self.dropped:
+            self.quit_job_sent_to.append(collaborator_name)
+            return None, self.round_number, 0, True
+        tasks, round_number, sleep_time, time_to_quit = super().get_tasks(collaborator_name)
+        if tasks:
+            self._round_started.setdefault(round_number, time.monotonic())
+        return tasks, round_number, sleep_time, time_to_quit
+
+    def send_local_task_results(self, collaborator_name, round_number, task_name, data_size, named_tensors):
+        if collaborator_name in self.dropped:
+            self.logger.warning("Ignored %s's %s results: it was dropped from the experiment", collaborator_name,
+                                task_name)
+            return
+        super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
+
+    def _end_of_round_with_stragglers_check(self) -> None:
+        # Called under self.lock after each envoy's results, and by the watcher after a drop.
+        remaining = self._remaining()
+        if remaining and all(c in self.collaborators_done for c in remaining):
+            self._end_of_round_check()
+
+    def _remaining(self) -> list[str]:
+        return [c for c in self.authorized_cols if c not in self.dropped]
+
+    # --- the watcher ------------------------------------------------------------------------------------
+    def _watch(self, period: float = 0.5) -> None:
+        while not self.all_quit_jobs_sent():
+            time.sleep(period)
+            with self.lock:
+                self.check_envoys()
+
+    def check_envoys(self) -> None:
+        """Drop the envoys the director lost and, past round_timeout, those still busy; then end the
+        round with the rest, or fail if too few remain. Called with self.lock held."""
+        if self.all_quit_jobs_sent():
+            return
+        silent = self.lost_envoys() if self.lost_envoys else {}
+        for name in self._remaining():
+            if name in silent:
+                self._drop(name, f"the director has not heard from it for {silent[name]:.0f} s")
+        if self._time_to_quit():  # stopped, or every round done: nothing left to cut short
+            return
+        started = self._round_started.get(self.round_number)
+        if self.round_timeout and started and time.monotonic() - started > self.round_timeout:
+            for name in self._remaining():
+                if name not in self.collaborators_done:
+                    self._drop(name, f"it had not finished the round {self.round_timeout:g} s after it began "
+                                     "(round_timeout)")
+        needed = quorum(self.min_envoys, len(self.authorized_cols))
+        remaining = self._remaining()
+        if len(remaining) < needed:
+            lost = "; ".join(f"{name}: {why}" for name, why in self.dropped.items())
+            self._fail(f"only {len(remaining)} of {len(self.authorized_cols)} envoys remain, fewer than the {needed} "
+                       f"that min_envoys={self.min_envoys!r} requires. Lost: {lost}")
+        elif self.dropped:
+            self._end_of_round_with_stragglers_check()
+
+    def _drop(self, name: str, why: str) -> None:
+        self.dropped[name] = why
+        self.quit_job_sent_to.append(name)  # the experiment may end without its goodbye
+        self.logger.warning("Dropped envoy %s in round %d: %s", name, self.round_number, why)
+        if not self._time_to_quit():
+            self.metric_queue.put(self._event(name, DROPPED, why))
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        self.logger.error("The experiment stops: %s", why)
+        self.metric_queue.put(self._event(AGGREGATED, FAILED, why))
         self.stopped = True
-        super().stop(failed_collaborator)
+
+    def _event(self, origin: str, kind: str, why: str) -> dict:
+        started = self._round_started.get(self.round_number)
+        return {"round": self.round_number, "metric_origin": origin, "task_name": kind, "metric_name": why,
+                "metric_value": time.monotonic() - started if started else 0.0}
+
+    # --- stopping -----------------------------------------------------------------------------------------
+    def stop(self, failed_collaborator: str = None) -> None:
+        """Stop the experiment: the failed envoy is done with; every other one is told to quit when it next
+        asks for tasks (OpenFL would mark them all as told at once, and stop answering them)."""
+        self.logger.info("Stopping the experiment; the remaining envoys are told to quit as they ask for tasks.")
+        if failed_collaborator:
+            self.quit_job_sent_to.append(failed_collaborator)
+            if not self.stopped:
+                self._fail(f"{failed_collaborator} reported an error in its task; its envoy's log shows it")
+        self.stopped = True
 
     def _time_to_quit(self) -> bool:
-        return getattr(self, "stopped", False) or super()._time_to_quit()
+        return self.stopped or super()._time_to_quit()
 
     def _consider(self, metric: dict) -> None:
         if self.best.consider(metric):

@@ -4,13 +4,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import medmnist
 import torch
 
 from .aggregator import AGGREGATED, VALIDATE_GLOBAL
-from .run import is_synthetic
+from .run import ExperimentFailed, Followed, is_synthetic
 
 VAL_NAMES = {"loss": "val_loss", "acc": "val_acc", "auc": "val_auc", "seconds": "val_seconds"}
 
@@ -50,26 +51,45 @@ def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
     return block
 
 
-def build_results(*, params: dict, envoys: list[dict], metrics: list[dict], test_metrics: list[dict], best,
-                  wall_seconds: float, data_source: str) -> dict:
-    """The run's summary: what was trained on which shards, per-round metrics, the test of the best model."""
+def build_results(*, params: dict, envoys: list[dict], training: Followed, testing: Followed | None = None,
+                  started: float, data_source: str) -> dict:
+    """The run's summary: what was trained on which shards, per-round metrics, the test of the best model,
+    who dropped out, and whether and why the run failed. `started` is the time.time() of submission."""
     synthetic = is_synthetic(envoys)
     first = envoys[0] if envoys else {}
     nodes = [{"name": e["envoy"], **e.get("samples", {}), "label_histogram": e.get("label_histogram", {})}
              for e in envoys]
+    best = training.best
+    failed = next((run for run in (training, testing) if run is not None and run.error), None)
     return {
+        "status": "failed" if failed else "completed",
+        "error": failed.error if failed else None,
         "dataset": params["dataset"], "size": params["size"],
         "data_source": data_source or ("synthetic" if synthetic else "medmnist"), "synthetic": synthetic,
         "partition": {"strategy": first.get("partition"), "alpha": first.get("alpha"), "seed": first.get("seed")},
         "envoys": nodes,
-        "rounds": rounds_entries(metrics),
+        "rounds": rounds_entries(training.metrics),
+        "dropouts": training.dropouts + (testing.dropouts if testing else []),
         "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value},
         "test": {"model": "best", "round": best.round,
-                 **test_block(test_metrics, {n["name"]: n.get("test") for n in nodes})},
-        "wall_seconds": round(wall_seconds, 2),
+                 **test_block(testing.metrics if testing else [], {n["name"]: n.get("test") for n in nodes})},
+        "wall_seconds": round(time.time() - started, 2),
         "tls": bool(params.get("tls")),
         "params": params,
     }
+
+
+def stop_if_failed(run_dir: Path, *, training: Followed, testing: Followed | None = None, **record) -> None:
+    """If either experiment failed, save what arrived (results.json says why) and raise ExperimentFailed."""
+    failed = next((run for run in (training, testing) if run is not None and run.error), None)
+    if failed is None:
+        return
+    results = build_results(training=training, testing=testing, **record)
+    save_run(run_dir, results, training, testing)
+    kept = " and ".join(f"the {kind} model" for kind in ("best", "last")
+                        if getattr(training, f"{kind}_model") is not None) or "no model (none had arrived)"
+    raise ExperimentFailed(f"experiment {failed.name} failed: {failed.error}. Kept the metrics so far and "
+                           f"{kept} in {Path(run_dir).resolve()}")
 
 
 def write_metrics_csv(path: Path, streams: dict[str, list[dict]]) -> None:
@@ -167,14 +187,17 @@ def _headline(results: dict) -> str:
     return f"{results['dataset']} {results['size']}px, {len(results['envoys'])} envoys ({source})"
 
 
-def save_run(run_dir: Path, *, results: dict, streams: dict[str, list[dict]], best_model, last_model) -> Path:
-    """Write the models, results.json, metrics.csv, plots and TensorBoard logs; point `latest` here."""
+def save_run(run_dir: Path, results: dict, training: Followed, testing: Followed | None = None) -> Path:
+    """Write the models that arrived, results.json, metrics.csv, plots and TensorBoard logs; point `latest` here."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    results = {**results, "best_model": str(run_dir / "best_model.pt"), "last_model": str(run_dir / "last_model.pt")}
-    torch.save(best_model.state_dict(), results["best_model"])
-    torch.save(last_model.state_dict(), results["last_model"])
-    write_metrics_csv(run_dir / "metrics.csv", streams)
+    results = dict(results)
+    for name in ("best_model", "last_model"):
+        model = getattr(training, name)
+        results[name] = str(run_dir / f"{name}.pt") if model is not None else None
+        if model is not None:
+            torch.save(model.state_dict(), results[name])
+    write_metrics_csv(run_dir / "metrics.csv", {"train": training.metrics, "test": testing.metrics if testing else []})
     plot_curves(run_dir / "curves.png", results)
     plot_partition(run_dir / "partition.png", results)
     write_tensorboard(run_dir / "tensorboard", results)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 
+import grpc
 import medmnist
 import torch
 from openfl.interface.interactive_api.experiment import FLExperiment, ModelInterface
 
-from .aggregator import VALIDATE_GLOBAL
+from .aggregator import DROPPED, FAILED, VALIDATE_GLOBAL, Best, quorum
 from .data import MedMNISTData
 from .device import REQUESTS
 from .model import FLAGS, MULTI_LABEL, SIZES
@@ -34,12 +36,23 @@ def is_synthetic(envoys: list[dict]) -> bool:
     return any(e.get("synthetic") or "SYNTHETIC" in e.get("text", "") for e in envoys)
 
 
-class ParameterError(ValueError):
+class NotebookError(RuntimeError):
+    """An error the notebook shows as its one-line message, without a traceback (IPython's hook)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class ParameterError(NotebookError, ValueError):
     """A notebook parameter or dataset choice that cannot work; the message says what to change."""
 
 
+class ExperimentFailed(NotebookError):
+    """An experiment ended without its result; the message says why and where what arrived was kept."""
+
+
 def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
-                     learning_rate, device, best_metric, best_mode, **_) -> None:
+                     learning_rate, device, best_metric, best_mode, min_envoys=1, round_timeout=0, **_) -> None:
     """Refuse impossible parameters before anything is submitted, one clear line each."""
     if dataset not in FLAGS:
         raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
@@ -56,6 +69,20 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
     if best_metric not in ("auc", "acc", "loss") or best_mode not in ("max", "min"):
         raise ParameterError(f"best_metric={best_metric!r}, best_mode={best_mode!r}: use auc, acc or loss, "
                              "with max or min")
+    try:
+        quorum(min_envoys, 1)
+    except ValueError as exc:
+        raise ParameterError(f"min_envoys={min_envoys!r}: {exc}") from None
+    if isinstance(round_timeout, bool) or not isinstance(round_timeout, (int, float)) or not round_timeout >= 0:
+        raise ParameterError(f"round_timeout={round_timeout!r}: give seconds (0 for no limit)")
+
+
+def check_quorum(envoys: list[dict], min_envoys) -> None:
+    """Raise ParameterError if fewer envoys are online than min_envoys asks to keep."""
+    online = [e["envoy"] for e in envoys if e["online"]]
+    if len(online) < quorum(min_envoys, len(online)):
+        raise ParameterError(f"min_envoys={min_envoys!r}, but only {len(online)} envoys are online "
+                             f"({', '.join(online) or 'none'}): start more envoys or lower min_envoys")
 
 
 def check_dataset(federation, flag: str, size: int, envoys: list[dict] = ()) -> None:
@@ -100,14 +127,19 @@ class Schedule:
         return {c: [self.tasks[n] for n in names] for c in collaborators}
 
 
-def _network(aggregator_port: int) -> dict:
-    """Plan overrides for the aggregator's port; 0 keeps OpenFL's, derived per experiment (49152-60999)."""
-    return {"network.settings.agg_port": int(aggregator_port)} if aggregator_port else {}
+def _aggregator(aggregator_port: int, min_envoys, round_timeout: float) -> dict:
+    """Plan overrides: this project's aggregator, how it goes on without envoys, and its port (0 keeps
+    OpenFL's, derived per experiment from 49152-60999)."""
+    settings = {"aggregator.template": "medfl.aggregator.SelectingAggregator",
+                "aggregator.settings.min_envoys": min_envoys, "aggregator.settings.round_timeout": round_timeout}
+    return {**settings, **({"network.settings.agg_port": int(aggregator_port)} if aggregator_port else {})}
 
 
 def start_training(experiment: FLExperiment, model, optimizer, tasks, data: MedMNISTData, rounds: int,
-                   best_metric: str = "auc", best_mode: str = "max", aggregator_port: int = 0) -> None:
-    """Submit `rounds` rounds of federated training; the best model is chosen on `best_metric`."""
+                   best_metric: str = "auc", best_mode: str = "max", min_envoys=0.5, round_timeout: float = 0,
+                   aggregator_port: int = 0) -> None:
+    """Submit `rounds` rounds of federated training; the best model is chosen on `best_metric`. A round
+    goes on without envoys that are lost or pass `round_timeout` while `min_envoys` remain."""
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds_to_train must be a positive integer, not {rounds!r}")
     experiment.start(
@@ -117,15 +149,14 @@ def start_training(experiment: FLExperiment, model, optimizer, tasks, data: MedM
         # An envoy whose config lists cuda_devices gets 'cuda:N' for its tasks; others get 'cpu',
         # which medfl.device.pick_device still turns into the node's HPU or GPU under device="auto".
         device_assignment_policy="CUDA_PREFERRED",
-        override_config={"aggregator.template": "medfl.aggregator.SelectingAggregator",
-                         "aggregator.settings.best_metric": best_metric,
-                         "aggregator.settings.best_mode": best_mode, **_network(aggregator_port)},
+        override_config={"aggregator.settings.best_metric": best_metric, "aggregator.settings.best_mode": best_mode,
+                         **_aggregator(aggregator_port, min_envoys, round_timeout)},
     )
     _check_submitted(experiment)
 
 
 def start_test(experiment: FLExperiment, model, tasks, eval_batch_size: int = 256, device: str = "auto",
-               aggregator_port: int = 0) -> None:
+               min_envoys=0.5, round_timeout: float = 0, aggregator_port: int = 0) -> None:
     """Submit a validation-only experiment that evaluates `model` on every envoy's test split."""
     experiment.start(
         model_provider=ModelInterface(model=model, optimizer=torch.optim.Adam(model.parameters()),
@@ -134,7 +165,7 @@ def start_test(experiment: FLExperiment, model, tasks, eval_batch_size: int = 25
         data_loader=MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test", device=device),
         rounds_to_train=1, task_assigner=Schedule(tasks.get_registered_tasks(), 0),
         device_assignment_policy="CUDA_PREFERRED",
-        override_config={"aggregator.template": "medfl.aggregator.SelectingAggregator", **_network(aggregator_port)},
+        override_config=_aggregator(aggregator_port, min_envoys, round_timeout),
     )
     _check_submitted(experiment)
 
@@ -151,12 +182,6 @@ TASK_METRICS = {"train": {"train_loss", "train_seconds"},
                 VALIDATE_GLOBAL: {"loss", "acc", "auc", "seconds"}}
 
 
-def trained_models(experiment: FLExperiment, best) -> tuple:
-    """(best model, last model) from the director; the last stands in if no model could be judged."""
-    last = experiment.get_last_model()
-    return (last if best.round is None else experiment.get_best_model()), last
-
-
 def round_label(metric: dict, rounds: int) -> str:
     """Which model a metric is about: validation of the global model after r rounds, or training in round r."""
     r = metric["round"]
@@ -165,27 +190,74 @@ def round_label(metric: dict, rounds: int) -> str:
     return f"round {r + 1}/{rounds}"
 
 
-def stream(experiment: FLExperiment, rounds: int, echo=print, label: str = "") -> list[dict]:
-    """Follow an experiment until it ends; echo one line per envoy task as its metrics arrive.
+@dataclass
+class Followed:
+    """What arrived from one experiment: its metrics, who dropped out, and why it failed if it did.
 
-    Returns every metric, timestamped. `label` replaces the round label (the test run uses 'test').
+    For a training run, `best` is the best-model rule replayed on the metrics, and `best_model` the
+    model it chose (fetched as soon as it became the best, so a lost director does not take it along)
+    and `last_model` the final global model; either is None if it never arrived.
     """
-    metrics, pending = [], {}
-    for m in experiment.federation.dir_client.stream_metrics(experiment.experiment_name):
-        m = {**m, "time": time.time()}
-        metrics.append(m)
-        key = (m["round"], m["metric_origin"], m["task_name"])
-        group = pending.setdefault(key, {})
-        group[m["metric_name"]] = m["metric_value"]
-        if set(group) >= TASK_METRICS.get(m["task_name"], set(group)):
-            echo(_line(label or round_label(m, rounds), m, pending.pop(key)))
+
+    name: str
+    metrics: list = field(default_factory=list)
+    dropouts: list = field(default_factory=list)
+    error: str | None = None
+    best: Best | None = None
+    best_model: torch.nn.Module | None = None
+    last_model: torch.nn.Module | None = None
+
+
+def follow(experiment: FLExperiment, rounds: int, best: Best | None = None, echo=print, label: str = "") -> Followed:
+    """Follow an experiment until it ends, fails or its director is lost; never raises for those.
+
+    Echoes one line per envoy task as its metrics arrive, and one per envoy dropped. With `best`,
+    keeps the best model so far and, at the end, the last one. `label` replaces the round label
+    (the test run uses 'test').
+    """
+    run, pending = Followed(experiment.experiment_name, best=best), {}
+    client = experiment.federation.dir_client
+    try:
+        for m in client.stream_metrics(experiment.experiment_name):
+            m = {**m, "time": time.time()}
+            if m["task_name"] == DROPPED:
+                _dropped(run, m, label or _round_of(m['round'], rounds), echo)
+                continue
+            if m["task_name"] == FAILED:
+                run.error = m["metric_name"]
+                break  # the aggregator still tells the other envoys to quit; nothing more is coming
+            run.metrics.append(m)
+            key = (m["round"], m["metric_origin"], m["task_name"])
+            group = pending.setdefault(key, {})
+            group[m["metric_name"]] = m["metric_value"]
+            if set(group) >= TASK_METRICS.get(m["task_name"], set(group)):
+                echo(_line(label or round_label(m, rounds), m, pending.pop(key)))
+            if best is not None and best.consider(m):
+                run.best_model = experiment.get_best_model()
+        if run.error is None and experiment.get_experiment_status() == "failed":
+            run.error = "the director reports the experiment as failed; its log says why"
+        if best is not None:
+            run.last_model = experiment.get_last_model()
+    except grpc.RpcError as exc:
+        run.error = f"lost the director ({exc.code().name}: {exc.details()}): it stopped, or the network to it failed"
     for (r, origin, task), group in pending.items():
         echo(_line(label or round_label({"round": r, "task_name": task}, rounds),
                    {"metric_origin": origin, "task_name": task}, group))
-    if experiment.get_experiment_status() == "failed":
-        raise RuntimeError(f"experiment {experiment.experiment_name} failed: an envoy reported an error; "
-                           "the director's log shows it, with the envoy's name")
-    return metrics
+    if best is not None and best.round is None:
+        run.best_model = run.last_model  # no finite validation score: the last model stands in
+    if run.error:
+        echo(f"FAILED: {run.error}")
+    return run
+
+
+def _round_of(r: int, rounds: int) -> str:
+    return f"round {r + 1}/{rounds}" if r < rounds else "final validation"
+
+
+def _dropped(run: Followed, m: dict, where: str, echo) -> None:
+    run.dropouts.append({"envoy": m["metric_origin"], "experiment": run.name, "round": m["round"] + 1,
+                         "time": round(m["time"], 3), "reason": m["metric_name"]})
+    echo(f"{where:<16} {m['metric_origin']:<11} DROPPED: {m['metric_name']}; the experiment goes on without it")
 
 
 def _line(where: str, m: dict, values: dict) -> str:
