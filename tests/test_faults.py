@@ -1,4 +1,5 @@
-"""Nodes started in any order: an envoy waits for a director that is not up yet."""
+"""Nodes started in any order, and restarted: an envoy waits for a director that is not up yet, and an
+envoy restarted after a crash joins the federation's next experiment."""
 import os
 import signal
 import subprocess
@@ -51,3 +52,37 @@ def test_an_envoy_started_first_waits_for_the_director_and_joins(tiny_file, tmp_
         for process in processes:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
+
+
+def test_an_envoy_restarted_after_a_crash_registers_again_and_takes_part_in_the_next_experiment(tiny_file, tmp_path,
+                                                                                              monkeypatch):
+    from openfl.interface.interactive_api.experiment import FLExperiment
+    from openfl.interface.interactive_api.federation import Federation
+
+    import medfl
+    from localfed import LocalFederation
+    from medmnist_shard.spec import sample_shape, target_shape
+
+    data_dir = tiny_file("bloodmnist").parent
+    shards = {f"envoy_{r}": {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},2",
+                             "download": False} for r in (1, 2)}
+    with LocalFederation(tmp_path, shards, sample_shape("bloodmnist", 28), target_shape("bloodmnist"),
+                         health_period=1) as fed:
+        crashed = next(c for c in fed.components if c.name == "envoy_2")
+        os.killpg(crashed.process.pid, signal.SIGKILL)
+        crashed.process.wait()
+        federation = Federation(client_id="frontend", director_node_fqdn=fed.host, director_port=fed.port, tls=False)
+        deadline = time.monotonic() + 30
+        while federation.get_shard_registry()["envoy_2"]["is_online"]:  # the director notices it is gone
+            assert time.monotonic() < deadline, "the director still shows the killed envoy online"
+            time.sleep(0.5)
+        fed.restart("envoy_2")
+        assert all(e["online"] for e in medfl.run.registry(federation))
+        monkeypatch.chdir(ROOT / "workspace")  # OpenFL ships the working directory: the notebook's folder
+        experiment = FLExperiment(federation=federation, experiment_name="after-restart")
+        medfl.run.start_test(experiment, medfl.build_model("bloodmnist", 28), medfl.build_tasks("bloodmnist", 1),
+                             device="cpu")
+        run = medfl.run.follow(experiment, 1, echo=lambda line: None)
+        assert run.error is None and not run.dropouts
+        assert {m["metric_origin"] for m in run.metrics} == {"envoy_1", "envoy_2", "aggregator"}
+        assert (tmp_path / "logs" / f"envoy_2.{crashed.process.pid}.log").exists()  # the crashed run's log is kept
