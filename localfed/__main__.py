@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 from medfl.aggregator import quorum
 from medmnist_shard import DataError
@@ -22,7 +25,7 @@ from tlscerts import make as make_certs
 from . import ROOT, FederationError, LocalFederation, free_port, signals_deferred, tail
 from .data import SOURCES, resolve
 
-# Lines of the notebook's output worth showing live: its progress lines (medfl.run.stream) and summary.
+# Lines of the notebook's output worth showing live: its progress lines (medfl.run.follow) and summary.
 PROGRESS = re.compile(r"^(initial model|model after|round \d|final validation|test |best model|no global model|NOTE|"
                       r"FAILED)")
 # Once the director has gone, the notebook gets this long to save what it received and stop.
@@ -164,10 +167,17 @@ def _relay(stream, out) -> None:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
+    """Kill papermill's process group and its kernel, which Jupyter starts in a session of its own (left
+    alone, the kernel would go on for a moment and might write a run folder after the interrupt)."""
     try:
+        kernels = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kernels = []
+    for child in kernels:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
 
 
