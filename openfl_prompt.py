@@ -17,6 +17,11 @@ tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adj
   report its own failure. An envoy is handed an experiment again (after a restart) only while it
   runs and has not dropped that envoy: joining an ended one, it would wait forever for its
   vanished aggregator.
+- Vanished aggregators. OpenFL's collaborator retries an unreachable aggregator forever, so an
+  envoy whose experiment ended without it (it was dropped) or whose director died would never take
+  part in anything again. Here it gives up after AGGREGATOR_PATIENCE_S (60 s,
+  FX_AGGREGATOR_PATIENCE_S) and waits for the next experiment; the director ignores failure reports
+  about experiments that are over, and an envoy that cannot reach its director to report one says so.
 - Lost envoys. Each experiment's aggregator (medfl.aggregator.SelectingAggregator) learns which
   envoys the director no longer hears from (no health check for twice envoy_health_check_period),
   so that it can go on without them; an experiment it stopped for want of envoys ends as failed.
@@ -45,6 +50,11 @@ from openfl.utilities import LocalTensor, TensorKey, change_tags
 
 logger = logging.getLogger("openfl_prompt")
 POLL_S = float(os.environ.get("FX_POLL_S", "0.1"))
+AGGREGATOR_PATIENCE_S = float(os.environ.get("FX_AGGREGATOR_PATIENCE_S", "60"))
+
+
+class AggregatorGone(RuntimeError):
+    """The experiment's aggregator stopped answering: the envoy leaves that experiment."""
 
 
 class _CappedAsyncio:
@@ -143,6 +153,15 @@ def install() -> None:
         shard_client.report_shard_info = _waiting_for_director(shard_client.report_shard_info)
     if not hasattr(director.Director.__init__, "remembered"):
         director.Director.__init__ = _remembered(director.Director.__init__)
+    if not hasattr(director.Director.set_experiment_failed, "in_progress_only"):
+        director.Director.set_experiment_failed = _in_progress_only(director.Director.set_experiment_failed)
+    if not hasattr(shard_client.set_experiment_failed, "says_unreachable"):
+        shard_client.set_experiment_failed = _saying_unreachable(shard_client.set_experiment_failed)
+    from openfl.transport.grpc import aggregator_client
+
+    interceptor = aggregator_client.RetryOnRpcErrorClientInterceptor
+    if not hasattr(interceptor._intercept_call, "patient"):
+        interceptor._intercept_call = _patient_intercept_call
     server = director_server.DirectorGRPCServer
     if not hasattr(server.UpdateShardInfo, "checks_name"):
         server.UpdateShardInfo = _named_envoys_only(server.UpdateShardInfo)
@@ -203,6 +222,59 @@ def _named_envoys_only(update_shard_info):
         return await update_shard_info(self, request, context)
 
     wrapper.checks_name = True
+    return wrapper
+
+
+def _patient_intercept_call(self, continuation, client_call_details, request_or_iterator):
+    """RetryOnRpcErrorClientInterceptor._intercept_call that retries an unreachable aggregator for
+    AGGREGATOR_PATIENCE_S, then raises AggregatorGone (OpenFL retries forever)."""
+    give_up = time.monotonic() + AGGREGATOR_PATIENCE_S
+    while True:
+        response = continuation(client_call_details, request_or_iterator)
+        if not isinstance(response, Exception) or (self.status_for_retry
+                                                   and response.code() not in self.status_for_retry):
+            return response
+        if time.monotonic() > give_up:
+            # Not a grpc.RpcError: OpenFL's collaborator client would retry that too.
+            raise AggregatorGone(f"the experiment's aggregator at {self.sleeping_policy.uri} has not answered for "
+                                 f"{AGGREGATOR_PATIENCE_S:.0f} s: the experiment went on without this envoy, or "
+                                 "its director stopped; this envoy leaves it and waits for the next one")
+        self.sleeping_policy.sleep()
+
+
+_patient_intercept_call.patient = True
+
+
+def _in_progress_only(set_experiment_failed):
+    """Director.set_experiment_failed that ignores reports about an experiment that is over."""
+    from openfl.component.director.experiment import Status
+
+    def wrapper(self, *, experiment_name: str, collaborator_name: str):
+        experiment = self.experiments_registry.get(experiment_name)
+        if experiment is not None and experiment.status != Status.IN_PROGRESS:
+            logger.info("Ignored %s's failure report about experiment %s, which is %s", collaborator_name,
+                        experiment_name, experiment.status)
+            return
+        set_experiment_failed(self, experiment_name=experiment_name, collaborator_name=collaborator_name)
+
+    wrapper.in_progress_only = True
+    return wrapper
+
+
+def _saying_unreachable(set_experiment_failed):
+    """ShardDirectorClient.set_experiment_failed that logs, rather than raises, a director that does not answer."""
+    import grpc
+
+    def wrapper(self, experiment_name: str, *args, **kwargs):
+        try:
+            return set_experiment_failed(self, experiment_name, *args, **kwargs)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            logger.error("Could not tell the director that experiment %s failed here: it does not answer (%s)",
+                         experiment_name, exc.details())
+
+    wrapper.says_unreachable = True
     return wrapper
 
 

@@ -5,10 +5,11 @@ import signal
 import subprocess
 import time
 
+import torch
 import yaml
 
 from conftest import ROOT
-from localfed import free_port
+from localfed import free_port, tail
 
 
 def _start(command, env, log):
@@ -86,3 +87,49 @@ def test_an_envoy_restarted_after_a_crash_registers_again_and_takes_part_in_the_
         assert run.error is None and not run.dropouts
         assert {m["metric_origin"] for m in run.metrics} == {"envoy_1", "envoy_2", "aggregator"}
         assert (tmp_path / "logs" / f"envoy_2.{crashed.process.pid}.log").exists()  # the crashed run's log is kept
+
+
+def test_an_envoy_frozen_mid_run_is_dropped_and_once_thawed_leaves_that_run_for_the_next(tiny_file, tmp_path,
+                                                                                        monkeypatch):
+    """SIGSTOP stands for a hung host or a cut cable: the run goes on without the envoy; when it comes back,
+    its experiment's aggregator is gone, and instead of retrying forever (OpenFL) it waits for the next one."""
+    from openfl.interface.interactive_api.experiment import FLExperiment
+    from openfl.interface.interactive_api.federation import Federation
+
+    import medfl
+    from localfed import LocalFederation
+    from medmnist_shard.spec import sample_shape, target_shape
+
+    monkeypatch.setenv("FX_AGGREGATOR_PATIENCE_S", "3")  # the envoys' patience with a silent aggregator
+    data_dir = tiny_file("bloodmnist", 28, {"train": 600, "val": 40, "test": 40}).parent
+    shards = {f"envoy_{r}": {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},2",
+                             "download": False} for r in (1, 2)}
+    with LocalFederation(tmp_path, shards, sample_shape("bloodmnist", 28), target_shape("bloodmnist"),
+                         health_period=1) as fed:
+        frozen = next(c for c in fed.components if c.name == "envoy_2")
+        federation = Federation(client_id="frontend", director_node_fqdn=fed.host, director_port=fed.port, tls=False)
+        monkeypatch.chdir(ROOT / "workspace")  # OpenFL ships the working directory: the notebook's folder
+        model = medfl.build_model("bloodmnist", 28)
+        tasks = medfl.build_tasks("bloodmnist", 1)
+
+        def freeze_on_round_1(line):
+            if line.startswith("round 1/") and frozen.process.poll() is None:
+                os.killpg(frozen.process.pid, signal.SIGSTOP)
+
+        experiment = FLExperiment(federation=federation, experiment_name="frozen")
+        medfl.run.start_training(experiment, model, torch.optim.Adam(model.parameters()), tasks,
+                                 medfl.MedMNISTData(), rounds=3)
+        try:
+            run = medfl.run.follow(experiment, 3, medfl.Best(), echo=freeze_on_round_1)
+        finally:
+            os.killpg(frozen.process.pid, signal.SIGCONT)
+        assert run.error is None and [d["envoy"] for d in run.dropouts] == ["envoy_2"]
+        assert run.best_model is not None and run.last_model is not None
+        deadline = time.monotonic() + 30
+        while "has not answered for 3 s" not in frozen.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, tail(frozen.log)
+            time.sleep(0.5)
+        after = FLExperiment(federation=federation, experiment_name="after-thaw")
+        medfl.run.start_test(after, run.best_model, tasks, device="cpu")
+        test = medfl.run.follow(after, 1, echo=lambda line: None)
+        assert test.error is None and {m["metric_origin"] for m in test.metrics} >= {"envoy_1", "envoy_2"}

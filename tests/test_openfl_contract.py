@@ -81,8 +81,12 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
     modules = (director, experiment, director_server)
     saved = [m.asyncio for m in modules], collaborator.sleep
     saved_db = aggregator.TensorDB
-    saved_director = director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start
-    from openfl.transport.grpc import director_client
+    saved_director = (director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start,
+                      director.Director.set_experiment_failed)
+    from openfl.transport.grpc import aggregator_client, director_client
+
+    interceptor = aggregator_client.RetryOnRpcErrorClientInterceptor
+    saved_client = (director_client.ShardDirectorClient.set_experiment_failed, interceptor._intercept_call)
 
     server = director_server.DirectorGRPCServer
     saved_server = server.UpdateShardInfo, server.SetExperimentFailed
@@ -100,7 +104,9 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
             module.asyncio = original
         collaborator.sleep = saved[1]
         aggregator.TensorDB = collaborator.TensorDB = saved_db
-        director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start = saved_director
+        (director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start,
+         director.Director.set_experiment_failed) = saved_director
+        director_client.ShardDirectorClient.set_experiment_failed, interceptor._intercept_call = saved_client
         server.UpdateShardInfo, server.SetExperimentFailed = saved_server
         director_client.ShardDirectorClient.report_shard_info = saved_report
 
@@ -128,6 +134,51 @@ def test_an_envoy_is_handed_its_last_experiment_again_only_while_it_runs_and_cou
     for name in ("envoy_1", "envoy_2", "envoy_3", "envoy_4"):
         asyncio.run(wrapped(fake, name))
     assert handed == [("envoy_1", "run"), ("envoy_2", None), ("envoy_3", None), ("envoy_4", None)]
+
+
+def test_an_envoy_gives_up_on_an_aggregator_that_stopped_answering(monkeypatch):
+    from types import SimpleNamespace
+
+    import grpc
+    import pytest
+    from openfl.transport.grpc import aggregator_client
+
+    import openfl_prompt
+
+    # OpenFL retries UNAVAILABLE forever in the interceptor, and any other RpcError in the client methods:
+    # giving up must raise something that is not an RpcError.
+    original = inspect.getsource(aggregator_client.RetryOnRpcErrorClientInterceptor._intercept_call)
+    assert "while True:" in original and "self.sleeping_policy.sleep()" in original
+    assert "except grpc.RpcError as e:" in inspect.getsource(aggregator_client._resend_data_on_reconnection)
+    assert not issubclass(openfl_prompt.AggregatorGone, grpc.RpcError)
+
+    class Unavailable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+    sleeps = []
+    fake = SimpleNamespace(status_for_retry=(grpc.StatusCode.UNAVAILABLE,),
+                           sleeping_policy=SimpleNamespace(uri="localhost:51000", sleep=lambda: sleeps.append(1)))
+    answers = iter([Unavailable(), Unavailable(), "response"])
+    assert openfl_prompt._patient_intercept_call(fake, lambda details, request: next(answers), None, None) == "response"
+    monkeypatch.setattr(openfl_prompt, "AGGREGATOR_PATIENCE_S", 0.05)
+    with pytest.raises(openfl_prompt.AggregatorGone, match="aggregator at localhost:51000 has not answered for 0 s"):
+        openfl_prompt._patient_intercept_call(fake, lambda details, request: Unavailable(), None, None)
+    assert sleeps
+
+
+def test_the_director_ignores_failure_reports_about_experiments_that_are_over():
+    from types import SimpleNamespace
+
+    import openfl_prompt
+
+    reports = []
+    wrapped = openfl_prompt._in_progress_only(lambda self, **kw: reports.append(kw["experiment_name"]))
+    fake = SimpleNamespace(experiments_registry={"done": SimpleNamespace(status="finished"),
+                                                 "running": SimpleNamespace(status="in_progress")})
+    for name in ("done", "running", "unknown"):
+        wrapped(fake, experiment_name=name, collaborator_name="envoy_1")
+    assert reports == ["running", "unknown"]  # OpenFL's own method ignores unknown ones
 
 
 def test_the_director_tells_the_aggregator_which_envoys_it_no_longer_hears():
