@@ -139,12 +139,17 @@ def plot_curves(path: Path, results: dict) -> None:
             ax.plot(*zip(*points, strict=True), marker="o", color="black", linewidth=2, label="aggregated")
         if key.startswith("val") and results["best"]["round"] is not None:
             ax.axvline(results["best"]["round"], color="tab:green", linestyle=":", label="best model")
+        for d in results["dropouts"]:
+            if d["experiment"] == results["params"].get("experiment"):  # not the test run's
+                # Lost during training round r: between the models after r - 1 and r rounds.
+                ax.axvline(d["round"] - 0.5, color="tab:red", linestyle="--", label=f"{d['envoy']} dropped out")
         ax.set_title(title)
         ax.set_xlabel("rounds trained")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(_headline(results))
+    failed = " -- the run FAILED: results.json says why" if results["status"] == "failed" else ""
+    fig.suptitle(_headline(results) + failed)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
