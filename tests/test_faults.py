@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from localfed import free_port, tail
+from localfed import _listening, free_port, tail
 
 
 def _start(command, env, log):
@@ -23,6 +23,13 @@ def _wait_for(log, text, process, seconds):
     while text not in log.read_text(errors="replace"):
         assert process.poll() is None, f"exited early:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"no {text!r} within {seconds} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def wait_until(condition, seconds, failure):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
         time.sleep(0.2)
 
 
@@ -117,18 +124,17 @@ def test_an_envoy_frozen_mid_run_is_dropped_and_once_thawed_leaves_that_run_for_
                 os.killpg(frozen.process.pid, signal.SIGSTOP)
 
         experiment = FLExperiment(federation=federation, experiment_name="frozen")
+        aggregator_port = free_port()
         medfl.run.start_training(experiment, model, torch.optim.Adam(model.parameters()), tasks,
-                                 medfl.MedMNISTData(), rounds=3)
+                                 medfl.MedMNISTData(), rounds=3, aggregator_port=aggregator_port)
         try:
             run = medfl.run.follow(experiment, 3, medfl.Best(), echo=freeze_on_round_1)
+            assert run.error is None and [d["envoy"] for d in run.dropouts] == ["envoy_2"]
+            assert run.best_model is not None and run.last_model is not None
+            wait_until(lambda: not _listening(fed.host, aggregator_port), 10, "the aggregator did not stop")
         finally:
             os.killpg(frozen.process.pid, signal.SIGCONT)
-        assert run.error is None and [d["envoy"] for d in run.dropouts] == ["envoy_2"]
-        assert run.best_model is not None and run.last_model is not None
-        deadline = time.monotonic() + 30
-        while "has not answered for 3 s" not in frozen.log.read_text(errors="replace"):
-            assert time.monotonic() < deadline, tail(frozen.log)
-            time.sleep(0.5)
+        wait_until(lambda: "has not answered for 3 s" in frozen.log.read_text(errors="replace"), 30, tail(frozen.log))
         after = FLExperiment(federation=federation, experiment_name="after-thaw")
         medfl.run.start_test(after, run.best_model, tasks, device="cpu")
         test = medfl.run.follow(after, 1, echo=lambda line: None)
