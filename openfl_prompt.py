@@ -24,7 +24,9 @@ tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adj
   about experiments that are over, and an envoy that cannot reach its director to report one says so.
 - Lost envoys. Each experiment's aggregator (medfl.aggregator.SelectingAggregator) learns which
   envoys the director no longer hears from (no health check for twice envoy_health_check_period),
-  so that it can go on without them; an experiment it stopped for want of envoys ends as failed.
+  so that it can go on without them, and drops an envoy that registers again after a restart (a
+  restarted collaborator that rejoined a running experiment was seen to fail it, asking for
+  tensors the aggregator no longer had); an experiment it stopped for want of envoys ends as failed.
 - Start order. An envoy started before its director waits for it, retrying with a growing pause
   and one log line each time, instead of exiting; TLS refusals still end it at once.
 - Busy port. A director whose port is taken says so in one line instead of a gRPC traceback.
@@ -151,6 +153,8 @@ def install() -> None:
     shard_client = director_client.ShardDirectorClient
     if not hasattr(shard_client.report_shard_info, "waits"):
         shard_client.report_shard_info = _waiting_for_director(shard_client.report_shard_info)
+    if not hasattr(director.Director.acknowledge_shard, "drops_restarted"):
+        director.Director.acknowledge_shard = _dropping_restarted(director.Director.acknowledge_shard)
     if not hasattr(director.Director.__init__, "remembered"):
         director.Director.__init__ = _remembered(director.Director.__init__)
     if not hasattr(director.Director.set_experiment_failed, "in_progress_only"):
@@ -302,6 +306,24 @@ def _current_only(wait_experiment):
         return await wait_experiment(self, envoy_name)
 
     wrapper.current_only = True
+    return wrapper
+
+
+def _dropping_restarted(acknowledge_shard):
+    """Director.acknowledge_shard that, when an envoy registers again during an experiment it is part of,
+    has that experiment go on without it; the envoy then waits for the next one."""
+    from openfl.component.director.experiment import Status
+
+    def wrapper(self, shard_info: dict) -> bool:
+        accepted = acknowledge_shard(self, shard_info)
+        name = shard_info["node_info"]["name"]
+        experiment = self.experiments_registry.get(self.col_exp.get(name) or "")
+        if accepted and experiment is not None and experiment.status == Status.IN_PROGRESS \
+                and hasattr(experiment.aggregator, "drop"):
+            experiment.aggregator.drop(name, "it restarted during the experiment; it joins the next one")
+        return accepted
+
+    wrapper.drops_restarted = True
     return wrapper
 
 

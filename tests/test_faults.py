@@ -139,3 +139,46 @@ def test_an_envoy_frozen_mid_run_is_dropped_and_once_thawed_leaves_that_run_for_
         medfl.run.start_test(after, run.best_model, tasks, device="cpu")
         test = medfl.run.follow(after, 1, echo=lambda line: None)
         assert test.error is None and {m["metric_origin"] for m in test.metrics} >= {"envoy_1", "envoy_2"}
+
+
+def test_an_envoy_restarted_during_an_experiment_leaves_it_and_joins_the_next(tiny_file, tmp_path, monkeypatch):
+    """Back before the director missed it, a restarted envoy has lost its part of the running experiment:
+    the experiment goes on without it at once, and the envoy takes part in the next one."""
+    from openfl.interface.interactive_api.experiment import FLExperiment
+    from openfl.interface.interactive_api.federation import Federation
+
+    import medfl
+    from localfed import LocalFederation
+    from medmnist_shard.spec import sample_shape, target_shape
+
+    data_dir = tiny_file("bloodmnist", 28, {"train": 600, "val": 40, "test": 40}).parent
+    shards = {f"envoy_{r}": {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},2",
+                             "download": False} for r in (1, 2)}
+    # The director's default health period (10 s): the envoy is back before it would count as lost (20 s).
+    with LocalFederation(tmp_path, shards, sample_shape("bloodmnist", 28), target_shape("bloodmnist")) as fed:
+        federation = Federation(client_id="frontend", director_node_fqdn=fed.host, director_port=fed.port, tls=False)
+        monkeypatch.chdir(ROOT / "workspace")
+        model = medfl.build_model("bloodmnist", 28)
+        tasks = medfl.build_tasks("bloodmnist", 1)
+        restarted = []
+
+        def crash_and_restart_in_round_2(line):
+            if line.startswith("round 2/") and not restarted:
+                crashed = next(c for c in fed.components if c.name == "envoy_2")
+                os.killpg(crashed.process.pid, signal.SIGKILL)
+                crashed.process.wait()
+                restarted.append(time.monotonic())
+                fed.restart("envoy_2")
+
+        experiment = FLExperiment(federation=federation, experiment_name="restart")
+        medfl.run.start_training(experiment, model, torch.optim.Adam(model.parameters()), tasks,
+                                 medfl.MedMNISTData(), rounds=4)
+        run = medfl.run.follow(experiment, 4, medfl.Best(), echo=crash_and_restart_in_round_2)
+        assert restarted and run.error is None
+        assert [(d["envoy"], d["reason"]) for d in run.dropouts] == \
+            [("envoy_2", "it restarted during the experiment; it joins the next one")]
+        assert run.dropouts[0]["round"] in (2, 3)
+        following = FLExperiment(federation=federation, experiment_name="after-restart")
+        medfl.run.start_test(following, run.best_model, tasks, device="cpu")
+        test = medfl.run.follow(following, 1, echo=lambda line: None)
+        assert test.error is None and {m["metric_origin"] for m in test.metrics} >= {"envoy_1", "envoy_2"}

@@ -82,7 +82,7 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
     saved = [m.asyncio for m in modules], collaborator.sleep
     saved_db = aggregator.TensorDB
     saved_director = (director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start,
-                      director.Director.set_experiment_failed)
+                      director.Director.set_experiment_failed, director.Director.acknowledge_shard)
     from openfl.transport.grpc import aggregator_client, director_client
 
     interceptor = aggregator_client.RetryOnRpcErrorClientInterceptor
@@ -105,7 +105,7 @@ def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
         collaborator.sleep = saved[1]
         aggregator.TensorDB = collaborator.TensorDB = saved_db
         (director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start,
-         director.Director.set_experiment_failed) = saved_director
+         director.Director.set_experiment_failed, director.Director.acknowledge_shard) = saved_director
         director_client.ShardDirectorClient.set_experiment_failed, interceptor._intercept_call = saved_client
         server.UpdateShardInfo, server.SetExperimentFailed = saved_server
         director_client.ShardDirectorClient.report_shard_info = saved_report
@@ -165,6 +165,24 @@ def test_an_envoy_gives_up_on_an_aggregator_that_stopped_answering(monkeypatch):
     with pytest.raises(openfl_prompt.AggregatorGone, match="aggregator at localhost:51000 has not answered for 0 s"):
         openfl_prompt._patient_intercept_call(fake, lambda details, request: Unavailable(), None, None)
     assert sleeps
+
+
+def test_an_envoy_that_registers_again_mid_experiment_is_dropped_from_it():
+    from types import SimpleNamespace
+
+    from openfl.component.director import director
+
+    import openfl_prompt
+
+    assert "self._shard_registry[shard_info[\"node_info\"][\"name\"]] = {" in \
+        inspect.getsource(director.Director.acknowledge_shard).replace("'", '"')
+    dropped = []
+    running = SimpleNamespace(status="in_progress", aggregator=SimpleNamespace(drop=lambda *a: dropped.append(a)))
+    fake = SimpleNamespace(col_exp={"envoy_1": "run"}, experiments_registry={"run": running})
+    wrapped = openfl_prompt._dropping_restarted(lambda self, info: True)
+    for name in ("envoy_1", "envoy_2"):  # envoy_2 is new: nothing to leave
+        assert wrapped(fake, {"node_info": {"name": name}})
+    assert dropped == [("envoy_1", "it restarted during the experiment; it joins the next one")]
 
 
 def test_the_director_ignores_failure_reports_about_experiments_that_are_over():

@@ -7,8 +7,9 @@ director from the experiment's plan, so it arrives with the workspace like the r
   of one named metric (`auc` by default, higher is better).
 - OpenFL waits forever for an envoy that has gone. Here an envoy is dropped from the experiment
   when the director stops hearing from it (`lost_envoys`, which openfl_prompt.py connects to the
-  director's health checks) or when it has not finished a round `round_timeout` seconds after the
-  round began. The round then ends with the envoys that remain, if at least `min_envoys` do (a
+  director's health checks), when it registers again after a restart (its state in the experiment
+  is gone; openfl_prompt.py calls `drop`), or when it has not finished a round `round_timeout`
+  seconds after the round began. The round then ends with the envoys that remain, if at least `min_envoys` do (a
   number, or a share of the experiment's envoys); otherwise the experiment fails, naming them.
   Both are streamed to the notebook as events (DROPPED, FAILED) among the metrics.
 - When an envoy reports an error, OpenFL stops the aggregator and, on paper, every collaborator,
@@ -149,6 +150,13 @@ class SelectingAggregator(Aggregator):
         while not self.all_quit_jobs_sent():
             time.sleep(period)
             with self.lock:
+                self.check_envoys()
+
+    def drop(self, name: str, why: str) -> None:
+        """Drop envoy `name` now, for a reason the director knows (it registered again after a restart)."""
+        with self.lock:
+            if name in self.authorized_cols and name not in self.dropped:
+                self._drop(name, why)
                 self.check_envoys()
 
     def check_envoys(self) -> None:
