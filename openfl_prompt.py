@@ -18,8 +18,8 @@ tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adj
   runs and has not dropped that envoy: joining an ended one, it would wait forever for its
   vanished aggregator.
 - Vanished aggregators. OpenFL's collaborator retries an unreachable aggregator forever, so an
-  envoy whose experiment ended without it (it was dropped) or whose director died would never take
-  part in anything again. Here it gives up after AGGREGATOR_PATIENCE_S (60 s,
+  envoy whose experiment ended without it (it was dropped, then came back) would never take part
+  in anything again. Here it gives up after AGGREGATOR_PATIENCE_S (60 s,
   FX_AGGREGATOR_PATIENCE_S) and waits for the next experiment; the director ignores failure reports
   about experiments that are over, and an envoy that cannot reach its director to report one says so.
 - Lost envoys. Each experiment's aggregator (medfl.aggregator.SelectingAggregator) learns which
