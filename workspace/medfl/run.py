@@ -221,7 +221,7 @@ def follow(experiment: FLExperiment, rounds: int, best: Best | None = None, echo
         for m in client.stream_metrics(experiment.experiment_name):
             m = {**m, "time": time.time()}
             if m["task_name"] == DROPPED:
-                _dropped(run, m, label or _round_of(m['round'], rounds), echo)
+                _dropped(run, m, label or _round_of(m["round"], rounds), echo)
                 continue
             if m["task_name"] == FAILED:
                 run.error = m["metric_name"]
