@@ -42,8 +42,10 @@ import logging
 import os
 import sys
 import time
+from collections import namedtuple
 from threading import Lock
 
+import grpc
 import numpy as np
 import pandas as pd
 from openfl.databases.tensor_db import TensorDB
@@ -192,7 +194,6 @@ def _hearing_envoys(set_experiment_failed):
 
 def _waiting_for_director(report_shard_info, first_pause: float = 1.0, longest_pause: float = 30.0):
     """ShardDirectorClient.report_shard_info that waits for a director that is not up yet."""
-    import grpc
 
     def wrapper(self, *args, **kwargs):
         pause = first_pause
@@ -229,14 +230,23 @@ def _named_envoys_only(update_shard_info):
     return wrapper
 
 
+class _CallDetails(namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+                   grpc.ClientCallDetails):
+    """A call's details with another timeout (gRPC's own object cannot be changed)."""
+
+
 def _patient_intercept_call(self, continuation, client_call_details, request_or_iterator):
     """RetryOnRpcErrorClientInterceptor._intercept_call that retries an unreachable aggregator for
-    AGGREGATOR_PATIENCE_S, then raises AggregatorGone (OpenFL retries forever)."""
+    AGGREGATOR_PATIENCE_S, then raises AggregatorGone (OpenFL retries forever). Each attempt is bounded
+    by what is left of that time: a call on a connection the aggregator dropped can otherwise hang."""
     give_up = time.monotonic() + AGGREGATOR_PATIENCE_S
+    retry = (*(self.status_for_retry or ()), grpc.StatusCode.DEADLINE_EXCEEDED)
     while True:
-        response = continuation(client_call_details, request_or_iterator)
-        if not isinstance(response, Exception) or (self.status_for_retry
-                                                   and response.code() not in self.status_for_retry):
+        d = client_call_details
+        bounded = _CallDetails(d.method, max(0.1, give_up - time.monotonic()), d.metadata, d.credentials,
+                               getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+        response = continuation(bounded, request_or_iterator)
+        if not isinstance(response, Exception) or (self.status_for_retry and response.code() not in retry):
             return response
         if time.monotonic() > give_up:
             # Not a grpc.RpcError: OpenFL's collaborator client would retry that too.
@@ -267,7 +277,6 @@ def _in_progress_only(set_experiment_failed):
 
 def _saying_unreachable(set_experiment_failed):
     """ShardDirectorClient.set_experiment_failed that logs, rather than raises, a director that does not answer."""
-    import grpc
 
     def wrapper(self, experiment_name: str, *args, **kwargs):
         try:

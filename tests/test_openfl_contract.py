@@ -160,10 +160,18 @@ def test_an_envoy_gives_up_on_an_aggregator_that_stopped_answering(monkeypatch):
     fake = SimpleNamespace(status_for_retry=(grpc.StatusCode.UNAVAILABLE,),
                            sleeping_policy=SimpleNamespace(uri="localhost:51000", sleep=lambda: sleeps.append(1)))
     answers = iter([Unavailable(), Unavailable(), "response"])
-    assert openfl_prompt._patient_intercept_call(fake, lambda details, request: next(answers), None, None) == "response"
+    timeouts = []
+
+    def call(details, request):
+        timeouts.append(details.timeout)
+        return next(answers)
+
+    details = SimpleNamespace(method="/Aggregator/GetTasks", timeout=None, metadata=None, credentials=None)
+    assert openfl_prompt._patient_intercept_call(fake, call, details, None) == "response"
+    assert len(timeouts) == 3 and all(0 < t <= openfl_prompt.AGGREGATOR_PATIENCE_S for t in timeouts)
     monkeypatch.setattr(openfl_prompt, "AGGREGATOR_PATIENCE_S", 0.05)
     with pytest.raises(openfl_prompt.AggregatorGone, match="aggregator at localhost:51000 has not answered for 0 s"):
-        openfl_prompt._patient_intercept_call(fake, lambda details, request: Unavailable(), None, None)
+        openfl_prompt._patient_intercept_call(fake, lambda details, request: Unavailable(), details, None)
     assert sleeps
 
 
