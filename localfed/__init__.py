@@ -86,7 +86,7 @@ class LocalFederation:
     host: str = "localhost"
     port: int = field(default_factory=free_port)
     components: list[Component] = field(default_factory=list)
-    _reported: list[Component] = field(default_factory=list)
+    _reported: list[Component] = field(default_factory=list, init=False, repr=False)  # see newly_exited
 
     def _spawn(self, name: str, command: list[str], env: dict) -> Component:
         log = self.workdir / "logs" / f"{name}.log"

@@ -60,7 +60,7 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
     nodes = [{"name": e["envoy"], **e.get("samples", {}), "label_histogram": e.get("label_histogram", {})}
              for e in envoys]
     best = training.best
-    failed = next((run for run in (training, testing) if run is not None and run.error), None)
+    failed = _failed(training, testing)
     return {
         "status": "failed" if failed else "completed",
         "error": failed.error if failed else None,
@@ -79,9 +79,13 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
     }
 
 
+def _failed(training: Followed, testing: Followed | None) -> Followed | None:
+    return next((run for run in (training, testing) if run is not None and run.error), None)
+
+
 def stop_if_failed(run_dir: Path, *, training: Followed, testing: Followed | None = None, **record) -> None:
     """If either experiment failed, save what arrived (results.json says why) and raise ExperimentFailed."""
-    failed = next((run for run in (training, testing) if run is not None and run.error), None)
+    failed = _failed(training, testing)
     if failed is None:
         return
     results = build_results(training=training, testing=testing, **record)
