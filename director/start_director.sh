@@ -27,6 +27,7 @@ if [[ -n "$certs" ]]; then
 fi
 # OpenFL insists that the config lies inside the working directory.
 cd "$(dirname "$config")"
-# fx, with OpenFL's 10-second polling steps shortened (see openfl_prompt.py).
-exec "$bin/python" "$here/../openfl_prompt.py" director start "${tls_args[@]}" \
+# fx, with this project's adjustments to OpenFL (see openfl_adjustments/__init__.py).
+export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
+exec "$bin/python" -m openfl_adjustments director start "${tls_args[@]}" \
   --director-config-path "$(basename "$config")"

@@ -22,7 +22,8 @@ if [[ ! -x "$bin/fx" ]]; then
   echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
   exit 2
 fi
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+# The shard descriptor's package, and this project's adjustments to OpenFL (openfl_adjustments/).
+export PYTHONPATH="$here:$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
 export ENVOY_NAME="$name"  # the tasks name the node in their errors
 # Habana reads PT_HPU_LAZY_MODE when torch is imported, so it must be set before Python starts.
 if [[ -n "${HPU_LAZY_MODE:-}" ]]; then export PT_HPU_LAZY_MODE="$HPU_LAZY_MODE"; fi
@@ -39,7 +40,7 @@ if [[ -n "$certs" ]]; then
   tls_args=(--root-cert-path "$certs/ca.crt" --private-key-path "$certs/$name.key"
             --public-cert-path "$certs/$name.crt")
 fi
-# fx, with OpenFL's 10-second polling steps shortened (see openfl_prompt.py).
-exec "$bin/python" "$here/../openfl_prompt.py" envoy start --shard-name "$name" "${tls_args[@]}" \
+# fx, with this project's adjustments to OpenFL (see openfl_adjustments/__init__.py).
+exec "$bin/python" -m openfl_adjustments envoy start --shard-name "$name" "${tls_args[@]}" \
   --director-host "${DIRECTOR_HOST:-localhost}" --director-port "${DIRECTOR_PORT:-50051}" \
   --envoy-config-path "$(basename "$config")"

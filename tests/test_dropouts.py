@@ -19,7 +19,8 @@ def policy_aggregator(envoys, min_envoys=0.5, round_timeout=0, silent=None):
     aggregator.round_number, aggregator.rounds_to_train = 0, 3
     aggregator.authorized_cols, aggregator.quit_job_sent_to, aggregator.collaborators_done = list(envoys), [], []
     aggregator.logger, aggregator.metric_queue, aggregator.best = logging.getLogger("test"), queue.Queue(), Best()
-    aggregator.lost_envoys = (lambda: silent) if silent is not None else None
+    if silent is not None:
+        aggregator.watch_envoys(lambda: silent)
     aggregator.ended = []
     aggregator._end_of_round_check = lambda: aggregator.ended.append(aggregator.round_number)
     return aggregator
@@ -65,7 +66,7 @@ def test_too_few_envoys_left_fails_the_experiment_naming_the_lost_ones():
     aggregator = policy_aggregator(["envoy_1", "envoy_2", "envoy_3"], min_envoys=3, silent={"envoy_2": 30.0})
     aggregator.check_envoys()
     assert aggregator.stopped and aggregator._time_to_quit()
-    assert aggregator.failure == ("only 2 of 3 envoys remain, fewer than the 3 that min_envoys=3 requires. "
+    assert aggregator.failure() == ("only 2 of 3 envoys remain, fewer than the 3 that min_envoys=3 requires. "
                                   "Lost: envoy_2: the director has not heard from it for 30 s")
     assert [kind for kind, _, _ in events(aggregator)] == [DROPPED, FAILED]
     # The others are told to quit when they next ask; only then may the aggregator go.
@@ -91,7 +92,7 @@ def test_a_round_nobody_finishes_in_time_fails_the_experiment_rather_than_waitin
     aggregator = policy_aggregator(["envoy_1", "envoy_2"], round_timeout=5)
     aggregator._round_started[0] = time.monotonic() - 6
     aggregator.check_envoys()
-    assert aggregator.failure.startswith("only 0 of 2 envoys remain, fewer than the 1 that min_envoys=0.5 requires")
+    assert aggregator.failure().startswith("only 0 of 2 envoys remain, fewer than the 1 that min_envoys=0.5 requires")
 
 
 def test_an_envoy_lost_after_the_last_round_still_lets_the_experiment_end():
@@ -99,7 +100,7 @@ def test_an_envoy_lost_after_the_last_round_still_lets_the_experiment_end():
     aggregator.round_number = aggregator.rounds_to_train  # every round done: quit jobs are being handed out
     aggregator.get_tasks("envoy_1")
     aggregator.check_envoys()
-    assert aggregator.all_quit_jobs_sent() and not aggregator.failure and events(aggregator) == []
+    assert aggregator.all_quit_jobs_sent() and not aggregator.failure() and events(aggregator) == []
 
 
 def test_without_a_director_to_ask_nothing_is_dropped_but_by_round_timeout():

@@ -1,10 +1,39 @@
-"""What medfl.aggregator and medfl.run rely on in the pinned OpenFL: if an upgrade changes it, fail here."""
+"""What medfl.aggregator and openfl_adjustments rely on in the pinned OpenFL: if an upgrade changes it, fail here."""
 import inspect
 
 from openfl.component.aggregator.aggregator import Aggregator
 from openfl.component.assigner.custom_assigner import Assigner
 
 from medfl.aggregator import Best, SelectingAggregator, _Never, _Tap
+from openfl_adjustments import faults
+from openfl_adjustments.contract import EnvoyAwareAggregator
+
+
+class Aware:
+    """A stand-in aggregator that keeps the contract with the director's adjustments."""
+
+    def __init__(self, dropped=()):
+        self.dropped, self.calls = dict.fromkeys(dropped, "lost"), []
+
+    def watch_envoys(self, silent):
+        self.calls.append(("watch", silent))
+
+    def drop(self, name, why):
+        self.calls.append((name, why))
+
+    def has_dropped(self, name):
+        return name in self.dropped
+
+    def failure(self):
+        return None
+
+
+def test_selecting_aggregator_keeps_the_contract_with_the_director():
+    assert issubclass(SelectingAggregator, EnvoyAwareAggregator)
+    assert isinstance(Aware(), EnvoyAwareAggregator) and faults.aware(Aware())
+    assert faults.aware(object()) is None  # an aggregator without it runs as in OpenFL
+    protocol = {n for n in vars(EnvoyAwareAggregator) if not n.startswith("_")}
+    assert protocol == {"watch_envoys", "drop", "has_dropped", "failure"}
 
 
 def _m(origin, task, name, value, r):
@@ -54,7 +83,7 @@ def test_a_round_without_training_leaves_the_last_model_as_it_was():
     assert "Cannot save model for round" in source and "return" in source
 
 
-def test_the_polling_sleeps_that_openfl_prompt_caps_are_still_there():
+def test_the_polling_sleeps_that_the_adjustments_cap_are_still_there():
     from openfl.component.collaborator import collaborator
     from openfl.component.director import director, experiment
     from openfl.transport.grpc import director_server
@@ -64,51 +93,34 @@ def test_the_polling_sleeps_that_openfl_prompt_caps_are_still_there():
     assert "await asyncio.sleep(1)" in inspect.getsource(director.Director.stream_metrics)
     assert "await asyncio.sleep(1)" in inspect.getsource(director_server.DirectorGRPCServer.GetMetricStream)
     assert "sleep(sleep_time)" in inspect.getsource(collaborator.Collaborator.run)
-    assert collaborator.sleep.__module__ == "time"  # `from time import sleep`: the name openfl_prompt replaces
+    assert collaborator.sleep.__module__ == "time"  # `from time import sleep`: the name polling.py replaces
 
 
-def test_openfl_prompt_caps_those_sleeps_and_nothing_else():
+def test_the_adjustments_cap_those_sleeps_and_nothing_else_and_can_be_undone():
     import asyncio
     import time
 
     from openfl.component.aggregator import aggregator
     from openfl.component.collaborator import collaborator
     from openfl.component.director import director, experiment
-    from openfl.transport.grpc import director_server
 
-    import openfl_prompt
+    import openfl_adjustments
+    from openfl_adjustments import polling
 
-    modules = (director, experiment, director_server)
-    saved = [m.asyncio for m in modules], collaborator.sleep
-    saved_db = aggregator.TensorDB
-    saved_director = (director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start,
-                      director.Director.set_experiment_failed, director.Director.acknowledge_shard)
-    from openfl.transport.grpc import aggregator_client, director_client
-
-    interceptor = aggregator_client.RetryOnRpcErrorClientInterceptor
-    saved_client = (director_client.ShardDirectorClient.set_experiment_failed, interceptor._intercept_call)
-
-    server = director_server.DirectorGRPCServer
-    saved_server = server.UpdateShardInfo, server.SetExperimentFailed
-    saved_report = director_client.ShardDirectorClient.report_shard_info
+    originals = (experiment.asyncio, collaborator.sleep, aggregator.TensorDB, director.Director.__init__)
     try:
-        openfl_prompt.install()
+        openfl_adjustments.install()
+        openfl_adjustments.install()  # again: nothing is wrapped twice
         started = time.monotonic()
         collaborator.sleep(10)
         asyncio.run(experiment.asyncio.sleep(10))
-        assert time.monotonic() - started < 2 * openfl_prompt.POLL_S + 0.5
+        assert time.monotonic() - started < 2 * polling.POLL_S + 0.5
         assert experiment.asyncio.Queue is asyncio.Queue  # the rest of asyncio is untouched
         assert time.sleep is not collaborator.sleep and asyncio.sleep is not experiment.asyncio.sleep
+        assert director.Director.__init__ is not originals[3]
     finally:
-        for module, original in zip(modules, saved[0], strict=True):
-            module.asyncio = original
-        collaborator.sleep = saved[1]
-        aggregator.TensorDB = collaborator.TensorDB = saved_db
-        (director.Director.__init__, director.Director.wait_experiment, experiment.Experiment.start,
-         director.Director.set_experiment_failed, director.Director.acknowledge_shard) = saved_director
-        director_client.ShardDirectorClient.set_experiment_failed, interceptor._intercept_call = saved_client
-        server.UpdateShardInfo, server.SetExperimentFailed = saved_server
-        director_client.ShardDirectorClient.report_shard_info = saved_report
+        openfl_adjustments.restore_all()
+    assert (experiment.asyncio, collaborator.sleep, aggregator.TensorDB, director.Director.__init__) == originals
 
 
 def test_an_envoy_is_handed_its_last_experiment_again_only_while_it_runs_and_counts_the_envoy_in():
@@ -117,11 +129,9 @@ def test_an_envoy_is_handed_its_last_experiment_again_only_while_it_runs_and_cou
 
     from openfl.component.director import director
 
-    import openfl_prompt
-
     source = inspect.getsource(director.Director.wait_experiment)
     assert "experiment_name = self.col_exp.get(envoy_name)" in source  # what the fix clears
-    running = SimpleNamespace(status="in_progress", aggregator=SimpleNamespace(dropped={"envoy_2": "lost"}))
+    running = SimpleNamespace(status="in_progress", aggregator=Aware(dropped=["envoy_2"]))
     ended = SimpleNamespace(status="failed", aggregator=None)
     fake = SimpleNamespace(col_exp={"envoy_1": "run", "envoy_2": "run", "envoy_3": "old", "envoy_4": None},
                            experiments_registry={"run": running, "old": ended})
@@ -130,7 +140,7 @@ def test_an_envoy_is_handed_its_last_experiment_again_only_while_it_runs_and_cou
     async def original(self, envoy_name):
         handed.append((envoy_name, self.col_exp[envoy_name]))
 
-    wrapped = openfl_prompt._current_only(original)
+    wrapped = faults.current_only(original)
     for name in ("envoy_1", "envoy_2", "envoy_3", "envoy_4"):
         asyncio.run(wrapped(fake, name))
     assert handed == [("envoy_1", "run"), ("envoy_2", None), ("envoy_3", None), ("envoy_4", None)]
@@ -143,14 +153,12 @@ def test_an_envoy_gives_up_on_an_aggregator_that_stopped_answering(monkeypatch):
     import pytest
     from openfl.transport.grpc import aggregator_client
 
-    import openfl_prompt
-
     # OpenFL retries UNAVAILABLE forever in the interceptor, and any other RpcError in the client methods:
     # giving up must raise something that is not an RpcError.
     original = inspect.getsource(aggregator_client.RetryOnRpcErrorClientInterceptor._intercept_call)
     assert "while True:" in original and "self.sleeping_policy.sleep()" in original
     assert "except grpc.RpcError as e:" in inspect.getsource(aggregator_client._resend_data_on_reconnection)
-    assert not issubclass(openfl_prompt.AggregatorGone, grpc.RpcError)
+    assert not issubclass(faults.AggregatorGone, grpc.RpcError)
 
     class Unavailable(grpc.RpcError):
         def code(self):
@@ -167,11 +175,11 @@ def test_an_envoy_gives_up_on_an_aggregator_that_stopped_answering(monkeypatch):
         return next(answers)
 
     details = SimpleNamespace(method="/Aggregator/GetTasks", timeout=None, metadata=None, credentials=None)
-    assert openfl_prompt._patient_intercept_call(fake, call, details, None) == "response"
-    assert len(timeouts) == 3 and all(0 < t <= openfl_prompt.AGGREGATOR_PATIENCE_S for t in timeouts)
-    monkeypatch.setattr(openfl_prompt, "AGGREGATOR_PATIENCE_S", 0.05)
-    with pytest.raises(openfl_prompt.AggregatorGone, match="aggregator at localhost:51000 has not answered for 0 s"):
-        openfl_prompt._patient_intercept_call(fake, lambda details, request: Unavailable(), details, None)
+    assert faults.patient_intercept_call(fake, call, details, None) == "response"
+    assert len(timeouts) == 3 and all(0 < t <= faults.AGGREGATOR_PATIENCE_S for t in timeouts)
+    monkeypatch.setattr(faults, "AGGREGATOR_PATIENCE_S", 0.05)
+    with pytest.raises(faults.AggregatorGone, match="aggregator at localhost:51000 has not answered for 0 s"):
+        faults.patient_intercept_call(fake, lambda details, request: Unavailable(), details, None)
     assert sleeps
 
 
@@ -180,26 +188,21 @@ def test_an_envoy_that_registers_again_mid_experiment_is_dropped_from_it():
 
     from openfl.component.director import director
 
-    import openfl_prompt
-
     assert "self._shard_registry[shard_info[\"node_info\"][\"name\"]] = {" in \
         inspect.getsource(director.Director.acknowledge_shard).replace("'", '"')
-    dropped = []
-    running = SimpleNamespace(status="in_progress", aggregator=SimpleNamespace(drop=lambda *a: dropped.append(a)))
+    running = SimpleNamespace(status="in_progress", aggregator=Aware())
     fake = SimpleNamespace(col_exp={"envoy_1": "run"}, experiments_registry={"run": running})
-    wrapped = openfl_prompt._dropping_restarted(lambda self, info: True)
+    wrapped = faults.dropping_restarted(lambda self, info: True)
     for name in ("envoy_1", "envoy_2"):  # envoy_2 is new: nothing to leave
         assert wrapped(fake, {"node_info": {"name": name}})
-    assert dropped == [("envoy_1", "it restarted during the experiment; it joins the next one")]
+    assert running.aggregator.calls == [("envoy_1", "it restarted during the experiment; it joins the next one")]
 
 
 def test_the_director_ignores_failure_reports_about_experiments_that_are_over():
     from types import SimpleNamespace
 
-    import openfl_prompt
-
     reports = []
-    wrapped = openfl_prompt._in_progress_only(lambda self, **kw: reports.append(kw["experiment_name"]))
+    wrapped = faults.in_progress_only(lambda self, **kw: reports.append(kw["experiment_name"]))
     fake = SimpleNamespace(experiments_registry={"done": SimpleNamespace(status="finished"),
                                                  "running": SimpleNamespace(status="in_progress")})
     for name in ("done", "running", "unknown"):
@@ -213,14 +216,12 @@ def test_the_director_tells_the_aggregator_which_envoys_it_no_longer_hears():
 
     from openfl.component.director import director
 
-    import openfl_prompt
-
     assert '"valid_duration": 2 * self.envoy_health_check_period' in inspect.getsource(director.Director)
     assert 'shard_info["last_updated"] = time.time()' in inspect.getsource(director.Director.update_envoy_status)
     now = time.time()
     fake = SimpleNamespace(_shard_registry={"envoy_1": {"last_updated": now - 1, "valid_duration": 20},
                                             "envoy_2": {"last_updated": now - 25, "valid_duration": 20}})
-    silent = openfl_prompt.silent_envoys(fake)
+    silent = faults.silent_envoys(fake)
     assert list(silent) == ["envoy_2"] and 25 <= silent["envoy_2"] < 30
 
 
@@ -231,7 +232,7 @@ def test_fast_tensor_db_answers_as_openfls_does():
     from openfl.interface.aggregation_functions import WeightedAverage
     from openfl.utilities import TensorKey, change_tags
 
-    from openfl_prompt import FastTensorDB
+    from openfl_adjustments.tensor_store import FastTensorDB
 
     rng = np.random.default_rng(0)
     ops = []

@@ -79,9 +79,9 @@ def tls_federation(pki, tmp_path_factory, tiny_file):
 
 def _fx_envoy(fed, name, tls_args):
     """An envoy started with fx directly, skipping start_envoy.sh's own checks: OpenFL must refuse it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "envoy")}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'envoy'}:{ROOT}"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(ROOT / "openfl_prompt.py"), "envoy", "start", "--shard-name", name,
+    result = subprocess.run([sys.executable, "-m", "openfl_adjustments", "envoy", "start", "--shard-name", name,
                              *tls_args, "--director-port", str(fed.port), *ENVOY], cwd=fed.config_dir, env=env,
                             capture_output=True, text=True, timeout=90)
     return result, time.monotonic() - started

@@ -1,17 +1,19 @@
-"""The one place where this project adjusts OpenFL 1.6's aggregator (tests/test_openfl_contract.py
-checks that the pinned OpenFL still does what this relies on). The aggregator is built on the
-director from the experiment's plan, so it arrives with the workspace like the rest of this package.
+"""What runs on the director: this project's aggregator and the experiment's task schedule.
+
+tests/test_openfl_contract.py checks that the pinned OpenFL still does what this relies on. Both are built on the
+director from the experiment's plan, so they arrive with the workspace like the rest of this package.
 
 - OpenFL keeps as "best" whichever global model raised *any* aggregated validation metric, loss
   included, compared against one shared score. Here the best model is the one with the best value
   of one named metric (`auc` by default, higher is better).
-- OpenFL waits forever for an envoy that has gone. Here an envoy is dropped from the experiment
-  when the director stops hearing from it (`lost_envoys`, which openfl_prompt.py connects to the
-  director's health checks), when it registers again after a restart (its state in the experiment
-  is gone; openfl_prompt.py calls `drop`), or when it has not finished a round `round_timeout`
-  seconds after the round began. The round then ends with the envoys that remain, if at least `min_envoys` do (a
-  number, or a share of the experiment's envoys); otherwise the experiment fails, naming them.
-  Both are streamed to the notebook as events (DROPPED, FAILED) among the metrics.
+- OpenFL waits forever for an envoy that has gone. Here an envoy is dropped from the experiment when the director
+  stops hearing from it, when it registers again after a restart (its state in the experiment is gone), or when it
+  has not finished a round `round_timeout` seconds after the round began. The round then ends with the envoys that
+  remain, if at least `min_envoys` do (a number, or a share of the experiment's envoys); otherwise the experiment
+  fails, naming them. Both are streamed to the notebook as events (DROPPED, FAILED) among the metrics. The director
+  learns of lost and restarted envoys; it tells the aggregator through the methods of
+  openfl_adjustments.contract.EnvoyAwareAggregator (watch_envoys, drop, has_dropped, failure), which
+  SelectingAggregator implements.
 - When an envoy reports an error, OpenFL stops the aggregator and, on paper, every collaborator,
   whose envoys then retry forever against an aggregator that has gone. Here a stopped aggregator
   keeps running until each remaining collaborator has been told to quit (or has been lost).
@@ -113,10 +115,9 @@ class SelectingAggregator(Aggregator):
     def _policy(self, min_envoys, round_timeout: float) -> None:
         self.min_envoys, self.round_timeout = min_envoys, float(round_timeout or 0)
         self.dropped: dict[str, str] = {}  # envoy: why
-        self.failure = None  # why the experiment stopped, if it did so here
+        self._failure = None  # why the experiment stopped, if it did so here
         self.stopped = False
-        # Set by the director (openfl_prompt.py): {envoy: seconds silent} for the envoys it no longer hears.
-        self.lost_envoys = None
+        self._silent = None  # see watch_envoys
         self._round_started: dict[int, float] = {}
 
     # --- tasks and results: a dropped envoy gets no more work and its late results are ignored ----------
@@ -152,6 +153,19 @@ class SelectingAggregator(Aggregator):
             with self.lock:
                 self.check_envoys()
 
+    # --- the director's side of openfl_adjustments.contract.EnvoyAwareAggregator ---------------------------
+    def watch_envoys(self, silent) -> None:
+        """Drop, from now on, the envoys that silent() names: {envoy: seconds since the director heard it}."""
+        self._silent = silent
+
+    def has_dropped(self, name: str) -> bool:
+        """True if envoy `name` left this experiment."""
+        return name in self.dropped
+
+    def failure(self) -> str | None:
+        """Why this aggregator stopped the experiment, or None."""
+        return self._failure
+
     def drop(self, name: str, why: str) -> None:
         """Drop envoy `name` now, for a reason the director knows (it registered again after a restart)."""
         with self.lock:
@@ -164,7 +178,7 @@ class SelectingAggregator(Aggregator):
         round with the rest, or fail if too few remain. Called with self.lock held."""
         if self.all_quit_jobs_sent():
             return
-        silent = self.lost_envoys() if self.lost_envoys else {}
+        silent = self._silent() if self._silent else {}
         for name in self._remaining():
             if name in silent:
                 self._drop(name, f"the director has not heard from it for {silent[name]:.0f} s")
@@ -193,7 +207,7 @@ class SelectingAggregator(Aggregator):
             self.metric_queue.put(self._event(name, DROPPED, why))
 
     def _fail(self, why: str) -> None:
-        self.failure = why
+        self._failure = why
         self.logger.error("The experiment stops: %s", why)
         self.metric_queue.put(self._event(AGGREGATED, FAILED, why))
         self.stopped = True
@@ -222,3 +236,21 @@ class SelectingAggregator(Aggregator):
             self.logger.info("Round %s: best model so far by %s (%.4f)", metric["round"], self.best.metric,
                              metric["metric_value"])
             self._save_model(metric["round"], self.best_state_path)
+
+
+class Schedule:
+    """Task assignment: `train_rounds` rounds of validate-train-validate, then one validation round.
+
+    OpenFL validates each global model at the start of the next round, so the model left by the
+    last training round would never be validated; the extra round validates it, which lets it be
+    chosen as the best. With train_rounds=0 this is a validation-only experiment (the test run).
+    """
+
+    def __init__(self, tasks: dict, train_rounds: int):
+        self.tasks, self.train_rounds = tasks, train_rounds
+
+    def __call__(self, collaborators, round_number, **kwargs):
+        names = [VALIDATE_GLOBAL]
+        if round_number < self.train_rounds:
+            names += ["train", "locally_tuned_model_validate"]
+        return {c: [self.tasks[n] for n in names] for c in collaborators}

@@ -1,0 +1,28 @@
+"""This project's runtime adjustments to OpenFL 1.6, applied by `python -m openfl_adjustments` (start_director.sh
+and start_envoy.sh run it instead of `fx`).
+
+Each adjustment replaces one named piece of OpenFL at start-up; site-packages is untouched, and
+tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adjustment relies on.
+By concern:
+
+- polling: OpenFL's 10 s and 1 s polling sleeps, capped at FX_POLL_S (0.1 s).
+- tensor_store: a dict in place of OpenFL's pandas tensor store, which scans on every lookup.
+- tls: under mutual TLS, an envoy registers only under its certificate's name, and may report its own failure.
+- faults: lost, restarted and returning envoys; aggregators that vanish; failure reports about ended experiments.
+  What it needs from an experiment's aggregator is one interface, contract.EnvoyAwareAggregator.
+- experiments: code an experiment brought leaves the node's module cache when the experiment ends.
+- startup: an envoy waits for a director that is not up yet; a taken director port is one line; an envoy
+  imports torch's compiler front end while idle.
+"""
+from __future__ import annotations
+
+from . import experiments, faults, polling, startup, tensor_store, tls
+from .patching import restore_all
+
+__all__ = ["install", "restore_all"]
+
+
+def install() -> None:
+    """Apply every adjustment (again: a no-op)."""
+    for concern in (polling, tensor_store, tls, faults, experiments, startup):
+        concern.install()

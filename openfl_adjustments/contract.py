@@ -1,0 +1,27 @@
+"""The one interface between the director's fault adjustments (faults.py) and an experiment's aggregator.
+
+The aggregator arrives with each experiment (medfl.aggregator.SelectingAggregator implements this), while the
+adjustments are part of the director's installation; neither imports the other. An aggregator without these
+methods runs as in OpenFL: the director then drops and fails nothing on its behalf.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class EnvoyAwareAggregator(Protocol):
+    """What the director asks of an aggregator that goes on without lost envoys."""
+
+    def watch_envoys(self, silent: Callable[[], dict[str, float]]) -> None:
+        """From now on, drop the envoys that `silent()` names: {envoy: seconds since the director last heard it}."""
+
+    def drop(self, name: str, why: str) -> None:
+        """Go on without envoy `name` at once (the director saw it register again after a restart)."""
+
+    def has_dropped(self, name: str) -> bool:
+        """True if envoy `name` left this experiment; the director then hands it the next one instead."""
+
+    def failure(self) -> str | None:
+        """Why the aggregator stopped the experiment (too few envoys left, an envoy's error), or None."""

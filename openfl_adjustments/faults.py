@@ -1,0 +1,189 @@
+"""Envoys that vanish, restart or come back, and aggregators that vanish.
+
+- Lost envoys. Each experiment's aggregator learns which envoys the director no longer hears from (no health
+  check for twice envoy_health_check_period), so that it can go on without them; an envoy that registers again
+  during its experiment (it restarted: its state in the experiment is gone) is dropped from it, since a restarted
+  collaborator that rejoined was seen to fail the experiment asking for tensors the aggregator no longer had. An
+  experiment the aggregator stopped ends as failed. All of it goes through contract.EnvoyAwareAggregator.
+- Handing out experiments. OpenFL hands an envoy its last experiment again after a restart; here only while that
+  experiment runs and has not dropped the envoy: joining an ended one, it would wait forever for its aggregator.
+- Vanished aggregators. OpenFL's collaborator retries an unreachable aggregator forever, so an envoy whose
+  experiment ended without it would never take part in anything again. Here it gives up after
+  AGGREGATOR_PATIENCE_S (FX_AGGREGATOR_PATIENCE_S, 60 s), which also bounds each call, and waits for the next
+  experiment.
+- Failure reports. The director ignores reports about experiments that are over, and an envoy that cannot reach
+  its director to report one says so in its log instead of raising.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import namedtuple
+
+import grpc
+
+from .contract import EnvoyAwareAggregator
+from .patching import replace
+
+logger = logging.getLogger("openfl_adjustments")
+AGGREGATOR_PATIENCE_S = float(os.environ.get("FX_AGGREGATOR_PATIENCE_S", "60"))
+_DIRECTOR: list = []  # the director of this process, once made
+
+
+class AggregatorGone(RuntimeError):
+    """The experiment's aggregator stopped answering: the envoy leaves that experiment."""
+
+
+def aware(aggregator) -> EnvoyAwareAggregator | None:
+    """The aggregator, if it takes part in the contract; else None."""
+    return aggregator if isinstance(aggregator, EnvoyAwareAggregator) else None
+
+
+def silent_envoys(director) -> dict:
+    """{envoy: seconds since its last health check} for the envoys the director counts as offline."""
+    now = time.time()
+    return {name: now - entry["last_updated"] for name, entry in list(director._shard_registry.items())
+            if now > entry["last_updated"] + entry["valid_duration"]}
+
+
+def remembered(init):
+    """Director.__init__ that keeps the director where the experiments' aggregators can ask it."""
+
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _DIRECTOR[:] = [self]
+
+    return wrapper
+
+
+def telling_lost_envoys(start):
+    """Experiment.start that has the aggregator watch the envoys the director loses, and that ends an experiment
+    the aggregator stopped as failed."""
+    from openfl.component.director import director as director_module
+    from openfl.component.director.experiment import Status
+
+    async def wrapper(self, **kwargs):
+        director = _DIRECTOR[0] if _DIRECTOR else None
+        create = self._create_aggregator_grpc_server
+
+        def creating(**create_kwargs):
+            server = create(**create_kwargs)
+            if director is not None and (aggregator := aware(server.aggregator)):
+                aggregator.watch_envoys(lambda: silent_envoys(director))
+            return server
+
+        self._create_aggregator_grpc_server = creating
+        await start(self, **kwargs)
+        failure = aggregator.failure() if (aggregator := aware(self.aggregator)) else None
+        if failure and self.status == Status.FINISHED:
+            self.status = Status.FAILED
+            director_module.logger.error("Experiment %s failed: %s", self.name, failure)
+
+    return wrapper
+
+
+def current_only(wait_experiment):
+    """Director.wait_experiment that hands an envoy its last experiment again only while that runs and still
+    counts the envoy in."""
+    from openfl.component.director.experiment import Status
+
+    async def wrapper(self, envoy_name: str):
+        experiment = self.experiments_registry.get(self.col_exp.get(envoy_name) or "")
+        if experiment is not None:
+            aggregator = aware(experiment.aggregator)
+            if experiment.status in (Status.FINISHED, Status.FAILED, Status.REJECTED) or \
+                    (aggregator and aggregator.has_dropped(envoy_name)):
+                self.col_exp[envoy_name] = None
+        return await wait_experiment(self, envoy_name)
+
+    return wrapper
+
+
+def dropping_restarted(acknowledge_shard):
+    """Director.acknowledge_shard that, when an envoy registers again during an experiment it is part of, has that
+    experiment go on without it; the envoy then waits for the next one."""
+    from openfl.component.director.experiment import Status
+
+    def wrapper(self, shard_info: dict) -> bool:
+        accepted = acknowledge_shard(self, shard_info)
+        name = shard_info["node_info"]["name"]
+        experiment = self.experiments_registry.get(self.col_exp.get(name) or "")
+        if accepted and experiment is not None and experiment.status == Status.IN_PROGRESS \
+                and (aggregator := aware(experiment.aggregator)):
+            aggregator.drop(name, "it restarted during the experiment; it joins the next one")
+        return accepted
+
+    return wrapper
+
+
+def in_progress_only(set_experiment_failed):
+    """Director.set_experiment_failed that ignores reports about an experiment that is over."""
+    from openfl.component.director.experiment import Status
+
+    def wrapper(self, *, experiment_name: str, collaborator_name: str):
+        experiment = self.experiments_registry.get(experiment_name)
+        if experiment is not None and experiment.status != Status.IN_PROGRESS:
+            logger.info("Ignored %s's failure report about experiment %s, which is %s", collaborator_name,
+                        experiment_name, experiment.status)
+            return
+        set_experiment_failed(self, experiment_name=experiment_name, collaborator_name=collaborator_name)
+
+    return wrapper
+
+
+def saying_unreachable(set_experiment_failed):
+    """ShardDirectorClient.set_experiment_failed that logs, rather than raises, a director that does not answer."""
+
+    def wrapper(self, experiment_name: str, *args, **kwargs):
+        try:
+            return set_experiment_failed(self, experiment_name, *args, **kwargs)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            logger.error("Could not tell the director that experiment %s failed here: it does not answer (%s)",
+                         experiment_name, exc.details())
+
+    return wrapper
+
+
+class _CallDetails(namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+                   grpc.ClientCallDetails):
+    """A call's details with another timeout (gRPC's own object cannot be changed)."""
+
+
+def patient_intercept_call(self, continuation, client_call_details, request_or_iterator):
+    """RetryOnRpcErrorClientInterceptor._intercept_call that retries an unreachable aggregator for
+    AGGREGATOR_PATIENCE_S, then raises AggregatorGone (OpenFL retries forever). Each attempt is bounded by what is
+    left of that time: a call on a connection the aggregator dropped can otherwise hang."""
+    give_up = time.monotonic() + AGGREGATOR_PATIENCE_S
+    retry = (*(self.status_for_retry or ()), grpc.StatusCode.DEADLINE_EXCEEDED)
+    while True:
+        d = client_call_details
+        bounded = _CallDetails(d.method, max(0.1, give_up - time.monotonic()), d.metadata, d.credentials,
+                               getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+        response = continuation(bounded, request_or_iterator)
+        if not isinstance(response, Exception) or (self.status_for_retry and response.code() not in retry):
+            return response
+        if time.monotonic() > give_up:
+            # Not a grpc.RpcError: OpenFL's collaborator client would retry that too.
+            raise AggregatorGone(f"the experiment's aggregator at {self.sleeping_policy.uri} has not answered for "
+                                 f"{AGGREGATOR_PATIENCE_S:.0f} s: the experiment went on without this envoy, or "
+                                 "its director stopped; this envoy leaves it and waits for the next one")
+        self.sleeping_policy.sleep()
+
+
+def install() -> None:
+    """Connect the director's health checks and registrations to the aggregator; bound envoys' patience."""
+    from openfl.component.director.director import Director
+    from openfl.component.director.experiment import Experiment
+    from openfl.transport.grpc.aggregator_client import RetryOnRpcErrorClientInterceptor
+    from openfl.transport.grpc.director_client import ShardDirectorClient
+
+    replace(Director, "__init__", remembered)
+    replace(Experiment, "start", telling_lost_envoys)
+    replace(Director, "wait_experiment", current_only)
+    replace(Director, "acknowledge_shard", dropping_restarted)
+    replace(Director, "set_experiment_failed", in_progress_only)
+    replace(ShardDirectorClient, "set_experiment_failed", saying_unreachable)
+    replace(RetryOnRpcErrorClientInterceptor, "_intercept_call", lambda _: patient_intercept_call)

@@ -1,0 +1,69 @@
+"""Starting nodes.
+
+- Start order. OpenFL's envoy exits if its director is not up yet; here it waits, retrying with a growing pause
+  and one log line each time. TLS refusals still end it at once.
+- Busy port. A director whose port is taken says so in one line instead of a gRPC traceback.
+- Idle time. An envoy imports torch's compiler front end (torch._dynamo) before any experiment arrives: the first
+  optimizer an experiment unpickles would otherwise import it, 1.5 s into the experiment.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+
+import grpc
+
+from .patching import replace
+
+logger = logging.getLogger("openfl_adjustments")
+
+
+def waiting_for_director(report_shard_info, first_pause: float = 1.0, longest_pause: float = 30.0):
+    """ShardDirectorClient.report_shard_info that waits for a director that is not up yet."""
+
+    def wrapper(self, *args, **kwargs):
+        pause = first_pause
+        while True:
+            try:
+                return report_shard_info(self, *args, **kwargs)
+            except grpc.RpcError as exc:
+                details = str(exc.details() if hasattr(exc, "details") else exc)
+                # Nobody listening: wait. A handshake or certificate failure is final.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or "Connection refused" not in details:
+                    raise
+                logger.warning("No director answers yet (connection refused); trying again in %.0f s", pause)
+                time.sleep(pause)
+                pause = min(pause * 2, longest_pause)
+
+    return wrapper
+
+
+def director_port_is_free(argv: list[str]) -> None:
+    """Exit with one line if the director's configured (or overridden) port is already taken."""
+    import yaml
+
+    config = argv[argv.index("--director-config-path") + 1]
+    settings = (yaml.safe_load(open(config)) or {}).get("settings", {})
+    host = os.environ.get("DYNACONF_SETTINGS__LISTEN_HOST") or settings.get("listen_host", "localhost")
+    port = int(os.environ.get("DYNACONF_SETTINGS__LISTEN_PORT") or settings.get("listen_port", 50051))
+    with socket.socket() as probe:
+        try:
+            probe.bind((socket.gethostbyname(host) if host not in ("", "0.0.0.0") else "0.0.0.0", port))
+        except OSError as exc:
+            sys.exit(f"error: cannot listen on {host}:{port} ({exc.strerror}): another director or program "
+                     "holds it; stop it, or choose another port with DIRECTOR_PORT")
+
+
+def preload_for_envoy() -> None:
+    """Import, while idle, what the first experiment would otherwise import on its clock."""
+    import torch._dynamo  # noqa: F401
+
+
+def install() -> None:
+    """Have envoys wait for their director."""
+    from openfl.transport.grpc.director_client import ShardDirectorClient
+
+    replace(ShardDirectorClient, "report_shard_info", waiting_for_director)
