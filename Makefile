@@ -4,22 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-# make demo / make baseline settings (override on the command line: make demo DATA=synthetic ENVOYS=3)
-DATASET ?= bloodmnist
-SIZE ?= 28
-ENVOYS ?= 2
-ROUNDS ?= 3
-EPOCHS ?= 1
-PARTITION ?= iid
-ALPHA ?= 0.5
-SEED ?= 0
-DATA ?= download
-DATA_DIR ?=
-NOTEBOOK ?= workspace/Pytorch_MedMNIST_2D.ipynb
-DEVICE ?=
-TLS ?= 1
-MIN_ENVOYS ?= 0.5
-ROUND_TIMEOUT ?= 0
+# make demo / make baseline settings, e.g. make demo DATA=synthetic ENVOYS=3. Unset ones take their defaults
+# from one place each: the notebook's (workspace/medfl/researcher/parameters.py) and the launcher's
+# (localfed/__main__.py); the README's table lists them.
 RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
 	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
 	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)" \
@@ -44,15 +31,14 @@ baseline: venv
 
 # The federation against its own compute, on synthetic data of MedMNIST's real split sizes.
 bench: venv
-	$(PY) -m localfed bench --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
-		--epochs "$(EPOCHS)"
+	$(PY) -m localfed bench $(RUN_ARGS)
 
 # A local CA and certificates for the director, envoy_1..ENVOYS and the notebook, in certs/.
 # More director names or addresses: make certs DIRECTOR_HOSTS="director.example.org 10.0.0.5"
 DIRECTOR_HOSTS ?= localhost 127.0.0.1
 certs: venv
 	$(PY) tlscerts.py make $(foreach h,$(DIRECTOR_HOSTS),--director-host $(h)) \
-		$(foreach i,$(shell seq 1 $(ENVOYS)),--envoy envoy_$(i))
+		$(foreach i,$(shell seq 1 $(or $(ENVOYS),2)),--envoy envoy_$(i))
 
 test: venv
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from medfl.aggregator import quorum
+from medfl.researcher import DEFAULTS
 from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
@@ -28,6 +29,7 @@ from .data import SOURCES, resolve
 # Lines of the notebook's output worth showing live: its progress lines (medfl.run.follow) and summary.
 PROGRESS = re.compile(r"^(initial model|model after|round \d|final validation|test |best model|no global model|NOTE|"
                       r"FAILED)")
+NOTEBOOK = ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"
 # Once the director has gone, the notebook gets this long to save what it received and stop.
 DIRECTOR_GONE_GRACE_S = 60
 
@@ -37,27 +39,26 @@ class RunError(RuntimeError):
 
 
 def parse(argv=None) -> argparse.Namespace:
-    """Command-line options; the Makefile passes its variables through them."""
+    """Command-line options; the Makefile passes its variables through them, empty ones meaning the default."""
     parser = argparse.ArgumentParser(prog="python -m localfed", description=__doc__)
     parser.add_argument("command", choices=("demo", "baseline", "bench"))
-    parser.add_argument("--dataset", default="bloodmnist")
-    parser.add_argument("--size", default="28")
-    parser.add_argument("--envoys", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--partition", default="iid", choices=STRATEGIES)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default="download", choices=SOURCES)
+    # The notebook's training settings, with the notebook's defaults (medfl.researcher.DEFAULTS).
+    for option, key, kind in (("--dataset", "dataset", str), ("--size", "size", int),
+                              ("--rounds", "rounds_to_train", int), ("--epochs", "epochs_per_round", int),
+                              ("--seed", "seed", int),
+                              ("--min-envoys", "min_envoys", count_or_share),
+                              ("--round-timeout", "round_timeout", float)):
+        parser.add_argument(option, type=_or_default(kind, DEFAULTS[key]), default=DEFAULTS[key])
+    parser.add_argument("--device", default="", help="override the notebook's device (auto, cpu, cuda, hpu)")
+    parser.add_argument("--envoys", type=_or_default(int, 2), default=2)
+    parser.add_argument("--partition", type=_or_default(str, "iid"), default="iid", choices=STRATEGIES)
+    parser.add_argument("--alpha", type=_or_default(float, 0.5), default=0.5)
+    parser.add_argument("--data", type=_or_default(str, "download"), default="download", choices=SOURCES)
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--runs", default=str(ROOT / "runs"))
-    parser.add_argument("--notebook", default=str(ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"))
-    parser.add_argument("--device", default="", help="override the notebook's device (auto, cpu, cuda, hpu)")
-    parser.add_argument("--tls", type=int, default=1, choices=(0, 1), help="mutual TLS (certificates in certs/)")
-    parser.add_argument("--min-envoys", type=_count_or_share, default=0.5,
-                        help="envoys a run needs to go on without lost ones: a number (2) or a share (0.5)")
-    parser.add_argument("--round-timeout", type=float, default=0,
-                        help="seconds into a round after which envoys still busy are dropped (0: no limit)")
+    parser.add_argument("--notebook", type=_or_default(str, str(NOTEBOOK)), default=str(NOTEBOOK))
+    parser.add_argument("--tls", type=_or_default(int, 1), default=1, choices=(0, 1),
+                        help="mutual TLS (certificates in certs/)")
     parser.add_argument("--health-period", type=int, default=0,
                         help="seconds between envoys' health checks; one silent for twice as long is lost "
                              "(0: the director config's)")
@@ -65,8 +66,19 @@ def parse(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _count_or_share(text: str):
+def count_or_share(text: str):
+    """MIN_ENVOYS: a number of envoys (an int) or a share of them (a float)."""
     return int(text) if text.isdigit() else float(text)
+
+
+def _or_default(kind, default):
+    """An argparse type: `kind` of the text, or `default` for an empty one (a Makefile variable left unset)."""
+
+    def convert(text: str):
+        return default if text == "" else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names it in "invalid ... value"
+    return convert
 
 
 def check(args) -> None:

@@ -15,11 +15,12 @@ import torch
 
 from medfl import Best, MedMNISTData, build_model, task_type, train, validate
 from medfl.aggregator import AGGREGATED, VALIDATE_GLOBAL
+from medfl.researcher import DEFAULTS
 from medmnist_shard import MedMNISTShardDescriptor
 
 from .data import resolve
 
-LR, TRAIN_BATCH, EVAL_BATCH = 1e-3, 64, 256  # the notebook's defaults
+LR, TRAIN_BATCH, EVAL_BATCH = (DEFAULTS[k] for k in ("learning_rate", "train_batch_size", "eval_batch_size"))
 
 
 def _data(descriptor, split: str, seed: int) -> MedMNISTData:
@@ -42,7 +43,7 @@ def baseline(args) -> int:
     model = build_model(flag, size)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     data = _data(pooled, "val", args.seed)
-    best, best_state, rounds = Best(), None, []
+    best, best_state, rounds = Best(DEFAULTS["best_metric"], DEFAULTS["best_mode"]), None, []
     for r in range(args.rounds + 1):
         entry = {"round": r, "aggregated": {}, "envoys": {}}
         if r:  # a "round" is EPOCHS epochs: the same number of passes over the same samples as federated

@@ -26,3 +26,5 @@ def check_results(results: dict, *, envoys: list[str], rounds: int) -> None:
         assert 0 <= block["acc"] <= 1 and 0 <= block["auc"] <= 1 and block["loss"] >= 0
     assert 0 <= results["best"]["round"] <= rounds
     assert results["wall_seconds"] > 0
+    timing = results["timing"]
+    assert timing["submitted"] < timing["trained"] <= timing["tested"] and timing["notebook_peak_rss_mb"] > 0

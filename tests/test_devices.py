@@ -10,7 +10,7 @@ import medfl.data
 import medfl.tasks
 from conftest import ROOT
 from medfl import MedMNISTData, build_model, build_tasks, pick_device, step_barrier
-from medfl.device import DeviceError, autocast
+from medfl.device import DeviceError, autocast, bind_optimizer
 
 STUBS = str(ROOT / "tests" / "stubs")
 
@@ -41,7 +41,7 @@ def test_auto_prefers_hpu_and_the_barrier_is_mark_step(gaudi):
 def test_hpu_loaders_drop_the_partial_batch_and_never_fork(gaudi, tiny_file):
     from medmnist_shard import MedMNISTShardDescriptor
 
-    data = MedMNISTData(train_batch_size=10, eval_batch_size=10, num_workers=2, device="hpu")
+    data = MedMNISTData(train_batch_size=10, eval_batch_size=10, device="hpu")
     data.shard_descriptor = MedMNISTShardDescriptor("bloodmnist", 28, tiny_file("bloodmnist").parent)
     train = data.get_train_loader()
     assert train.num_workers == 0 and not train.pin_memory
@@ -134,5 +134,5 @@ def test_the_optimizer_follows_a_backend_that_replaces_parameters():
         for name, param in list(module.named_parameters(recurse=False)):
             setattr(module, name, torch.nn.Parameter(param.detach().clone()))
     assert optimizer.param_groups[0]["params"][0] is not next(model.parameters())
-    medfl.tasks._bind(optimizer, model)
+    bind_optimizer(optimizer, model)
     assert all(a is b for a, b in zip(optimizer.param_groups[0]["params"], model.parameters(), strict=True))

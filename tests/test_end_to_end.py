@@ -212,7 +212,7 @@ def node_pid(run_dir, name):
     """The process id of the director or of the envoy called `name`, from the run's processes."""
     for p in leftovers(run_dir):
         args = p["cmdline"] or []
-        if any(a.endswith("openfl_prompt.py") for a in args) and name in args:  # "director", or an envoy's name
+        if "openfl_adjustments" in args and name in args:  # "director", or an envoy's name
             return p["pid"]
     raise AssertionError(f"no running {name}")
 
@@ -287,3 +287,33 @@ def test_a_killed_director_stops_the_run_within_a_bound_and_what_arrived_is_kept
     assert [e["round"] for e in results["rounds"]][:2] == [0, 1] and results["best"]["round"] in (0, 1)
     assert Path(results["best_model"]).stat().st_size > 0  # fetched as soon as it became the best
     assert not leftovers(run_dir)
+
+
+def test_a_reader_who_edits_a_task_cell_gets_what_the_edited_task_reports(data_dir, tmp_path):
+    """The envoys run what the notebook's cells define: a copy of the workspace whose validate cell reports one
+    more metric brings that metric back from every envoy."""
+    import shutil
+
+    workspace = tmp_path / "my-workspace"
+    shutil.copytree(ROOT / "workspace" / "medfl", workspace / "medfl", ignore=shutil.ignore_patterns("__pycache__"))
+    notebook = json.loads((ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb").read_text())
+    (cell,) = [c for c in notebook["cells"] if c["metadata"].get("tags") == ["validate-task"]]
+    source = "".join(cell["source"])
+    assert '"seconds": time.perf_counter() - started}' in source
+    cell["source"] = source.replace('"seconds": time.perf_counter() - started}',
+                                    '"seconds": time.perf_counter() - started, "samples": float(len(y_true))}')
+    (workspace / "Edited.ipynb").write_text(json.dumps(notebook))
+    result = subprocess.run(demo_command(data_dir, tmp_path / "runs", "--notebook", str(workspace / "Edited.ipynb"),
+                                         "--rounds", "1", "--tls", "0"), cwd=ROOT, capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    results = json.loads((run_dir / "results.json").read_text())
+    sizes = {e["name"]: e["val"] for e in results["envoys"]}
+    rows = [r.split(",") for r in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    reported = {(r[3], int(r[2])): float(r[6]) for r in rows
+                if r[0] == "train" and r[4] == "aggregated_model_validate" and r[5] == "samples"}
+    assert reported == {(name, r): float(n) for name, n in sizes.items() for r in (0, 1)} | \
+        {("aggregator", r): pytest.approx(sum(n * n for n in sizes.values()) / sum(sizes.values())) for r in (0, 1)}
+    assert results["rounds"][1]["envoys"]["envoy_1"]["val_samples"] == sizes["envoy_1"]
+    assert not list(workspace.glob("*.pkl")) and not (workspace / "plan").exists()  # OpenFL wrote in a copy

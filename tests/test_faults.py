@@ -5,8 +5,8 @@ import signal
 import subprocess
 import time
 
-import torch
 import yaml
+from notebook_cells import run_until, start_experiment
 
 from conftest import ROOT
 from localfed import _listening, free_port, tail
@@ -24,6 +24,20 @@ def _wait_for(log, text, process, seconds):
         assert process.poll() is None, f"exited early:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"no {text!r} within {seconds} s:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
+
+
+def notebook(fed, tmp_path, monkeypatch, **parameters) -> dict:
+    """The notebook's cells up to its task definitions, connected to `fed`; start_experiment() submits."""
+    monkeypatch.chdir(ROOT / "workspace")  # the notebook's folder, whose code the experiments ship
+    return run_until("validate-task", director_host=fed.host, director_port=fed.port, device="cpu",
+                     output_dir=str(tmp_path / "runs"), preview_dir=str(tmp_path), **parameters)
+
+
+def quietly(experiment, rounds, **kwargs):
+    """The notebook's follow(), without its progress lines."""
+    from medfl.researcher import follow
+
+    return follow(experiment, rounds, echo=kwargs.pop("echo", lambda line: None), **kwargs)
 
 
 def wait_until(condition, seconds, failure):
@@ -64,10 +78,8 @@ def test_an_envoy_started_first_waits_for_the_director_and_joins(tiny_file, tmp_
 
 def test_an_envoy_restarted_after_a_crash_registers_again_and_takes_part_in_the_next_experiment(tiny_file, tmp_path,
                                                                                               monkeypatch):
-    from openfl.interface.interactive_api.experiment import FLExperiment
     from openfl.interface.interactive_api.federation import Federation
 
-    import medfl
     from localfed import LocalFederation
     from medmnist_shard.spec import sample_shape, target_shape
 
@@ -85,12 +97,9 @@ def test_an_envoy_restarted_after_a_crash_registers_again_and_takes_part_in_the_
             assert time.monotonic() < deadline, "the director still shows the killed envoy online"
             time.sleep(0.5)
         fed.restart("envoy_2")
-        assert all(e["online"] for e in medfl.run.registry(federation))
-        monkeypatch.chdir(ROOT / "workspace")  # OpenFL ships the working directory: the notebook's folder
-        experiment = FLExperiment(federation=federation, experiment_name="after-restart")
-        medfl.run.start_test(experiment, medfl.build_model("bloodmnist", 28), medfl.build_tasks("bloodmnist", 1),
-                             device="cpu")
-        run = medfl.run.follow(experiment, 1, echo=lambda line: None)
+        cells = notebook(fed, tmp_path, monkeypatch)
+        assert all(e["online"] for e in cells["envoys"])
+        run = quietly(start_experiment(cells, "after-restart", rounds=1), 1)
         assert run.error is None and not run.dropouts
         assert {m["metric_origin"] for m in run.metrics} == {"envoy_1", "envoy_2", "aggregator"}
         assert (tmp_path / "logs" / f"envoy_2.{crashed.process.pid}.log").exists()  # the crashed run's log is kept
@@ -100,11 +109,8 @@ def test_an_envoy_frozen_mid_run_is_dropped_and_once_thawed_leaves_that_run_for_
                                                                                         monkeypatch):
     """SIGSTOP stands for a hung host or a cut cable: the run goes on without the envoy; when it comes back,
     its experiment's aggregator is gone, and instead of retrying forever (OpenFL) it waits for the next one."""
-    from openfl.interface.interactive_api.experiment import FLExperiment
-    from openfl.interface.interactive_api.federation import Federation
-
-    import medfl
     from localfed import LocalFederation
+    from medfl import Best
     from medmnist_shard.spec import sample_shape, target_shape
 
     monkeypatch.setenv("FX_AGGREGATOR_PATIENCE_S", "3")  # the envoys' patience with a silent aggregator
@@ -114,40 +120,29 @@ def test_an_envoy_frozen_mid_run_is_dropped_and_once_thawed_leaves_that_run_for_
     with LocalFederation(tmp_path, shards, sample_shape("bloodmnist", 28), target_shape("bloodmnist"),
                          health_period=1) as fed:
         frozen = next(c for c in fed.components if c.name == "envoy_2")
-        federation = Federation(client_id="frontend", director_node_fqdn=fed.host, director_port=fed.port, tls=False)
-        monkeypatch.chdir(ROOT / "workspace")  # OpenFL ships the working directory: the notebook's folder
-        model = medfl.build_model("bloodmnist", 28)
-        tasks = medfl.build_tasks("bloodmnist", 1)
+        aggregator_port = free_port()
+        cells = notebook(fed, tmp_path, monkeypatch, aggregator_port=aggregator_port)
 
         def freeze_on_round_1(line):
             if line.startswith("round 1/") and frozen.process.poll() is None:
                 os.killpg(frozen.process.pid, signal.SIGSTOP)
 
-        experiment = FLExperiment(federation=federation, experiment_name="frozen")
-        aggregator_port = free_port()
-        medfl.run.start_training(experiment, model, torch.optim.Adam(model.parameters()), tasks,
-                                 medfl.MedMNISTData(), rounds=3, aggregator_port=aggregator_port)
+        experiment = start_experiment(cells, "frozen", rounds=3)
         try:
-            run = medfl.run.follow(experiment, 3, medfl.Best(), echo=freeze_on_round_1)
+            run = quietly(experiment, 3, best=Best(), on_new_best=experiment.get_best_model, echo=freeze_on_round_1)
             assert run.error is None and [d["envoy"] for d in run.dropouts] == ["envoy_2"]
-            assert run.best_model is not None and run.last_model is not None
+            assert run.best_model is not None and experiment.get_last_model() is not None
             wait_until(lambda: not _listening(fed.host, aggregator_port), 10, "the aggregator did not stop")
         finally:
             os.killpg(frozen.process.pid, signal.SIGCONT)
         wait_until(lambda: "has not answered for 3 s" in frozen.log.read_text(errors="replace"), 30, tail(frozen.log))
-        after = FLExperiment(federation=federation, experiment_name="after-thaw")
-        medfl.run.start_test(after, run.best_model, tasks, device="cpu")
-        test = medfl.run.follow(after, 1, echo=lambda line: None)
+        test = quietly(start_experiment(cells, "after-thaw", rounds=1), 1)
         assert test.error is None and {m["metric_origin"] for m in test.metrics} >= {"envoy_1", "envoy_2"}
 
 
 def test_an_envoy_restarted_during_an_experiment_leaves_it_and_joins_the_next(tiny_file, tmp_path, monkeypatch):
     """Back before the director missed it, a restarted envoy has lost its part of the running experiment:
     the experiment goes on without it at once, and the envoy takes part in the next one."""
-    from openfl.interface.interactive_api.experiment import FLExperiment
-    from openfl.interface.interactive_api.federation import Federation
-
-    import medfl
     from localfed import LocalFederation
     from medmnist_shard.spec import sample_shape, target_shape
 
@@ -156,10 +151,7 @@ def test_an_envoy_restarted_during_an_experiment_leaves_it_and_joins_the_next(ti
                              "download": False} for r in (1, 2)}
     # The director's default health period (10 s): the envoy is back before it would count as lost (20 s).
     with LocalFederation(tmp_path, shards, sample_shape("bloodmnist", 28), target_shape("bloodmnist")) as fed:
-        federation = Federation(client_id="frontend", director_node_fqdn=fed.host, director_port=fed.port, tls=False)
-        monkeypatch.chdir(ROOT / "workspace")
-        model = medfl.build_model("bloodmnist", 28)
-        tasks = medfl.build_tasks("bloodmnist", 1)
+        cells = notebook(fed, tmp_path, monkeypatch)
         restarted = []
 
         def crash_and_restart_in_round_2(line):
@@ -170,15 +162,10 @@ def test_an_envoy_restarted_during_an_experiment_leaves_it_and_joins_the_next(ti
                 restarted.append(time.monotonic())
                 fed.restart("envoy_2")
 
-        experiment = FLExperiment(federation=federation, experiment_name="restart")
-        medfl.run.start_training(experiment, model, torch.optim.Adam(model.parameters()), tasks,
-                                 medfl.MedMNISTData(), rounds=4)
-        run = medfl.run.follow(experiment, 4, medfl.Best(), echo=crash_and_restart_in_round_2)
+        run = quietly(start_experiment(cells, "restart", rounds=4), 4, echo=crash_and_restart_in_round_2)
         assert restarted and run.error is None
         assert [(d["envoy"], d["reason"]) for d in run.dropouts] == \
             [("envoy_2", "it restarted during the experiment; it joins the next one")]
         assert run.dropouts[0]["round"] in (2, 3)
-        following = FLExperiment(federation=federation, experiment_name="after-restart")
-        medfl.run.start_test(following, run.best_model, tasks, device="cpu")
-        test = medfl.run.follow(following, 1, echo=lambda line: None)
+        test = quietly(start_experiment(cells, "after-restart", rounds=1), 1)
         assert test.error is None and {m["metric_origin"] for m in test.metrics} >= {"envoy_1", "envoy_2"}

@@ -33,7 +33,7 @@ def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, 
     (["--rounds", "0"], "ROUNDS=0: must be at least 1"),
     (["--partition", "dirichlet", "--alpha", "0"], "ALPHA=0.0: the Dirichlet concentration must be positive"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--size", "100"], "unsupported image size '100'"),
+    (["--size", "100"], "unsupported image size 100"),
     (["--min-envoys", "0"], "MIN_ENVOYS=0: give a number of envoys (an int of at least 1) or a share of them"),
     (["--min-envoys", "3"], "MIN_ENVOYS=3 is more than ENVOYS=2"),
     (["--round-timeout", "-5"], "ROUND_TIMEOUT=-5.0: give seconds, or 0 for no limit"),
@@ -65,3 +65,24 @@ def test_baseline_reports_the_same_test_block(tiny_file, tmp_path, capsys):
     for block in [test, *test["per_envoy"].values()]:
         assert 0 <= block["acc"] <= 1 and 0 <= block["auc"] <= 1
     assert "centralized baseline on SYNTHETIC data" in capsys.readouterr().out
+
+
+def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
+    from conftest import ROOT
+    from localfed.__main__ import parse
+
+    empty = parse(["demo", *[arg for option in ("--dataset", "--size", "--envoys", "--rounds", "--epochs",
+                                                "--partition", "--alpha", "--seed", "--data", "--tls",
+                                                "--min-envoys", "--round-timeout") for arg in (option, "")]])
+    assert empty == parse(["demo"])  # an unset Makefile variable means the default
+    documented = {}
+    for row in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in row.split("|")]
+        if len(cells) > 3 and cells[1].startswith("`") and cells[1].strip("`").isupper():
+            names = [n.strip(" `") for n in cells[1].split(",")]
+            values = [v.strip(" `") for v in cells[2].split(",")]
+            documented.update(zip(names, values, strict=False))
+    for variable, value in vars(empty).items():
+        if variable.upper() in documented and variable not in ("data_dir", "device", "notebook"):
+            assert documented[variable.upper()] == str(value), variable
+    assert {"DATASET", "SIZE", "ENVOYS", "ROUNDS", "EPOCHS", "SEED", "MIN_ENVOYS", "TLS"} <= set(documented)

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from medfl.run import ParameterError, check_dataset, check_parameters, check_quorum
+from medfl.researcher import ParameterError, check_dataset, check_parameters, check_quorum
 
 GOOD = dict(dataset="bloodmnist", size=28, rounds_to_train=3, epochs_per_round=1, train_batch_size=64,
             eval_batch_size=256, learning_rate=1e-3, device="auto", best_metric="auc", best_mode="max")

@@ -53,11 +53,3 @@ def test_build_tasks_registers_train_and_validate_with_settings():
 def test_build_tasks_rejects_bad_epochs(bad):
     with pytest.raises(ValueError, match="epochs_per_round must be a positive integer"):
         build_tasks("bloodmnist", epochs_per_round=bad)
-
-
-@pytest.mark.parametrize("kwargs,message", [({"train_batch_size": 0}, "train_batch_size"),
-                                            ({"eval_batch_size": -3}, "eval_batch_size"),
-                                            ({"eval_split": "train"}, "eval_split")])
-def test_data_interface_rejects_bad_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        MedMNISTData(**kwargs)

@@ -1,26 +1,42 @@
 """Writes the two notebooks from one list of cells: they differ only where the hardware differs.
 
-usage: python tools/notebooks.py   (then commit workspace/*.ipynb; tests/test_repository.py checks
-that the committed notebooks are what this writes)
+The model, data-interface and task cells are the source of medfl.model, medfl.data and medfl.tasks, copied here,
+so the notebook shows the code the baseline, the benchmark and the tests run. The parameters cell is written from
+medfl.researcher.DEFAULTS.
+
+usage: python tools/notebooks.py   (then commit workspace/*.ipynb; tests/test_repository.py checks that the
+committed notebooks are what this writes)
 """
+import inspect
+import json
+import sys
 from pathlib import Path
 
 import nbformat as nbf
 
 WORKSPACE = Path(__file__).resolve().parents[1] / "workspace"
-md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+sys.path.insert(0, str(WORKSPACE))
+from medfl import data, model, tasks  # noqa: E402
+from medfl.researcher import DEFAULTS  # noqa: E402
 
-CPU_INTRO = """# Federated MedMNIST 2D on CPU (or CUDA)
+md = nbf.v4.new_markdown_cell
 
-A director and one envoy per data node are running (`make demo` starts them for you; the README shows how by hand). Each envoy serves its own shard of a MedMNIST 2D dataset and never sends an image. This notebook defines the experiment, submits it to the director, follows it round by round, tests the best model on every node's test split, and keeps the results.
 
-Each envoy picks its device when a task runs: with `device = "auto"` that is a CUDA GPU where the envoy has one (its config's `cuda_devices` pins which), else the CPU. The machine running this notebook needs no accelerator.
+def code(tag: str, text: str) -> nbf.NotebookNode:
+    """A code cell with one tag, by which tests and tools find it."""
+    return nbf.v4.new_code_cell(text, metadata={"tags": [tag]})
 
-The model, data interface and tasks live in the `medfl` package beside this notebook. OpenFL ships this folder to every node with the experiment, so the nodes run exactly that code; that is also why outputs go to `../runs/`, outside it."""
+CPU_INTRO = """# Federated MedMNIST 2D with OpenFL's interactive API
 
-HPU_INTRO = """# Federated MedMNIST 2D on Intel Gaudi (HPU)
+Hospitals cannot pool patient images, so the model goes to the data. In this notebook you, the researcher, define a federated experiment and submit it to a **director**; every hospital's **envoy** trains it on its own shard of a MedMNIST 2D dataset, and only weights and metrics come back. A director and envoys must be running: `make demo` starts them and runs this notebook for you; the README shows how to start them by hand.
 
-The same experiment as `Pytorch_MedMNIST_2D.ipynb`, with the envoys training on Gaudi accelerators. Only the parameters differ: the tasks, model and data code are the same `medfl` package, which runs on CPU, CUDA and HPU alike.
+Each section below makes one object of OpenFL's interactive API and says where its code runs: here, on the director, or on every envoy. Change the model, the data interface or the tasks in their cells and run again: the envoys run what these cells define. What you would not edit (metrics, device handling, checks, reporting) lives in the `medfl` package beside this notebook, which OpenFL ships to the nodes with the experiment.
+
+Each envoy picks its device when a task runs: with `device = "auto"`, a CUDA GPU if it has one (its config's `cuda_devices` pins which), else the CPU. This machine needs no accelerator."""
+
+HPU_INTRO = """# Federated MedMNIST 2D on Intel Gaudi (HPU) with OpenFL's interactive API
+
+The same experiment as `Pytorch_MedMNIST_2D.ipynb`, with the envoys training on Gaudi accelerators; only the parameters differ. You, the researcher, define a federated experiment here and submit it to a **director**; every hospital's **envoy** trains it on its own shard of a MedMNIST 2D dataset, and only weights and metrics come back. Each section makes one object of OpenFL's interactive API and says where its code runs; change the model, the data interface or the tasks in their cells and the envoys run what you wrote.
 
 What the Gaudi envoys need (the README's HPU section has the details):
 
@@ -29,129 +45,236 @@ What the Gaudi envoys need (the README's HPU section has the details):
 - **This notebook's machine needs no Gaudi.** `device = "hpu"` makes an envoy without one fail its task with a message naming it; `device = "auto"` lets mixed nodes use what they have.
 - `bf16 = True` trains and evaluates under bfloat16 autocast on HPU (and CUDA); weights and the metrics stay float32."""
 
-PARAMETERS = """# Parameters: a runner (papermill, `make demo`) may override any of these.
-dataset = "bloodmnist"      # one of the 12 MedMNIST 2D flags; must be what the envoys serve
-size = 28                   # 28, 64, 128 or 224
-rounds_to_train = 3
-epochs_per_round = 1
-train_batch_size = 64
-eval_batch_size = 256
-learning_rate = 1e-3        # Adam, as in the MedMNIST v2 experiments
-best_metric = "auc"         # the best model is the global model with the best aggregated val AUC...
-best_mode = "max"           # ...highest ("min" for loss)
-min_envoys = 0.5            # envoys lost mid-run are dropped; the run goes on while this share (float) or
-                            # number (int) of its envoys remain, and fails, naming the lost ones, below it
-round_timeout = 0           # seconds; envoys still busy this long into a round are dropped too (0: no limit)
-device = "{device}"{device_pad}# {device_comment}
-bf16 = {bf16}{bf16_pad}# bfloat16 autocast on HPU and CUDA envoys
-director_host = "localhost"
-director_port = 50051
-aggregator_port = 0         # 0: OpenFL derives one per experiment (49152-60999); fix it for firewalls
-ca_cert = ""                # mutual TLS: the CA, and this client's certificate and key (`make certs`
-api_cert = ""               # writes certs/ca.crt, certs/frontend.crt and certs/frontend.key);
-api_key = ""                # all empty: plaintext, for a director started without CERTS
-experiment_name = ""        # empty: medmnist-<dataset>-<date>-<time>
-output_dir = "../runs"      # outside workspace/, which travels with the experiment
-data_source = ""            # recorded in results.json; empty: "synthetic" or "medmnist" from the envoys
-seed = 0"""
+# Comments of the parameters cell, in its order; the values come from medfl.researcher.DEFAULTS.
+PARAMETERS = {
+    "dataset": "one of the 12 MedMNIST 2D flags; must be what the envoys serve",
+    "size": "28, 64, 128 or 224",
+    "rounds_to_train": "federated rounds",
+    "epochs_per_round": "local epochs on every envoy per round",
+    "train_batch_size": "",
+    "eval_batch_size": "",
+    "learning_rate": "Adam, as in the MedMNIST v2 experiments",
+    "best_metric": "the best model is the global model with the best aggregated val AUC...",
+    "best_mode": '...highest ("min" for loss)',
+    "min_envoys": "envoys lost mid-run are dropped; the run goes on while this share (float) or number (int)\n"
+                  "of its envoys remain, and fails, naming the lost ones, below it",
+    "round_timeout": "seconds; envoys still busy this long into a round are dropped too (0: no limit)",
+    "device": "{device_comment}",
+    "bf16": "bfloat16 autocast on HPU and CUDA envoys",
+    "director_host": "",
+    "director_port": "",
+    "aggregator_port": "0: OpenFL derives one per experiment (49152-60999); fix it for firewalls",
+    "ca_cert": "mutual TLS: the CA, and this client's certificate and key (`make certs`",
+    "api_cert": "writes certs/ca.crt, certs/frontend.crt and certs/frontend.key);",
+    "api_key": "all empty: plaintext, for a director started without CERTS",
+    "experiment_name": "empty: medmnist-<dataset>-<date>-<time>",
+    "output_dir": "outside workspace/, which travels with the experiment",
+    "preview_dir": "a local copy of the public dataset to show samples from (make demo keeps one there)",
+    "data_source": 'recorded in results.json; empty: "synthetic" or "medmnist" from the envoys',
+    "seed": "",
+}
+COMMENT_COLUMN = 28
 
 VARIANTS = {
-    "Pytorch_MedMNIST_2D.ipynb": dict(intro=CPU_INTRO, device="auto", bf16="False",
+    "Pytorch_MedMNIST_2D.ipynb": dict(intro=CPU_INTRO, values={},
                                       device_comment="resolved on each envoy: HPU, else CUDA, else CPU"),
-    "HPU_Pytorch_MedMNIST_2D.ipynb": dict(intro=HPU_INTRO, device="hpu", bf16="True",
+    "HPU_Pytorch_MedMNIST_2D.ipynb": dict(intro=HPU_INTRO, values={"device": "hpu", "bf16": True},
                                           device_comment="every envoy trains on its Gaudi; 'auto' to mix"),
 }
 
 
-def parameters(device: str, bf16: str, device_comment: str, **_) -> str:
-    return PARAMETERS.format(device=device, device_pad=" " * (21 - len(device)), device_comment=device_comment,
-                             bf16=bf16, bf16_pad=" " * (20 - len(bf16)))
+def _literal(value) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
-def cells(intro: str, **variant) -> list:
-    return [
-md(intro),
-code(parameters(**variant), metadata={"tags": ["parameters"]}),
-md("""## Connect to the federation
+def parameters(values: dict, device_comment: str, **_) -> str:
+    """The parameters cell: every default, with its comment aligned."""
+    lines = ["# Parameters: a runner (papermill, `make demo`) may override any of these."]
+    for name, comment in PARAMETERS.items():
+        line = f"{name} = {_literal(values.get(name, DEFAULTS[name]))}"
+        for i, part in enumerate(comment.format(device_comment=device_comment).splitlines() or [""]):
+            if part:
+                line = f"{line if i == 0 else ''}".ljust(COMMENT_COLUMN - 1) + f" # {part}"
+            lines.append(line)
+    return "\n".join(lines)
 
-The director lists the envoys that registered with it and what each serves. Shards are disjoint: each envoy's config names its rank (`1,2` and `2,2` for two nodes) and how the data is spread (`iid`, or `dirichlet` label skew)."""),
-code("""import time
+
+def source(*objects) -> str:
+    """The source of package functions and classes, as the notebook shows them."""
+    return "\n\n".join(inspect.getsource(o).rstrip() for o in objects)
+
+
+IMPORTS = """import time
 from pathlib import Path
 
+import medmnist
 import pandas as pd
 import torch
 from IPython.display import Image, display
-from openfl.interface.interactive_api.experiment import FLExperiment
+from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface, TaskInterface
 from openfl.interface.interactive_api.federation import Federation
+from torch import nn
 
-import medfl
+from medfl import Best, Schedule, researcher
+from medfl.data import batch_loader, loader_settings, to_float_chw
+from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
+from medfl.metrics import evaluate, loss_fn, loss_target, scores
 
-medfl.run.check_parameters(**globals())  # impossible parameters stop here, before anything runs
-tls = bool(ca_cert)
-federation = Federation(client_id="frontend", director_node_fqdn=director_host, director_port=director_port,
-                        tls=tls, cert_chain=ca_cert or None, api_cert=api_cert or None,
+researcher.check_parameters(**globals())  # impossible parameters stop here, before anything runs"""
+
+
+def cells(intro: str, **variant) -> list:
+    """Every cell of a notebook, in order."""
+    return [
+md(intro),
+code("parameters", parameters(**variant)),
+md("""OpenFL's interactive API, PyTorch, and the helpers from `medfl` that the cells below call by name."""),
+code("imports", IMPORTS),
+md("""## 1. Connect to the federation (runs here)
+
+`Federation` is this notebook's connection to the director. The director keeps a **shard registry**: every envoy that registered, whether it is online, and what its shard descriptor says it serves. Shards are disjoint: each envoy's config names its rank (`1,2` and `2,2` for two nodes) and how the data is spread (`iid`, or `dirichlet` label skew)."""),
+code("connect", """federation = Federation(client_id="frontend", director_node_fqdn=director_host, director_port=director_port,
+                        tls=bool(ca_cert), cert_chain=ca_cert or None, api_cert=api_cert or None,
                         api_private_key=api_key or None)
-envoys = medfl.run.registry(federation)
-if medfl.run.is_synthetic(envoys):
+shard_registry = federation.get_shard_registry()
+envoys = researcher.envoy_table(shard_registry)
+synthetic = researcher.is_synthetic(envoys)
+if synthetic:
     print("NOTE: the envoys serve SYNTHETIC data; the results below say nothing about MedMNIST.")
-pd.DataFrame(envoys)[["envoy", "online", "text"]]"""),
-md("""The director accepts only envoys whose images and labels have its configured shapes. Those must also be what this notebook's `dataset` and `size` imply; a dummy sample shows what a batch will look like."""),
-code("""medfl.run.check_dataset(federation, dataset, size, envoys)
-medfl.run.check_quorum(envoys, min_envoys)
-image, label = federation.get_dummy_shard_descriptor(size=4).get_dataset("train")[0]
-print(f"one sample: image {image.shape} {image.dtype}, label {label.shape}; task: {medfl.task_type(dataset)}")"""),
-md("""## Define the experiment
+pd.DataFrame(envoys).set_index("envoy")[["online", "text"]]"""),
+md("""The director admits only envoys whose samples and labels have the shapes it was configured with, and those must be what `dataset` and `size` imply. It also hands out a **dummy shard descriptor** of those shapes: random data that lets this notebook try its code without seeing a single image."""),
+code("check", """researcher.check_dataset(federation, dataset, size, envoys)  # stops here, naming envoys, if they serve another
+researcher.check_quorum(envoys, min_envoys)
+dummy_shard_descriptor = federation.get_dummy_shard_descriptor(size=4)
+image, label = dummy_shard_descriptor.get_dataset("train")[0]
+print(f"one sample as the envoys serve it: image {image.shape} {image.dtype}, label {label.shape}; "
+      f"task: {medmnist.INFO[dataset]['task']}")"""),
+md("""What the federation will learn: a few test images per class, from a local copy of the public dataset if this machine has one. The envoys' own images never leave them."""),
+code("preview", """researcher.show_samples(dataset, size, synthetic, preview_dir)"""),
+md("""## 2. The model (defined here, trained on every envoy)
 
-- **Model**: five 3x3 convolution blocks with BatchNorm and three fully connected layers; channels and outputs come from `medmnist.INFO`.
-- **Tasks**: `train` runs `epochs_per_round` local epochs with Adam; `validate` reports loss and MedMNIST's official ACC and AUC on each envoy's `val` split. The loss follows the task type: cross-entropy, or BCE-with-logits for multi-label ChestMNIST.
-- **Data**: each envoy batches its own uint8 shard; images become float one batch at a time."""),
-code("""torch.manual_seed(seed)
-model = medfl.build_model(dataset, size)
-optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-task_interface = medfl.build_tasks(dataset, epochs_per_round=epochs_per_round, device=device, bf16=bf16)
-data_interface = medfl.MedMNISTData(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size,
-                                    seed=seed, device=device)"""),
-md("""## Train
+MedMNIST's tutorial CNN: five 3x3 convolution blocks with BatchNorm and three fully connected layers. Input channels and outputs come from `medmnist.INFO`; above 28 px a learned patch embedding first brings the image down to about 28 px, so the weights that travel every round are the same size at every resolution. OpenFL pickles the model object with the experiment: change this cell, and the envoys train your network."""),
+code("model", source(model.conv_block, model.Net) + """
 
-Each round, every envoy validates the current global model on its `val` split, trains on its shard, and validates its local result; the director averages the weights by sample count. One last round only validates the final global model, so that it too can be chosen as the best. Lines marked `aggregator` are sample-weighted means over the envoys.
 
-An envoy that stops answering (the director misses its health checks) or passes `round_timeout` is dropped, and the round ends with the others while `min_envoys` remain; below that, or if an envoy's task raises an error, the experiment fails. If anything fails, even the director, this cell stops with one line saying why, after saving the metrics and the best model received so far."""),
-code("""experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+meta = medmnist.INFO[dataset]
+torch.manual_seed(seed)
+model = Net(in_channels=meta["n_channels"], num_classes=len(meta["label"]), size=size)
+print(f"{dataset}: {meta['n_channels']}-channel {size} px images, {len(meta['label'])} outputs ({meta['task']}); "
+      f"{sum(p.numel() for p in model.parameters()):,} parameters")"""),
+md("""## 3. The data interface (runs on every envoy)
+
+A `DataInterface` subclass says how the tasks get batches. OpenFL builds it here, ships it, and on each envoy sets `shard_descriptor` to that node's own `MedMNISTShardDescriptor` (in `envoy/medmnist_shard/`, which never leaves the node); the tasks then ask for `get_train_loader()` and `get_valid_loader()`, and the data sizes weight each envoy's update in the average. Batches stay uint8 until a task turns them into floats on its device. The last lines try it here on the dummy shard descriptor, as an envoy would on its shard."""),
+code("data", source(data.MedMNISTData) + """
+
+
+fed_dataset = MedMNISTData(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, seed=seed,
+                           device=device)
+probe = MedMNISTData(train_batch_size=4, device="cpu")
+probe.shard_descriptor = dummy_shard_descriptor
+images, labels = next(iter(probe.get_train_loader()))
+with torch.no_grad():
+    outputs = model.eval()(to_float_chw(images))
+print(f"a batch: images {tuple(images.shape)} {images.dtype} -> model outputs {tuple(outputs.shape)}")"""),
+md("""## 4. The model interface
+
+`ModelInterface` bundles the model, its optimizer and the framework adapter through which OpenFL reads and writes PyTorch weights. Its model holds the initial global weights; the optimizer travels with it to every envoy."""),
+code("model-interface", """optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+framework_adapter = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
+MI = ModelInterface(model=model, optimizer=optimizer, framework_plugin=framework_adapter)"""),
+md("""## 5. The tasks (run on every envoy)
+
+`TaskInterface` registers the functions each envoy runs. `register_fl_task` names which of OpenFL's objects fill which arguments: the model (with the round's global weights), a loader from the data interface, the device, and, for the training task, the optimizer. A task registered without an optimizer validates: OpenFL runs it on the global model before training (`aggregated_model_validate`) and on the local model after (`locally_tuned_model_validate`). `add_kwargs` fixes the other arguments. Each task returns a dict of metrics, which stream back here.
+
+The loss follows the task type (cross-entropy, or BCE-with-logits for multi-label ChestMNIST), and ACC and AUC are MedMNIST's official ones (`medmnist.evaluator`). The device is resolved on each envoy; `step_barrier` is Gaudi's `mark_step` there and a no-op elsewhere."""),
+code("train-task", """TI = TaskInterface()
+task = meta["task"]
+
+
+@TI.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16)
+@TI.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")
+""" + source(tasks.train)),
+code("validate-task", """@TI.add_kwargs(task=task, device_request=device, bf16=bf16)
+@TI.register_fl_task(model="model", data_loader="val_loader", device="device")
+""" + source(tasks.validate)),
+md("""## 6. Start the experiment
+
+`FLExperiment` packs everything above and sends it to the director, which starts an aggregator for it and hands it to every envoy. The arguments that are not OpenFL's defaults:
+
+- `rounds_to_train=rounds_to_train + 1` with `task_assigner=Schedule(...)`: OpenFL validates each global model at the start of the next round, so one last round only validates the final model; then it too can be chosen as the best.
+- `opt_treatment="RESET"`: each round's local training starts from a fresh optimizer state, as FedAvg does.
+- `device_assignment_policy="CUDA_PREFERRED"`: an envoy whose config lists `cuda_devices` hands its tasks `cuda:N`.
+- `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric and goes on without lost envoys while `min_envoys` remain; and the aggregator's port, if fixed.
+
+OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.staging()` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels."""),
+code("start", """experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 run_dir = Path(output_dir) / experiment_name
-params = dict(dataset=dataset, size=size, rounds_to_train=rounds_to_train, epochs_per_round=epochs_per_round,
-              train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, learning_rate=learning_rate,
-              best_metric=best_metric, best_mode=best_mode, min_envoys=min_envoys, round_timeout=round_timeout,
-              device=device, bf16=bf16, seed=seed, experiment=experiment_name, tls=tls)
-record = dict(params=params, envoys=envoys, started=time.time(), data_source=data_source)
-experiment = FLExperiment(federation=federation, experiment_name=experiment_name)
-medfl.run.start_training(experiment, model, optimizer, task_interface, data_interface, rounds_to_train,
-                         best_metric=best_metric, best_mode=best_mode, min_envoys=min_envoys,
-                         round_timeout=round_timeout, aggregator_port=aggregator_port)
-training = medfl.run.follow(experiment, rounds_to_train, medfl.Best(best_metric, best_mode))
-medfl.report.stop_if_failed(run_dir, training=training, **record)"""),
-md("""## Test the best model
+plan_overrides = {
+    "aggregator.template": "medfl.aggregator.SelectingAggregator",
+    "aggregator.settings.best_metric": best_metric,
+    "aggregator.settings.best_mode": best_mode,
+    "aggregator.settings.min_envoys": min_envoys,
+    "aggregator.settings.round_timeout": round_timeout,
+    **({"network.settings.agg_port": aggregator_port} if aggregator_port else {}),
+}
+record = dict(params={**researcher.training_parameters(globals()), "experiment": experiment_name,
+                      "tls": bool(ca_cert)}, envoys=envoys, data_source=data_source, started=time.time())
+with researcher.staging():
+    experiment = FLExperiment(federation=federation, experiment_name=experiment_name)
+    experiment.start(
+        model_provider=MI,
+        task_keeper=TI,
+        data_loader=fed_dataset,
+        rounds_to_train=rounds_to_train + 1,
+        task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=rounds_to_train),
+        opt_treatment="RESET",
+        device_assignment_policy="CUDA_PREFERRED",
+        override_config=plan_overrides,
+    )"""),
+md("""## 7. Follow the training
 
-The best global model is the one with the best aggregated validation `best_metric`. It is sent back to every envoy in a validation-only experiment on their `test` splits: the test images never leave the nodes either."""),
-code("""print(training.best.describe(rounds_to_train))
-test_run = FLExperiment(federation=federation, experiment_name=f"{experiment_name}-test")
-medfl.run.start_test(test_run, training.best_model, task_interface, eval_batch_size, device, min_envoys,
-                     round_timeout, aggregator_port)
-testing = medfl.run.follow(test_run, 1, label="test")
-medfl.report.stop_if_failed(run_dir, training=training, testing=testing, **record)"""),
+Metrics stream from the director as the envoys report them: per round, every envoy validates the global model on its `val` split, trains on its shard, and validates its local result; the director averages the weights by sample count. Lines marked `aggregator` are sample-weighted means over the envoys.
+
+`experiment.get_best_model()` is called as soon as a model becomes the best, so it survives even a lost director; `experiment.get_last_model()` once the run has ended. An envoy that stops answering, or passes `round_timeout`, is dropped, and the round ends with the others while `min_envoys` remain; below that, or if an envoy's task raises an error, the experiment fails. If anything fails, even the director, this cell stops with one line saying why, after saving what arrived."""),
+code("follow", """training = researcher.follow(experiment, rounds_to_train, Best(best_metric, best_mode),
+                             on_new_best=experiment.get_best_model)
+researcher.stop_if_failed(run_dir, training=training, **record)
+last_model = experiment.get_last_model()
+best_model = training.best_model or last_model  # None only if no global model had a finite validation score
+print(training.best.describe(rounds_to_train))"""),
+md("""## 8. Test the best model
+
+A second, validation-only experiment sends the best model back to every envoy, to be scored on their `test` splits: the test images never leave the nodes either. It reuses the tasks; only the data interface reads another split."""),
+code("test", """test_data = MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test", device=device)
+with researcher.staging():
+    test_experiment = FLExperiment(federation=federation, experiment_name=f"{experiment_name}-test")
+    test_experiment.start(
+        model_provider=ModelInterface(model=best_model, optimizer=torch.optim.Adam(best_model.parameters()),
+                                      framework_plugin=framework_adapter),
+        task_keeper=TI,
+        data_loader=test_data,
+        rounds_to_train=1,
+        task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=0),
+        device_assignment_policy="CUDA_PREFERRED",
+        override_config=plan_overrides,
+    )
+testing = researcher.follow(test_experiment, 1, label="test")
+researcher.stop_if_failed(run_dir, training=training, testing=testing, **record)"""),
 md("""## Results
 
 Saved under `runs/<experiment name>/` at the repository root (`runs/latest` points at the newest): `results.json` (with any envoys that dropped out, and when), `metrics.csv`, `curves.png`, `partition.png`, TensorBoard logs (`tensorboard --logdir runs`), and the best and last models as PyTorch `state_dict`s."""),
-code("""results = medfl.report.build_results(training=training, testing=testing, **record)
-medfl.report.save_run(run_dir, results, training, testing)
+code("results", """results = researcher.build_results(training=training, testing=testing, **record)
+researcher.save_run(run_dir, results, training, testing, best_model=best_model, last_model=last_model)
 test = results["test"]
 print(("SYNTHETIC data: " if results["synthetic"] else "") + f"{dataset} {size}px, {len(envoys)} envoys; "
       f"test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}; saved to {run_dir.resolve()}")
 pd.DataFrame([{"round": e["round"], **e["aggregated"]} for e in results["rounds"]]).set_index("round")"""),
-code("""display(Image(str(run_dir / "curves.png")), Image(str(run_dir / "partition.png")))"""),
-md("""To use the trained model elsewhere:
+code("plots", """display(Image(str(run_dir / "curves.png")), Image(str(run_dir / "partition.png")))"""),
+md("""To use the trained model elsewhere (the `medfl` package's `build_model` makes the same network as the cell above):
 
 ```python
-model = medfl.build_model("bloodmnist", 28)
+from medfl import build_model
+model = build_model("bloodmnist", 28)
 model.load_state_dict(torch.load("runs/latest/best_model.pt"))
 model.eval()
 ```"""),

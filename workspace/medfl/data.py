@@ -1,4 +1,8 @@
-"""From a node's uint8 shard to batches: the DataInterface that OpenFL hands to the tasks."""
+"""From a node's uint8 shard to batches: the DataInterface that OpenFL hands to the tasks.
+
+The notebook's data cell shows MedMNISTData as written here (tools/notebooks.py copies it); the helpers below are
+what its methods call.
+"""
 from __future__ import annotations
 
 import torch
@@ -21,25 +25,23 @@ def batch_loader(dataset, batch_size: int, shuffle: bool = False, generator: tor
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
-class MedMNISTData(DataInterface):
-    """Train on the shard's `train` split; validate on its `val` split (or `test`, for a final test).
+def loader_settings(device_request: str, training: bool = True) -> dict:
+    """DataLoader settings for the device this node resolves `device_request` to.
 
-    num_workers stays 0 by default: the shard is in memory and a batch is one indexing call, so
-    worker processes would only compete with training for a small machine's cores. The loaders
-    follow the device each envoy resolves from `device`: on HPU the last partial training batch is
-    dropped (lazy mode would compile a second graph for it) and no worker processes are forked; on
-    CUDA, batches are pinned for faster copies.
+    No worker processes: a batch is one indexing call on an in-memory shard, so workers would only compete with
+    training for a small machine's cores (and on HPU they must not fork). On CUDA, batches are pinned for faster
+    copies. On HPU the last partial training batch is dropped: lazy mode would compile a second graph for it.
     """
+    kind = pick_device(device_request).type
+    return {"num_workers": 0, "pin_memory": kind == "cuda", "drop_last": training and kind == "hpu"}
 
-    def __init__(self, train_batch_size: int = 64, eval_batch_size: int = 256, eval_split: str = "val",
-                 seed: int = 0, num_workers: int = 0, device: str = "auto"):
-        if eval_split not in ("val", "test"):
-            raise ValueError(f"eval_split must be 'val' or 'test', not {eval_split!r}")
-        for name, value in (("train_batch_size", train_batch_size), ("eval_batch_size", eval_batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+
+class MedMNISTData(DataInterface):
+    """Each envoy's batches: `train` for training, `val` (or `test`, for the test run) for evaluation."""
+
+    def __init__(self, train_batch_size=64, eval_batch_size=256, eval_split="val", seed=0, device="auto"):
         super().__init__(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size,
-                         eval_split=eval_split, seed=seed, num_workers=num_workers, device=device)
+                         eval_split=eval_split, seed=seed, device=device)
 
     @property
     def shard_descriptor(self):
@@ -47,29 +49,24 @@ class MedMNISTData(DataInterface):
 
     @shard_descriptor.setter
     def shard_descriptor(self, shard_descriptor):
-        # Runs on the envoy, once per experiment.
+        # Runs on the envoy, once per experiment: OpenFL hands over the node's own shard descriptor.
         self._shard_descriptor = shard_descriptor
         self.train_set = shard_descriptor.get_dataset("train")
         self.eval_set = shard_descriptor.get_dataset(self.kwargs["eval_split"])
-        self._shuffle = torch.Generator().manual_seed(self.kwargs["seed"])
+        self.shuffle = torch.Generator().manual_seed(self.kwargs["seed"])
 
-    def _loader_settings(self) -> dict:
-        kind = pick_device(self.kwargs.get("device", "auto")).type
-        workers = 0 if kind == "hpu" else self.kwargs["num_workers"]
-        return {"num_workers": workers, "pin_memory": kind == "cuda", "drop_last": kind == "hpu"}
+    def get_train_loader(self, **kwargs):
+        """Shuffled training batches; the generator gives each round a new order, the seed the same ones."""
+        return batch_loader(self.train_set, self.kwargs["train_batch_size"], shuffle=True, generator=self.shuffle,
+                            **loader_settings(self.kwargs["device"]))
 
-    def get_train_loader(self, **kwargs) -> DataLoader:
-        """Shuffled training batches; the shared generator gives each round a new order."""
-        return batch_loader(self.train_set, self.kwargs["train_batch_size"], shuffle=True,
-                            generator=self._shuffle, **self._loader_settings())
-
-    def get_valid_loader(self, **kwargs) -> DataLoader:
+    def get_valid_loader(self, **kwargs):
         """Evaluation batches in a fixed order; every sample counts."""
         return batch_loader(self.eval_set, self.kwargs["eval_batch_size"],
-                            **{**self._loader_settings(), "drop_last": False})
+                            **loader_settings(self.kwargs["device"], training=False))
 
-    def get_train_data_size(self) -> int:
+    def get_train_data_size(self):
         return len(self.train_set)
 
-    def get_valid_data_size(self) -> int:
+    def get_valid_data_size(self):
         return len(self.eval_set)

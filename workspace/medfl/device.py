@@ -53,6 +53,17 @@ def pick_device(request: str = "auto", assigned: str = "cpu") -> torch.device:
     return torch.device("cpu")
 
 
+def bind_optimizer(optimizer, model) -> None:
+    """Point the optimizer at the model's parameters. The optimizer was built in the notebook, on CPU;
+    moving the model keeps its parameter objects on CPU and CUDA, but a backend that replaces them
+    (Habana asks to move the model before building the optimizer) would leave the optimizer behind."""
+    params = list(model.parameters())
+    if [id(p) for group in optimizer.param_groups for p in group["params"]] != [id(p) for p in params]:
+        for group in optimizer.param_groups:
+            count = len(group["params"])
+            group["params"], params = params[:count], params[count:]
+
+
 def step_barrier(device: torch.device) -> Callable[[], None]:
     """What to call after backward, after optimizer.step and per evaluation batch.
 

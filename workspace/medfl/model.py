@@ -1,4 +1,8 @@
-"""The CNN of MedMNIST's tutorial, sized for any flag and image size."""
+"""The CNN of MedMNIST's tutorial, sized for any flag and image size.
+
+The notebook's model cell shows conv_block and Net as written here (tools/notebooks.py copies them), so the
+baseline, the benchmark and the tests train the very network the notebook defines.
+"""
 from __future__ import annotations
 
 import medmnist
@@ -11,7 +15,8 @@ FLAGS = tuple(flag for flag in medmnist.INFO if not flag.endswith("3d"))
 SIZES = (28, 64, 128, 224)  # the image sizes MedMNIST publishes
 
 
-def _block(c_in: int, c_out: int, pool: bool = False, padding: int = 0) -> nn.Sequential:
+def conv_block(c_in: int, c_out: int, pool: bool = False, padding: int = 0) -> nn.Sequential:
+    """A 3x3 convolution, BatchNorm and ReLU, then optionally a 2x2 max pool."""
     layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU()]
     if pool:
         layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -33,11 +38,11 @@ class Net(nn.Module):
                                       nn.BatchNorm2d(16), nn.ReLU()]
         self.features = nn.Sequential(
             *stem,
-            _block(in_channels if patch == 1 else 16, 16),
-            _block(16, 16, pool=True),
-            _block(16, 64),
-            _block(64, 64),
-            _block(64, 64, pool=True, padding=1),
+            conv_block(in_channels if patch == 1 else 16, 16),
+            conv_block(16, 16, pool=True),
+            conv_block(16, 64),
+            conv_block(64, 64),
+            conv_block(64, 64, pool=True, padding=1),
             # 28 px images leave exactly 4x4 here; larger ones are pooled down to it, so the
             # classifier (and the weights that travel each round) stay the same size at 224 px.
             nn.AdaptiveAvgPool2d(4),

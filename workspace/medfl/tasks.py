@@ -1,4 +1,8 @@
-"""The federated tasks: one local training pass and one evaluation, for every MedMNIST task type."""
+"""The federated tasks: local training and evaluation, for every MedMNIST task type.
+
+The notebook's task cells show train and validate as written here, under TaskInterface's decorators
+(tools/notebooks.py copies them); build_tasks registers them the same way for the baseline, benchmark and tests.
+"""
 from __future__ import annotations
 
 import time
@@ -7,7 +11,7 @@ import torch
 from openfl.interface.interactive_api.experiment import TaskInterface
 
 from .data import to_float_chw
-from .device import REQUESTS, autocast, pick_device, step_barrier
+from .device import REQUESTS, autocast, bind_optimizer, pick_device, step_barrier
 from .metrics import evaluate, loss_fn, loss_target, scores
 from .model import task_type
 
@@ -18,7 +22,7 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
     started = time.perf_counter()
     dev = pick_device(device_request, str(device))
     model.to(dev)
-    _bind(optimizer, model)
+    bind_optimizer(optimizer, model)
     model.train()
     # OpenFL 1.6's RESET treatment hands back the same optimizer object every round, so its
     # moments would carry over; FedAvg starts each round's local training from a clean state.
@@ -40,17 +44,6 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
             seen += len(x)
     train_loss = loss_sum.item() / max(seen, 1)  # .item() waits for the device, so the time is honest
     return {"train_loss": train_loss, "train_seconds": time.perf_counter() - started}
-
-
-def _bind(optimizer, model) -> None:
-    """Point the optimizer at the model's parameters. The optimizer was built in the notebook, on CPU;
-    moving the model keeps its parameter objects on CPU and CUDA, but a backend that replaces them
-    (Habana asks to move the model before building the optimizer) would leave the optimizer behind."""
-    params = list(model.parameters())
-    if [id(p) for group in optimizer.param_groups for p in group["params"]] != [id(p) for p in params]:
-        for group in optimizer.param_groups:
-            count = len(group["params"])
-            group["params"], params = params[:count], params[count:]
 
 
 @torch.no_grad()

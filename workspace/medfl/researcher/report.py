@@ -4,14 +4,22 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
 import medmnist
 import torch
 
-from .aggregator import AGGREGATED, VALIDATE_GLOBAL
-from .run import ExperimentFailed, Followed, is_synthetic
+from ..aggregator import AGGREGATED, VALIDATE_GLOBAL
+from .federation import is_synthetic
+from .follow import Followed
+from .parameters import NotebookError
+
+
+class ExperimentFailed(NotebookError):
+    """An experiment ended without its result; the message says why and where what arrived was kept."""
+
 
 VAL_NAMES = {"loss": "val_loss", "acc": "val_acc", "auc": "val_auc", "seconds": "val_seconds"}
 
@@ -23,7 +31,7 @@ def _by_round(metrics: list[dict]) -> dict:
         if m["task_name"] == "train":
             r, name = m["round"] + 1, m["metric_name"]
         elif m["task_name"] == VALIDATE_GLOBAL:
-            r, name = m["round"], VAL_NAMES[m["metric_name"]]
+            r, name = m["round"], VAL_NAMES.get(m["metric_name"], f"val_{m['metric_name']}")
         else:
             continue
         table.setdefault(r, {}).setdefault(m["metric_origin"], {})[name] = m["metric_value"]
@@ -74,6 +82,8 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "test": {"model": "best", "round": best.round,
                  **test_block(testing.metrics if testing else [], {n["name"]: n.get("test") for n in nodes})},
         "wall_seconds": round(time.time() - started, 2),
+        "timing": {"submitted": started, "trained": training.ended, "tested": testing.ended if testing else None,
+                   "notebook_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
         "tls": bool(params.get("tls")),
         "params": params,
     }
@@ -89,9 +99,8 @@ def stop_if_failed(run_dir: Path, *, training: Followed, testing: Followed | Non
     if failed is None:
         return
     results = build_results(training=training, testing=testing, **record)
-    save_run(run_dir, results, training, testing)
-    kept = " and ".join(f"the {kind} model" for kind in ("best", "last")
-                        if getattr(training, f"{kind}_model") is not None) or "no model (none had arrived)"
+    save_run(run_dir, results, training, testing, best_model=training.best_model)
+    kept = "the best model so far" if training.best_model is not None else "no model (none had arrived)"
     raise ExperimentFailed(f"experiment {failed.name} failed: {failed.error}. Kept the metrics so far and "
                            f"{kept} in {Path(run_dir).resolve()}")
 
@@ -196,13 +205,13 @@ def _headline(results: dict) -> str:
     return f"{results['dataset']} {results['size']}px, {len(results['envoys'])} envoys ({source})"
 
 
-def save_run(run_dir: Path, results: dict, training: Followed, testing: Followed | None = None) -> Path:
-    """Write the models that arrived, results.json, metrics.csv, plots and TensorBoard logs; point `latest` here."""
+def save_run(run_dir: Path, results: dict, training: Followed, testing: Followed | None = None,
+             best_model: torch.nn.Module | None = None, last_model: torch.nn.Module | None = None) -> Path:
+    """Write the models given, results.json, metrics.csv, plots and TensorBoard logs; point `latest` here."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results = dict(results)
-    for name in ("best_model", "last_model"):
-        model = getattr(training, name)
+    for name, model in (("best_model", best_model), ("last_model", last_model)):
         results[name] = str(run_dir / f"{name}.pt") if model is not None else None
         if model is not None:
             torch.save(model.state_dict(), results[name])

@@ -1,0 +1,39 @@
+"""The notebook's own code cells, run in this process as a kernel would run them: for tests that must act between
+its steps (kill a node mid-run, start the next experiment) with exactly the notebook's code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import ROOT
+
+CPU_NOTEBOOK = ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"
+
+
+def code_cells(path: Path = CPU_NOTEBOOK) -> list[tuple[str, str]]:
+    """(tag, source) of every code cell, in order."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    return [(c["metadata"]["tags"][0], "".join(c["source"])) for c in cells if c["cell_type"] == "code"]
+
+
+def run_cells(tags, namespace: dict | None = None, path: Path = CPU_NOTEBOOK, **values) -> dict:
+    """Run the cells with these tags, in the notebook's order, in `namespace` updated with `values`."""
+    namespace = {"__name__": "__notebook__"} if namespace is None else namespace
+    namespace.update(values)
+    for tag, source in code_cells(path):
+        if tag in tags:
+            exec(compile(source, f"{Path(path).name}[{tag}]", "exec"), namespace)
+    return namespace
+
+
+def run_until(tag: str, path: Path = CPU_NOTEBOOK, **parameters) -> dict:
+    """Run the cells up to and including the one tagged `tag`, the parameters overridden; return the namespace."""
+    tags = [t for t, _ in code_cells(path)]
+    namespace = run_cells(tags[:tags.index("parameters") + 1], path=path)
+    return run_cells(tags[tags.index("parameters") + 1:tags.index(tag) + 1], namespace, path, **parameters)
+
+
+def start_experiment(namespace: dict, experiment_name: str, rounds: int) -> object:
+    """Submit a training experiment with the notebook's start cell; return its FLExperiment."""
+    run_cells(["start"], namespace, experiment_name=experiment_name, rounds_to_train=rounds)
+    return namespace["experiment"]

@@ -1,0 +1,13 @@
+"""What runs only beside the notebook: parameter checks, a look at the federation, submitting and following
+experiments, and the run's report. The nodes never import this subpackage."""
+from .federation import check_dataset, check_quorum, envoy_table, is_synthetic, show_samples
+from .follow import Followed, follow
+from .parameters import DEFAULTS, NotebookError, ParameterError, check_parameters, training_parameters
+from .report import ExperimentFailed, build_results, save_run, stop_if_failed
+from .submit import staging
+
+__all__ = [
+    "DEFAULTS", "ExperimentFailed", "Followed", "NotebookError", "ParameterError", "build_results", "check_dataset",
+    "check_parameters", "check_quorum", "envoy_table", "follow", "is_synthetic", "save_run", "show_samples",
+    "staging", "stop_if_failed", "training_parameters",
+]

@@ -1,0 +1,81 @@
+"""The notebook's parameters: their defaults (one home for them) and the checks that refuse impossible ones."""
+from __future__ import annotations
+
+from ..aggregator import quorum
+from ..device import REQUESTS
+from ..model import FLAGS, SIZES
+
+# The notebook's parameters cell is written from these (tools/notebooks.py); make demo, make baseline and
+# make bench take their training settings from here too.
+DEFAULTS = {
+    "dataset": "bloodmnist",
+    "size": 28,
+    "rounds_to_train": 3,
+    "epochs_per_round": 1,
+    "train_batch_size": 64,
+    "eval_batch_size": 256,
+    "learning_rate": 1e-3,
+    "best_metric": "auc",
+    "best_mode": "max",
+    "min_envoys": 0.5,
+    "round_timeout": 0,
+    "device": "auto",
+    "bf16": False,
+    "director_host": "localhost",
+    "director_port": 50051,
+    "aggregator_port": 0,
+    "ca_cert": "",
+    "api_cert": "",
+    "api_key": "",
+    "experiment_name": "",
+    "output_dir": "../runs",
+    "preview_dir": "../data",
+    "data_source": "",
+    "seed": 0,
+}
+# What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
+TRAINING = ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size", "eval_batch_size",
+            "learning_rate", "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16", "seed")
+
+
+class NotebookError(RuntimeError):
+    """An error the notebook shows as its one-line message, without a traceback (IPython's hook)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class ParameterError(NotebookError, ValueError):
+    """A notebook parameter or dataset choice that cannot work; the message says what to change."""
+
+
+def training_parameters(namespace: dict) -> dict:
+    """The parameters that shape training, taken from the notebook's variables."""
+    return {name: namespace[name] for name in TRAINING}
+
+
+def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
+                     learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
+                     round_timeout=DEFAULTS["round_timeout"], **_) -> None:
+    """Refuse impossible parameters before anything is submitted, one clear line each."""
+    if dataset not in FLAGS:
+        raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
+    if size not in SIZES:
+        raise ParameterError(f"size={size!r} is not a MedMNIST size: use 28, 64, 128 or 224")
+    for name, value in (("rounds_to_train", rounds_to_train), ("epochs_per_round", epochs_per_round),
+                        ("train_batch_size", train_batch_size), ("eval_batch_size", eval_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ParameterError(f"{name}={value!r}: it must be a whole number of at least 1")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise ParameterError(f"learning_rate={learning_rate!r}: it must be a positive number, e.g. 1e-3")
+    if device not in REQUESTS:
+        raise ParameterError(f"device={device!r}: use one of {', '.join(REQUESTS)}")
+    if best_metric not in ("auc", "acc", "loss") or best_mode not in ("max", "min"):
+        raise ParameterError(f"best_metric={best_metric!r}, best_mode={best_mode!r}: use auc, acc or loss, "
+                             "with max or min")
+    try:
+        quorum(min_envoys, 1)
+    except ValueError as exc:
+        raise ParameterError(f"min_envoys={min_envoys!r}: {exc}") from None
+    if isinstance(round_timeout, bool) or not isinstance(round_timeout, (int, float)) or not round_timeout >= 0:
+        raise ParameterError(f"round_timeout={round_timeout!r}: give seconds (0 for no limit)")
