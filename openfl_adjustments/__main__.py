@@ -12,7 +12,11 @@ if __name__ == "__main__":
     if sys.argv[1:3] == ["director", "start"]:
         startup.director_port_is_free(sys.argv)
     install()
-    if sys.argv[1:2] == ["envoy"]:
+    role = sys.argv[1] if len(sys.argv) > 1 else "fx"
+    if "--shard-name" in sys.argv:
+        role = f"{role} {sys.argv[sys.argv.index('--shard-name') + 1]}"
+    startup.stop_on_signals(role)
+    if role.startswith("envoy"):
         startup.preload_for_envoy()
     from openfl.interface.cli import entry
 

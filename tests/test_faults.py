@@ -169,3 +169,39 @@ def test_an_envoy_restarted_during_an_experiment_leaves_it_and_joins_the_next(ti
         assert run.dropouts[0]["round"] in (2, 3)
         test = quietly(start_experiment(cells, "after-restart", rounds=1), 1)
         assert test.error is None and {m["metric_origin"] for m in test.metrics} >= {"envoy_1", "envoy_2"}
+
+
+def _interrupt(component, seconds=5):
+    """Ctrl-C a node as a terminal would (SIGINT); return how long it took to exit, and the end of its log."""
+    started = time.monotonic()
+    component.process.send_signal(signal.SIGINT)
+    component.process.wait(timeout=30)
+    return time.monotonic() - started, component.log.read_text(errors="replace")
+
+
+def test_one_ctrl_c_stops_an_idle_envoy_a_busy_one_and_the_director_in_one_line(tiny_file, tmp_path, monkeypatch):
+    from localfed import LocalFederation
+    from medmnist_shard.spec import sample_shape, target_shape
+
+    data_dir = tiny_file("bloodmnist", 28, {"train": 2000, "val": 40, "test": 40}).parent
+    shards = {f"envoy_{r}": {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},3",
+                             "download": False} for r in (1, 2, 3)}
+    with LocalFederation(tmp_path, shards, sample_shape("bloodmnist", 28), target_shape("bloodmnist"),
+                         health_period=1) as fed:
+        idle = next(c for c in fed.components if c.name == "envoy_3")
+        took, log = _interrupt(idle)
+        assert took < 5 and log.rstrip().endswith("envoy envoy_3 stopped (Ctrl-C)") and "Traceback" not in log
+        assert idle.process.returncode == 130
+        busy = next(c for c in fed.components if c.name == "envoy_2")
+        cells = notebook(fed, tmp_path, monkeypatch, min_envoys=1)
+        interrupted = []
+
+        def interrupt_in_round_2(line):
+            if line.startswith("round 2/") and not interrupted:
+                interrupted.append(_interrupt(busy))
+
+        quietly(start_experiment(cells, "busy", rounds=3), 3, echo=interrupt_in_round_2)
+        (took, log), = interrupted
+        assert took < 5 and log.rstrip().endswith("envoy envoy_2 stopped (Ctrl-C)") and "Traceback" not in log
+        took, log = _interrupt(fed.director)
+        assert took < 5 and log.rstrip().endswith("director stopped (Ctrl-C)") and "Traceback" not in log

@@ -90,3 +90,31 @@ def test_dropouts_failures_and_a_lost_director_end_in_one_line():
     refused = Experiment([])
     refused.experiment_submitted = False
     assert follow(refused, 1, echo=lines.append).error == "the director refused the experiment; its log says why"
+
+
+def test_openfls_log_goes_to_a_file_and_the_page_shows_only_what_needs_attention(tmp_path, capsys):
+    import logging
+
+    from medfl.researcher import log_to
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        for verbose in (False, True):
+            log_to(tmp_path / "logs" / "openfl.log", verbose)
+            log_to(tmp_path / "logs" / "openfl.log", verbose)  # the cell run again: still one file handler
+            logging.getLogger("openfl.experiment").info("Starting experiment!")
+            logging.getLogger("openfl.split").warning("tried to remove tensor")
+            logging.getLogger("openfl.director").error("the director refused it")
+            logging.getLogger("medfl").warning("something of ours")
+            out, err = capsys.readouterr()
+            also = " (also shown here)" if verbose else ""
+            assert out == f"OpenFL's log: {tmp_path / 'logs' / 'openfl.log'}{also}\n" * 2
+            shown = ["the director refused it", "something of ours"] + (["Starting", "tried to"] if verbose else [])
+            assert all(text in err for text in shown)
+            assert verbose or ("Starting" not in err and "tried to" not in err)
+        assert (tmp_path / "logs" / "openfl.log").read_text().count("Starting experiment!") == 2
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()

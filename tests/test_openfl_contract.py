@@ -285,3 +285,24 @@ def test_an_envoy_that_cannot_reach_its_director_exits_in_openfl_unless_it_waits
 
     source = inspect.getsource(Envoy.start)
     assert "self.director_client.report_shard_info(" in source and "sys.exit(1)" in source
+
+
+def test_models_reach_the_notebook_as_writable_arrays_equal_to_openfls():
+    import warnings
+
+    import numpy as np
+    from openfl.pipelines.pipeline import Float32NumpyArrayToBytes
+
+    from medfl.researcher import openfl_client
+
+    assert Float32NumpyArrayToBytes.backward is openfl_client.writable_backward  # importing researcher applies it
+    # What it replaces: a read-only view, reshaped with the keyword NumPy deprecated.
+    assert "np.frombuffer(data, dtype=np.float32)" in inspect.getsource(Float32NumpyArrayToBytes)
+    assert "newshape=array_shape" in inspect.getsource(Float32NumpyArrayToBytes)
+    weights = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    data, metadata = Float32NumpyArrayToBytes().forward(weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        received = Float32NumpyArrayToBytes().backward(data, metadata)
+    np.testing.assert_array_equal(received, weights)
+    assert received.flags.writeable and received.dtype == np.float32

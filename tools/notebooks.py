@@ -71,6 +71,7 @@ PARAMETERS = {
     "output_dir": "outside workspace/, which travels with the experiment",
     "preview_dir": "a local copy of the public dataset to show samples from (make demo keeps one there)",
     "data_source": 'recorded in results.json; empty: "synthetic" or "medmnist" from the envoys',
+    "verbose": "True: OpenFL's log on this page too (it always goes to the run's logs/openfl.log)",
     "seed": "",
 }
 COMMENT_COLUMN = 28
@@ -120,7 +121,10 @@ from medfl.data import batch_loader, loader_settings, to_float_chw
 from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
 from medfl.metrics import evaluate, loss_fn, loss_target, scores
 
-researcher.check_parameters(**globals())  # impossible parameters stop here, before anything runs"""
+researcher.check_parameters(**globals())  # impossible parameters stop here, before anything runs
+experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+run_dir = Path(output_dir) / experiment_name  # this run's results, models, plots and logs
+researcher.log_to(run_dir / "logs" / "openfl.log", verbose)  # OpenFL's log: a file, not this page"""
 
 
 def cells(intro: str, **variant) -> list:
@@ -128,7 +132,7 @@ def cells(intro: str, **variant) -> list:
     return [
 md(intro),
 code("parameters", parameters(**variant)),
-md("""OpenFL's interactive API, PyTorch, and the helpers from `medfl` that the cells below call by name."""),
+md("""OpenFL's interactive API, PyTorch, and the helpers from `medfl` that the cells below call by name. OpenFL logs every step; that log goes to a file in this run's folder (`verbose = True` shows it here too), so this page shows the run itself."""),
 code("imports", IMPORTS),
 md("""## 1. Connect to the federation (runs here)
 
@@ -207,9 +211,7 @@ md("""## 6. Start the experiment
 - `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric and goes on without lost envoys while `min_envoys` remain; and the aggregator's port, if fixed.
 
 OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.staging()` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels."""),
-code("start", """experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-run_dir = Path(output_dir) / experiment_name
-plan_overrides = {
+code("start", """plan_overrides = {
     "aggregator.template": "medfl.aggregator.SelectingAggregator",
     "aggregator.settings.best_metric": best_metric,
     "aggregator.settings.best_mode": best_mode,

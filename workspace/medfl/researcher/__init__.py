@@ -1,13 +1,17 @@
 """What runs only beside the notebook: parameter checks, a look at the federation, submitting and following
 experiments, and the run's report. The nodes never import this subpackage."""
+from . import openfl_client
 from .federation import check_dataset, check_quorum, envoy_table, is_synthetic, show_samples
 from .follow import Followed, follow
+from .logs import log_to
 from .parameters import DEFAULTS, NotebookError, ParameterError, check_parameters, training_parameters
 from .report import ExperimentFailed, build_results, save_run, stop_if_failed
 from .submit import staging
 
+openfl_client.install()
+
 __all__ = [
     "DEFAULTS", "ExperimentFailed", "Followed", "NotebookError", "ParameterError", "build_results", "check_dataset",
-    "check_parameters", "check_quorum", "envoy_table", "follow", "is_synthetic", "save_run", "show_samples",
+    "check_parameters", "check_quorum", "envoy_table", "follow", "is_synthetic", "log_to", "save_run", "show_samples",
     "staging", "stop_if_failed", "training_parameters",
 ]

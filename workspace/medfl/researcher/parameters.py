@@ -31,6 +31,7 @@ DEFAULTS = {
     "output_dir": "../runs",
     "preview_dir": "../data",
     "data_source": "",
+    "verbose": False,
     "seed": 0,
 }
 # What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
