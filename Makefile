@@ -19,6 +19,9 @@ $(VENV)/.installed: requirements.txt
 		"error: OpenFL 1.6 needs Python 3.8 to 3.11; run make PYTHON=python3.11 ...")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
+	@# The repository's own modules (openfl_adjustments, tlscerts, localfed) importable in this environment,
+	@# the notebook's kernel included.
+	$(PY) -c 'import pathlib, site; pathlib.Path(site.getsitepackages()[0], "medmnist-federated.pth").write_text("$(CURDIR)\n")'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -33,12 +36,14 @@ baseline: venv
 bench: venv
 	$(PY) -m localfed bench $(RUN_ARGS)
 
-# A local CA and certificates for the director, envoy_1..ENVOYS and the notebook, in certs/.
-# More director names or addresses: make certs DIRECTOR_HOSTS="director.example.org 10.0.0.5"
+# A local CA and certificates, each with its role, in certs/: the director, envoy_1..ENVOYS, and the researchers
+# who may submit experiments (RESEARCHERS="alice bob"; default one called researcher). More director names or
+# addresses: make certs DIRECTOR_HOSTS="director.example.org 10.0.0.5"
 DIRECTOR_HOSTS ?= localhost 127.0.0.1
+RESEARCHERS ?= researcher
 certs: venv
 	$(PY) tlscerts.py make $(foreach h,$(DIRECTOR_HOSTS),--director-host $(h)) \
-		$(foreach i,$(shell seq 1 $(or $(ENVOYS),2)),--envoy envoy_$(i))
+		$(foreach i,$(shell seq 1 $(or $(ENVOYS),2)),--envoy envoy_$(i)) $(foreach r,$(RESEARCHERS),--researcher $(r))
 
 test: venv
 	$(VENV)/bin/ruff check .

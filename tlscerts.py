@@ -1,14 +1,19 @@
 """Certificates for mutual TLS, made offline (OpenFL's `fx pki` downloads step-ca, which fails offline).
 
-    python tlscerts.py make [--out certs] [--director-host NAME_OR_IP ...] [--envoy NAME ...] [--force]
-    python tlscerts.py check --name NAME --cert FILE --key FILE --ca FILE
+    python tlscerts.py make [--out certs] [--director-host NAME_OR_IP ...] [--envoy NAME ...]
+                            [--researcher NAME ...] [--force]
+    python tlscerts.py check [--name NAME] [--role ROLE] --cert FILE --key FILE --ca FILE
 
 `make` writes a local CA (ca.crt, ca.key); director.crt/.key, valid for the director's host names
 and addresses (localhost and 127.0.0.1 unless others are given); one certificate per envoy whose
-common name is the envoy's name, which OpenFL's aggregator checks; and frontend.crt/.key for the
-notebook's API client (its client_id is "frontend"). Private keys are written with mode 0600, and
-existing files are kept unless --force. `check` tells in one line why a node's certificate would be
-refused, before the node starts: wrong CA, expired, another name, or a key that does not match.
+common name is the envoy's name, which OpenFL's aggregator checks; and one per researcher (default:
+one called "researcher"), for the notebook's API client and for signing experiments. Each certificate
+carries its role, director, envoy or researcher, as its subject's organizational unit (OU): the
+director serves its researcher API to researcher certificates only, and envoys run experiments signed
+by researcher certificates only. Private keys are written with mode 0600, and existing files are kept
+unless --force (or unless they lack the role they must carry). `check` prints a certificate's name and
+role, or tells in one line why a node would refuse it, before the node starts: wrong CA, expired,
+another name or role, or a key that does not match.
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CLIENT = "frontend"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+DEFAULT_RESEARCHERS = ("researcher",)
+ROLES = ("director", "envoy", "researcher")
 
 
 class CertError(ValueError):
@@ -58,10 +64,12 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _issue(common_name: str, key, ca_cert, ca_key, hosts: list[str], days: int, not_before=None) -> x509.Certificate:
+def _issue(common_name: str, role: str, key, ca_cert, ca_key, hosts: list[str], days: int,
+           not_before=None) -> x509.Certificate:
     start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     return (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                                     x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)]))
             .issuer_name(ca_cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
@@ -78,8 +86,22 @@ def _load_ca(folder: Path):
     return ca_cert, ca_key
 
 
+def identity(cert: x509.Certificate) -> tuple[str, str | None]:
+    """A certificate's (common name, role); the role is None for a certificate made without one."""
+    def first(oid):
+        found = cert.subject.get_attributes_for_oid(oid)
+        return found[0].value if found else None
+
+    role = first(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return first(NameOID.COMMON_NAME) or "", role if role in ROLES else None
+
+
+def _current(path: Path, role: str) -> bool:
+    return path.exists() and identity(x509.load_pem_x509_certificate(path.read_bytes()))[1] == role
+
+
 def make(out: Path, director_hosts=DEFAULT_HOSTS, envoys=("envoy_1", "envoy_2"), force: bool = False,
-         days: int = 365, not_before=None) -> list[Path]:
+         days: int = 365, not_before=None, researchers=DEFAULT_RESEARCHERS) -> list[Path]:
     """Write the CA (unless present) and every missing node certificate; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -100,16 +122,21 @@ def make(out: Path, director_hosts=DEFAULT_HOSTS, envoys=("envoy_1", "envoy_2"),
         written += [out / "ca.crt", out / "ca.key"]
         force = True  # a new CA invalidates every certificate the old one signed
     ca_cert, ca_key = _load_ca(out)
-    nodes = {"director": list(director_hosts), CLIENT: [CLIENT], **{e: [e] for e in envoys}}
-    for name, hosts in nodes.items():
-        if force or not (out / f"{name}.crt").exists():
+    nodes = {"director": ("director", list(director_hosts)), **{r: ("researcher", [r]) for r in researchers},
+             **{e: ("envoy", [e]) for e in envoys}}
+    clash = sorted(set(researchers) & ({"director", "ca"} | set(envoys)))
+    if clash:
+        raise CertError(f"{', '.join(clash)}: a researcher needs a name no envoy, director or CA file has")
+    for name, (role, hosts) in nodes.items():
+        if force or not _current(out / f"{name}.crt", role):
             key = _key()
-            _save(out, name, key, _issue(name, key, ca_cert, ca_key, hosts, days, not_before))
+            _save(out, name, key, _issue(name, role, key, ca_cert, ca_key, hosts, days, not_before))
             written += [out / f"{name}.crt", out / f"{name}.key"]
     return written
 
 
-def check(name: str | None, cert_path: Path, key_path: Path, ca_path: Path) -> x509.Certificate:
+def check(name: str | None, cert_path: Path, key_path: Path, ca_path: Path,
+          role: str | None = None) -> x509.Certificate:
     """Raise CertError if this node's certificate would be refused; return it otherwise."""
     for path in (cert_path, key_path, ca_path):
         if not Path(path).is_file():
@@ -127,14 +154,24 @@ def check(name: str | None, cert_path: Path, key_path: Path, ca_path: Path) -> x
         raise CertError(f"{cert_path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
                         f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: make a new one (python tlscerts.py make "
                         "--force)")
-    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    common_name = common[0].value if common else ""
+    common_name, cert_role = identity(cert)
     if name is not None and common_name != name:
         raise CertError(f"{cert_path} is for {common_name!r}, not {name!r}: OpenFL refuses a node whose "
                         f"certificate names another; use {name}.crt (python tlscerts.py make --envoy {name})")
+    if role is not None and cert_role != role:
+        raise CertError(f"{cert_path} is {_role_phrase(cert_role)}, not {_article(role)} {role}'s: make the right one "
+                        "with `make certs`")
     if key.public_key().public_numbers() != cert.public_key().public_numbers():
         raise CertError(f"{key_path} is not the key of {cert_path}")
     return cert
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _role_phrase(role: str | None) -> str:
+    return f"{_article(role)} {role}'s certificate" if role else "a certificate without a role (made before roles)"
 
 
 def main(argv=None) -> int:
@@ -146,10 +183,13 @@ def main(argv=None) -> int:
     mk.add_argument("--out", default=str(Path(__file__).resolve().parent / "certs"))
     mk.add_argument("--director-host", action="append", help="a name or address envoys use to reach the director")
     mk.add_argument("--envoy", action="append", help="an envoy's name (repeat); default envoy_1 and envoy_2")
+    mk.add_argument("--researcher", action="append",
+                    help="a researcher's name (repeat); default: one called 'researcher'")
     mk.add_argument("--days", type=int, default=365)
     mk.add_argument("--force", action="store_true", help="replace existing files, the CA included")
     ck = sub.add_parser("check")
     ck.add_argument("--name")
+    ck.add_argument("--role", choices=ROLES)
     ck.add_argument("--cert", required=True)
     ck.add_argument("--key", required=True)
     ck.add_argument("--ca", required=True)
@@ -157,10 +197,14 @@ def main(argv=None) -> int:
     try:
         if args.command == "make":
             hosts = args.director_host or list(DEFAULT_HOSTS)
-            written = make(Path(args.out), hosts, args.envoy or ["envoy_1", "envoy_2"], args.force, args.days)
+            written = make(Path(args.out), hosts, args.envoy or ["envoy_1", "envoy_2"], args.force, args.days,
+                           researchers=args.researcher or list(DEFAULT_RESEARCHERS))
             print(f"wrote {len(written)} files to {args.out}" if written else f"{args.out} is complete; kept as is")
         else:
-            check(args.name, Path(args.cert), Path(args.key), Path(args.ca))
+            cert = check(args.name, Path(args.cert), Path(args.key), Path(args.ca), args.role)
+            common_name, role = identity(cert)
+            print(f"{args.cert}: {common_name}, {_role_phrase(role)}, valid until "
+                  f"{cert.not_valid_after_utc:%Y-%m-%d} UTC")
     except CertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the director. Environment: DIRECTOR_HOST, DIRECTOR_PORT (override the config),
 # DIRECTOR_CONFIG (default: director_config.yaml beside this script),
-# CERTS (a folder from `make certs`: mutual TLS with ca.crt and director.crt/.key; unset: no TLS).
+# CERTS (a folder from `make certs`: mutual TLS with ca.crt and director.crt/.key; unset: no TLS, which is allowed
+# on a loopback address only, unless ALLOW_PLAINTEXT=1).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 config="$(realpath -m "${DIRECTOR_CONFIG:-$here/director_config.yaml}")"
@@ -15,19 +16,22 @@ if [[ ! -x "$bin/fx" ]]; then
   echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
   exit 2
 fi
+# This project's adjustments to OpenFL (openfl_adjustments/) and its certificate tool.
+export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
 # OpenFL reads the config with dynaconf, which takes DYNACONF_SETTINGS__* variables as overrides.
 if [[ -n "${DIRECTOR_HOST:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_HOST="$DIRECTOR_HOST"; fi
 if [[ -n "${DIRECTOR_PORT:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_PORT="$DIRECTOR_PORT"; fi
 tls_args=(--disable-tls)
 if [[ -n "$certs" ]]; then
-  "$bin/python" "$here/../tlscerts.py" check --cert "$certs/director.crt" --key "$certs/director.key" \
+  "$bin/python" -m tlscerts check --role director --cert "$certs/director.crt" --key "$certs/director.key" \
     --ca "$certs/ca.crt"
   tls_args=(--root-cert-path "$certs/ca.crt" --private-key-path "$certs/director.key"
             --public-cert-path "$certs/director.crt")
+else
+  "$bin/python" -m openfl_adjustments check-plaintext director "$config"
 fi
 # OpenFL insists that the config lies inside the working directory.
 cd "$(dirname "$config")"
 # fx, with this project's adjustments to OpenFL (see openfl_adjustments/__init__.py).
-export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
 exec "$bin/python" -m openfl_adjustments director start "${tls_args[@]}" \
   --director-config-path "$(basename "$config")"

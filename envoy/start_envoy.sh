@@ -3,7 +3,8 @@
 # Environment: DIRECTOR_HOST (default localhost), DIRECTOR_PORT (default 50051),
 # OMP_NUM_THREADS (torch threads for training; give each envoy its share of the cores),
 # HPU_LAZY_MODE=1 (Intel Gaudi's legacy lazy execution; eager is the default since Gaudi 1.21),
-# CERTS (a folder from `make certs`: mutual TLS with ca.crt and NAME.crt/.key; unset: no TLS).
+# CERTS (a folder from `make certs`: mutual TLS with ca.crt and NAME.crt/.key; unset: no TLS, which is allowed
+# with a director on a loopback address only, unless ALLOW_PLAINTEXT=1).
 set -euo pipefail
 if [[ $# -ne 2 ]]; then
   echo "usage: $0 NAME CONFIG   e.g. $0 envoy_1 envoy_config_1.yaml" >&2
@@ -22,25 +23,28 @@ if [[ ! -x "$bin/fx" ]]; then
   echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
   exit 2
 fi
-# The shard descriptor's package, and this project's adjustments to OpenFL (openfl_adjustments/).
+# The shard descriptor's package, this project's adjustments to OpenFL (openfl_adjustments/) and tlscerts.
 export PYTHONPATH="$here:$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
 export ENVOY_NAME="$name"  # the tasks name the node in their errors
+director="${DIRECTOR_HOST:-localhost}"
 # Habana reads PT_HPU_LAZY_MODE when torch is imported, so it must be set before Python starts.
 if [[ -n "${HPU_LAZY_MODE:-}" ]]; then export PT_HPU_LAZY_MODE="$HPU_LAZY_MODE"; fi
+tls_args=(--disable-tls)
+if [[ -n "$certs" ]]; then
+  # OpenFL's aggregator refuses an envoy whose certificate names another: say so before starting.
+  "$bin/python" -m tlscerts check --name "$name" --role envoy --cert "$certs/$name.crt" --key "$certs/$name.key" \
+    --ca "$certs/ca.crt"
+  tls_args=(--root-cert-path "$certs/ca.crt" --private-key-path "$certs/$name.key"
+            --public-cert-path "$certs/$name.crt")
+else
+  "$bin/python" -m openfl_adjustments check-plaintext envoy "$director"
+fi
 # The envoy runs where its config is: relative data folders and experiment folders land there,
 # and OpenFL insists that the config lies inside the working directory.
 cd "$(dirname "$config")"
 # Check the shard (and fetch a missing file) first, so a bad config ends in one clear line.
 "$bin/python" -m medmnist_shard check "$config"
-tls_args=(--disable-tls)
-if [[ -n "$certs" ]]; then
-  # OpenFL's aggregator refuses an envoy whose certificate names another: say so before starting.
-  "$bin/python" "$here/../tlscerts.py" check --name "$name" --cert "$certs/$name.crt" --key "$certs/$name.key" \
-    --ca "$certs/ca.crt"
-  tls_args=(--root-cert-path "$certs/ca.crt" --private-key-path "$certs/$name.key"
-            --public-cert-path "$certs/$name.crt")
-fi
 # fx, with this project's adjustments to OpenFL (see openfl_adjustments/__init__.py).
 exec "$bin/python" -m openfl_adjustments envoy start --shard-name "$name" "${tls_args[@]}" \
-  --director-host "${DIRECTOR_HOST:-localhost}" --director-port "${DIRECTOR_PORT:-50051}" \
+  --director-host "$director" --director-port "${DIRECTOR_PORT:-50051}" \
   --envoy-config-path "$(basename "$config")"

@@ -83,6 +83,7 @@ class LocalFederation:
     target_shape: list
     certs: Path | None = None  # a folder from tlscerts.py make: mutual TLS; None: plaintext
     health_period: int | None = None  # seconds between envoys' health checks; None: the director config's
+    trusted: dict[str, list[str]] = field(default_factory=dict)  # envoy: its trusted_researchers (default: all)
     host: str = "localhost"
     port: int = field(default_factory=free_port)
     components: list[Component] = field(default_factory=list)
@@ -126,6 +127,7 @@ class LocalFederation:
         envoy_config = {
             "params": {"cuda_devices": [], "install_requirements": False},
             "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor", "params": params},
+            **({"trusted_researchers": self.trusted[name]} if name in self.trusted else {}),
         }
         (envoy_dir / "envoy_config.yaml").write_text(yaml.safe_dump(envoy_config))
         command = ["bash", str(ROOT / "envoy" / "start_envoy.sh"), name, str(envoy_dir / "envoy_config.yaml")]

@@ -21,6 +21,7 @@ from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
 from medmnist_shard.spec import sample_shape, target_shape
+from tlscerts import DEFAULT_RESEARCHERS
 from tlscerts import make as make_certs
 
 from . import ROOT, FederationError, LocalFederation, free_port, signals_deferred, tail
@@ -30,6 +31,7 @@ from .data import SOURCES, resolve
 PROGRESS = re.compile(r"^(initial model|model after|round \d|final validation|test |best model|no global model|NOTE|"
                       r"FAILED)")
 NOTEBOOK = ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"
+RESEARCHER = DEFAULT_RESEARCHERS[0]  # whose certificate the demo's notebook uses and signs with
 # Once the director has gone, the notebook gets this long to save what it received and stop.
 DIRECTOR_GONE_GRACE_S = 60
 
@@ -126,8 +128,9 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                "-p", "data_source", data_source, "-p", "min_envoys", str(args.min_envoys),
                "-p", "round_timeout", str(args.round_timeout), *(["-p", "device", args.device] if args.device else [])]
     if federation.certs:
-        command += ["-p", "ca_cert", str(federation.certs / "ca.crt"), "-p", "api_cert",
-                    str(federation.certs / "frontend.crt"), "-p", "api_key", str(federation.certs / "frontend.key")]
+        researcher = federation.certs / RESEARCHER
+        command += ["-p", "ca_cert", str(federation.certs / "ca.crt"), "-p", "api_cert", f"{researcher}.crt",
+                    "-p", "api_key", f"{researcher}.key"]
     log = run_dir / "logs" / "notebook.log"
     with open(log, "w") as out:
         with signals_deferred():

@@ -7,7 +7,11 @@ By concern:
 
 - polling: OpenFL's 10 s and 1 s polling sleeps, capped at FX_POLL_S (0.1 s).
 - tensor_store: a dict in place of OpenFL's pandas tensor store, which scans on every lookup.
-- tls: under mutual TLS, an envoy registers only under its certificate's name, and may report its own failure.
+- tls: under mutual TLS, the director serves researchers' calls to researcher certificates only, each researcher
+  its own experiments, and envoys' calls to envoys under their own names; an envoy may report its own failure.
+- signing, trust: researchers sign experiments; the director and each envoy check who signed before anything is
+  unpacked, and each envoy runs only what researchers it trusts signed (its config's trusted_researchers).
+- plaintext: without TLS, a director listens and an envoy connects on loopback only (unless ALLOW_PLAINTEXT=1).
 - faults: lost, restarted and returning envoys; aggregators that vanish; failure reports about ended experiments.
   What it needs from an experiment's aggregator is one interface, contract.EnvoyAwareAggregator.
 - experiments: code an experiment brought leaves the node's module cache when the experiment ends.
@@ -16,7 +20,7 @@ By concern:
 """
 from __future__ import annotations
 
-from . import experiments, faults, polling, startup, tensor_store, tls
+from . import experiments, faults, polling, startup, tensor_store, tls, trust
 from .patching import restore_all
 
 __all__ = ["install", "restore_all"]
@@ -24,5 +28,5 @@ __all__ = ["install", "restore_all"]
 
 def install() -> None:
     """Apply every adjustment (again: a no-op)."""
-    for concern in (polling, tensor_store, tls, faults, experiments, startup):
+    for concern in (polling, tensor_store, tls, trust, faults, experiments, startup):
         concern.install()

@@ -1,22 +1,41 @@
 """python -m openfl_adjustments {director,envoy} start ...: OpenFL's `fx` with this project's adjustments.
 
-Takes the same arguments as `fx`; start_director.sh and start_envoy.sh call it.
+Takes the same arguments as `fx`; start_director.sh and start_envoy.sh call it (and, first, its check-plaintext
+command: see plaintext.py).
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from . import install, startup
+from . import install, plaintext, startup, trust
+
+
+def _option(name: str) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
 
 if __name__ == "__main__":
-    if sys.argv[1:3] == ["director", "start"]:
-        startup.director_port_is_free(sys.argv)
-    install()
+    if sys.argv[1:2] == ["check-plaintext"]:
+        plaintext.main(sys.argv[2:])
+        sys.exit(0)
     role = sys.argv[1] if len(sys.argv) > 1 else "fx"
-    if "--shard-name" in sys.argv:
-        role = f"{role} {sys.argv[sys.argv.index('--shard-name') + 1]}"
-    startup.stop_on_signals(role)
-    if role.startswith("envoy"):
+    node = f"{role} {_option('--shard-name')}" if _option("--shard-name") else role
+    if role == "director" and "start" in sys.argv:
+        if "--disable-tls" in sys.argv:
+            plaintext.refuse_unless_loopback("director", plaintext.listen_host(Path(_option("--director-config-path"))))
+        startup.director_port_is_free(sys.argv)
+    if role == "envoy" and "start" in sys.argv:
+        if "--disable-tls" in sys.argv:
+            plaintext.refuse_unless_loopback("envoy", _option("--director-host") or "localhost")
+        try:
+            trust.configure(_option("--shard-name"), _option("--root-cert-path"),
+                            Path(_option("--envoy-config-path")))
+        except trust.ConfigError as exc:
+            sys.exit(f"error: {exc}")
+    install()
+    startup.stop_on_signals(node)
+    if role == "envoy":
         startup.preload_for_envoy()
     from openfl.interface.cli import entry
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+# An envoy that refuses an experiment (trust.py) reports it as a failure whose description starts with this; the
+# director then drops the envoy from the experiment (EnvoyAwareAggregator.drop) instead of failing it.
+REFUSED = "refused: "
+
 
 @runtime_checkable
 class EnvoyAwareAggregator(Protocol):

@@ -29,6 +29,7 @@ from .patching import replace
 logger = logging.getLogger("openfl_adjustments")
 AGGREGATOR_PATIENCE_S = float(os.environ.get("FX_AGGREGATOR_PATIENCE_S", "60"))
 _DIRECTOR: list = []  # the director of this process, once made
+_EARLY_DROPS: dict[str, list[tuple[str, str]]] = {}  # experiment: envoys that left before its aggregator existed
 
 
 class AggregatorGone(RuntimeError):
@@ -45,6 +46,15 @@ def silent_envoys(director) -> dict:
     now = time.time()
     return {name: now - entry["last_updated"] for name, entry in list(director._shard_registry.items())
             if now > entry["last_updated"] + entry["valid_duration"]}
+
+
+def drop(experiment, envoy: str, why: str) -> None:
+    """Have `experiment` go on without `envoy`: now, or as soon as its aggregator exists (envoys receive an
+    experiment while the director may still be building its aggregator)."""
+    if aggregator := aware(experiment.aggregator):
+        aggregator.drop(envoy, why)
+    else:
+        _EARLY_DROPS.setdefault(experiment.name, []).append((envoy, why))
 
 
 def remembered(init):
@@ -69,8 +79,11 @@ def telling_lost_envoys(start):
 
         def creating(**create_kwargs):
             server = create(**create_kwargs)
-            if director is not None and (aggregator := aware(server.aggregator)):
-                aggregator.watch_envoys(lambda: silent_envoys(director))
+            if aggregator := aware(server.aggregator):
+                if director is not None:
+                    aggregator.watch_envoys(lambda: silent_envoys(director))
+                for envoy, why in _EARLY_DROPS.pop(self.name, []):
+                    aggregator.drop(envoy, why)
             return server
 
         self._create_aggregator_grpc_server = creating

@@ -22,6 +22,7 @@ import time
 import grpc
 
 from .patching import replace
+from .plaintext import listen_host
 
 logger = logging.getLogger("openfl_adjustments")
 
@@ -52,7 +53,7 @@ def director_port_is_free(argv: list[str]) -> None:
 
     config = argv[argv.index("--director-config-path") + 1]
     settings = (yaml.safe_load(open(config)) or {}).get("settings", {})
-    host = os.environ.get("DYNACONF_SETTINGS__LISTEN_HOST") or settings.get("listen_host", "localhost")
+    host = listen_host(config)
     port = int(os.environ.get("DYNACONF_SETTINGS__LISTEN_PORT") or settings.get("listen_port", 50051))
     with socket.socket() as probe:
         try:

@@ -4,6 +4,7 @@ tests/test_end_to_end.py kills real envoys."""
 import inspect
 import logging
 import queue
+import threading
 import time
 
 import pytest
@@ -21,7 +22,7 @@ def policy_aggregator(envoys, min_envoys=0.5, round_timeout=0, silent=None):
     aggregator.logger, aggregator.metric_queue, aggregator.best = logging.getLogger("test"), queue.Queue(), Best()
     if silent is not None:
         aggregator.watch_envoys(lambda: silent)
-    aggregator.ended = []
+    aggregator.ended, aggregator.lock = [], threading.Lock()
     aggregator._end_of_round_check = lambda: aggregator.ended.append(aggregator.round_number)
     return aggregator
 
@@ -120,3 +121,11 @@ def test_a_stopped_selecting_aggregator_tells_each_remaining_collaborator_to_qui
     assert events(aggregator) == [(FAILED, "aggregator", why)]
     assert aggregator.get_tasks("envoy_2")[3] is True  # time_to_quit
     assert aggregator.all_quit_jobs_sent()
+
+
+def test_dropping_the_last_envoys_fails_the_experiment():
+    aggregator = policy_aggregator(["envoy_1"], min_envoys=1)
+    aggregator.drop("envoy_1", "refused: envoy_1 refused the experiment")
+    assert aggregator.failure().startswith("only 0 of 1 envoys remain, fewer than the 1 that min_envoys=1 requires. "
+                                           "Lost: envoy_1: refused: envoy_1 refused the experiment")
+    assert [e[0] for e in events(aggregator)] == [DROPPED, FAILED]

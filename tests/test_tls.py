@@ -19,7 +19,7 @@ ENVOY = ["--director-host", "localhost", "--envoy-config-path", "envoy_config.ya
 def test_make_writes_a_ca_and_node_certificates_with_private_keys(tmp_path):
     written = tlscerts.make(tmp_path, ["localhost", "127.0.0.1", "fl.example.org"], ["site_a"])
     names = {p.name for p in written}
-    assert names == {f"{n}.{ext}" for n in ("ca", "director", "frontend", "site_a") for ext in ("crt", "key")}
+    assert names == {f"{n}.{ext}" for n in ("ca", "director", "researcher", "site_a") for ext in ("crt", "key")}
     for path in tmp_path.iterdir():
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o600 if path.suffix == ".key" else 0o644), path.name

@@ -64,9 +64,9 @@ PARAMETERS = {
     "director_host": "",
     "director_port": "",
     "aggregator_port": "0: OpenFL derives one per experiment (49152-60999); fix it for firewalls",
-    "ca_cert": "mutual TLS: the CA, and this client's certificate and key (`make certs`",
-    "api_cert": "writes certs/ca.crt, certs/frontend.crt and certs/frontend.key);",
-    "api_key": "all empty: plaintext, for a director started without CERTS",
+    "ca_cert": "mutual TLS: the CA, and your researcher certificate and key, which also sign",
+    "api_cert": "your experiments (`make certs` writes certs/ca.crt, certs/researcher.crt and",
+    "api_key": "certs/researcher.key); all empty: plaintext, for a director on loopback without CERTS",
     "experiment_name": "empty: medmnist-<dataset>-<date>-<time>",
     "output_dir": "outside workspace/, which travels with the experiment",
     "preview_dir": "a local copy of the public dataset to show samples from (make demo keeps one there)",
@@ -210,7 +210,7 @@ md("""## 6. Start the experiment
 - `device_assignment_policy="CUDA_PREFERRED"`: an envoy whose config lists `cuda_devices` hands its tasks `cuda:N`.
 - `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric and goes on without lost envoys while `min_envoys` remain; and the aggregator's port, if fixed.
 
-OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.staging()` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels."""),
+OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.submission(...)` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels. With mutual TLS it also signs the archive with your key (`api_key`): the director accepts it only from you, and each envoy runs it only if it trusts you (its config's `trusted_researchers`) and nothing in it changed on the way. Whoever an envoy trusts can run any code there: that is what submitting an experiment means."""),
 code("start", """plan_overrides = {
     "aggregator.template": "medfl.aggregator.SelectingAggregator",
     "aggregator.settings.best_metric": best_metric,
@@ -221,7 +221,7 @@ code("start", """plan_overrides = {
 }
 record = dict(params={**researcher.training_parameters(globals()), "experiment": experiment_name,
                       "tls": bool(ca_cert)}, envoys=envoys, data_source=data_source, started=time.time())
-with researcher.staging():
+with researcher.submission(api_cert, api_key):
     experiment = FLExperiment(federation=federation, experiment_name=experiment_name)
     experiment.start(
         model_provider=MI,
@@ -248,7 +248,7 @@ md("""## 8. Test the best model
 
 A second, validation-only experiment sends the best model back to every envoy, to be scored on their `test` splits: the test images never leave the nodes either. It reuses the tasks; only the data interface reads another split."""),
 code("test", """test_data = MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test", device=device)
-with researcher.staging():
+with researcher.submission(api_cert, api_key):
     test_experiment = FLExperiment(federation=federation, experiment_name=f"{experiment_name}-test")
     test_experiment.start(
         model_provider=ModelInterface(model=best_model, optimizer=torch.optim.Adam(best_model.parameters()),

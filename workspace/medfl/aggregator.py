@@ -171,7 +171,7 @@ class SelectingAggregator(Aggregator):
         with self.lock:
             if name in self.authorized_cols and name not in self.dropped:
                 self._drop(name, why)
-                self.check_envoys()
+                self._judge()  # not check_envoys: dropping the last envoys makes every quit "sent"
 
     def check_envoys(self) -> None:
         """Drop the envoys the director lost and, past round_timeout, those still busy; then end the
@@ -182,6 +182,11 @@ class SelectingAggregator(Aggregator):
         for name in self._remaining():
             if name in silent:
                 self._drop(name, f"the director has not heard from it for {silent[name]:.0f} s")
+        self._judge()
+
+    def _judge(self) -> None:
+        """While the experiment runs: drop envoys past round_timeout, then fail below min_envoys, or end the
+        round with the envoys that remain."""
         if self._time_to_quit():  # stopped, or every round done: nothing left to cut short
             return
         started = self._round_started.get(self.round_number)

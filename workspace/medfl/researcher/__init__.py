@@ -1,17 +1,25 @@
 """What runs only beside the notebook: parameter checks, a look at the federation, submitting and following
-experiments, and the run's report. The nodes never import this subpackage."""
-from . import openfl_client
+experiments, and the run's report. The nodes never import this subpackage.
+
+It needs this repository's openfl_adjustments (its notebook-side part, signing experiments and more): `make venv`
+makes the repository importable from its environment.
+"""
+try:
+    from openfl_adjustments import client
+except ImportError as exc:  # a kernel from another environment
+    raise ImportError("medfl.researcher needs this repository's openfl_adjustments: run the notebook in the "
+                      "environment `make venv` makes (it puts the repository on its path)") from exc
 from .federation import check_dataset, check_quorum, envoy_table, is_synthetic, show_samples
 from .follow import Followed, follow
 from .logs import log_to
 from .parameters import DEFAULTS, NotebookError, ParameterError, check_parameters, training_parameters
 from .report import ExperimentFailed, build_results, save_run, stop_if_failed
-from .submit import staging
+from .submit import submission
 
-openfl_client.install()
+client.install()
 
 __all__ = [
     "DEFAULTS", "ExperimentFailed", "Followed", "NotebookError", "ParameterError", "build_results", "check_dataset",
     "check_parameters", "check_quorum", "envoy_table", "follow", "is_synthetic", "log_to", "save_run", "show_samples",
-    "staging", "stop_if_failed", "training_parameters",
+    "stop_if_failed", "submission", "training_parameters",
 ]

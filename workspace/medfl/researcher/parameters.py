@@ -1,6 +1,8 @@
 """The notebook's parameters: their defaults (one home for them) and the checks that refuse impossible ones."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..aggregator import quorum
 from ..device import REQUESTS
 from ..model import FLAGS, SIZES
@@ -57,7 +59,7 @@ def training_parameters(namespace: dict) -> dict:
 
 def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
                      learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
-                     round_timeout=DEFAULTS["round_timeout"], **_) -> None:
+                     round_timeout=DEFAULTS["round_timeout"], ca_cert="", api_cert="", api_key="", **_) -> None:
     """Refuse impossible parameters before anything is submitted, one clear line each."""
     if dataset not in FLAGS:
         raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
@@ -80,3 +82,20 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
         raise ParameterError(f"min_envoys={min_envoys!r}: {exc}") from None
     if isinstance(round_timeout, bool) or not isinstance(round_timeout, (int, float)) or not round_timeout >= 0:
         raise ParameterError(f"round_timeout={round_timeout!r}: give seconds (0 for no limit)")
+    check_certificates(ca_cert, api_cert, api_key)
+
+
+def check_certificates(ca_cert: str, api_cert: str, api_key: str) -> None:
+    """Refuse a TLS set-up the director would refuse: all three files or none, from one CA, a researcher's."""
+    from tlscerts import CertError, check
+
+    given = {"ca_cert": ca_cert, "api_cert": api_cert, "api_key": api_key}
+    if any(given.values()) and not all(given.values()):
+        missing = ", ".join(name for name, value in given.items() if not value)
+        raise ParameterError(f"{missing} empty: mutual TLS needs ca_cert, api_cert and api_key (make certs writes "
+                             "them to certs/), plaintext needs all three empty")
+    if all(given.values()):
+        try:
+            check(None, Path(api_cert), Path(api_key), Path(ca_cert), role="researcher")
+        except CertError as exc:
+            raise ParameterError(f"api_cert={api_cert!r}: {exc}") from None

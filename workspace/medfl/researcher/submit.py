@@ -1,4 +1,5 @@
-"""Where OpenFL does its submitting: a temporary copy of the notebook's folder, so that folder stays as it is."""
+"""Where and how OpenFL submits: from a temporary copy of the notebook's folder (so that folder stays as it is),
+and signed with the researcher's key (so the director and the envoys can tell who sent the code)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,14 +9,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from openfl_adjustments.client import signing
+
 # Never shipped: notebooks (with their outputs), editor and Python caches, and what OpenFL itself writes.
 LEFT_OUT = ("*.ipynb", ".ipynb_checkpoints", "__pycache__", "plan", "save", "logs", "*.pkl", "requirements.txt",
             "*.zip", "data", "cert", "*.crt", "*.key", "*.pem")
 
 
 @contextlib.contextmanager
-def staging(folder: str | Path = ".") -> Iterator[Path]:
-    """Work, for the block, in a temporary copy of `folder`'s code; the copy is removed afterwards.
+def submission(api_cert: str = "", api_key: str = "", folder: str | Path = ".") -> Iterator[Path]:
+    """Submit, for the block, from a temporary copy of `folder`'s code, signed with this certificate and key if
+    given (mutual TLS); the copy is removed afterwards.
 
     FLExperiment writes plan/, save/, pickled interface objects and requirements.txt into the working directory,
     then zips that whole directory for the director and the envoys. Created and started inside this block, it does
@@ -28,6 +32,7 @@ def staging(folder: str | Path = ".") -> Iterator[Path]:
         previous = os.getcwd()
         os.chdir(staged)
         try:
-            yield staged
+            with signing(api_cert, api_key) if api_cert else contextlib.nullcontext():
+                yield staged
         finally:
             os.chdir(previous)

@@ -1,0 +1,171 @@
+"""Whose code a node runs. An experiment is code: the director hands its archive to every envoy, which unpacks it,
+unpickles it and runs it beside the node's data. Under mutual TLS:
+
+- The director accepts an experiment only if its archive is signed (signing.py) by the researcher who submits it.
+- Each envoy accepts an experiment only if its archive is signed by a researcher of the federation's CA whom the
+  envoy trusts (`trusted_researchers: [alice, ...]` in its config; without that list, every researcher of its CA),
+  for that experiment's name, and unaltered. It checks this before any file is unpacked, then unpacks exactly the
+  bytes it checked. It logs what it accepted (sender, archive SHA-256 and size), or whom it refused and why; a
+  refusal is reported to the director (contract.REFUSED), which goes on without the envoy, and the notebook shows
+  which envoy refused and why. A compromised director can thus withhold experiments, but not run its own code on
+  the envoys.
+Without TLS (allowed on loopback only, see plaintext.py) nobody is identified, and nothing is checked.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+
+from tlscerts import identity
+
+from .contract import REFUSED
+from .patching import replace
+from .signing import Refused, verify
+
+logger = logging.getLogger("openfl_adjustments")
+CHUNK = 2 * 1024 * 1024  # as OpenFL's director streams archives
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An envoy's rule: the CA whose researchers may sign, and which of them it trusts (None: all)."""
+
+    envoy: str
+    ca: x509.Certificate
+    trusted: tuple[str, ...] | None = None
+
+    def check(self, archive: Path, experiment: str) -> str:
+        """The sender's name, if this envoy runs the archive; raise Refused otherwise."""
+        sender, _ = identity(verify(archive, experiment, self.ca))
+        if self.trusted is not None and sender not in self.trusted:
+            raise Refused(f"it is signed by {sender!r}, whom {self.envoy} does not trust (its trusted_researchers: "
+                          f"{', '.join(self.trusted) or 'none'})")
+        return sender
+
+
+_POLICY: list[Policy] = []  # this envoy's, once configured
+
+
+class ConfigError(ValueError):
+    """An envoy config whose trust settings cannot work; the message says what to change."""
+
+
+def trusted_researchers(config_path: Path) -> tuple[str, ...] | None:
+    """The names an envoy config lists under trusted_researchers, or None if it lists none."""
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    names = config.get("trusted_researchers")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{config_path}: trusted_researchers must be a list of researcher names, e.g. [alice, bob]")
+    return tuple(names)
+
+
+def configure(envoy: str, ca_path: Path | None, config_path: Path) -> None:
+    """Set this envoy's policy from its CA (None: plaintext) and its config."""
+    trusted = trusted_researchers(config_path)
+    if ca_path is None:
+        if trusted is not None:
+            raise ConfigError(f"{config_path} lists trusted_researchers, but without mutual TLS nobody can be "
+                              "identified: start the envoy with CERTS=... (make certs)")
+        return
+    _POLICY[:] = [Policy(envoy, x509.load_pem_x509_certificate(Path(ca_path).read_bytes()), trusted)]
+    who = ", ".join(trusted) if trusted is not None else "every researcher of its CA"
+    print(f"envoy {envoy} runs experiments signed by: {who}", file=sys.stderr, flush=True)
+
+
+def _received(stream) -> Path:
+    """Write an experiment's archive as the director streams it to a file beside the envoy's config."""
+    path = Path.cwd() / f".incoming-{uuid.uuid4()}"
+    with open(path, "wb") as out:
+        for chunk in stream:
+            if chunk.size != len(chunk.npbytes):
+                path.unlink()
+                raise Refused("the archive arrived broken")
+            out.write(chunk.npbytes)
+    return path
+
+
+def checking_wait(wait_experiment):
+    """ShardDirectorClient.wait_experiment that fetches each experiment's archive and returns only an experiment
+    this envoy accepts; a refused one is reported to the director and deleted unopened."""
+
+    def wrapper(self):
+        while True:
+            experiment = wait_experiment(self)
+            if not _POLICY:
+                return experiment
+            archive = _received(self.get_experiment_data(experiment))
+            try:
+                sender = _POLICY[0].check(archive, experiment)
+            except Refused as why:
+                archive.unlink()
+                logger.error("Refused experiment %s: %s. Nothing of it was unpacked.", experiment, why)
+                self.set_experiment_failed(experiment, error_description=f"{REFUSED}{_POLICY[0].envoy} refused "
+                                                                         f"experiment {experiment}: {why}")
+                continue
+            content = archive.read_bytes()
+            logger.info("Accepted experiment %s from %s: archive SHA-256 %s, %d bytes", experiment, sender,
+                        hashlib.sha256(content).hexdigest(), len(content))
+            self.checked_archives = {**getattr(self, "checked_archives", {}), experiment: archive}
+            return experiment
+
+    return wrapper
+
+
+def serving_checked(get_experiment_data):
+    """ShardDirectorClient.get_experiment_data that hands the envoy the very archive it checked."""
+    from openfl.protocols import director_pb2
+
+    def wrapper(self, experiment_name):
+        archive = getattr(self, "checked_archives", {}).pop(experiment_name, None)
+        if archive is None:
+            return get_experiment_data(self, experiment_name)
+
+        def chunks():
+            try:
+                with open(archive, "rb") as source:
+                    while data := source.read(CHUNK):
+                        yield director_pb2.ExperimentData(size=len(data), npbytes=data)
+            finally:
+                archive.unlink(missing_ok=True)
+
+        return chunks()
+
+    return wrapper
+
+
+def signed_by_sender(set_new_experiment):
+    """Director.set_new_experiment that, under TLS, refuses an archive not signed by the researcher submitting it."""
+
+    async def wrapper(self, *, experiment_name, sender_name, experiment_archive_path, **kwargs):
+        if self.tls:
+            ca = x509.load_pem_x509_certificate(Path(self.root_certificate).read_bytes())
+            try:
+                signer, _ = identity(verify(Path(experiment_archive_path), experiment_name, ca))
+                if signer != sender_name:
+                    raise Refused(f"it is signed by {signer!r}, but {sender_name!r} submits it")
+            except Refused as why:
+                Path(experiment_archive_path).unlink(missing_ok=True)
+                raise Refused(f"the director refused experiment {experiment_name}: {why}") from None
+        return await set_new_experiment(self, experiment_name=experiment_name, sender_name=sender_name,
+                                        experiment_archive_path=experiment_archive_path, **kwargs)
+
+    return wrapper
+
+
+def install() -> None:
+    """Envoys check each experiment before unpacking it; the director checks each submission."""
+    from openfl.component.director.director import Director
+    from openfl.transport.grpc.director_client import ShardDirectorClient
+
+    replace(ShardDirectorClient, "wait_experiment", checking_wait)
+    replace(ShardDirectorClient, "get_experiment_data", serving_checked)
+    replace(Director, "set_new_experiment", signed_by_sender)
