@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import math
 import os
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,20 @@ import numpy as np
 from .spec import SPLITS, DataError, file_name, label_width, sample_shape, url_and_md5
 
 DOWNLOAD_TIMEOUT_S = 60
+# Decompressed bytes held at once while streaming a split's images: with the zip reader's own
+# buffers, a few times this is the constant that loading a shard adds to the shard itself.
+CHUNK_BYTES = 8 << 20
+# What a damaged file raises while it is read: zipfile, numpy's header parser and zlib.
+CORRUPT = (zipfile.BadZipFile, EOFError, ValueError, KeyError, zlib.error)
+
+logger = logging.getLogger(__name__)
+
+
+def size_text(n_bytes: float) -> str:
+    """Bytes for messages, in decimal units: '13.5 GB', '230 MB', '512 bytes'."""
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.1f} GB"
+    return f"{n_bytes / 1e6:.0f} MB" if n_bytes >= 1e6 else f"{int(n_bytes)} bytes"
 
 
 def synthetic_hint(flag: str, size: int, data_dir: Path) -> str:
@@ -39,6 +56,31 @@ def atomic_write(target: Path):
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+def write_npz(target: Path, members, compress: bool = True) -> Path:
+    """Write an .npz atomically from (key, value) pairs, consumed in order; a value is an array, or
+    (shape, dtype, blocks) whose blocks of rows are streamed, so no member need fit in memory."""
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with atomic_write(Path(target)) as fp, zipfile.ZipFile(fp, "w", method, allowZip64=True) as archive:
+        for key, value in members:
+            shape, dtype, blocks = value if isinstance(value, tuple) else (value.shape, value.dtype, None)
+            dtype, rows = np.dtype(dtype), 0
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_1_0(
+                    out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+                if blocks is None:
+                    out.write(np.ascontiguousarray(value).tobytes())
+                    continue
+                for block in blocks:
+                    block = np.ascontiguousarray(block, dtype)
+                    if block.shape[1:] != tuple(shape[1:]):
+                        raise ValueError(f"{key}: a block of shape {block.shape} in an array of shape {shape}")
+                    out.write(memoryview(block).cast("B"))
+                    rows += len(block)
+            if rows != shape[0]:
+                raise ValueError(f"{key}: {rows} rows written, but its header says {shape[0]}")
+    return Path(target)
 
 
 def download(flag: str, size: int, data_dir: Path) -> Path:
@@ -80,11 +122,15 @@ def ensure_file(flag: str, size: int, data_dir: Path, allow_download: bool = Tru
     return download(flag, size, data_dir)
 
 
+def _read_header(fp) -> tuple[tuple, bool, np.dtype]:
+    version = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(fp)
+
+
 def _header(archive: zipfile.ZipFile, key: str) -> tuple[tuple, np.dtype]:
     with archive.open(f"{key}.npy") as fp:
-        version = np.lib.format.read_magic(fp)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(fp)
+        shape, _, dtype = _read_header(fp)
     return shape, dtype
 
 
@@ -122,7 +168,7 @@ def inspect(path: Path, flag: str, size: int) -> dict[str, int]:
                         "the file is inconsistent, replace it"
                     )
                 counts[split] = int(image_shape[0])
-    except (zipfile.BadZipFile, EOFError, ValueError, KeyError) as exc:
+    except CORRUPT as exc:
         if isinstance(exc, DataError):
             raise
         raise _corrupt(path, exc) from None
@@ -149,5 +195,70 @@ def _load(path: Path, key: str) -> np.ndarray:
     try:
         with np.load(path) as npz:
             return npz[key]
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+    except (*CORRUPT, OSError) as exc:
         raise _corrupt(path, exc) from None
+
+
+def _sample(shape: tuple) -> tuple:
+    # Grayscale files store (N, H, W); served images always have a channel axis.
+    return tuple(shape[1:]) if len(shape) == 4 else (*shape[1:], 1)
+
+
+def image_header(path: Path, split: str) -> tuple[tuple, np.dtype]:
+    """(N, H, W, C) and dtype of a split's images, from the array header alone."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{split}_images.npy") as fp:
+            shape, _, dtype = _read_header(fp)
+    except (*CORRUPT, OSError) as exc:
+        raise _corrupt(path, exc) from None
+    return (shape[0], *_sample(shape)), dtype
+
+
+def iter_image_rows(path: Path, split: str, indices):
+    """Yield (positions, rows) until rows[j] == images[indices[positions[j]]] for every position.
+
+    The split is read once, front to back, CHUNK_BYTES of decompressed pixels at a time, from a
+    deflated or a stored member alike; only the rows asked for are copied out of each chunk.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    order = np.argsort(indices, kind="stable")
+    wanted = indices[order]
+    key = f"{split}_images"
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as fp:
+            shape, fortran, dtype = _read_header(fp)
+            n, sample = shape[0], _sample(shape)
+            if len(wanted) and (wanted[0] < 0 or wanted[-1] >= n):
+                raise DataError(f"{path}: {key} has {n} images, so indices must lie in 0..{n - 1}")
+            if fortran and len(shape) > 1:
+                # Column-major pixels put no image in one contiguous run: nothing to stream by rows.
+                logger.warning("%s: %s is stored in Fortran order; loading the whole split to pick rows", path, key)
+                yield order, _load(path, key).reshape(n, *sample)[wanted]
+                return
+            row_bytes = dtype.itemsize * math.prod(sample)
+            step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+            done = 0
+            for start in range(0, n, step):
+                count = min(step, n - start)
+                data = fp.read(count * row_bytes)
+                if len(data) != count * row_bytes:
+                    raise EOFError(f"{key} ends after {start + len(data) // row_bytes} of {n} images")
+                end = done + int(np.searchsorted(wanted[done:], start + count))
+                if end > done:
+                    block = np.frombuffer(data, dtype).reshape(count, *sample)
+                    yield order[done:end], block[wanted[done:end] - start]
+                    done = end
+            fp.read()  # reaching the end makes zipfile check the member's CRC
+    except (*CORRUPT, OSError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise _corrupt(path, exc) from None
+
+
+def load_image_rows(path: Path, split: str, indices) -> np.ndarray:
+    """The split's images at `indices` (uint8 (len, H, W, C)); memory: those rows plus a bounded constant."""
+    shape, dtype = image_header(path, split)
+    out = np.empty((len(indices), *shape[1:]), dtype)
+    for positions, rows in iter_image_rows(path, split, indices):
+        out[positions] = rows
+    return out
