@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import http.client
 import logging
 import math
 import os
+import shutil
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -14,10 +19,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .spec import SPLITS, DataError, file_name, label_width, sample_shape, url_and_md5
 
 DOWNLOAD_TIMEOUT_S = 60
+RETRIES = 5  # reconnections in a row that receive nothing, once a download has started, before giving up
+RETRY_PAUSE_S = 2.0  # times the number of such reconnections so far
 # Decompressed bytes held at once while streaming a split's images: with the zip reader's own
 # buffers, a few times this is the constant that loading a shard adds to the shard itself.
 CHUNK_BYTES = 8 << 20
@@ -83,30 +91,148 @@ def write_npz(target: Path, members, compress: bool = True) -> Path:
     return Path(target)
 
 
-def download(flag: str, size: int, data_dir: Path) -> Path:
-    """Fetch the official file into data_dir, verify its MD5 and move it into place atomically."""
+def download(flag: str, size: int, data_dir: Path, progress: bool | None = None) -> Path:
+    """Fetch the official file into data_dir, resuming a partial one; verify its MD5; move it into place atomically.
+
+    progress: show a progress bar (None: only on a terminal).
+    """
     url, md5 = url_and_md5(flag, size)
     data_dir = Path(data_dir)
     target = data_dir / file_name(flag, size)
-    digest = hashlib.md5()
+    # Named after the MD5, so a partial file of another version of the data is never resumed.
+    partial = data_dir / f".{target.name}.{md5}.part"
     try:
-        with atomic_write(target) as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-            if digest.hexdigest() != md5:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(data_dir):
+            if target.is_file():
+                return target  # another process fetched it while this one waited
+            digest, resumed = _fetch(url, partial, progress)
+            if digest != md5 and resumed:
+                # The bytes kept from before may be what is wrong: fetch the whole file once more.
+                print(f"MD5 of the resumed download of {url} is wrong; downloading it again from the start",
+                      file=sys.stderr)
+                partial.unlink()
+                digest, _ = _fetch(url, partial, progress)
+            if digest != md5:
+                partial.unlink()
                 raise DataError(
-                    f"download of {url} is corrupt (MD5 {digest.hexdigest()}, expected {md5}); "
+                    f"download of {url} is corrupt (MD5 {digest}, expected {md5}); "
                     f"nothing was written to {target}. Try again, or put the file there by hand"
                 )
-    except (urllib.error.URLError, OSError) as exc:
-        http = isinstance(exc, urllib.error.HTTPError)
-        reason = f"HTTP {exc.code} {exc.reason}" if http else getattr(exc, "reason", exc)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(partial, 0o666 & ~umask)
+            os.replace(partial, target)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        http_error = isinstance(exc, urllib.error.HTTPError)
+        reason = f"HTTP {exc.code} {exc.reason}" if http_error else getattr(exc, "reason", None) or exc
+        kept = partial.stat().st_size if partial.is_file() else 0
+        if partial.is_file() and not kept:
+            partial.unlink()
+        resume = f"{size_text(kept)} kept in {partial}; run again to resume. " if kept else ""
         raise DataError(
-            f"cannot download {url} ({reason}). Put the MedMNIST file at {target}, "
+            f"cannot download {url} ({reason}). {resume}Put the MedMNIST file at {target}, "
             f"or use synthetic data: {synthetic_hint(flag, size, data_dir)}"
         ) from None
     return target
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    # Two envoys sharing a data folder must not write one partial file at once; the second waits.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that downloads into {folder}", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fetch(url: str, partial: Path, progress: bool | None) -> tuple[str, bool]:
+    # Appends to `partial` until the server has sent everything, reconnecting with a Range request
+    # after a dropped connection; returns the MD5 of the whole file and whether it resumed old bytes.
+    name = partial.name[1:partial.name.index(".npz") + 4]  # the target's name, for messages
+    have = partial.stat().st_size if partial.is_file() else 0
+    resumed = have > 0
+    digest = hashlib.md5()
+    if have:
+        with open(partial, "rb") as old:
+            while chunk := old.read(1 << 20):
+                digest.update(chunk)
+    bar = None
+    flowed, stalled = False, 0  # whether any byte arrived in this call; attempts in a row that got none
+    try:
+        while True:
+            before = have
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                            timeout=DOWNLOAD_TIMEOUT_S) as resp:
+                    if have and (resp.status != 206 or not _range_starts_at(resp, have)):
+                        # A server that ignores Range sends the whole file: keep none of the old bytes.
+                        resumed, have, digest = False, 0, hashlib.md5()
+                    length = resp.headers.get("Content-Length")
+                    total = have + int(length) if length and length.isdigit() else None
+                    on_disk = partial.stat().st_size if partial.is_file() else 0
+                    if total is not None:
+                        _check_space(name, partial.parent, total - on_disk)
+                    if bar is None:
+                        bar = _progress_bar(name, url, partial.parent, total, have, progress)
+                    elif bar.n != have:
+                        bar.reset(total=total)
+                        bar.update(have)
+                    with open(partial, "r+b" if on_disk else "wb") as out:
+                        out.seek(have)
+                        out.truncate()
+                        while chunk := resp.read(1 << 20):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            have += len(chunk)
+                            bar.update(len(chunk))
+                    if total is None or have == total:
+                        return digest.hexdigest(), resumed
+                    raise ConnectionError(f"connection closed after {have} of {total} bytes")
+            except urllib.error.HTTPError as exc:
+                if exc.code != 416 or not have:
+                    raise
+                # "Range not satisfiable": the partial file is as long as the file, or longer. Start over.
+                resumed, have, digest = False, 0, hashlib.md5()
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                flowed = flowed or have > before
+                stalled = 0 if have > before else stalled + 1
+                # Offline, the first attempt fails at once; once bytes flowed, a few empty retries are allowed.
+                if stalled > (RETRIES if flowed else 0):
+                    raise
+                time.sleep(RETRY_PAUSE_S * stalled)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _range_starts_at(resp, offset: int) -> bool:
+    return (resp.headers.get("Content-Range") or "").startswith(f"bytes {offset}-")
+
+
+def _check_space(name: str, folder: Path, need: int):
+    # Before the first byte of a multi-gigabyte file lands, not halfway through it.
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DataError(
+            f"not enough disk space to download {name} into {folder}: it needs {size_text(need)}, "
+            f"{size_text(free)} is free. Free some space there or choose another data_dir"
+        )
+
+
+def _progress_bar(name: str, url: str, folder: Path, total: int | None, have: int, progress: bool | None) -> tqdm:
+    size = size_text(total) if total is not None else "size unknown"
+    verb = f"resuming at {size_text(have)}:" if have else "downloading"
+    print(f"{verb} {url} ({size}) into {folder}", file=sys.stderr)
+    return tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name,
+                disable=None if progress is None else not progress, file=sys.stderr, mininterval=1.0)
 
 
 def ensure_file(flag: str, size: int, data_dir: Path, allow_download: bool = True) -> Path:
