@@ -28,7 +28,7 @@ RETRIES = 5  # reconnections in a row that receive nothing, once a download has 
 RETRY_PAUSE_S = 2.0  # times the number of such reconnections so far
 # Decompressed bytes held at once while streaming a split's images: with the zip reader's own
 # buffers, a few times this is the constant that loading a shard adds to the shard itself.
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 4 << 20
 # What a damaged file raises while it is read: zipfile, numpy's header parser and zlib.
 CORRUPT = (zipfile.BadZipFile, EOFError, ValueError, KeyError, zlib.error)
 
