@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from medmnist_shard import MedMNISTShardDescriptor, files, prepare
+from medmnist_shard import FLAGS, MedMNISTShardDescriptor, files, prepare
 from medmnist_shard import cache as shard_cache
+from medmnist_shard.__main__ import main
 from medmnist_shard.files import iter_image_rows, load_image_rows, write_npz
 from medmnist_shard.spec import SPLITS, DataError
 
@@ -218,15 +219,36 @@ def test_a_cache_folder_without_room_is_refused_before_writing(tiny_file, tmp_pa
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_check_command_and_start_envoy_give_one_line_for_bad_memory_map_settings(tiny_file, tmp_path):
+def test_check_command_gives_one_line_for_bad_memory_map_settings(tiny_file, tmp_path):
+    # start_envoy.sh runs this same command first and stops with its output (tested for other settings).
     config = tmp_path / "envoy_config.yaml"
     config.write_text(json.dumps({"shard_descriptor": {"params": {
         "flag": "bloodmnist", "data_dir": str(tiny_file("bloodmnist").parent), "memory_map_above_mb": "4 GB"}}}))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "envoy")}
-    for command in ([sys.executable, "-m", "medmnist_shard", "check", str(config)],
-                    ["bash", str(ROOT / "envoy" / "start_envoy.sh"), "envoy_1", str(config)]):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2
-        assert result.stderr.strip().splitlines() == [
-            "error: memory_map_above_mb '4 GB' must be a number of megabytes, 0 or more: for example 4096 "
-            "(0 memory-maps every shard, .inf none)"]
+    result = subprocess.run([sys.executable, "-m", "medmnist_shard", "check", str(config)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: memory_map_above_mb '4 GB' must be a number of megabytes, 0 or more: for example 4096 "
+        "(0 memory-maps every shard, .inf none)"]
+
+
+def test_sizes_command_prints_every_datasets_bytes_per_split(capsys):
+    assert main(["sizes", "--size", "224"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")}
+    assert set(FLAGS) <= set(rows)
+    # PathMNIST's train split: 89,996 x 224 x 224 x 3 bytes.
+    assert rows["pathmnist"].startswith("| pathmnist | 3 | 89,996 / 10,004 / 7,180 | 13.5 GB | 1.5 GB | 1.1 GB |")
+
+
+def test_load_command_reports_time_peak_memory_and_a_relative_cache_dir(tiny_file, tmp_path, capsys):
+    config = tmp_path / "envoy_config.yaml"
+    config.write_text(json.dumps({"shard_descriptor": {"params": {
+        "flag": "bloodmnist", "data_dir": str(tiny_file("bloodmnist").parent), "rank_worldsize": "1,2",
+        "memory_map_above_mb": 0, "cache_dir": "cache"}}}))
+    assert main(["load", str(config)]) == 0
+    summary, report = capsys.readouterr().out.strip().splitlines()
+    assert "shard 1/2" in summary and f"memory-mapped from {tmp_path / 'cache'}" in summary
+    assert report.startswith("loaded in ") and "peak memory rose by " in report and "memory-mapped, not held" in report
+    assert len(list((tmp_path / "cache").glob("bloodmnist-*.npy"))) == 3  # beside the config, not in the cwd
