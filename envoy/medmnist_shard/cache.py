@@ -127,7 +127,7 @@ def _remove_stale(keep: Path):
     prefix = keep.name[:keep.name.rindex("-") + 1]
     for entry in keep.parent.iterdir():
         if entry.name.startswith(prefix) and entry.name.endswith(".npy") and entry != keep:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or a read-only folder: nothing to clean
                 entry.unlink()
         elif entry.name.startswith(f".{prefix}") and entry.name.endswith(".part"):
             _remove_abandoned(entry)
@@ -142,7 +142,7 @@ def _remove_abandoned(partial: Path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         partial.unlink(missing_ok=True)
-    except BlockingIOError:
-        pass
+    except OSError:
+        pass  # still being written (locked), or not ours to delete
     finally:
         os.close(fd)

@@ -19,8 +19,9 @@ from .synthetic import is_synthetic
 
 logger = logging.getLogger(__name__)
 
-# Shards with more image bytes than this are served from a memory-mapped cache file rather than
-# held in memory: a quarter of PathMNIST at 224 px (about 4 GB) is the first shipped case above it.
+# Shards with more image bytes than this are served from memory-mapped cache files rather than held
+# in memory. 4 GB in memory is affordable for a training node; a quarter of PathMNIST at 224 px (4.03 GB)
+# stays resident, a third of it (5.4 GB) is mapped.
 MEMORY_MAP_ABOVE_MB = 4096
 
 
@@ -43,6 +44,11 @@ class ShardSetup:
     cache_dir: Path | None = None  # where memory-mapped shards are written; None: default_cache_dir()
 
     @property
+    def cache_folder(self) -> Path:
+        """The folder that holds this shard's cache files when it is memory-mapped."""
+        return self.cache_dir or default_cache_dir()
+
+    @property
     def image_bytes(self) -> int:
         """Bytes of this shard's images, all three splits together."""
         return sum(map(len, self.indices.values())) * math.prod(sample_shape(self.flag, self.size))
@@ -59,8 +65,7 @@ class ShardSetup:
 
     def cache_files(self) -> dict[str, Path]:
         """split -> the cache file that serves it when the shard is memory-mapped."""
-        folder = self.cache_dir or default_cache_dir()
-        return {s: cache_path(folder, self.path, s, self.indices[s], self.shard_tag) for s in SPLITS}
+        return {s: cache_path(self.cache_folder, self.path, s, self.indices[s], self.shard_tag) for s in SPLITS}
 
     def summary(self) -> dict:
         """What the node serves, in a form the notebook can read back from the director."""
@@ -68,7 +73,7 @@ class ShardSetup:
         skew = f", alpha {self.alpha}" if self.partition == "dirichlet" else ""
         sizes = ", ".join(f"{s} {len(self.indices[s])}" for s in SPLITS)
         origin = "SYNTHETIC data" if self.synthetic else "MedMNIST data"
-        mapped = f"; memory-mapped from {self.cache_dir or default_cache_dir()}" if self.memory_mapped else ""
+        mapped = f"; memory-mapped from {self.cache_folder}" if self.memory_mapped else ""
         return {
             "text": (f"{self.flag} {self.size}px, shard {self.rank}/{self.world_size} ({self.partition}{skew}): "
                      f"{sizes}; {origin} from {self.path.name}; {size_text(self.image_bytes)} of images{mapped}"),
@@ -122,10 +127,10 @@ def prepare(flag="bloodmnist", size=28, data_dir="data", rank_worldsize="1,1", p
     setup = ShardSetup(flag, size, path, rank, world_size, partition, alpha, seed, is_synthetic(path), mine,
                        {split: labels[split][mine[split]] for split in SPLITS}, memory_map_above_mb, cache_dir)
     if setup.memory_mapped:
-        row_bytes = math.prod(sample_shape(flag, size))
-        missing = [s for s, file in setup.cache_files().items()
-                   if not is_complete(file, len(mine[s]), tuple(sample_shape(flag, size)))]
-        check_cache_dir(cache_dir or default_cache_dir(), sum(len(mine[s]) * row_bytes for s in missing))
+        sample = tuple(sample_shape(flag, size))
+        missing = [s for s, file in setup.cache_files().items() if not is_complete(file, len(mine[s]), sample)]
+        if missing:  # complete caches are only read: a read-only cache folder then does
+            check_cache_dir(setup.cache_folder, sum(len(mine[s]) for s in missing) * math.prod(sample))
     return setup
 
 
@@ -156,12 +161,12 @@ class MedMNISTShardDescriptor(ShardDescriptor):
         self.setup = prepare(flag, size, data_dir, rank_worldsize, partition, alpha, seed, download,
                              memory_map_above_mb, cache_dir)
         self._datasets = {}
-        caches = self.setup.cache_dir or default_cache_dir()
         for split in SPLITS:
             # Either way the split is streamed once and only this node's rows are kept.
             indices = self.setup.indices[split]
             if self.setup.memory_mapped:
-                images = mapped_images(self.setup.path, split, indices, caches, self.setup.shard_tag)
+                images = mapped_images(self.setup.path, split, indices, self.setup.cache_folder,
+                                       self.setup.shard_tag)
             else:
                 images = load_image_rows(self.setup.path, split, indices)
             self._datasets[split] = MedMNISTShardDataset(images, self.setup.labels[split])
