@@ -61,11 +61,14 @@ def _load(args) -> str:
     start = time.monotonic()
     shard = _with_config(Path(args.config), MedMNISTShardDescriptor)
     seconds = time.monotonic() - start
-    after = peak() if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    held = "memory-mapped, not held in memory" if shard.setup.memory_mapped else "held in memory"
-    return (f"{shard.setup.summary()['text']}\nloaded in {seconds:.1f} s; peak memory rose by "
-            f"{size_text(after - before)} over the {size_text(before)} held before loading; "
-            f"the shard's images ({size_text(shard.setup.image_bytes)}) are {held}")
+    rise = (peak() if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
+    images = shard.setup.image_bytes
+    where = f"memory-mapped from {shard.setup.cache_folder}, not" if shard.setup.memory_mapped else "all"
+    held = f"the shard's {size_text(images)} of images are {where} held in memory"
+    if not shard.setup.memory_mapped:
+        held += f"; loading cost {(rise - images) / 1e6:+.0f} MB beyond them"
+    return (f"{shard.setup.summary()['text']}\nloaded in {seconds:.1f} s; peak memory rose by {rise / 1e6:,.0f} MB "
+            f"over the {size_text(before)} held before loading; {held}")
 
 
 def _sizes(args) -> str:

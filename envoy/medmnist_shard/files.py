@@ -1,4 +1,4 @@
-"""MedMNIST `.npz` files: find, download (MD5-checked, atomic), inspect and load."""
+"""MedMNIST `.npz` files: find, download (resumable, MD5-checked, atomic), inspect, stream rows out, write."""
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +67,8 @@ def atomic_write(target: Path):
 
 
 def write_npz(target: Path, members, compress: bool = True) -> Path:
-    """Write an .npz atomically from (key, value) pairs, consumed in order; a value is an array, or
-    (shape, dtype, blocks) whose blocks of rows are streamed, so no member need fit in memory."""
+    """Write an .npz atomically from (key, array or (shape, dtype, blocks of rows)) pairs, streamed in order."""
+    # Pairs and blocks are consumed lazily, so no member needs to fit in memory.
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with atomic_write(Path(target)) as fp, zipfile.ZipFile(fp, "w", method, allowZip64=True) as archive:
         for key, value in members:
@@ -92,10 +92,8 @@ def write_npz(target: Path, members, compress: bool = True) -> Path:
 
 
 def download(flag: str, size: int, data_dir: Path, progress: bool | None = None) -> Path:
-    """Fetch the official file into data_dir, resuming a partial one; verify its MD5; move it into place atomically.
-
-    progress: show a progress bar (None: only on a terminal).
-    """
+    """Fetch the official file into data_dir, resuming a partial one; MD5-check it; move it into place atomically."""
+    # progress: a progress bar on stderr; None shows it only on a terminal, where someone watches.
     url, md5 = url_and_md5(flag, size)
     data_dir = Path(data_dir)
     target = data_dir / file_name(flag, size)
