@@ -49,6 +49,11 @@ def _memory(field: str) -> int | None:
         return None
 
 
+def _lifetime_peak() -> int:
+    # ru_maxrss counts KiB on Linux and bytes on macOS.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _load(args) -> str:
     # The peak is measured from here: the imports above are what every envoy holds anyway.
     try:
@@ -56,12 +61,12 @@ def _load(args) -> str:
             clear.write("5")  # Linux: the peak (VmHWM) starts again from what the process holds now
         before, peak = _memory("VmRSS:"), lambda: _memory("VmHWM:")
     except OSError:
-        # Elsewhere the lifetime peak is all there is: the rise is at least the one reported.
-        before, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None
+        # Elsewhere the lifetime peak is all there is: the rise reported is then a lower bound.
+        before, peak = _lifetime_peak(), _lifetime_peak
     start = time.monotonic()
     shard = _with_config(Path(args.config), MedMNISTShardDescriptor)
     seconds = time.monotonic() - start
-    rise = (peak() if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
+    rise = peak() - before
     images = shard.setup.image_bytes
     where = f"memory-mapped from {shard.setup.cache_folder}, not" if shard.setup.memory_mapped else "all"
     held = f"the shard's {size_text(images)} of images are {where} held in memory"
