@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write
+from .files import write_npz
 from .spec import MULTI_LABEL, SPLITS, check_size, file_name, info, n_channels
 
 GRID = 4  # class patterns are drawn on a 4x4 grid and blown up, so every size gets the same task
@@ -32,7 +32,7 @@ def _labels(rng: np.random.Generator, flag: str, n: int) -> np.ndarray:
     return rng.permutation(np.arange(n) % classes).astype(np.uint8).reshape(n, 1)
 
 
-def _images(rng: np.random.Generator, patterns: np.ndarray, labels: np.ndarray, multi_label: bool, size: int):
+def _image_blocks(rng: np.random.Generator, patterns: np.ndarray, labels: np.ndarray, multi_label: bool, size: int):
     if multi_label:
         active = labels.astype(np.float32)
         mix = active @ patterns.reshape(len(patterns), -1) / np.sqrt(np.maximum(active.sum(1, keepdims=True), 1))
@@ -40,15 +40,14 @@ def _images(rng: np.random.Generator, patterns: np.ndarray, labels: np.ndarray, 
         mix = patterns.reshape(len(patterns), -1)[labels[:, 0]]
     coarse = mix.reshape(len(labels), GRID, GRID, patterns.shape[-1])
     scale = size // GRID
-    images = np.empty((len(labels), size, size, patterns.shape[-1]), np.uint8)
     # A faint class pattern under strong pixel noise and a per-image brightness shift: a CNN
     # needs a few epochs to find it, so learning curves rise instead of saturating at once.
-    for start in range(0, len(labels), 512):  # chunks keep float memory small at 224 px
+    for start in range(0, len(labels), 512):  # blocks keep memory small at 224 px: they are written as made
         block = np.repeat(np.repeat(coarse[start:start + 512], scale, axis=1), scale, axis=2)
         block = 128.0 + SIGNAL * block + rng.normal(0.0, 20.0, (len(block), 1, 1, 1))
         block += rng.normal(0.0, NOISE, block.shape)
-        images[start:start + 512] = np.clip(block, 0, 255).astype(np.uint8)
-    return images
+        block = np.clip(block, 0, 255).astype(np.uint8)
+        yield block[..., 0] if block.shape[-1] == 1 else block
 
 
 def make_synthetic(flag: str, size: int, out_dir: Path, sizes: dict[str, int] | None = None,
@@ -64,15 +63,18 @@ def make_synthetic(flag: str, size: int, out_dir: Path, sizes: dict[str, int] | 
     rng = np.random.default_rng(seed)
     channels = n_channels(flag)
     patterns = rng.uniform(-1.0, 1.0, (len(meta["label"]), GRID, GRID, channels)).astype(np.float32)
-    arrays = {"synthetic": np.array(True)}
-    for split in SPLITS:
-        labels = _labels(rng, flag, sizes[split])
-        images = _images(rng, patterns, labels, meta["task"] == MULTI_LABEL, size)
-        arrays[f"{split}_images"] = images[..., 0] if channels == 1 else images
-        arrays[f"{split}_labels"] = labels
-    with atomic_write(target) as fp:
-        np.savez_compressed(fp, **arrays)
-    return target
+
+    def members():
+        # Lazily, in this order, so the random draws (and the data) stay those of earlier versions.
+        yield "synthetic", np.array(True)
+        for split in SPLITS:
+            labels = _labels(rng, flag, sizes[split])
+            shape = (len(labels), size, size) + ((channels,) if channels > 1 else ())  # grayscale: (N, H, W)
+            blocks = _image_blocks(rng, patterns, labels, meta["task"] == MULTI_LABEL, size)
+            yield f"{split}_images", (shape, np.uint8, blocks)
+            yield f"{split}_labels", labels
+
+    return write_npz(target, members())
 
 
 def is_synthetic(path: Path) -> bool:
