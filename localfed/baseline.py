@@ -33,7 +33,7 @@ def baseline(args) -> int:
     """Train centrally, write runs/<id>-baseline/results.json and the models; 0 on success."""
     started = time.monotonic()
     flag, size, task = args.dataset, int(args.size), task_type(args.dataset)
-    data_dir, data_source = resolve(flag, size, args.data, args.data_dir)
+    data_dir, data_source = resolve(flag, size, args.data, args.data_dir, command="baseline")
     pooled = MedMNISTShardDescriptor(flag, size, data_dir, "1,1", download=False)
     nodes = {f"envoy_{r}": MedMNISTShardDescriptor(flag, size, data_dir, f"{r},{args.envoys}", args.partition,
                                                    args.alpha, args.seed, download=False)

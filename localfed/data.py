@@ -13,7 +13,8 @@ SOURCES = ("download", "synthetic")
 CACHE = ROOT / "data"  # git-ignored; downloads and synthetic files are kept for the next run
 
 
-def resolve(flag: str, size: int, data: str = "download", data_dir: str | None = None) -> tuple[Path, str]:
+def resolve(flag: str, size: int, data: str = "download", data_dir: str | None = None,
+            command: str = "demo") -> tuple[Path, str]:
     """(folder holding the flag's file, data_source for results.json); raises DataError before any work."""
     flag, size = check_flag(flag), check_size(size)
     if data_dir:
@@ -30,5 +31,5 @@ def resolve(flag: str, size: int, data: str = "download", data_dir: str | None =
     if data != "download":
         raise DataError(f"unknown DATA={data!r}: use download or synthetic, or set DATA_DIR")
     folder = CACHE / "medmnist"
-    ensure_file(flag, size, folder)
+    ensure_file(flag, size, folder, offline_hint=f"make {command} DATA=synthetic runs the same on generated data")
     return folder, "download"

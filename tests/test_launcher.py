@@ -24,7 +24,7 @@ def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, 
     monkeypatch.setattr(localfed.data, "CACHE", tmp_path / "cache")
     assert main(["demo", "--dataset", "pathmnist", "--size", "64", "--runs", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err
-    assert url in err and "make-synthetic pathmnist --size 64" in err
+    assert url in err and "make demo DATA=synthetic runs the same on generated data" in err
     assert not (tmp_path / "runs").exists()
 
 

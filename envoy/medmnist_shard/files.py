@@ -91,7 +91,7 @@ def write_npz(target: Path, members, compress: bool = True) -> Path:
     return Path(target)
 
 
-def download(flag: str, size: int, data_dir: Path, progress: bool | None = None) -> Path:
+def download(flag: str, size: int, data_dir: Path, progress: bool | None = None, offline_hint: str = "") -> Path:
     """Fetch the official file into data_dir, resuming a partial one; MD5-check it; move it into place atomically."""
     # progress: a progress bar on stderr; None shows it only on a terminal, where someone watches.
     url, md5 = url_and_md5(flag, size)
@@ -130,7 +130,7 @@ def download(flag: str, size: int, data_dir: Path, progress: bool | None = None)
         resume = f"{size_text(kept)} kept in {partial}; run again to resume. " if kept else ""
         raise DataError(
             f"cannot download {url} ({reason}). {resume}Put the MedMNIST file at {target}, "
-            f"or use synthetic data: {synthetic_hint(flag, size, data_dir)}"
+            f"or use synthetic data: {offline_hint or synthetic_hint(flag, size, data_dir)}"
         ) from None
     return target
 
@@ -233,7 +233,7 @@ def _progress_bar(name: str, url: str, folder: Path, total: int | None, have: in
                 disable=None if progress is None else not progress, file=sys.stderr, mininterval=1.0)
 
 
-def ensure_file(flag: str, size: int, data_dir: Path, allow_download: bool = True) -> Path:
+def ensure_file(flag: str, size: int, data_dir: Path, allow_download: bool = True, offline_hint: str = "") -> Path:
     """Path of the flag's file in data_dir, downloading it first when missing and allowed."""
     path = Path(data_dir) / file_name(flag, size)
     if path.is_file():
@@ -243,7 +243,7 @@ def ensure_file(flag: str, size: int, data_dir: Path, allow_download: bool = Tru
             f"missing {path}: put the MedMNIST file there, enable downloads, "
             f"or use synthetic data: {synthetic_hint(flag, size, data_dir)}"
         )
-    return download(flag, size, data_dir)
+    return download(flag, size, data_dir, offline_hint=offline_hint)
 
 
 def _read_header(fp) -> tuple[tuple, bool, np.dtype]:
