@@ -29,8 +29,8 @@ def _data(descriptor, split: str, seed: int) -> MedMNISTData:
     return data
 
 
-def baseline(args) -> int:
-    """Train centrally, write runs/<id>-baseline/results.json and the models; 0 on success."""
+def baseline(args, run_dir: Path | None = None) -> int:
+    """Train centrally, write runs/<id>-baseline/ (or `run_dir`) with results.json and the models; 0 on success."""
     started = time.monotonic()
     flag, size, task = args.dataset, int(args.size), task_type(args.dataset)
     data_dir, data_source = resolve(flag, size, args.data, args.data_dir, command="baseline")
@@ -53,10 +53,12 @@ def baseline(args) -> int:
         entry["aggregated"].update({f"val_{k}": v for k, v in scores.items()})
         rounds.append(entry)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in entry["aggregated"].items())
-        print(f"  after {r}/{args.rounds} rounds' worth: {shown}")
-        if best.consider({"metric_origin": AGGREGATED, "task_name": VALIDATE_GLOBAL, "metric_name": best.metric,
-                          "metric_value": scores[best.metric], "round": r}):
-            best_state = copy.deepcopy(model.state_dict())
+        print(f"  after {r}/{args.rounds} rounds' worth: {shown}", flush=True)
+        # The federated rule, fed as the aggregator is: the metric, and the loss that breaks its ties.
+        for name in ("loss", best.metric):
+            if best.consider({"metric_origin": AGGREGATED, "task_name": VALIDATE_GLOBAL, "metric_name": name,
+                              "metric_value": scores[name], "round": r}):
+                best_state = copy.deepcopy(model.state_dict())
     last_state = model.state_dict()
     model.load_state_dict(best_state)
     test = validate(model, _data(pooled, "test", args.seed).get_valid_loader(), "cpu", task=task)
@@ -65,7 +67,7 @@ def baseline(args) -> int:
         shard = _data(descriptor, "test", args.seed)
         per_envoy[name] = {"samples": shard.get_valid_data_size(),
                            **validate(model, shard.get_valid_loader(), "cpu", task=task)}
-    run_dir = Path(args.runs).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{flag}-{size}-baseline"
+    run_dir = run_dir or Path(args.runs).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{flag}-{size}-baseline"
     run_dir.mkdir(parents=True)
     torch.save(best_state, run_dir / "best_model.pt")
     torch.save(last_state, run_dir / "last_model.pt")
@@ -76,7 +78,8 @@ def baseline(args) -> int:
         "partition": {"strategy": args.partition, "alpha": args.alpha, "seed": args.seed},
         "envoys": [{"name": n, **d.setup.summary()["samples"]} for n, d in nodes.items()],
         "rounds": rounds,
-        "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value},
+        "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value, "loss": best.loss,
+                 "tie": best.tie},
         "test": {"model": "best", "round": best.round, **test, "per_envoy": per_envoy},
         "wall_seconds": round(time.monotonic() - started, 2),
         "params": {"rounds": args.rounds, "epochs_per_round": args.epochs, "learning_rate": LR,

@@ -48,7 +48,7 @@ def test_best_follows_one_metric_in_one_direction():
     best = Best("auc", "max").pick(stream)
     assert (best.round, best.value) == (1, 0.8)
     losses = [_m("aggregator", "aggregated_model_validate", "loss", v, r) for r, v in enumerate([2.0, 1.0, 1.0])]
-    assert Best("loss", "min").pick(losses).round == 1  # a tie does not replace the earlier model
+    assert Best("loss", "min").pick(losses).round == 2  # a tie goes to the later model (tests/test_model_selection.py)
     assert Best("auc").pick([_m("aggregator", "aggregated_model_validate", "auc", float("nan"), 0)]).round is None
 
 
