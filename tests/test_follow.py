@@ -118,3 +118,18 @@ def test_openfls_log_goes_to_a_file_and_the_page_shows_only_what_needs_attention
         for handler in [h for h in root.handlers if h not in before]:
             root.removeHandler(handler)
             handler.close()
+
+
+def test_each_rounds_traffic_is_one_line_and_lands_in_the_results():
+    from medfl.aggregator import TRAFFIC
+    from medfl.researcher.report import traffic
+
+    stream = [*_val(0, "aggregator", 0.6), _m(0, "aggregator", TRAFFIC, "received_bytes", 8_470_000.0),
+              _m(0, "aggregator", TRAFFIC, "sent_bytes", 2_830_000.0), *_val(1, "aggregator", 0.7),
+              _m(1, "aggregator", TRAFFIC, "received_bytes", 0.0), _m(1, "aggregator", TRAFFIC, "sent_bytes", 2.83e6)]
+    lines = []
+    run = follow(Experiment(stream), 1, Best(), echo=lines.append)
+    assert "round 1/1        aggregator  traffic     received 8.47 MB  sent 2.83 MB" in lines
+    assert "final validation aggregator  traffic     received 0.00 MB  sent 2.83 MB" in lines
+    assert traffic(run.metrics) == [{"round": 0, "received_bytes": 8_470_000, "sent_bytes": 2_830_000},
+                                    {"round": 1, "received_bytes": 0, "sent_bytes": 2_830_000}]

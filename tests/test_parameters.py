@@ -11,6 +11,8 @@ GOOD = dict(dataset="bloodmnist", size=28, rounds_to_train=3, epochs_per_round=1
 
 def test_good_parameters_pass():
     check_parameters(**GOOD, director_port=50051)  # other notebook variables are ignored
+    for algorithm in ("fedprox", "fedadam", "median"):
+        check_parameters(**GOOD, algorithm=algorithm, mu=0, server_learning_rate=0.05)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -29,10 +31,20 @@ def test_good_parameters_pass():
     ({"min_envoys": "2"}, "min_envoys='2': give a number"),
     ({"min_envoys": True}, "min_envoys=True"),
     ({"round_timeout": -1}, "round_timeout=-1: give seconds (0 for no limit)"),
+    ({"algorithm": "fedsgd"}, "algorithm='fedsgd': use one of fedavg, fedprox, fedadam, fedyogi, fedadagrad, median, "
+                              "geomedian"),
+    ({"mu": -0.1}, "mu=-0.1: FedProx's proximal weight must be a number of at least 0"),
+    ({"mu": "0.1"}, "mu='0.1'"),
+    ({"server_learning_rate": 0}, "server_learning_rate=0: it must be a positive number, or None"),
+    ({"server_learning_rate": -1e-2}, "server_learning_rate=-0.01"),
+    ({"server_beta1": 1.0}, "server_beta1=1.0: it must be at least 0 and below 1"),
+    ({"server_beta2": -0.5}, "server_beta2=-0.5"),
+    ({"server_tau": 0}, "server_tau=0: it must be a positive number"),
 ])
 def test_bad_parameters_are_refused_with_the_fix(change, message):
-    with pytest.raises(ParameterError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ParameterError, match=message.replace("(", r"\(").replace(")", r"\)")) as refused:
         check_parameters(**{**GOOD, **change})
+    assert "\n" not in str(refused.value)  # one line
 
 
 def _federation(sample=("28", "28", "3"), target=("1",)):

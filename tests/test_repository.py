@@ -66,8 +66,9 @@ def test_cpu_and_hpu_notebooks_differ_only_in_narrative_and_parameters():
 # Every step of OpenFL's interactive API, as a reader must find it in a code cell of each notebook.
 API_STEPS = ("Federation(", ".get_shard_registry()", ".get_dummy_shard_descriptor(", "(DataInterface):",
              "ModelInterface(model=", "optimizer=", "framework_plugin=", "TaskInterface()", "@TI.register_fl_task(",
-             "@TI.add_kwargs(", "FLExperiment(federation=", ".start(", "researcher.follow(", ".get_best_model",
-             ".get_last_model()", "class Net(nn.Module)", "def train(", "def validate(")
+             "@TI.add_kwargs(", "@TI.set_aggregation_function(", "FLExperiment(federation=", ".start(",
+             "researcher.follow(", ".get_best_model", ".get_last_model()", "class Net(nn.Module)", "def train(",
+             "def validate(")
 
 
 def test_every_interactive_api_step_is_in_a_code_cell_of_both_notebooks():
@@ -99,10 +100,20 @@ def test_the_notebooks_define_what_the_package_runs_elsewhere():
         ns = run_cells(["parameters"], path=path)
         ns = run_cells(["imports", "model", "data", "model-interface", "train-task", "validate-task"], ns, path,
                        dummy_shard_descriptor=DummyShardDescriptor(["28", "28", "3"], ["1"], 4))
-        package = medfl.build_tasks(DEFAULTS["dataset"], DEFAULTS["epochs_per_round"], ns["device"], ns["bf16"])
+        package = medfl.build_tasks(DEFAULTS["dataset"], DEFAULTS["epochs_per_round"], ns["device"], ns["bf16"],
+                                    medfl.aggregation_function(DEFAULTS["algorithm"], ns["model"]))
         assert ns["TI"].task_contract == package.task_contract
         assert ns["TI"].task_settings == package.task_settings
         assert set(ns["TI"].get_registered_tasks()) == set(package.get_registered_tasks())
+        assert {name: type(f) for name, f in ns["TI"].aggregation_functions.items()} == \
+            {name: type(f) for name, f in package.aggregation_functions.items()}
+        # The algorithm shows where OpenFL's API takes it: the envoys' optimizer and the train task's aggregation.
+        for algorithm, optimizer, aggregation in (("fedprox", "FedProxAdam", "WeightedAverage"),
+                                                  ("fedadam", "Adam", "ServerOptimizer"),
+                                                  ("geomedian", "Adam", "GeometricMedian")):
+            ns = run_cells(["model-interface", "train-task"], ns, path, algorithm=algorithm)
+            assert type(ns["MI"].optimizer).__name__ == optimizer
+            assert type(ns["TI"].aggregation_functions["train"]).__name__ == aggregation
 
 
 def test_every_pin_lives_in_requirements():

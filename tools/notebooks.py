@@ -54,6 +54,12 @@ PARAMETERS = {
     "train_batch_size": "",
     "eval_batch_size": "",
     "learning_rate": "Adam, as in the MedMNIST v2 experiments",
+    "algorithm": "fedavg, fedprox, fedadam, fedyogi, fedadagrad, median or geomedian (section 4)",
+    "mu": "fedprox: weight of the proximal term (0: FedAvg)",
+    "server_learning_rate": "fedadam, fedyogi, fedadagrad: None is the FedOpt paper's (Reddi et al.",
+    "server_beta1": "2021): 1e-2 for fedadam and fedyogi, 1e-1 for fedadagrad; its betas and",
+    "server_beta2": "adaptivity tau too",
+    "server_tau": "",
     "best_metric": "the best model is the global model with the best aggregated val AUC...",
     "best_mode": '...highest ("min" for loss)',
     "min_envoys": "envoys lost mid-run are dropped; the run goes on while this share (float) or number (int)\n"
@@ -114,9 +120,10 @@ import torch
 from IPython.display import Image, display
 from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface, TaskInterface
 from openfl.interface.interactive_api.federation import Federation
+from openfl.utilities.optimizers.torch import FedProxAdam
 from torch import nn
 
-from medfl import Best, Schedule, researcher
+from medfl import Best, Schedule, aggregation_function, researcher
 from medfl.data import batch_loader, loader_settings, to_float_chw
 from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
 from medfl.metrics import evaluate, loss_fn, loss_target, scores
@@ -180,21 +187,33 @@ images, labels = next(iter(probe.get_train_loader()))
 with torch.no_grad():
     outputs = model.eval()(to_float_chw(images))
 print(f"a batch: images {tuple(images.shape)} {images.dtype} -> model outputs {tuple(outputs.shape)}")"""),
-md("""## 4. The model interface
+md("""## 4. The model interface, and the federated algorithm
 
-`ModelInterface` bundles the model, its optimizer and the framework adapter through which OpenFL reads and writes PyTorch weights. Its model holds the initial global weights; the optimizer travels with it to every envoy."""),
-code("model-interface", """optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+`ModelInterface` bundles the model, its optimizer and the framework adapter through which OpenFL reads and writes PyTorch weights. Its model holds the initial global weights; the optimizer travels with it to every envoy.
+
+`algorithm` decides how the federation learns, in two places you see in code: the optimizer the envoys train with (here) and how the director combines their weights (`TI.set_aggregation_function` on the train task, in section 5). **fedavg**, the default and the yardstick: Adam on every envoy, and the director averages the weights by sample count. **fedprox**: the envoys train with OpenFL's `FedProxAdam`, whose proximal term (weight `mu`; 0 is FedAvg) keeps each envoy near the round's global model; for hospitals whose data differ strongly, especially with several local epochs, where local models drift apart. **fedadam**, **fedyogi**, **fedadagrad** (FedOpt): the envoys train as in FedAvg, and the director treats the averaged change of the weights as a gradient and steps Adam, Yogi or Adagrad with it (`server_learning_rate`, `server_beta1`, `server_beta2`, `server_tau`); momentum across rounds and a step sized per weight help when updates are noisy or small, at the cost of two more copies of the model on the director and a server learning rate to choose. **median**, **geomedian**: the coordinate-wise or the geometric median of the envoys' weights, which an envoy sending wildly wrong weights (a broken node, corrupted data) cannot drag far; they give up FedAvg's weighting by sample count (the geometric median keeps it as a weight), and with two envoys the median is the mean. `make compare` trains several on the same data, partition and budget, and shows what each gains and costs."""),
+code("model-interface", """# The envoys' optimizer: Adam, or for FedProx Adam plus the proximal term (OpenFL's FedProxAdam)
+if algorithm == "fedprox":
+    optimizer = FedProxAdam(model.parameters(), lr=learning_rate, mu=mu)
+else:
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
 framework_adapter = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 MI = ModelInterface(model=model, optimizer=optimizer, framework_plugin=framework_adapter)"""),
 md("""## 5. The tasks (run on every envoy)
 
-`TaskInterface` registers the functions each envoy runs. `register_fl_task` names which of OpenFL's objects fill which arguments: the model (with the round's global weights), a loader from the data interface, the device, and, for the training task, the optimizer. A task registered without an optimizer validates: OpenFL runs it on the global model before training (`aggregated_model_validate`) and on the local model after (`locally_tuned_model_validate`). `add_kwargs` fixes the other arguments. Each task returns a dict of metrics, which stream back here.
+`TaskInterface` registers the functions each envoy runs. `register_fl_task` names which of OpenFL's objects fill which arguments: the model (with the round's global weights), a loader from the data interface, the device, and, for the training task, the optimizer. A task registered without an optimizer validates: OpenFL runs it on the global model before training (`aggregated_model_validate`) and on the local model after (`locally_tuned_model_validate`). `add_kwargs` fixes the other arguments. Each task returns a dict of metrics, which stream back here. `set_aggregation_function` on the training task tells the director how to combine the weights it returns (the metrics are always averaged by sample count); the function is built here from `algorithm` and, for a server optimizer, starts from this notebook's initial model.
 
 The loss follows the task type (cross-entropy, or BCE-with-logits for multi-label ChestMNIST), and ACC and AUC are MedMNIST's official ones (`medmnist.evaluator`). The device is resolved on each envoy; `step_barrier` is Gaudi's `mark_step` there and a no-op elsewhere."""),
 code("train-task", """TI = TaskInterface()
 task = meta["task"]
+# How the director combines the envoys' trained weights: the weighted mean (fedavg, fedprox), a server optimizer
+# (fedadam, fedyogi, fedadagrad), or a median (median, geomedian); medfl/algorithms.py says which OpenFL pieces it uses
+aggregation = aggregation_function(algorithm, model, server_learning_rate, (server_beta1, server_beta2), server_tau)
+print(f"{algorithm}: the envoys train with {type(optimizer).__name__}; "
+      f"the director aggregates with {type(aggregation).__name__}")
 
 
+@TI.set_aggregation_function(aggregation)
 @TI.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16)
 @TI.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")
 """ + source(tasks.train)),
@@ -268,8 +287,8 @@ Saved under `runs/<experiment name>/` at the repository root (`runs/latest` poin
 code("results", """results = researcher.build_results(training=training, testing=testing, **record)
 researcher.save_run(run_dir, results, training, testing, best_model=best_model, last_model=last_model)
 test = results["test"]
-print(("SYNTHETIC data: " if results["synthetic"] else "") + f"{dataset} {size}px, {len(envoys)} envoys; "
-      f"test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}; saved to {run_dir.resolve()}")
+print(("SYNTHETIC data: " if results["synthetic"] else "") + f"{dataset} {size}px, {len(envoys)} envoys, "
+      f"{algorithm}; test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}; saved to {run_dir.resolve()}")
 pd.DataFrame([{"round": e["round"], **e["aggregated"]} for e in results["rounds"]]).set_index("round")"""),
 code("plots", """display(Image(str(run_dir / "curves.png")), Image(str(run_dir / "partition.png")))"""),
 md("""To use the trained model elsewhere (the `medfl` package's `build_model` makes the same network as the cell above):

@@ -1,10 +1,12 @@
-"""Federated MedMNIST 2D: what runs on the nodes (model, data interface, tasks, metrics, device, aggregator).
+"""Federated MedMNIST 2D: what runs on the nodes (model, data interface, tasks, metrics, device, aggregator,
+federated algorithms).
 
 This package sits beside the notebooks and travels with every experiment (OpenFL zips the notebook's code), so the
 director and the envoys run exactly this code. `medfl.researcher` runs only beside the notebook (parameter checks,
 submitting and following experiments, reports); the nodes never import it.
 """
 from .aggregator import Best, Schedule, SelectingAggregator
+from .algorithms import ALGORITHMS, aggregation_function
 from .data import MedMNISTData, batch_loader, loader_settings, to_float_chw
 from .device import autocast, bind_optimizer, pick_device, step_barrier
 from .metrics import evaluate, loss_fn, loss_target, scores
@@ -12,7 +14,8 @@ from .model import FLAGS, SIZES, Net, build_model, conv_block, task_type
 from .tasks import build_tasks, train, validate
 
 __all__ = [
-    "FLAGS", "SIZES", "Best", "MedMNISTData", "Net", "Schedule", "SelectingAggregator", "autocast", "batch_loader",
-    "bind_optimizer", "build_model", "build_tasks", "conv_block", "evaluate", "loader_settings", "loss_fn",
-    "loss_target", "pick_device", "scores", "step_barrier", "task_type", "to_float_chw", "train", "validate",
+    "ALGORITHMS", "FLAGS", "SIZES", "Best", "MedMNISTData", "Net", "Schedule", "SelectingAggregator",
+    "aggregation_function", "autocast", "batch_loader", "bind_optimizer", "build_model", "build_tasks", "conv_block",
+    "evaluate", "loader_settings", "loss_fn", "loss_target", "pick_device", "scores", "step_barrier", "task_type",
+    "to_float_chw", "train", "validate",
 ]

@@ -27,6 +27,11 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
     # OpenFL 1.6's RESET treatment hands back the same optimizer object every round, so its
     # moments would carry over; FedAvg starts each round's local training from a clean state.
     optimizer.state.clear()
+    if hasattr(optimizer, "set_old_weights"):
+        # FedProx: the proximal term pulls the local weights towards this round's global model, which the model
+        # holds now. (OpenFL's FedProxAdam pairs them by position among the parameters that got a gradient: every
+        # parameter of Net gets one.)
+        optimizer.set_old_weights([p.detach().clone() for p in model.parameters()])
     criterion, barrier = loss_fn(task), step_barrier(dev)
     for _ in range(epochs):
         loss_sum, seen = torch.zeros((), device=dev), 0
@@ -67,10 +72,12 @@ def validate(model, val_loader, device, task: str, device_request: str = "auto",
             "seconds": time.perf_counter() - started}
 
 
-def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16: bool = False) -> TaskInterface:
+def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16: bool = False,
+                aggregation=None) -> TaskInterface:
     """Register train and validate for a flag's task type, as OpenFL's TaskInterface.
 
-    `device` is resolved on each envoy (see medfl.device); `bf16` autocasts on HPU and CUDA.
+    `device` is resolved on each envoy (see medfl.device); `bf16` autocasts on HPU and CUDA; `aggregation` is how
+    the director combines the trained weights (medfl.algorithms.aggregation_function), OpenFL's weighted mean if None.
     """
     if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
         raise ValueError(f"epochs_per_round must be a positive integer, not {epochs_per_round!r}")
@@ -78,6 +85,8 @@ def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16
     tasks = TaskInterface()
     if device not in REQUESTS:  # refused here rather than on every node
         raise ValueError(f"device must be one of {', '.join(REQUESTS)}, not {device!r}")
+    if aggregation is not None:
+        tasks.set_aggregation_function(aggregation)(train)
     tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16)(train)
     tasks.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")(train)
     tasks.add_kwargs(task=task, device_request=device, bf16=bf16)(validate)

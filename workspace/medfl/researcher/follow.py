@@ -9,14 +9,16 @@ import grpc
 import torch
 from tqdm.auto import tqdm
 
-from ..aggregator import AGGREGATED, DROPPED, FAILED, VALIDATE_GLOBAL, Best
+from ..aggregator import AGGREGATED, DROPPED, FAILED, TRAFFIC, VALIDATE_GLOBAL, Best
 
-TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val"}
+TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val",
+              TRAFFIC: "traffic"}
 # The metrics each of medfl's tasks reports: a progress line is printed once all have arrived. A task edited to
 # report more gets them added here as they are seen, so from its second report on they share its line.
 TASK_METRICS = {"train": {"train_loss", "train_seconds"},
                 "locally_tuned_model_validate": {"loss", "acc", "auc", "seconds"},
-                VALIDATE_GLOBAL: {"loss", "acc", "auc", "seconds"}}
+                VALIDATE_GLOBAL: {"loss", "acc", "auc", "seconds"},
+                TRAFFIC: {"received_bytes", "sent_bytes"}}
 
 
 @dataclass
@@ -41,7 +43,7 @@ def round_label(metric: dict, rounds: int) -> str:
     r = metric["round"]
     if metric["task_name"] == VALIDATE_GLOBAL:
         return "initial model" if r == 0 else f"model after {r}/{rounds}"
-    return f"round {r + 1}/{rounds}"
+    return _round_of(r, rounds)
 
 
 def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Callable | None = None,
@@ -119,6 +121,11 @@ def _dropped(run: Followed, m: dict, where: str, echo) -> None:
 
 
 def _line(where: str, m: dict, values: dict) -> str:
-    shown = "  ".join(f"{name} {value:.1f}" if "seconds" in name else f"{name} {value:.4f}"
-                      for name, value in values.items())
+    shown = "  ".join(_shown(name, value) for name, value in values.items())
     return f"{where:<16} {m['metric_origin']:<11} {TASK_NAMES.get(m['task_name'], m['task_name']):<11} {shown}"
+
+
+def _shown(name: str, value: float) -> str:
+    if name.endswith("_bytes"):
+        return f"{name[:-6]} {value / 1e6:.2f} MB"
+    return f"{name} {value:.1f}" if "seconds" in name else f"{name} {value:.4f}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..aggregator import quorum
+from ..algorithms import ALGORITHMS, SERVER_BETAS, SERVER_TAU
 from ..device import REQUESTS
 from ..model import FLAGS, SIZES
 
@@ -17,6 +18,12 @@ DEFAULTS = {
     "train_batch_size": 64,
     "eval_batch_size": 256,
     "learning_rate": 1e-3,
+    "algorithm": "fedavg",
+    "mu": 0.01,
+    "server_learning_rate": None,
+    "server_beta1": SERVER_BETAS[0],
+    "server_beta2": SERVER_BETAS[1],
+    "server_tau": SERVER_TAU,
     "best_metric": "auc",
     "best_mode": "max",
     "min_envoys": 0.5,
@@ -38,7 +45,8 @@ DEFAULTS = {
 }
 # What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
 TRAINING = ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size", "eval_batch_size",
-            "learning_rate", "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16", "seed")
+            "learning_rate", "algorithm", "mu", "server_learning_rate", "server_beta1", "server_beta2", "server_tau",
+            "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16", "seed")
 
 
 class NotebookError(RuntimeError):
@@ -59,7 +67,10 @@ def training_parameters(namespace: dict) -> dict:
 
 def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
                      learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
-                     round_timeout=DEFAULTS["round_timeout"], ca_cert="", api_cert="", api_key="", **_) -> None:
+                     round_timeout=DEFAULTS["round_timeout"], algorithm=DEFAULTS["algorithm"], mu=DEFAULTS["mu"],
+                     server_learning_rate=DEFAULTS["server_learning_rate"], server_beta1=DEFAULTS["server_beta1"],
+                     server_beta2=DEFAULTS["server_beta2"], server_tau=DEFAULTS["server_tau"], ca_cert="",
+                     api_cert="", api_key="", **_) -> None:
     """Refuse impossible parameters before anything is submitted, one clear line each."""
     if dataset not in FLAGS:
         raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
@@ -71,6 +82,7 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
             raise ParameterError(f"{name}={value!r}: it must be a whole number of at least 1")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ParameterError(f"learning_rate={learning_rate!r}: it must be a positive number, e.g. 1e-3")
+    check_algorithm(algorithm, mu, server_learning_rate, server_beta1, server_beta2, server_tau)
     if device not in REQUESTS:
         raise ParameterError(f"device={device!r}: use one of {', '.join(REQUESTS)}")
     if best_metric not in ("auc", "acc", "loss") or best_mode not in ("max", "min"):
@@ -83,6 +95,27 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
     if isinstance(round_timeout, bool) or not isinstance(round_timeout, (int, float)) or not round_timeout >= 0:
         raise ParameterError(f"round_timeout={round_timeout!r}: give seconds (0 for no limit)")
     check_certificates(ca_cert, api_cert, api_key)
+
+
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
+
+
+def check_algorithm(algorithm, mu=DEFAULTS["mu"], server_learning_rate=None, server_beta1=DEFAULTS["server_beta1"],
+                    server_beta2=DEFAULTS["server_beta2"], server_tau=DEFAULTS["server_tau"]) -> None:
+    """Refuse an unknown algorithm or settings it cannot run with, in one line."""
+    if algorithm not in ALGORITHMS:
+        raise ParameterError(f"algorithm={algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    if not _number(mu) or mu < 0:
+        raise ParameterError(f"mu={mu!r}: FedProx's proximal weight must be a number of at least 0 (0 is FedAvg)")
+    if server_learning_rate is not None and (not _number(server_learning_rate) or not server_learning_rate > 0):
+        raise ParameterError(f"server_learning_rate={server_learning_rate!r}: it must be a positive number, or None "
+                             "for the FedOpt paper's choice")
+    for name, value in (("server_beta1", server_beta1), ("server_beta2", server_beta2)):
+        if not _number(value) or not 0 <= value < 1:
+            raise ParameterError(f"{name}={value!r}: it must be at least 0 and below 1, e.g. 0.9")
+    if not _number(server_tau) or not server_tau > 0:
+        raise ParameterError(f"server_tau={server_tau!r}: it must be a positive number, e.g. 1e-3")
 
 
 def check_certificates(ca_cert: str, api_cert: str, api_key: str) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import medmnist
 import torch
 
-from ..aggregator import AGGREGATED, VALIDATE_GLOBAL
+from .. import algorithms
+from ..aggregator import AGGREGATED, TRAFFIC, VALIDATE_GLOBAL
 from .federation import is_synthetic
 from .follow import Followed
 from .parameters import NotebookError
@@ -45,6 +46,23 @@ def rounds_entries(metrics: list[dict]) -> list[dict]:
             for r, origins in _by_round(metrics).items()]
 
 
+def traffic(metrics: list[dict]) -> list[dict]:
+    """Per round, the tensor bytes the director received from the envoys and sent to them."""
+    rounds: dict = {}
+    for m in metrics:
+        if (m["metric_origin"], m["task_name"]) == (AGGREGATED, TRAFFIC):
+            rounds.setdefault(m["round"], {"round": m["round"]})[m["metric_name"]] = int(m["metric_value"])
+    return [rounds[r] for r in sorted(rounds)]
+
+
+def algorithm_settings(params: dict) -> dict:
+    """The run's algorithm and the settings it used, from the notebook's parameters."""
+    return algorithms.settings(params.get("algorithm", "fedavg"), params.get("mu"), params.get("server_learning_rate"),
+                               (params.get("server_beta1", algorithms.SERVER_BETAS[0]),
+                                params.get("server_beta2", algorithms.SERVER_BETAS[1])),
+                               params.get("server_tau", algorithms.SERVER_TAU))
+
+
 def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
     """Sample-weighted overall test ACC, AUC and loss, and each envoy's, from a test run's metrics."""
     block: dict = {"per_envoy": {}}
@@ -75,10 +93,13 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "dataset": params["dataset"], "size": params["size"],
         "data_source": data_source or ("synthetic" if synthetic else "medmnist"), "synthetic": synthetic,
         "partition": {"strategy": first.get("partition"), "alpha": first.get("alpha"), "seed": first.get("seed")},
+        "algorithm": algorithm_settings(params),
         "envoys": nodes,
         "rounds": rounds_entries(training.metrics),
+        "traffic": traffic(training.metrics),
         "dropouts": training.dropouts + (testing.dropouts if testing else []),
-        "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value},
+        "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value, "loss": best.loss,
+                 "tie": best.tie},
         "test": {"model": "best", "round": best.round,
                  **test_block(testing.metrics if testing else [], {n["name"]: n.get("test") for n in nodes})},
         "wall_seconds": round(time.time() - started, 2),
@@ -202,7 +223,8 @@ def _short(label: str) -> str:
 
 def _headline(results: dict) -> str:
     source = "SYNTHETIC data" if results["synthetic"] else "MedMNIST"
-    return f"{results['dataset']} {results['size']}px, {len(results['envoys'])} envoys ({source})"
+    algorithm = f", {algorithms.describe(results['algorithm'])}" if results.get("algorithm") else ""
+    return f"{results['dataset']} {results['size']}px, {len(results['envoys'])} envoys ({source}){algorithm}"
 
 
 def save_run(run_dir: Path, results: dict, training: Followed, testing: Followed | None = None,

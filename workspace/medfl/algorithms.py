@@ -1,0 +1,188 @@
+"""Federated algorithms: which optimizer the envoys train with, and how the director combines their weights.
+
+- fedavg: Adam on every envoy, the director averages the weights by sample count (McMahan et al. 2017).
+- fedprox: the envoys train with OpenFL's FedProxAdam, Adam plus a proximal term mu/2 ||w - w_global||^2 that keeps
+  each envoy near the round's global model (Li et al. 2020); the director averages as in FedAvg.
+- fedadam, fedyogi, fedadagrad: the envoys train as in FedAvg; the director treats the averaged change of the weights
+  as a gradient and steps a server optimizer with it (Reddi et al. 2021, "Adaptive Federated Optimization", FedOpt).
+- median, geomedian: robust aggregation: the coordinate-wise median (OpenFL's Median) or the geometric median of the
+  envoys' weights, which a minority of wildly wrong envoys cannot drag far.
+
+The aggregation functions run on the director (TaskInterface.set_aggregation_function on the train task); only the
+train task's weights go through them, OpenFL averages every metric.
+
+OpenFL 1.6's own FedOpt aggregations (AdamAdaptiveAggregation, YogiAdaptiveAggregation, AdagradAdaptiveAggregation)
+and GeometricMedian are not used, because for this project they are wrong (tests/test_algorithms.py shows each):
+- built from a model, their server optimizer steps every entry of the state dict, BatchNorm's integer
+  num_batches_tracked included: numpy refuses to subtract floats from it in place, so the first round fails;
+- their class is a singleton (SingletonABCMeta): building a second one, say when the notebook runs again in the same
+  kernel, silently returns the first, with its settings and the previous experiment's weights and moments;
+- NumPyYogi's second moment is beta2 * v + (1 - beta2) * sign(g^2 - v) * g^2, which is not Yogi's
+  v - (1 - beta2) * sign(v - g^2) * g^2; and NumPyAdam adds bias correction that the FedOpt algorithm does not have;
+- they return the optimizer's own array, which the next round changes in place inside the tensor store's cache;
+- GeometricMedian's Weiszfeld iteration multiplies each iteration's weights into the next (it reweights the
+  reweighted weights instead of the envoys' own) and stops after 4 iterations, so it ends near one envoy's weights,
+  not at the geometric median.
+"""
+from __future__ import annotations
+
+import numpy as np
+from openfl.interface.aggregation_functions import AggregationFunction, Median, WeightedAverage
+
+ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "geomedian")
+SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+# Reddi et al. 2021 fix beta1 = 0.9, beta2 = 0.99 and the adaptivity tau = 1e-3; their tuned server learning rates on
+# CIFAR-10, the image task nearest this one, are 1e-2 for FedAdam and FedYogi and 1e-1 for FedAdagrad.
+SERVER_LEARNING_RATES = {"fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-1}
+SERVER_BETAS = (0.9, 0.99)
+SERVER_TAU = 1e-3
+
+
+class _NotSingleton(type(AggregationFunction)):
+    """OpenFL makes every AggregationFunction a singleton; a server optimizer has state, so each one is its own."""
+
+    def __call__(cls, *args, **kwargs):
+        return type.__call__(cls, *args, **kwargs)
+
+
+def _weighted_mean(local_tensors) -> np.ndarray:
+    return np.average(np.stack([np.asarray(t.tensor, dtype=np.float64) for t in local_tensors]), axis=0,
+                      weights=[t.weight for t in local_tensors])
+
+
+class ServerOptimizer(AggregationFunction, metaclass=_NotSingleton):
+    """FedAdam, FedYogi or FedAdagrad on the director: Algorithm 2 of Reddi et al. 2021.
+
+    Each round, for every trainable parameter x: delta = (sample-weighted mean of the envoys' x) - x,
+    m = beta1 m + (1 - beta1) delta, v by the optimizer's rule (v starts at tau^2), x += lr m / (sqrt(v) + tau).
+    BatchNorm's running statistics and counter, and the optimizer state the envoys send, are not trained by
+    gradients: they are averaged as in FedAvg.
+    """
+
+    def __init__(self, kind: str, model, learning_rate: float, betas=SERVER_BETAS, tau: float = SERVER_TAU):
+        super().__init__()
+        if kind not in ("adam", "yogi", "adagrad"):
+            raise ValueError(f"unknown server optimizer {kind!r}: use adam, yogi or adagrad")
+        if not learning_rate > 0 or not tau > 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"server learning rate {learning_rate!r} and tau {tau!r} must be positive, betas "
+                             f"{betas!r} in [0, 1)")
+        self.kind, self.learning_rate, self.betas, self.tau = kind, float(learning_rate), tuple(betas), float(tau)
+        # The global model x_t, kept here in float64; the director's tensor store holds what the envoys receive.
+        self.x = {name: p.detach().cpu().double().numpy().copy() for name, p in model.named_parameters()}
+        self.m = {name: np.zeros_like(x) for name, x in self.x.items()}
+        self.v = {name: np.full_like(x, self.tau ** 2) for name, x in self.x.items()}
+        self.steps: dict[str, int] = {}
+        self._answered: dict[str, tuple] = {}  # tensor: (round, result), so a repeated call never steps twice
+
+    def __repr__(self) -> str:
+        return (f"ServerOptimizer({self.kind!r}, learning_rate={self.learning_rate:g}, betas={self.betas}, "
+                f"tau={self.tau:g})")
+
+    def call(self, local_tensors, db_iterator, tensor_name, fl_round, tags) -> np.ndarray:
+        """The new global value of one tensor from the envoys' trained values (an OpenFL AggregationFunction)."""
+        if tensor_name not in self.x:
+            return _weighted_mean(local_tensors)
+        answered = self._answered.get(tensor_name)
+        if answered and answered[0] == fl_round:
+            return answered[1].copy()
+        beta1, beta2 = self.betas
+        x = self.x[tensor_name]
+        delta = _weighted_mean(local_tensors) - x
+        self.m[tensor_name] = m = beta1 * self.m[tensor_name] + (1 - beta1) * delta
+        v, square = self.v[tensor_name], delta ** 2
+        if self.kind == "adam":
+            v = beta2 * v + (1 - beta2) * square
+        elif self.kind == "yogi":
+            v = v - (1 - beta2) * square * np.sign(v - square)
+        else:
+            v = v + square
+        self.v[tensor_name] = v
+        x += self.learning_rate * m / (np.sqrt(v) + self.tau)
+        self.steps[tensor_name] = self.steps.get(tensor_name, 0) + 1
+        # The envoys' dtype (float32) on the wire; a copy, so that nobody else's array changes with ours.
+        result = x.astype(np.asarray(local_tensors[0].tensor).dtype)
+        self._answered[tensor_name] = (fl_round, result)
+        return result.copy()
+
+
+def geometric_median(points: np.ndarray, weights, iterations: int = 500, tolerance: float = 1e-7) -> np.ndarray:
+    """The weighted geometric median of the rows of `points` (Weiszfeld's algorithm, from the weighted mean).
+
+    It stops when a step moves the estimate by less than `tolerance` times its size (or its distance to the nearest
+    row, if that is larger). From a mean that a far outlier dragged away, each step about halves the distance to the
+    others: 500 steps are plenty. A row the estimate lands on is kept at a small distance, not divided by zero.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    z = weights @ points
+    for _ in range(iterations):
+        distances = np.linalg.norm(points - z, axis=1)
+        scale = max(float(np.linalg.norm(z)), float(distances.min()), np.finfo(float).tiny)
+        step = weights / np.maximum(distances, 1e-12 * scale)
+        moved = step @ points / step.sum()
+        done = np.linalg.norm(moved - z) <= tolerance * scale
+        z = moved
+        if done:
+            break
+    return z
+
+
+class GeometricMedian(AggregationFunction, metaclass=_NotSingleton):
+    """The sample-weighted geometric median of the envoys' values, tensor by tensor (integer counters averaged)."""
+
+    def __repr__(self) -> str:
+        return "GeometricMedian()"
+
+    def call(self, local_tensors, db_iterator, tensor_name, fl_round, tags) -> np.ndarray:
+        """The new global value of one tensor (an OpenFL AggregationFunction)."""
+        first = np.asarray(local_tensors[0].tensor)
+        if not np.issubdtype(first.dtype, np.floating):
+            return _weighted_mean(local_tensors)
+        points = np.stack([np.asarray(t.tensor, dtype=np.float64).ravel() for t in local_tensors])
+        median = geometric_median(points, [t.weight for t in local_tensors])
+        return median.reshape(first.shape).astype(first.dtype)
+
+
+def aggregation_function(algorithm: str, model, server_learning_rate: float | None = None, betas=SERVER_BETAS,
+                         tau: float = SERVER_TAU) -> AggregationFunction:
+    """How the director combines the envoys' trained weights for `algorithm`; `model` holds the initial weights."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    if algorithm in SERVER_OPTIMIZERS:
+        return ServerOptimizer(SERVER_OPTIMIZERS[algorithm], model, server_lr(algorithm, server_learning_rate),
+                               betas, tau)
+    if algorithm == "median":
+        return Median()  # OpenFL's: the coordinate-wise median, as the papers define it
+    if algorithm == "geomedian":
+        return GeometricMedian()
+    return WeightedAverage()  # fedavg, and fedprox, which changes only the envoys' optimizer
+
+
+def server_lr(algorithm: str, server_learning_rate: float | None) -> float:
+    """The server learning rate given, or for None the FedOpt paper's for this algorithm."""
+    return SERVER_LEARNING_RATES[algorithm] if server_learning_rate is None else server_learning_rate
+
+
+def settings(algorithm: str, mu: float, server_learning_rate: float | None = None, betas=SERVER_BETAS,
+             tau: float = SERVER_TAU) -> dict:
+    """The algorithm and the settings it uses, as results.json records them."""
+    chosen: dict = {"name": algorithm}
+    if algorithm == "fedprox":
+        chosen["mu"] = mu
+    if algorithm in SERVER_OPTIMIZERS:
+        chosen["server_learning_rate"] = server_lr(algorithm, server_learning_rate)
+        # FedAdagrad sums squared changes instead of averaging them: it has no beta2.
+        chosen.update({"beta1": betas[0]} if algorithm == "fedadagrad" else {"betas": list(betas)}, tau=tau)
+    return chosen
+
+
+def describe(chosen: dict) -> str:
+    """A short label of an algorithm and its settings, for titles and tables."""
+    names = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi",
+             "fedadagrad": "FedAdagrad", "median": "median", "geomedian": "geometric median"}
+    label = names.get(chosen["name"], chosen["name"])
+    if "mu" in chosen:
+        label += f" (mu {chosen['mu']:g})"
+    if "server_learning_rate" in chosen:
+        label += f" (server lr {chosen['server_learning_rate']:g})"
+    return label
