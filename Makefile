@@ -4,15 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-# make demo / make baseline settings, e.g. make demo DATA=synthetic ENVOYS=3. Unset ones take their defaults
-# from one place each: the notebook's (workspace/medfl/researcher/parameters.py) and the launcher's
-# (localfed/__main__.py); the README's table lists them.
+# make demo / make baseline / make compare settings, e.g. make demo DATA=synthetic ENVOYS=3 ALGO=fedprox. Unset
+# ones take their defaults from one place each: the notebook's (workspace/medfl/researcher/parameters.py) and the
+# launcher's (localfed/__main__.py); the README's table lists them.
 RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
 	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
 	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)" \
-	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)"
+	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --algo "$(ALGO)" --mu "$(MU)" \
+	--server-lr "$(SERVER_LR)"
 
-.PHONY: venv demo baseline bench certs test lint clean hpu-deps
+.PHONY: venv demo baseline bench compare certs test lint clean hpu-deps
 
 $(VENV)/.installed: requirements.txt
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 8) <= v < (3, 12) else \
@@ -31,6 +32,11 @@ demo: venv
 
 baseline: venv
 	$(PY) -m localfed baseline $(RUN_ARGS)
+
+# Every algorithm of ALGOS (default "fedavg fedprox fedadam median") and the centralized baseline on the same data,
+# partition (default dirichlet, ALPHA 0.3, 3 envoys), seed and budget: runs/compare-<id>/compare.json and compare.png.
+compare: venv
+	$(PY) -m localfed compare $(RUN_ARGS) --algorithms "$(ALGOS)"
 
 # The federation against its own compute, on synthetic data of MedMNIST's real split sizes.
 bench: venv

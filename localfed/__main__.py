@@ -1,4 +1,5 @@
-"""`make demo` and `make baseline`: python -m localfed {demo,baseline} [options]."""
+"""`make demo`, `make baseline`, `make bench` and `make compare`: python -m localfed {demo,baseline,bench,compare}
+[options]."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,8 @@ from pathlib import Path
 import psutil
 
 from medfl.aggregator import quorum
-from medfl.researcher import DEFAULTS
+from medfl.algorithms import describe
+from medfl.researcher import DEFAULTS, ParameterError, check_algorithm
 from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
@@ -34,6 +36,11 @@ NOTEBOOK = ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"
 RESEARCHER = DEFAULT_RESEARCHERS[0]  # whose certificate the demo's notebook uses and signs with
 # Once the director has gone, the notebook gets this long to save what it received and stop.
 DIRECTOR_GONE_GRACE_S = 60
+# The launcher's own defaults, and where make compare's differ: it is about non-IID hospitals, and a median needs
+# more than two envoys to differ from the mean.
+LAUNCHER_DEFAULTS = {"envoys": 2, "partition": "iid", "alpha": 0.5}
+COMMAND_DEFAULTS = {"compare": {"envoys": 3, "partition": "dirichlet", "alpha": 0.3}}
+COMPARED = "fedavg fedprox fedadam median"  # make compare's ALGOS
 
 
 class RunError(RuntimeError):
@@ -43,7 +50,7 @@ class RunError(RuntimeError):
 def parse(argv=None) -> argparse.Namespace:
     """Command-line options; the Makefile passes its variables through them, empty ones meaning the default."""
     parser = argparse.ArgumentParser(prog="python -m localfed", description=__doc__)
-    parser.add_argument("command", choices=("demo", "baseline", "bench"))
+    parser.add_argument("command", choices=("demo", "baseline", "bench", "compare"))
     # The notebook's training settings, with the notebook's defaults (medfl.researcher.DEFAULTS).
     for option, key, kind in (("--dataset", "dataset", str), ("--size", "size", int),
                               ("--rounds", "rounds_to_train", int), ("--epochs", "epochs_per_round", int),
@@ -51,10 +58,17 @@ def parse(argv=None) -> argparse.Namespace:
                               ("--min-envoys", "min_envoys", count_or_share),
                               ("--round-timeout", "round_timeout", float)):
         parser.add_argument(option, type=_or_default(kind, DEFAULTS[key]), default=DEFAULTS[key])
+    parser.add_argument("--algo", type=_or_default(str, DEFAULTS["algorithm"]), default=DEFAULTS["algorithm"])
+    parser.add_argument("--mu", type=_or_default(float, DEFAULTS["mu"]), default=DEFAULTS["mu"])
+    parser.add_argument("--server-lr", type=_or_default(float, DEFAULTS["server_learning_rate"]),
+                        default=DEFAULTS["server_learning_rate"], help="empty: the FedOpt paper's for the algorithm")
+    parser.add_argument("--algorithms", type=_or_default(str, COMPARED), default=COMPARED,
+                        help="make compare: the algorithms to train, separated by spaces or commas")
     parser.add_argument("--device", default="", help="override the notebook's device (auto, cpu, cuda, hpu)")
-    parser.add_argument("--envoys", type=_or_default(int, 2), default=2)
-    parser.add_argument("--partition", type=_or_default(str, "iid"), default="iid", choices=STRATEGIES)
-    parser.add_argument("--alpha", type=_or_default(float, 0.5), default=0.5)
+    # Empty or absent: the command's default (COMMAND_DEFAULTS, else LAUNCHER_DEFAULTS).
+    parser.add_argument("--envoys", type=_or_default(int, None))
+    parser.add_argument("--partition", type=_or_default(str, None))
+    parser.add_argument("--alpha", type=_or_default(float, None))
     parser.add_argument("--data", type=_or_default(str, "download"), default="download", choices=SOURCES)
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--runs", default=str(ROOT / "runs"))
@@ -65,7 +79,11 @@ def parse(argv=None) -> argparse.Namespace:
                         help="seconds between envoys' health checks; one silent for twice as long is lost "
                              "(0: the director config's)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value in {**LAUNCHER_DEFAULTS, **COMMAND_DEFAULTS.get(args.command, {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def count_or_share(text: str):
@@ -98,8 +116,27 @@ def check(args) -> None:
         raise DataError(f"MIN_ENVOYS={args.min_envoys} is more than ENVOYS={args.envoys}")
     if args.round_timeout < 0:
         raise DataError(f"ROUND_TIMEOUT={args.round_timeout}: give seconds, or 0 for no limit")
+    if args.partition not in STRATEGIES:
+        raise DataError(f"PARTITION={args.partition}: use {' or '.join(STRATEGIES)}")
     if args.partition == "dirichlet" and not args.alpha > 0:
         raise DataError(f"ALPHA={args.alpha}: the Dirichlet concentration must be positive")
+    algorithms = compared(args) if args.command == "compare" else [args.algo]
+    if not algorithms:
+        raise DataError("ALGOS is empty: name the algorithms to compare, e.g. fedavg,fedprox")
+    try:
+        for algorithm in algorithms:
+            check_algorithm(algorithm, args.mu, args.server_lr)
+    except ParameterError as exc:
+        # The notebook's parameter names, as the Makefile's variables.
+        name, _, rest = str(exc).partition("=")
+        make = {"algorithm": "ALGOS" if args.command == "compare" else "ALGO", "mu": "MU",
+                "server_learning_rate": "SERVER_LR"}
+        raise DataError(f"{make.get(name, name)}={rest}") from None
+
+
+def compared(args) -> list[str]:
+    """make compare's algorithms, in the order given."""
+    return [name for name in re.split(r"[\s,]+", args.algorithms) if name]
 
 
 def shard_params(args, data_dir: Path) -> dict[str, dict]:
@@ -115,8 +152,10 @@ def shard_params(args, data_dir: Path) -> dict[str, dict]:
     return shards
 
 
-def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: str, deadline: float) -> None:
-    """Execute the notebook headless against the federation, showing its progress lines live."""
+def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: str, deadline: float,
+                 algorithm: str | None = None) -> None:
+    """Execute the notebook headless against the federation, showing its progress lines live; `algorithm`
+    overrides ALGO (make compare)."""
     notebook_path = Path(args.notebook).resolve()
     command = [sys.executable, "-m", "papermill", str(notebook_path), str(run_dir / "notebook.ipynb"),
                "--cwd", str(notebook_path.parent), "--log-output", "--no-progress-bar",
@@ -126,7 +165,9 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                "-p", "aggregator_port", str(free_port()),
                "-p", "experiment_name", run_dir.name, "-p", "output_dir", str(run_dir.parent),
                "-p", "data_source", data_source, "-p", "min_envoys", str(args.min_envoys),
-               "-p", "round_timeout", str(args.round_timeout), *(["-p", "device", args.device] if args.device else [])]
+               "-p", "round_timeout", str(args.round_timeout), *(["-p", "device", args.device] if args.device else []),
+               "-p", "algorithm", algorithm or args.algo, "-p", "mu", str(args.mu),
+               *(["-p", "server_learning_rate", str(args.server_lr)] if args.server_lr is not None else [])]
     if federation.certs:
         researcher = federation.certs / RESEARCHER
         command += ["-p", "ca_cert", str(federation.certs / "ca.crt"), "-p", "api_cert", f"{researcher}.crt",
@@ -225,6 +266,7 @@ def demo(args) -> int:
     for dropout in results["dropouts"]:
         print(f"{dropout['envoy']} dropped out of {dropout['experiment']} in round {dropout['round']}: "
               f"{dropout['reason']}")
+    print(f"algorithm: {describe(results['algorithm'])}")
     print(f"best model: after {results['best']['round']} rounds (val {results['best']['metric']} "
           f"{results['best']['value']:.4f}); test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
     print("peak memory (MB): " + ", ".join(f"{name} {mb:.0f}" for name, mb in memory.items()))
@@ -249,6 +291,10 @@ def main(argv=None) -> int:
             from .bench import bench
 
             return bench(args)
+        if args.command == "compare":
+            from .compare import compare
+
+            return compare(args)
         from .baseline import baseline
 
         return baseline(args)
@@ -261,4 +307,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # localfed.compare imports this launcher's helpers as localfed.__main__: let that be this module, not a copy.
+    sys.modules.setdefault("localfed.__main__", sys.modules[__name__])
     sys.exit(main())

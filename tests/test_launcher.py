@@ -37,11 +37,38 @@ def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, 
     (["--min-envoys", "0"], "MIN_ENVOYS=0: give a number of envoys (an int of at least 1) or a share of them"),
     (["--min-envoys", "3"], "MIN_ENVOYS=3 is more than ENVOYS=2"),
     (["--round-timeout", "-5"], "ROUND_TIMEOUT=-5.0: give seconds, or 0 for no limit"),
+    (["--algo", "fedsgd"], "ALGO='fedsgd': use one of fedavg, fedprox, fedadam"),
+    (["--mu", "-1"], "MU=-1.0: FedProx's proximal weight must be a number of at least 0"),
+    (["--server-lr", "0"], "SERVER_LR=0.0: it must be a positive number"),
+    (["--partition", "skewed"], "PARTITION=skewed: use iid or dirichlet"),
 ])
 def test_bad_settings_are_refused_up_front(tmp_path, capsys, args, message):
     assert main(["demo", "--data", "synthetic", "--runs", str(tmp_path / "runs"), *args]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--algorithms", "fedavg,fedsgd"], "ALGOS='fedsgd': use one of fedavg, fedprox, fedadam"),
+    (["--algorithms", " , "], "ALGOS is empty"),
+    (["--server-lr", "-0.1"], "SERVER_LR=-0.1: it must be a positive number"),
+])
+def test_make_compare_refuses_bad_algorithms_up_front(tmp_path, capsys, args, message):
+    assert main(["compare", "--data", "synthetic", "--runs", str(tmp_path / "runs"), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_make_compare_defaults_to_three_skewed_envoys_and_make_demo_to_two_iid():
+    from localfed.__main__ import compared, parse
+
+    compare, demo = parse(["compare"]), parse(["demo"])
+    assert (compare.envoys, compare.partition, compare.alpha) == (3, "dirichlet", 0.3)
+    assert (demo.envoys, demo.partition, demo.alpha) == (2, "iid", 0.5)
+    assert compared(compare) == ["fedavg", "fedprox", "fedadam", "median"] and compare.algo == "fedavg"
+    assert compared(parse(["compare", "--algorithms", "fedavg, median"])) == ["fedavg", "median"]
+    assert parse(["compare", "--envoys", "", "--partition", "", "--alpha", ""]) == compare  # unset make variables
 
 
 def test_a_partition_that_starves_an_envoy_is_refused_up_front(tiny_file, tmp_path, capsys):
@@ -73,7 +100,8 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
 
     empty = parse(["demo", *[arg for option in ("--dataset", "--size", "--envoys", "--rounds", "--epochs",
                                                 "--partition", "--alpha", "--seed", "--data", "--tls",
-                                                "--min-envoys", "--round-timeout") for arg in (option, "")]])
+                                                "--min-envoys", "--round-timeout", "--algo", "--mu", "--server-lr",
+                                                "--algorithms") for arg in (option, "")]])
     assert empty == parse(["demo"])  # an unset Makefile variable means the default
     documented = {}
     for row in (ROOT / "README.md").read_text().splitlines():
@@ -83,6 +111,7 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
             values = [v.strip(" `") for v in cells[2].split(",")]
             documented.update(zip(names, values, strict=False))
     for variable, value in vars(empty).items():
-        if variable.upper() in documented and variable not in ("data_dir", "device", "notebook"):
+        if variable.upper() in documented and variable not in ("data_dir", "device", "notebook", "server_lr"):
             assert documented[variable.upper()] == str(value), variable
-    assert {"DATASET", "SIZE", "ENVOYS", "ROUNDS", "EPOCHS", "SEED", "MIN_ENVOYS", "TLS"} <= set(documented)
+    assert {"DATASET", "SIZE", "ENVOYS", "ROUNDS", "EPOCHS", "SEED", "MIN_ENVOYS", "TLS", "ALGO", "MU",
+            "ALGOS"} <= set(documented)

@@ -306,3 +306,34 @@ def test_models_reach_the_notebook_as_writable_arrays_equal_to_openfls():
         received = Float32NumpyArrayToBytes().backward(data, metadata)
     np.testing.assert_array_equal(received, weights)
     assert received.flags.writeable and received.dtype == np.float32
+
+
+def test_fast_tensor_db_answers_as_openfls_does_for_the_algorithms_aggregations():
+    """FedOpt's server optimizer keeps state across rounds: through either store, each round steps it once (a
+    repeated request is answered from the cache) and the answers agree."""
+    import numpy as np
+    import torch
+    from openfl.databases.tensor_db import TensorDB
+    from openfl.utilities import TensorKey, change_tags
+
+    from medfl.algorithms import aggregation_function
+    from openfl_adjustments.tensor_store import FastTensorDB
+
+    model = torch.nn.Linear(3, 1)
+    rng = np.random.default_rng(1)
+    weights = {"envoy_1": 0.4, "envoy_2": 0.6}
+    for algorithm in ("fedyogi", "geomedian"):
+        dbs = [TensorDB(), FastTensorDB()]
+        functions = [aggregation_function(algorithm, model, 0.05) for _ in dbs]
+        for r in range(3):
+            trained = {col: rng.normal(size=(1, 3)).astype(np.float32) for col in weights}
+            key = TensorKey("weight", "agg", r, False, ("trained",))
+            answers = []
+            for db, function in zip(dbs, functions, strict=True):
+                db.cache_tensor({TensorKey("weight", "agg", r, False, change_tags(("trained",), add_field=col)): value
+                                 for col, value in trained.items()})
+                answers.append(db.get_aggregated_tensor(key, weights, function))
+                np.testing.assert_array_equal(db.get_aggregated_tensor(key, weights, function)[0], answers[-1])
+            np.testing.assert_allclose(answers[0], answers[1], rtol=1e-6)
+        if algorithm == "fedyogi":
+            assert [f.steps["weight"] for f in functions] == [3, 3]

@@ -1,0 +1,209 @@
+"""`make compare`: which algorithm for non-IID hospitals, and at what cost.
+
+The same data, partition, seed, model and budget (ROUNDS x EPOCHS), trained once per algorithm of ALGOS through
+the notebook, then once centrally (make baseline), one after another on this machine. One director and its envoys
+serve every algorithm's experiments in turn, so their start-up is paid once. It writes runs/compare-<id>/: one
+folder per algorithm (the notebook's run folder), centralized/ (make baseline's), compare.json, compare.png, and
+prints one table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from medfl.algorithms import describe
+from medmnist_shard.spec import sample_shape, target_shape
+from tlscerts import make as make_certs
+
+from . import ROOT, LocalFederation
+from .__main__ import RunError, compared, run_notebook, shard_params
+from .baseline import baseline
+from .data import resolve
+
+CENTRALIZED = "centralized"
+
+
+def compare(args) -> int:
+    """Train every algorithm of ALGOS and the centralized baseline; write compare.json and compare.png; 0 if all ran."""
+    started = time.monotonic()
+    deadline = started + args.timeout
+    algorithms = compared(args)
+    data_dir, data_source = resolve(args.dataset, args.size, args.data, args.data_dir, command="compare")
+    print(f"data: {data_source} ({data_dir})")
+    shards = shard_params(args, data_dir)
+    out = Path(args.runs).resolve() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    certs = None
+    if args.tls:
+        certs = ROOT / "certs"
+        make_certs(certs, envoys=list(shards))  # only what is missing
+    federation = LocalFederation(out, shards, sample_shape(args.dataset, args.size), target_shape(args.dataset),
+                                 certs, health_period=args.health_period or None)
+    steps = len(algorithms) + 1
+    print(f"comparing {', '.join(algorithms)} and a centralized baseline: {args.rounds} rounds x {args.epochs} "
+          f"epochs, {args.partition} partition{f' alpha {args.alpha:g}' if args.partition == 'dirichlet' else ''}, "
+          f"{args.envoys} envoys, seed {args.seed}; results in {out}")
+    print(f"starting a director and {args.envoys} envoys on {federation.host}:{federation.port} ...", flush=True)
+    runs: dict[str, dict] = {}
+    with federation:
+        for i, algorithm in enumerate(algorithms, 1):
+            print(f"\n[{i}/{steps}] {algorithm}", flush=True)
+            run_dir = out / algorithm
+            (run_dir / "logs").mkdir(parents=True)
+            began = time.monotonic()
+            try:
+                run_notebook(run_dir, federation, args, data_source, deadline, algorithm=algorithm)
+                runs[algorithm] = summarize(json.loads((run_dir / "results.json").read_text()), run_dir)
+            except RunError as exc:  # the others still run; the table says which failed
+                print(f"  {algorithm} FAILED: {str(exc).splitlines()[0]}", flush=True)
+                runs[algorithm] = {"status": "failed", "error": str(exc).splitlines()[0], "run": str(run_dir)}
+            runs[algorithm]["notebook_seconds"] = round(time.monotonic() - began, 1)
+    (out / "latest").unlink(missing_ok=True)  # the notebook's link to its newest run; compare.json names them all
+    print(f"\n[{steps}/{steps}] centralized baseline", flush=True)
+    baseline(args, run_dir=out / CENTRALIZED)
+    central = summarize(json.loads((out / CENTRALIZED / "results.json").read_text()), out / CENTRALIZED)
+    report = build(args, algorithms, runs, central, data_source, out)
+    (out / "compare.json").write_text(json.dumps(report, indent=1))
+    plot(out / "compare.png", report)
+    print()
+    print(table(report))
+    print(f"\ndone in {time.monotonic() - started:.0f} s; compare.json and compare.png in {out}")
+    return 0 if all(run["status"] == "completed" for run in runs.values()) else 1
+
+
+def summarize(results: dict, run_dir: Path) -> dict:
+    """What compare.json keeps of one run's results.json."""
+    test = results["test"]
+    rounds = results["rounds"]
+    training = [t for t in results.get("traffic", []) if t["round"] < len(rounds) - 1]  # not the final validation
+    return {
+        "status": results.get("status", "completed"),
+        "error": results.get("error"),
+        "settings": results.get("algorithm"),
+        "test": {"acc": test["acc"], "auc": test["auc"],
+                 "per_envoy": {name: {"acc": e["acc"], "auc": e["auc"], "samples": e.get("samples")}
+                               for name, e in sorted(test["per_envoy"].items())}},
+        "best": {k: results["best"].get(k) for k in ("metric", "round", "value", "loss")},
+        "val_auc": [e["aggregated"].get("val_auc") for e in rounds],
+        "wall_seconds": results["wall_seconds"],
+        "bytes_per_round": {
+            "envoys_to_director": _mean([t.get("received_bytes", 0) for t in training]),
+            "director_to_envoys": _mean([t.get("sent_bytes", 0) for t in training]),
+        } if training else None,
+        "run": str(run_dir),
+    }
+
+
+def _mean(values: list) -> int | None:
+    return round(sum(values) / len(values)) if values else None
+
+
+def build(args, algorithms: list[str], runs: dict, central: dict, data_source: str, out: Path) -> dict:
+    """compare.json: the setting, every algorithm's run, the centralized baseline, and how much of FedAvg's gap to
+    it the best algorithm closed."""
+    synthetic = json.loads((out / CENTRALIZED / "results.json").read_text())["synthetic"]
+    report = {
+        "id": out.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "system": platform.platform()},
+        "dataset": args.dataset, "size": int(args.size), "data_source": data_source, "synthetic": synthetic,
+        "envoys": args.envoys,
+        "partition": {"strategy": args.partition, "alpha": args.alpha, "seed": args.seed},
+        "rounds": args.rounds, "epochs_per_round": args.epochs, "seed": args.seed,
+        "algorithms": {name: runs[name] for name in algorithms},
+        CENTRALIZED: central,
+    }
+    report["gap"] = gap(report)
+    return report
+
+
+def gap(report: dict) -> dict | None:
+    """How much of FedAvg's test-ACC gap to the centralized model the best other algorithm closed."""
+    done = {name: run for name, run in report["algorithms"].items() if run["status"] == "completed"}
+    if "fedavg" not in done:
+        return None
+    fedavg, central = done["fedavg"]["test"]["acc"], report[CENTRALIZED]["test"]["acc"]
+    best = max(done, key=lambda name: done[name]["test"]["acc"])
+    closed = (done[best]["test"]["acc"] - fedavg) / (central - fedavg) if central > fedavg else None
+    return {"metric": "test acc", "fedavg": fedavg, CENTRALIZED: central, "best_algorithm": best,
+            "best": done[best]["test"]["acc"], "closed": closed}
+
+
+def _label(name: str, run: dict) -> str:
+    return describe(run["settings"]) if run.get("settings") else name
+
+
+def table(report: dict) -> str:
+    """The comparison as a text table, headed by what was compared."""
+    source = "SYNTHETIC data" if report["synthetic"] else "MedMNIST"
+    partition = report["partition"]
+    skew = f" alpha {partition['alpha']:g}" if partition["strategy"] == "dirichlet" else ""
+    envoys = sorted(report[CENTRALIZED]["test"]["per_envoy"])
+    lines = [f"{source}: {report['dataset']} {report['size']}px, {report['envoys']} envoys, {partition['strategy']}"
+             f"{skew}, {report['rounds']} rounds x {report['epochs_per_round']} epochs, seed {report['seed']}",
+             f"{'algorithm':<28} {'test ACC':>8} {'test AUC':>8}  {'per-envoy test ACC':<{7 * len(envoys)}}"
+             f" {'best':>4} {'wall s':>7} {'MB/round up':>11} {'down':>6}"]
+    rows = [(_label(name, run), run) for name, run in report["algorithms"].items()]
+    for label, run in [*rows, (CENTRALIZED, report[CENTRALIZED])]:
+        if run["status"] != "completed":
+            lines.append(f"{label:<28} FAILED: {run['error']}")
+            continue
+        per = " ".join(f"{run['test']['per_envoy'][e]['acc']:6.3f}" for e in envoys)
+        traffic = run.get("bytes_per_round")
+        up, down = (f"{traffic['envoys_to_director'] / 1e6:11.2f}", f"{traffic['director_to_envoys'] / 1e6:6.2f}") \
+            if traffic else (f"{'-':>11}", f"{'-':>6}")
+        lines.append(f"{label:<28} {run['test']['acc']:8.4f} {run['test']['auc']:8.4f}  {per:<{7 * len(envoys)}}"
+                     f" {run['best']['round']:>4} {run['wall_seconds']:7.1f} {up} {down}")
+    found = report.get("gap")
+    if found and found["closed"] is not None:
+        lines.append(f"FedAvg's test ACC gap to centralized: {found[CENTRALIZED] - found['fedavg']:.4f}; the best, "
+                     f"{found['best_algorithm']} ({found['best']:.4f}), closes {found['closed']:.0%} of it")
+    elif found:
+        lines.append("FedAvg is not behind the centralized model here: there is no gap to close")
+    return "\n".join(lines)
+
+
+def plot(path: Path, report: dict) -> None:
+    """Validation AUC per round, one line per algorithm, the centralized model's as a reference line; and a bar
+    chart of each envoy's test ACC per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(15, 4.6))
+    done = {name: run for name, run in report["algorithms"].items() if run["status"] == "completed"}
+    central = report[CENTRALIZED]
+    for name, run in done.items():
+        points = [(r, v) for r, v in enumerate(run["val_auc"]) if v is not None]
+        curves.plot(*zip(*points, strict=True), marker="o", label=_label(name, run))
+    reference = central["best"]["value"]
+    curves.axhline(reference, color="black", linestyle="--",
+                   label=f"centralized ({reference:.3f}, pooled val, best epoch)")
+    curves.set(title="validation AUC of the global model", xlabel="rounds trained", ylabel="AUC")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    envoys = sorted(central["test"]["per_envoy"])
+    series = [(_label(name, run), run) for name, run in done.items()] + [(CENTRALIZED, central)]
+    width = 0.8 / len(series)
+    for i, (label, run) in enumerate(series):
+        values = [run["test"]["per_envoy"][e]["acc"] for e in envoys]
+        bars.bar(np.arange(len(envoys)) + (i - (len(series) - 1) / 2) * width, values, width, label=label,
+                 color="black" if label == CENTRALIZED else None)
+    bars.set_xticks(np.arange(len(envoys)), envoys)
+    bars.set(title="test ACC of the chosen model, per envoy", ylabel="ACC", ylim=(0, 1))
+    bars.grid(alpha=0.3, axis="y")
+    bars.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
+    source = "SYNTHETIC data" if report["synthetic"] else "MedMNIST"
+    partition = report["partition"]
+    skew = f" alpha {partition['alpha']:g}" if partition["strategy"] == "dirichlet" else ""
+    fig.suptitle(f"{report['dataset']} {report['size']}px ({source}), {report['envoys']} envoys, "
+                 f"{partition['strategy']}{skew}, {report['rounds']} rounds x {report['epochs_per_round']} epochs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

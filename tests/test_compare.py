@@ -1,0 +1,80 @@
+"""`make compare` end to end on tiny synthetic data: two algorithms through a real director and three envoys (FedProx
+on the envoys, FedAdam on the director), the centralized baseline, and what it leaves behind."""
+import json
+import subprocess
+import sys
+
+import pytest
+from test_end_to_end import leftovers
+
+from conftest import ROOT
+from localfed.compare import gap
+
+SIZES = {"train": 512, "val": 64, "test": 64}
+ENVOYS = ["envoy_1", "envoy_2", "envoy_3"]
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_file, tmp_path_factory):
+    data_dir = tiny_file("bloodmnist", 28, SIZES).parent
+    runs = tmp_path_factory.mktemp("runs")
+    command = [sys.executable, "-m", "localfed", "compare", "--data-dir", str(data_dir), "--runs", str(runs),
+               "--rounds", "1", "--algorithms", "fedprox fedadam", "--timeout", "300"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, f"make compare failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    (out,) = runs.glob("compare-*")
+    assert not leftovers(out), "a director, envoy or kernel outlived the comparison"
+    return out, result.stdout
+
+
+def test_compare_json_holds_every_algorithm_and_the_centralized_baseline(compared):
+    out, _ = compared
+    report = json.loads((out / "compare.json").read_text())
+    assert report["synthetic"] is True and report["envoys"] == 3
+    assert report["partition"] == {"strategy": "dirichlet", "alpha": 0.3, "seed": 0}  # make compare's defaults
+    assert (report["rounds"], report["epochs_per_round"]) == (1, 1) and report["machine"]["cpus"] >= 1
+    assert list(report["algorithms"]) == ["fedprox", "fedadam"]
+    assert report["algorithms"]["fedprox"]["settings"] == {"name": "fedprox", "mu": 0.01}
+    assert report["algorithms"]["fedadam"]["settings"]["server_learning_rate"] == 0.01
+    for name, run in [*report["algorithms"].items(), ("centralized", report["centralized"])]:
+        assert run["status"] == "completed", name
+        assert sorted(run["test"]["per_envoy"]) == ENVOYS
+        for block in [run["test"], *run["test"]["per_envoy"].values()]:
+            assert 0 <= block["acc"] <= 1 and 0 <= block["auc"] <= 1
+        assert sum(e["samples"] for e in run["test"]["per_envoy"].values()) == SIZES["test"]
+        assert 0 <= run["best"]["round"] <= 1 and len(run["val_auc"]) == 2
+        assert run["wall_seconds"] > 0 and (out / name / "results.json").is_file()
+    for run in report["algorithms"].values():
+        traffic = run["bytes_per_round"]
+        # Every envoy fetches the model and sends back the trained one (with Adam's moments: OpenFL sends them).
+        assert traffic["envoys_to_director"] > traffic["director_to_envoys"] > 3 * 4 * 100_000
+    assert report["centralized"]["bytes_per_round"] is None
+    assert report["gap"] is None  # no FedAvg run to measure a gap from
+    # The runs differ: FedAdam's global model is not FedProx's.
+    assert report["algorithms"]["fedprox"]["val_auc"][1] != report["algorithms"]["fedadam"]["val_auc"][1]
+    for name in ("fedprox", "fedadam"):
+        results = json.loads((out / name / "results.json").read_text())
+        assert results["algorithm"]["name"] == name and results["traffic"]
+
+
+def test_the_plot_and_the_table_show_the_comparison(compared):
+    out, stdout = compared
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for line in ("[1/3] fedprox", "[2/3] fedadam", "[3/3] centralized baseline", "round 1/1        aggregator  train",
+                 "SYNTHETIC data: bloodmnist 28px, 3 envoys, dirichlet alpha 0.3, 1 rounds x 1 epochs, seed 0"):
+        assert line in stdout, line
+    table = stdout[stdout.index("SYNTHETIC data: bloodmnist"):]
+    assert "FedProx (mu 0.01)" in table and "FedAdam (server lr 0.01)" in table and "\ncentralized " in table
+
+
+def test_the_gap_is_measured_from_fedavg_to_the_centralized_model():
+    def run(acc):
+        return {"status": "completed", "test": {"acc": acc}}
+
+    report = {"algorithms": {"fedavg": run(0.70), "fedprox": run(0.75), "median": run(0.80),
+                             "fedadam": {"status": "failed", "error": "lost"}}, "centralized": run(0.90)}
+    found = gap(report)
+    assert (found["best_algorithm"], found["fedavg"], found["centralized"]) == ("median", 0.70, 0.90)
+    assert found["closed"] == pytest.approx(0.5)
+    report["centralized"] = run(0.65)
+    assert gap(report)["closed"] is None  # FedAvg is not behind: nothing to close
