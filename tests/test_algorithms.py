@@ -187,6 +187,14 @@ def test_a_wildly_wrong_envoy_cannot_drag_a_median_away_from_the_honest_ones(agg
     assert np.linalg.norm(averaged - honest_mean) > 1e5  # what FedAvg would have done
 
 
+def test_the_geometric_median_averages_counters_and_optimizer_state():
+    weights = {"envoy_1": 0.25, "envoy_2": 0.75}
+    for name, values, expected in (("norm.num_batches_tracked", (np.int64(4), np.int64(8)), 7.0),
+                                   ("__opt_state_0_0_istensor_exp_avg", (np.float32([0.0]), np.float32([4.0])), [3.0])):
+        got = GeometricMedian()(_tensors(dict(zip(weights, values, strict=True)), weights), None, name, 0, ())
+        np.testing.assert_allclose(got, expected)
+
+
 def test_geometric_median_is_the_fermat_point_where_openfls_is_not():
     """Three envoys at the corners of a triangle whose angles are all below 120 degrees: the geometric median is
     the point that sees each side under 120 degrees, here (2, 2 / sqrt(3))."""

@@ -299,8 +299,9 @@ class SelectingAggregator(Aggregator):
 
     def _consider(self, metric: dict) -> None:
         if self.best.consider(metric):
+            # The deciding metric may be the round's loss, breaking a tie: log the chosen metric's value.
             self.logger.info("Round %s: best model so far by %s (%.4f)", metric["round"], self.best.metric,
-                             metric["metric_value"])
+                             self.best.value)
             self._save_model(metric["round"], self.best_state_path)
 
 

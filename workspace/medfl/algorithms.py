@@ -36,6 +36,7 @@ SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagra
 SERVER_LEARNING_RATES = {"fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-1}
 SERVER_BETAS = (0.9, 0.99)
 SERVER_TAU = 1e-3
+OPTIMIZER_STATE = "__opt_"  # how OpenFL's PyTorch adapter names the optimizer state it sends with the weights
 
 
 class _NotSingleton(type(AggregationFunction)):
@@ -128,7 +129,11 @@ def geometric_median(points: np.ndarray, weights, iterations: int = 500, toleran
 
 
 class GeometricMedian(AggregationFunction, metaclass=_NotSingleton):
-    """The sample-weighted geometric median of the envoys' values, tensor by tensor (integer counters averaged)."""
+    """The sample-weighted geometric median of the envoys' weights, tensor by tensor.
+
+    Integer counters, and the optimizer state the envoys send back (each round starts from a fresh one, so it is
+    never used), are averaged: Weiszfeld's iterations on them would only cost the director time.
+    """
 
     def __repr__(self) -> str:
         return "GeometricMedian()"
@@ -136,7 +141,7 @@ class GeometricMedian(AggregationFunction, metaclass=_NotSingleton):
     def call(self, local_tensors, db_iterator, tensor_name, fl_round, tags) -> np.ndarray:
         """The new global value of one tensor (an OpenFL AggregationFunction)."""
         first = np.asarray(local_tensors[0].tensor)
-        if not np.issubdtype(first.dtype, np.floating):
+        if not np.issubdtype(first.dtype, np.floating) or tensor_name.startswith(OPTIMIZER_STATE):
             return _weighted_mean(local_tensors)
         points = np.stack([np.asarray(t.tensor, dtype=np.float64).ravel() for t in local_tensors])
         median = geometric_median(points, [t.weight for t in local_tensors])
