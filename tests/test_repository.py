@@ -108,7 +108,7 @@ def test_the_notebooks_define_what_the_package_runs_elsewhere():
         assert {name: type(f) for name, f in ns["TI"].aggregation_functions.items()} == \
             {name: type(f) for name, f in package.aggregation_functions.items()}
         # The algorithm shows where OpenFL's API takes it: the envoys' optimizer and the train task's aggregation.
-        for algorithm, optimizer, aggregation in (("fedprox", "FedProxAdam", "WeightedAverage"),
+        for algorithm, optimizer, aggregation in (("fedprox", "FedProxAdam", "WeightedMean"),
                                                   ("fedadam", "Adam", "ServerOptimizer"),
                                                   ("geomedian", "Adam", "GeometricMedian")):
             ns = run_cells(["model-interface", "train-task"], ns, path, algorithm=algorithm)

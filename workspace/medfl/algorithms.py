@@ -46,9 +46,27 @@ class _NotSingleton(type(AggregationFunction)):
         return type.__call__(cls, *args, **kwargs)
 
 
+def _in_order(local_tensors) -> list:
+    # OpenFL lists the envoys in the order they registered, which changes from run to run; a floating-point sum in
+    # another order differs in its last bits, and training amplifies that into results a few points apart.
+    return sorted(local_tensors, key=lambda t: t.col_name)
+
+
 def _weighted_mean(local_tensors) -> np.ndarray:
+    local_tensors = _in_order(local_tensors)
     return np.average(np.stack([np.asarray(t.tensor, dtype=np.float64) for t in local_tensors]), axis=0,
                       weights=[t.weight for t in local_tensors])
+
+
+class WeightedMean(WeightedAverage):
+    """FedAvg's aggregation: OpenFL's WeightedAverage, over the envoys in a fixed order, so a run repeats."""
+
+    def __repr__(self) -> str:
+        return "WeightedMean()"
+
+    def call(self, local_tensors, *args) -> np.ndarray:
+        """The sample-weighted mean of one tensor (an OpenFL AggregationFunction)."""
+        return super().call(_in_order(local_tensors), *args)
 
 
 class ServerOptimizer(AggregationFunction, metaclass=_NotSingleton):
@@ -143,6 +161,7 @@ class GeometricMedian(AggregationFunction, metaclass=_NotSingleton):
         first = np.asarray(local_tensors[0].tensor)
         if not np.issubdtype(first.dtype, np.floating) or tensor_name.startswith(OPTIMIZER_STATE):
             return _weighted_mean(local_tensors)
+        local_tensors = _in_order(local_tensors)
         points = np.stack([np.asarray(t.tensor, dtype=np.float64).ravel() for t in local_tensors])
         median = geometric_median(points, [t.weight for t in local_tensors])
         return median.reshape(first.shape).astype(first.dtype)
@@ -157,10 +176,10 @@ def aggregation_function(algorithm: str, model, server_learning_rate: float | No
         return ServerOptimizer(SERVER_OPTIMIZERS[algorithm], model, server_lr(algorithm, server_learning_rate),
                                betas, tau)
     if algorithm == "median":
-        return Median()  # OpenFL's: the coordinate-wise median, as the papers define it
+        return Median()  # OpenFL's: the coordinate-wise median, as the papers define it; the envoys' order is moot
     if algorithm == "geomedian":
         return GeometricMedian()
-    return WeightedAverage()  # fedavg, and fedprox, which changes only the envoys' optimizer
+    return WeightedMean()  # fedavg, and fedprox, which changes only the envoys' optimizer
 
 
 def server_lr(algorithm: str, server_learning_rate: float | None) -> float:
