@@ -52,6 +52,10 @@ def parse(argv=None) -> argparse.Namespace:
                               ("--round-timeout", "round_timeout", float)):
         parser.add_argument(option, type=_or_default(kind, DEFAULTS[key]), default=DEFAULTS[key])
     parser.add_argument("--device", default="", help="override the notebook's device (auto, cpu, cuda, hpu)")
+    parser.add_argument("--bf16", type=_or_default(int, None), default=None, choices=(0, 1, None),
+                        help="override the notebook's bf16 (1: bfloat16 autocast on CUDA and HPU envoys)")
+    parser.add_argument("--stem", default="", choices=("", "patch", "full"),
+                        help="override the notebook's stem (patch or full; see medfl/model.py)")
     parser.add_argument("--envoys", type=_or_default(int, 2), default=2)
     parser.add_argument("--partition", type=_or_default(str, "iid"), default="iid", choices=STRATEGIES)
     parser.add_argument("--alpha", type=_or_default(float, 0.5), default=0.5)
@@ -126,7 +130,9 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                "-p", "aggregator_port", str(free_port()),
                "-p", "experiment_name", run_dir.name, "-p", "output_dir", str(run_dir.parent),
                "-p", "data_source", data_source, "-p", "min_envoys", str(args.min_envoys),
-               "-p", "round_timeout", str(args.round_timeout), *(["-p", "device", args.device] if args.device else [])]
+               "-p", "round_timeout", str(args.round_timeout), *(["-p", "device", args.device] if args.device else []),
+               *(["-p", "bf16", str(bool(args.bf16))] if args.bf16 is not None else []),
+               *(["-p", "stem", args.stem] if args.stem else [])]
     if federation.certs:
         researcher = federation.certs / RESEARCHER
         command += ["-p", "ca_cert", str(federation.certs / "ca.crt"), "-p", "api_cert", f"{researcher}.crt",

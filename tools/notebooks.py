@@ -61,6 +61,7 @@ PARAMETERS = {
     "round_timeout": "seconds; envoys still busy this long into a round are dropped too (0: no limit)",
     "device": "{device_comment}",
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
+    "stem": '"patch": above 28 px a patch embedding first (CPU speed); "full": full resolution',
     "director_host": "",
     "director_port": "",
     "aggregator_port": "0: OpenFL derives one per experiment (49152-60999); fix it for firewalls",
@@ -157,13 +158,13 @@ md("""What the federation will learn: a few test images per class, from a local 
 code("preview", """researcher.show_samples(dataset, size, synthetic, preview_dir)"""),
 md("""## 2. The model (defined here, trained on every envoy)
 
-MedMNIST's tutorial CNN: five 3x3 convolution blocks with BatchNorm and three fully connected layers. Input channels and outputs come from `medmnist.INFO`; above 28 px a learned patch embedding first brings the image down to about 28 px, so the weights that travel every round are the same size at every resolution. OpenFL pickles the model object with the experiment: change this cell, and the envoys train your network."""),
+MedMNIST's tutorial CNN: five 3x3 convolution blocks with BatchNorm and three fully connected layers. Input channels and outputs come from `medmnist.INFO`. Above 28 px, with `stem = "patch"`, a learned patch embedding first brings the image down to about 28 px, so every size trains at about the 28 px cost; `stem = "full"` runs the network at full resolution (for GPUs and Gaudi). Either way the last feature map is pooled to 4x4, so the weights that travel every round are about the same size at every resolution. OpenFL pickles the model object with the experiment: change this cell, and the envoys train your network."""),
 code("model", source(model.conv_block, model.Net) + """
 
 
 meta = medmnist.INFO[dataset]
 torch.manual_seed(seed)
-model = Net(in_channels=meta["n_channels"], num_classes=len(meta["label"]), size=size)
+model = Net(in_channels=meta["n_channels"], num_classes=len(meta["label"]), size=size, stem=stem)
 print(f"{dataset}: {meta['n_channels']}-channel {size} px images, {len(meta['label'])} outputs ({meta['task']}); "
       f"{sum(p.numel() for p in model.parameters()):,} parameters")"""),
 md("""## 3. The data interface (runs on every envoy)
@@ -276,7 +277,7 @@ md("""To use the trained model elsewhere (the `medfl` package's `build_model` ma
 
 ```python
 from medfl import build_model
-model = build_model("bloodmnist", 28)
+model = build_model("bloodmnist", 28)  # with the run's stem, if not "patch": build_model(..., stem="full")
 model.load_state_dict(torch.load("runs/latest/best_model.pt"))
 model.eval()
 ```"""),

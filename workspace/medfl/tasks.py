@@ -31,8 +31,9 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
     for _ in range(epochs):
         loss_sum, seen = torch.zeros((), device=dev), 0
         for images, labels in train_loader:
-            x = to_float_chw(images.to(dev))
-            y = loss_target(task, labels.to(dev))
+            # Pinned batches (CUDA) copy while the device works; uint8 crosses the bus, floats are made there.
+            x = to_float_chw(images.to(dev, non_blocking=True))
+            y = loss_target(task, labels.to(dev, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             with autocast(dev, bf16):
                 loss = criterion(model(x), y)
@@ -57,12 +58,12 @@ def validate(model, val_loader, device, task: str, device_request: str = "auto",
     loss_sum, all_scores, all_labels = torch.zeros((), device=dev), [], []
     for images, labels in val_loader:
         with autocast(dev, bf16):
-            logits = model(to_float_chw(images.to(dev))).float()
-        loss_sum += criterion(logits, loss_target(task, labels.to(dev))) * len(images)
+            logits = model(to_float_chw(images.to(dev, non_blocking=True))).float()
+        loss_sum += criterion(logits, loss_target(task, labels.to(dev, non_blocking=True))) * len(images)
         barrier()
-        all_scores.append(scores(task, logits).float().cpu())
+        all_scores.append(scores(task, logits))  # kept on the device: one copy back at the end, not one per batch
         all_labels.append(labels)
-    y_score, y_true = torch.cat(all_scores).numpy(), torch.cat(all_labels).numpy()
+    y_score, y_true = torch.cat(all_scores).cpu().numpy(), torch.cat(all_labels).numpy()
     return {"loss": loss_sum.item() / len(y_true), **evaluate(task, y_true, y_score),
             "seconds": time.perf_counter() - started}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..aggregator import quorum
 from ..device import REQUESTS
-from ..model import FLAGS, SIZES
+from ..model import FLAGS, SIZES, STEMS
 
 # The notebook's parameters cell is written from these (tools/notebooks.py); make demo, make baseline and
 # make bench take their training settings from here too.
@@ -23,6 +23,7 @@ DEFAULTS = {
     "round_timeout": 0,
     "device": "auto",
     "bf16": False,
+    "stem": "patch",
     "director_host": "localhost",
     "director_port": 50051,
     "aggregator_port": 0,
@@ -38,7 +39,8 @@ DEFAULTS = {
 }
 # What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
 TRAINING = ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size", "eval_batch_size",
-            "learning_rate", "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16", "seed")
+            "learning_rate", "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16", "stem",
+            "seed")
 
 
 class NotebookError(RuntimeError):
@@ -59,7 +61,8 @@ def training_parameters(namespace: dict) -> dict:
 
 def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
                      learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
-                     round_timeout=DEFAULTS["round_timeout"], ca_cert="", api_cert="", api_key="", **_) -> None:
+                     round_timeout=DEFAULTS["round_timeout"], ca_cert="", api_cert="", api_key="",
+                     stem=DEFAULTS["stem"], **_) -> None:
     """Refuse impossible parameters before anything is submitted, one clear line each."""
     if dataset not in FLAGS:
         raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
@@ -73,6 +76,9 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
         raise ParameterError(f"learning_rate={learning_rate!r}: it must be a positive number, e.g. 1e-3")
     if device not in REQUESTS:
         raise ParameterError(f"device={device!r}: use one of {', '.join(REQUESTS)}")
+    if stem not in STEMS:
+        raise ParameterError(f"stem={stem!r}: use \"patch\" (a patch embedding: every size costs about what 28 px "
+                             "costs) or \"full\" (the plain network at full resolution, for accelerators)")
     if best_metric not in ("auc", "acc", "loss") or best_mode not in ("max", "min"):
         raise ParameterError(f"best_metric={best_metric!r}, best_mode={best_mode!r}: use auc, acc or loss, "
                              "with max or min")
