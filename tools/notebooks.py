@@ -103,7 +103,7 @@ def parameters(values: dict, device_comment: str, **_) -> str:
 
 def source(*objects) -> str:
     """The source of package functions and classes, as the notebook shows them."""
-    return "\n\n".join(inspect.getsource(o).rstrip() for o in objects)
+    return "\n\n\n".join(inspect.getsource(o).rstrip() for o in objects)
 
 
 IMPORTS = """import time
