@@ -28,8 +28,8 @@ from conftest import ROOT
 from localfed import LocalFederation, free_port, tail
 from medmnist_shard.spec import sample_shape, target_shape
 
-pytestmark = pytest.mark.skipif(os.environ.get("CI") != "true" and os.environ.get("BROWSER_TEST") != "1",
-                                reason="real-browser test: runs when CI=true or BROWSER_TEST=1 (about a minute)")
+if os.environ.get("CI") != "true" and os.environ.get("BROWSER_TEST") != "1":
+    pytest.skip("real-browser test: runs when CI=true or BROWSER_TEST=1 (about a minute)", allow_module_level=True)
 
 NOTEBOOK = "Pytorch_MedMNIST_2D.ipynb"
 REPO_NOTEBOOKS = sorted((ROOT / "workspace").glob("*.ipynb"))
