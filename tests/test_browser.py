@@ -118,10 +118,11 @@ def browser_binaries(request):
     with capture.global_and_fixture_disabled():
         print("\ninstalling chromium and chromium-driver with apt-get (running as root, as in CI)")
     install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
-    done = subprocess.run(install, capture_output=True, text=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}  # no debconf questions without a terminal
+    done = subprocess.run(install, capture_output=True, text=True, env=env)
     if done.returncode != 0:  # a fresh CI image may have no package lists yet
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True)
-        done = subprocess.run(install, capture_output=True, text=True)
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        done = subprocess.run(install, capture_output=True, text=True, env=env)
     if done.returncode != 0 or not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         pytest.skip(f"no headless Chromium, and apt-get could not install chromium chromium-driver: {last}")
