@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-
 # Rényi orders for the accountant: OpenFL-sized runs (few steps, epsilon of a few units) need orders beyond
 # Opacus's default range (up to 63) for a tight bound.
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 192, 256, 384, 512, 1024]
