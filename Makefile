@@ -10,8 +10,8 @@ PY := $(VENV)/bin/python
 RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
 	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
 	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)" \
-	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --algo "$(ALGO)" --mu "$(MU)" \
-	--server-lr "$(SERVER_LR)"
+	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --bf16 "$(BF16)" --stem "$(STEM)" \
+	--dp "$(DP)" --epsilon "$(EPSILON)" --algo "$(ALGO)" --mu "$(MU)" --server-lr "$(SERVER_LR)"
 
 .PHONY: venv demo baseline bench compare certs test lint clean hpu-deps
 

@@ -65,6 +65,14 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--algorithms", type=_or_default(str, COMPARED), default=COMPARED,
                         help="make compare: the algorithms to train, separated by spaces or commas")
     parser.add_argument("--device", default="", help="override the notebook's device (auto, cpu, cuda, hpu)")
+    parser.add_argument("--bf16", type=_or_default(int, None), default=None, choices=(0, 1, None),
+                        help="override the notebook's bf16 (1: bfloat16 autocast on CUDA and HPU envoys)")
+    parser.add_argument("--stem", default="", choices=("", "patch", "full"),
+                        help="override the notebook's stem (patch or full; see medfl/model.py)")
+    parser.add_argument("--dp", type=_or_default(int, 0), default=0, choices=(0, 1),
+                        help="1: DP-SGD on every envoy (see medfl/privacy.py)")
+    parser.add_argument("--epsilon", type=_or_default(float, DEFAULTS["dp_target_epsilon"]),
+                        default=DEFAULTS["dp_target_epsilon"], help="with --dp 1: the privacy budget of the run")
     # Empty or absent: the command's default (COMMAND_DEFAULTS, else LAUNCHER_DEFAULTS).
     parser.add_argument("--envoys", type=_or_default(int, None))
     parser.add_argument("--partition", type=_or_default(str, None))
@@ -166,6 +174,9 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                "-p", "experiment_name", run_dir.name, "-p", "output_dir", str(run_dir.parent),
                "-p", "data_source", data_source, "-p", "min_envoys", str(args.min_envoys),
                "-p", "round_timeout", str(args.round_timeout), *(["-p", "device", args.device] if args.device else []),
+               *(["-p", "bf16", str(bool(args.bf16))] if args.bf16 is not None else []),
+               *(["-p", "stem", args.stem] if args.stem else []),
+               *(["-p", "dp", "True", "-p", "dp_target_epsilon", str(args.epsilon)] if args.dp else []),
                "-p", "algorithm", algorithm or args.algo, "-p", "mu", str(args.mu),
                *(["-p", "server_learning_rate", str(args.server_lr)] if args.server_lr is not None else [])]
     if federation.certs:
@@ -269,6 +280,8 @@ def demo(args) -> int:
     print(f"algorithm: {describe(results['algorithm'])}")
     print(f"best model: after {results['best']['round']} rounds (val {results['best']['metric']} "
           f"{results['best']['value']:.4f}); test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
+    if results["privacy"]:
+        print(f"DP-SGD: {results['privacy']['summary']}")
     print("peak memory (MB): " + ", ".join(f"{name} {mb:.0f}" for name, mb in memory.items()))
     print(f"results: {run_dir}  (runs/latest points there)")
     return 0

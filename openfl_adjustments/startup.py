@@ -4,7 +4,8 @@
   and one log line each time. TLS refusals still end it at once.
 - Busy port. A director whose port is taken says so in one line instead of a gRPC traceback.
 - Idle time. An envoy imports torch's compiler front end (torch._dynamo) before any experiment arrives: the first
-  optimizer an experiment unpickles would otherwise import it, 1.5 s into the experiment.
+  optimizer an experiment unpickles would otherwise import it, 1.5 s into the experiment. On a GPU host it also
+  makes its CUDA context then (a second or more on first use).
 - Stopping. On Ctrl-C OpenFL's envoy printed `Aborted!` and went on running (its health-check thread kept the
   process alive); a second Ctrl-C ended it with a traceback. Here one Ctrl-C (or SIGTERM) stops a director or an
   envoy at once, idle or busy, with one line. Nothing of value is lost: a node keeps no state between
@@ -18,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -63,9 +65,15 @@ def director_port_is_free(argv: list[str]) -> None:
                      "holds it; stop it, or choose another port with DIRECTOR_PORT")
 
 
-def preload_for_envoy() -> None:
-    """Import, while idle, what the first experiment would otherwise import on its clock."""
+def preload_for_envoy(cuda_devices=()) -> None:
+    """Import, and set up, while idle what the first experiment would otherwise pay for on its clock: torch's
+    compiler front end, and a CUDA context on each GPU the envoy's config lists (else its default one)."""
+    import torch
     import torch._dynamo  # noqa: F401
+
+    if torch.cuda.is_available():
+        for index in cuda_devices or (torch.cuda.current_device(),):
+            torch.zeros(1, device=f"cuda:{index}")
 
 
 def install() -> None:
@@ -86,3 +94,11 @@ def stop_on_signals(node: str) -> None:
 
     for number in names:
         signal.signal(number, stop)
+
+
+def cuda_devices(config: Path) -> tuple[int, ...]:
+    """The GPUs an envoy config lists under params.cuda_devices."""
+    import yaml
+
+    params = (yaml.safe_load(Path(config).read_text()) or {}).get("params") or {}
+    return tuple(int(i) for i in params.get("cuda_devices") or ())

@@ -136,3 +136,34 @@ def test_the_optimizer_follows_a_backend_that_replaces_parameters():
     assert optimizer.param_groups[0]["params"][0] is not next(model.parameters())
     bind_optimizer(optimizer, model)
     assert all(a is b for a, b in zip(optimizer.param_groups[0]["params"], model.parameters(), strict=True))
+
+
+def test_an_idle_envoy_makes_its_cuda_context_on_the_gpus_its_config_lists(monkeypatch, tmp_path):
+    from openfl_adjustments import startup
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch, "zeros", lambda *shape, device=None: made.append(device))
+    config = tmp_path / "envoy_config.yaml"
+    config.write_text("params:\n  cuda_devices: [1, 2]\n")
+    startup.preload_for_envoy(startup.cuda_devices(config))
+    config.write_text("params:\n  cuda_devices: []\n")
+    startup.preload_for_envoy(startup.cuda_devices(config))
+    assert made == ["cuda:1", "cuda:2", "cuda:0"]
+
+
+def test_the_full_resolution_stem_keeps_the_classifier_and_drops_the_patch_embedding():
+    from medfl.researcher import ParameterError, check_parameters
+    from medfl.researcher.parameters import DEFAULTS
+
+    patch, full = build_model("pathmnist", 64), build_model("pathmnist", 64, stem="full")
+    x = torch.zeros(2, 3, 64, 64)
+    assert patch(x).shape == full(x).shape == (2, 9)
+    assert isinstance(patch.features[0], torch.nn.Conv2d) and patch.features[0].stride == (2, 2)
+    assert full.features[0][0].stride == (1, 1)  # the first conv block sees every pixel
+    assert full.classifier[1].in_features == patch.classifier[1].in_features  # the same weights travel
+    with pytest.raises(ValueError, match="unknown stem 'wide': use patch or full"):
+        build_model("pathmnist", 64, stem="wide")
+    with pytest.raises(ParameterError, match="stem='wide': use \"patch\""):
+        check_parameters(**{**DEFAULTS, "stem": "wide"})

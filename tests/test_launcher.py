@@ -1,5 +1,6 @@
 """The launcher's checks that run before any process starts, and the centralized baseline."""
 import json
+import os
 import socket
 
 import pytest
@@ -111,7 +112,26 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
             values = [v.strip(" `") for v in cells[2].split(",")]
             documented.update(zip(names, values, strict=False))
     for variable, value in vars(empty).items():
-        if variable.upper() in documented and variable not in ("data_dir", "device", "notebook", "server_lr"):
+        if variable.upper() in documented and variable not in ("data_dir", "device", "notebook", "bf16", "stem",
+                                                                "server_lr"):
             assert documented[variable.upper()] == str(value), variable
     assert {"DATASET", "SIZE", "ENVOYS", "ROUNDS", "EPOCHS", "SEED", "MIN_ENVOYS", "TLS", "ALGO", "MU",
             "ALGOS"} <= set(documented)
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="a whole benchmark (about a minute): runs when CI=true")
+def test_make_bench_names_the_device_it_measured_and_prints_its_ratios(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-m", "localfed", "bench", "--dataset", "breastmnist", "--rounds", "1",
+                             "--tls", "0", "--device", "cpu", "--runs", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "measured on cpu (CPU), bf16 off, stem patch" in result.stdout
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (numbers["device"], numbers["bf16"], numbers["stem"]) == ("cpu", False, "patch")
+    assert numbers["wall_s"] > 0 and numbers["train_throughput_over_limit"] > 0
+    assert len(numbers["limit_peak_rss_mb"]) == 2 and {"envoy_1", "envoy_2", "director"} <= set(numbers["peak_rss_mb"])

@@ -91,7 +91,8 @@ def test_validate_reports_medmnists_metrics(task):
     images = np.zeros((n, 28, 28, medmnist.INFO[flag]["n_channels"]), np.uint8)
     images[:, 0, 0, 0] = np.arange(n)
     loader = _loader(images, labels, batch_size=2)  # several batches, one partial
-    result = validate(Oracle(logits), loader, "cpu", task=task)
+    # About numbers, not devices: on the CPU, where the stand-in model's logits are.
+    result = validate(Oracle(logits), loader, "cpu", task=task, device_request="cpu")
 
     torch_logits, torch_labels = torch.tensor(logits), torch.tensor(labels)
     if task.startswith("multi-label"):
@@ -108,7 +109,7 @@ def test_validate_reports_medmnists_metrics(task):
 
 
 def _loader(images, labels, batch_size):
-    data = MedMNISTData(eval_batch_size=batch_size)
+    data = MedMNISTData(eval_batch_size=batch_size, device="cpu")
 
     class Shard:
         def get_dataset(self, split):

@@ -101,7 +101,7 @@ def test_the_notebooks_define_what_the_package_runs_elsewhere():
         ns = run_cells(["imports", "model", "data", "model-interface", "train-task", "validate-task"], ns, path,
                        dummy_shard_descriptor=DummyShardDescriptor(["28", "28", "3"], ["1"], 4))
         package = medfl.build_tasks(DEFAULTS["dataset"], DEFAULTS["epochs_per_round"], ns["device"], ns["bf16"],
-                                    medfl.aggregation_function(DEFAULTS["algorithm"], ns["model"]))
+                                    aggregation=medfl.aggregation_function(DEFAULTS["algorithm"], ns["model"]))
         assert ns["TI"].task_contract == package.task_contract
         assert ns["TI"].task_settings == package.task_settings
         assert set(ns["TI"].get_registered_tasks()) == set(package.get_registered_tasks())

@@ -17,8 +17,9 @@ from .model import task_type
 
 
 def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, device_request: str = "auto",
-          bf16: bool = False):
-    """Train for `epochs` passes over the shard; report the last pass's mean loss per sample and the time."""
+          bf16: bool = False, privacy=None):
+    """Train for `epochs` passes over the shard; report the last pass's mean loss per sample and the time, and
+    with DP-SGD (`privacy`, a medfl.privacy.DPSGD) the privacy this envoy has spent so far."""
     started = time.perf_counter()
     dev = pick_device(device_request, str(device))
     model.to(dev)
@@ -32,12 +33,15 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
         # holds now. (OpenFL's FedProxAdam pairs them by position among the parameters that got a gradient: every
         # parameter of Net gets one.)
         optimizer.set_old_weights([p.detach().clone() for p in model.parameters()])
+    if privacy is not None:  # DP-SGD: Poisson batches; each sample's gradient clipped, noise added to their sum
+        model, optimizer, train_loader = privacy.attach(model, optimizer, train_loader)
     criterion, barrier = loss_fn(task), step_barrier(dev)
     for _ in range(epochs):
         loss_sum, seen = torch.zeros((), device=dev), 0
         for images, labels in train_loader:
-            x = to_float_chw(images.to(dev))
-            y = loss_target(task, labels.to(dev))
+            # Pinned batches (CUDA) copy while the device works; uint8 crosses the bus, floats are made there.
+            x = to_float_chw(images.to(dev, non_blocking=True))
+            y = loss_target(task, labels.to(dev, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             with autocast(dev, bf16):
                 loss = criterion(model(x), y)
@@ -48,7 +52,11 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
             loss_sum += loss.detach() * len(x)  # stays on the device: no sync per step
             seen += len(x)
     train_loss = loss_sum.item() / max(seen, 1)  # .item() waits for the device, so the time is honest
-    return {"train_loss": train_loss, "train_seconds": time.perf_counter() - started}
+    spent = {}
+    if privacy is not None:
+        privacy.detach()
+        spent = privacy.spent()  # epsilon at delta, over every round of this experiment so far
+    return {"train_loss": train_loss, **spent, "train_seconds": time.perf_counter() - started}
 
 
 @torch.no_grad()
@@ -62,18 +70,18 @@ def validate(model, val_loader, device, task: str, device_request: str = "auto",
     loss_sum, all_scores, all_labels = torch.zeros((), device=dev), [], []
     for images, labels in val_loader:
         with autocast(dev, bf16):
-            logits = model(to_float_chw(images.to(dev))).float()
-        loss_sum += criterion(logits, loss_target(task, labels.to(dev))) * len(images)
+            logits = model(to_float_chw(images.to(dev, non_blocking=True))).float()
+        loss_sum += criterion(logits, loss_target(task, labels.to(dev, non_blocking=True))) * len(images)
         barrier()
-        all_scores.append(scores(task, logits).float().cpu())
+        all_scores.append(scores(task, logits))  # kept on the device: one copy back at the end, not one per batch
         all_labels.append(labels)
-    y_score, y_true = torch.cat(all_scores).numpy(), torch.cat(all_labels).numpy()
+    y_score, y_true = torch.cat(all_scores).cpu().numpy(), torch.cat(all_labels).numpy()
     return {"loss": loss_sum.item() / len(y_true), **evaluate(task, y_true, y_score),
             "seconds": time.perf_counter() - started}
 
 
 def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16: bool = False,
-                aggregation=None) -> TaskInterface:
+                privacy=None, aggregation=None) -> TaskInterface:
     """Register train and validate for a flag's task type, as OpenFL's TaskInterface.
 
     `device` is resolved on each envoy (see medfl.device); `bf16` autocasts on HPU and CUDA; `aggregation` is how
@@ -87,7 +95,7 @@ def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16
         raise ValueError(f"device must be one of {', '.join(REQUESTS)}, not {device!r}")
     if aggregation is not None:
         tasks.set_aggregation_function(aggregation)(train)
-    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16)(train)
+    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16, privacy=privacy)(train)
     tasks.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")(train)
     tasks.add_kwargs(task=task, device_request=device, bf16=bf16)(validate)
     tasks.register_fl_task(model="model", data_loader="val_loader", device="device")(validate)
