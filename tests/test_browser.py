@@ -37,7 +37,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 SIZES = {"train": 240, "val": 60, "test": 60}  # split over 2 envoys: each trains on 120 images
 ROUNDS = 2
 RUN_S = 240  # Run All, from the click to the plots: about 20 s here
-RESULT_LINE = "SYNTHETIC data: bloodmnist 28px, 2 envoys; test ACC"
+RESULT_LINE = "SYNTHETIC data: bloodmnist 28px, 2 envoys, fedavg; test ACC"
 # Output blocks on the whole page after a run: 15 today, whatever the rounds; OpenFL's INFO log on the page
 # added about 37 more.
 MAX_OUTPUT_BLOCKS = 25
