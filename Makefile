@@ -44,9 +44,18 @@ certs: venv
 	$(PY) tlscerts.py make $(foreach h,$(DIRECTOR_HOSTS),--director-host $(h)) \
 		$(foreach i,$(shell seq 1 $(or $(ENVOYS),2)),--envoy envoy_$(i)) $(foreach r,$(RESEARCHERS),--researcher $(r))
 
+# With CI=true (as CI sets it), also every other tested Python this machine has: make test-pythons.
 test: venv
 	$(VENV)/bin/ruff check .
+ifeq ($(CI),true)
+	$(PY) -m pytest; bash tools/test_pythons.sh $$?
+else
 	$(PY) -m pytest
+endif
+
+# The tests on each other tested Python found here (python3.X on PATH or in pyenv), in .venv-3.X; see the script.
+test-pythons: venv
+	bash tools/test_pythons.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .

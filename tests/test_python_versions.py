@@ -49,6 +49,7 @@ case "$1" in
   -m) case "$2" in
         venv) mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && cp "$0" "$3/bin/fx" && echo "venv $3" >> {log} ;;
         pip) echo "pip ${{*:3}}" >> {log}; if [[ "$*" == *"-r /dev/stdin"* ]]; then sed 's/^/  /' >> {log}; fi ;;
+        pytest) echo "pytest ${{*:3}} on PATH: $(command -v fx)" >> {log}; exit "${{PYTEST_STATUS:-0}}" ;;
       esac ;;
 esac
 """
@@ -57,7 +58,7 @@ esac
 @pytest.fixture
 def sandbox(tmp_path):
     """A copy of the three files tools/venv.sh reads, and a bin folder that comes first on PATH."""
-    for name in ("tools/venv.sh", "pyproject.toml", "requirements.txt"):
+    for name in ("tools/venv.sh", "tools/test_pythons.sh", "pyproject.toml", "requirements.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "bin").mkdir()
@@ -162,3 +163,41 @@ def test_find_names_the_interpreter_of_one_version_or_fails(sandbox):
     assert venv_sh(sandbox, "find", TESTED[1]).stdout.strip() == str(sandbox / "bin" / f"python{TESTED[1]}")
     assert venv_sh(sandbox, "find", TESTED[2]).returncode == 1  # a pyenv shim of an unselected version
 
+
+# --- tools/test_pythons.sh (make test-pythons; make test runs it when CI=true) ---------------------------------
+@pytest.fixture
+def default_venv(sandbox):
+    """.venv on the first tested version, as make venv would have made it before make test."""
+    fake(sandbox, f"python{TESTED[0]}", f"{TESTED[0]}.7")
+    assert venv_sh(sandbox, "make", ".venv").returncode == 0
+    (sandbox / "log").unlink()
+    fake(sandbox, f"python{TESTED[0]}", None)
+    return sandbox
+
+
+def test_each_version_the_machine_lacks_is_reported_as_skipped(default_venv):
+    result = venv_sh(default_venv, "0", script="test_pythons.sh")
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.split("== Tested Pythons")[1]
+    assert f"Python {TESTED[0]}  .venv       the whole suite: passed" in summary
+    for version in TESTED[1:]:
+        assert f"Python {version}  .venv-{version}  SKIPPED: no python{version} on this machine" in summary
+    assert not log(default_venv)
+
+
+def test_the_other_versions_run_all_but_the_scenarios_in_their_own_environment_with_their_own_nodes(default_venv):
+    fake(default_venv, f"python{TESTED[1]}", f"{TESTED[1]}.1")
+    result = venv_sh(default_venv, script="test_pythons.sh")
+    assert result.returncode == 0, result.stderr
+    own = default_venv / f".venv-{TESTED[1]}"
+    assert f"pytest -m not scenario -p no:cacheprovider on PATH: {own}/bin/fx" in log(default_venv)
+    assert f"Python {TESTED[1]}  .venv-{TESTED[1]}  all but the scenarios: passed (" in result.stdout
+
+
+def test_a_failure_on_any_version_fails_the_run_and_says_which(default_venv):
+    fake(default_venv, f"python{TESTED[1]}", f"{TESTED[1]}.1")
+    result = venv_sh(default_venv, "0", script="test_pythons.sh", PYTEST_STATUS="1")
+    assert result.returncode == 1
+    assert f"Python {TESTED[1]}  .venv-{TESTED[1]}  all but the scenarios: FAILED (" in result.stdout
+    failed_default = venv_sh(default_venv, "1", script="test_pythons.sh")
+    assert failed_default.returncode == 1 and "the whole suite: FAILED (pytest status 1)" in failed_default.stdout
