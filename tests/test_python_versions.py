@@ -47,7 +47,8 @@ FAKE = """#!/usr/bin/env bash
 case "$1" in
   -c) printf '%s\\n' "$0" {version} {prefix} ;;
   -m) case "$2" in
-        venv) mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && cp "$0" "$3/bin/fx" && echo "venv $3" >> {log} ;;
+        venv) mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && cp "$0" "$3/bin/fx" && echo "venv $3" >> {log}
+              if [[ -n "${{VENV_FAILS:-}}" ]]; then echo "Error: ensurepip is not available" >&2; exit 1; fi ;;
         pip) echo "pip ${{*:3}}" >> {log}; if [[ "$*" == *"-r /dev/stdin"* ]]; then sed 's/^/  /' >> {log}; fi ;;
         pytest) echo "pytest ${{*:3}} on PATH: $(command -v fx)" >> {log}; exit "${{PYTEST_STATUS:-0}}" ;;
       esac ;;
@@ -125,6 +126,14 @@ def test_a_python_that_does_not_run_is_refused_in_one_line(sandbox):
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: PYTHON=python3.99 does not run (not on PATH, nor an installed "
                                           "pyenv version)"]
+
+
+def test_a_venv_python_cannot_make_is_removed_and_the_fix_named(sandbox):
+    fake(sandbox, f"python{TESTED[1]}", f"{TESTED[1]}.3")
+    result = venv_sh(sandbox, "make", ".venv", VENV_FAILS="1")
+    assert result.returncode == 2 and not (sandbox / ".venv").exists()  # the next make venv starts again
+    assert result.stderr.splitlines()[-1].endswith(f"failed (above); Debian and Ubuntu split venv off: apt install "
+                                                   f"python{TESTED[1]}-venv")
 
 
 def test_openfl_alone_skips_its_python_cap_and_everything_else_installs_normally(sandbox):

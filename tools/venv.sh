@@ -92,14 +92,17 @@ make_venv() {  # DIR
   fi
   if [[ -z "${PYTHON:-}" && -n "$have" ]] && in_range "$have"; then
     version="$have"
-    echo "$dir: Python $version (PYTHON=... for another)"
+    echo "$dir: Python $version (another: make PYTHON=python3.X ...)"
   else
     pick
     echo "$dir: Python $version ($exe)"
     if [[ "$have" != "$version" || "$have_base" != "$base" ]]; then
       if [[ -n "$have" ]]; then echo "$dir: replacing its Python $have"; fi
       rm -rf "$dir"
-      "$exe" -m venv "$dir"
+      if ! "$exe" -m venv "$dir"; then
+        rm -rf "$dir"  # half made: the next make venv starts again
+        die "$exe -m venv $dir failed (above); Debian and Ubuntu split venv off: apt install python${version%.*}-venv"
+      fi
     fi
   fi
   if [[ ! -f "$dir/.installed" || requirements.txt -nt "$dir/.installed" ]]; then
