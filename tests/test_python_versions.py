@@ -41,6 +41,12 @@ def test_requirements_list_openfls_own_dependencies_exactly():
     assert importlib.metadata.version("openfl") == pin
 
 
+def test_readme_states_the_tested_range_and_no_other():
+    readme = (ROOT / "README.md").read_text()
+    assert RANGE in readme and REQUIRES_PYTHON in readme
+    assert not re.search(r"3\.8 to 3\.11|3\.8-3\.11", readme)
+
+
 # --- tools/venv.sh against stand-in interpreters ---------------------------------------------------------------
 FAKE = """#!/usr/bin/env bash
 # A stand-in for Python {version}: answers tools/venv.sh's probe, makes "venvs" of itself, logs pip's arguments.
