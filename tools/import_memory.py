@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# As an envoy runs: openfl_prompt.py, its data package, and the experiment's package once one arrives.
-MODULES = ["openfl_prompt", "torch._dynamo", "openfl.interface.cli", "openfl.component.envoy.envoy",
+# As an envoy runs: python -m openfl_adjustments, its data package, and the experiment's package once one arrives.
+MODULES = ["openfl_adjustments", "torch._dynamo", "openfl.interface.cli", "openfl.component.envoy.envoy",
            "medmnist_shard", "medfl"]
 
 
