@@ -12,7 +12,7 @@ from notebook_cells import run_until, start_experiment
 from conftest import ROOT
 from localfed import _listening, free_port, tail
 
-pytestmark = pytest.mark.scenario
+pytestmark = pytest.mark.slow
 
 
 def _start(command, env, log):

@@ -200,19 +200,19 @@ def test_each_version_the_machine_lacks_is_reported_as_skipped(default_venv):
     assert not log(default_venv)
 
 
-def test_the_other_versions_run_all_but_the_scenarios_in_their_own_environment_with_their_own_nodes(default_venv):
+def test_the_other_versions_run_all_but_the_slow_tests_in_their_own_environment_with_their_own_nodes(default_venv):
     fake(default_venv, f"python{TESTED[1]}", f"{TESTED[1]}.1")
     result = venv_sh(default_venv, script="test_pythons.sh")
     assert result.returncode == 0, result.stderr
     own = default_venv / f".venv-{TESTED[1]}"
-    assert f"pytest -m not scenario -p no:cacheprovider on PATH: {own}/bin/fx" in log(default_venv)
-    assert f"Python {TESTED[1]}  .venv-{TESTED[1]}  all but the scenarios: passed (" in result.stdout
+    assert f"pytest -m not slow -p no:cacheprovider on PATH: {own}/bin/fx" in log(default_venv)
+    assert f"Python {TESTED[1]}  .venv-{TESTED[1]}  all but the slow tests: passed (" in result.stdout
 
 
 def test_a_failure_on_any_version_fails_the_run_and_says_which(default_venv):
     fake(default_venv, f"python{TESTED[1]}", f"{TESTED[1]}.1")
     result = venv_sh(default_venv, "0", script="test_pythons.sh", PYTEST_STATUS="1")
     assert result.returncode == 1
-    assert f"Python {TESTED[1]}  .venv-{TESTED[1]}  all but the scenarios: FAILED (" in result.stdout
+    assert f"Python {TESTED[1]}  .venv-{TESTED[1]}  all but the slow tests: FAILED (" in result.stdout
     failed_default = venv_sh(default_venv, "1", script="test_pythons.sh")
     assert failed_default.returncode == 1 and "the whole suite: FAILED (pytest status 1)" in failed_default.stdout

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # make test-pythons, which `make test` runs when CI=true: the tests on every other tested Python this machine
 # has (pyproject.toml's requires-python), each in its own environment .venv-3.X made as make venv makes .venv.
-# The default Python (.venv's) runs the whole suite in `make test` itself; the others run all but the long
-# scenarios (faults, Ctrl-C, other notebooks, the real browser): the unit and script tests, the TLS refusals and
-# the end-to-end federation. Prints one line per tested version: passed, FAILED or SKIPPED (not on this machine).
+# The default Python (.venv's) runs the whole suite in `make test` itself; the others run all but the tests
+# marked slow (long scenarios, and tests that start a federation of their own): the unit and script tests and
+# the end-to-end federation with mutual TLS, within CI's time. Prints one line per tested version: passed,
+# FAILED or SKIPPED (not on this machine).
 # Usage: tools/test_pythons.sh [STATUS]   STATUS: the default Python's pytest exit status, for the summary.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -38,14 +39,14 @@ for version in $(bash tools/venv.sh versions); do
   fi
   installed=$((SECONDS - start))
   # As if activated: the start scripts find OpenFL's fx on PATH, so the nodes run on this Python too.
-  if PATH="$PWD/$venv/bin:$PATH" VIRTUAL_ENV="$PWD/$venv" "$venv/bin/python" -m pytest -m "not scenario" \
+  if PATH="$PWD/$venv/bin:$PATH" VIRTUAL_ENV="$PWD/$venv" "$venv/bin/python" -m pytest -m "not slow" \
       -p no:cacheprovider; then
     result="passed"
   else
     result="FAILED"
     failed=1
   fi
-  summary+=("Python $version  $venv  all but the scenarios: $result ($(clock $((SECONDS - start))), \
+  summary+=("Python $version  $venv  all but the slow tests: $result ($(clock $((SECONDS - start))), \
 of which environment $(clock "$installed"))")
 done
 echo "== Tested Pythons ($(sed -nE 's/^requires-python *= *"([^"]*)".*/\1/p' pyproject.toml) in pyproject.toml)"
