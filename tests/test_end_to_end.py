@@ -326,6 +326,7 @@ def test_a_reader_who_edits_a_task_cell_gets_what_the_edited_task_reports(data_d
     assert not list(workspace.glob("*.pkl")) and not (workspace / "plan").exists()  # OpenFL wrote in a copy
 
 
+@pytest.mark.slow
 def test_dp_sgd_runs_on_every_envoy_and_its_privacy_is_reported(data_dir, tmp_path):
     result = subprocess.run(demo_command(data_dir, tmp_path, "--rounds", "2", "--tls", "0", "--dp", "1",
                                          "--epsilon", "6"), cwd=ROOT, capture_output=True, text=True, timeout=400)
