@@ -1,6 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
-# Each creates .venv from requirements.txt on first use.
-PYTHON ?= python3
+# Each creates .venv from requirements.txt on first use, with the first tested Python it finds (the range is
+# requires-python in pyproject.toml), or the one PYTHON names: make PYTHON=python3.12 demo
+PYTHON ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -13,19 +14,11 @@ RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds
 	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --bf16 "$(BF16)" --stem "$(STEM)" \
 	--dp "$(DP)" --epsilon "$(EPSILON)" --algo "$(ALGO)" --mu "$(MU)" --server-lr "$(SERVER_LR)"
 
-.PHONY: venv demo baseline bench compare certs test lint clean hpu-deps
+.PHONY: venv demo baseline bench compare certs test test-pythons lint clean hpu-deps
 
-$(VENV)/.installed: requirements.txt
-	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 8) <= v < (3, 12) else \
-		"error: OpenFL 1.6 needs Python 3.8 to 3.11; run make PYTHON=python3.11 ...")'
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
-	@# The repository's own modules (openfl_adjustments, tlscerts, localfed) importable in this environment,
-	@# the notebook's kernel included.
-	$(PY) -c 'import pathlib, site; pathlib.Path(site.getsitepackages()[0], "medmnist-federated.pth").write_text("$(CURDIR)\n")'
-	@touch $@
-
-venv: $(VENV)/.installed
+# Reinstalls when requirements.txt is newer than $(VENV)/.installed; recreates for another PYTHON.
+venv:
+	@PYTHON="$(PYTHON)" bash tools/venv.sh make $(VENV)
 
 demo: venv
 	$(PY) -m localfed demo $(RUN_ARGS)
@@ -51,9 +44,18 @@ certs: venv
 	$(PY) tlscerts.py make $(foreach h,$(DIRECTOR_HOSTS),--director-host $(h)) \
 		$(foreach i,$(shell seq 1 $(or $(ENVOYS),2)),--envoy envoy_$(i)) $(foreach r,$(RESEARCHERS),--researcher $(r))
 
+# With CI=true (as CI sets it), also every other tested Python this machine has: make test-pythons.
 test: venv
 	$(VENV)/bin/ruff check .
+ifeq ($(CI),true)
+	$(PY) -m pytest; bash tools/test_pythons.sh $$?
+else
 	$(PY) -m pytest
+endif
+
+# The tests on each other tested Python found here (python3.X on PATH or in pyenv), in .venv-3.X; see the script.
+test-pythons: venv
+	bash tools/test_pythons.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -62,7 +64,8 @@ lint: venv
 # other pins into it, keeping its torch, torchvision and Habana packages exactly as they are.
 hpu-deps:
 	python -m pip list --format=freeze | grep -iE '^(torch|torchvision|torchaudio|habana|lightning-habana)' > .hpu-keep.txt || true
-	grep -vE '^(torch|torchvision)==' requirements.txt | python -m pip install -r /dev/stdin -c .hpu-keep.txt
+	grep -vE '^(torch|torchvision|openfl)==' requirements.txt | python -m pip install -r /dev/stdin -c .hpu-keep.txt
+	python -m pip install --no-deps --ignore-requires-python "$$(grep -E '^openfl==' requirements.txt)"
 	rm -f .hpu-keep.txt
 
 clean:

@@ -30,6 +30,7 @@ from medmnist_shard.spec import sample_shape, target_shape
 
 if os.environ.get("CI") != "true" and os.environ.get("BROWSER_TEST") != "1":
     pytest.skip("real-browser test: runs when CI=true or BROWSER_TEST=1 (about a minute)", allow_module_level=True)
+pytestmark = pytest.mark.slow  # make test-pythons leaves it to the default Python
 
 NOTEBOOK = "Pytorch_MedMNIST_2D.ipynb"
 REPO_NOTEBOOKS = sorted((ROOT / "workspace").glob("*.ipynb"))

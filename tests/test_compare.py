@@ -28,6 +28,7 @@ def compared(tiny_file, tmp_path_factory):
     return out, result.stdout
 
 
+@pytest.mark.slow
 def test_compare_json_holds_every_algorithm_and_the_centralized_baseline(compared):
     out, _ = compared
     report = json.loads((out / "compare.json").read_text())
@@ -58,6 +59,7 @@ def test_compare_json_holds_every_algorithm_and_the_centralized_baseline(compare
         assert results["algorithm"]["name"] == name and results["traffic"]
 
 
+@pytest.mark.slow
 def test_the_plot_and_the_table_show_the_comparison(compared):
     out, stdout = compared
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -154,6 +154,7 @@ def test_last_model_is_the_final_average_and_loads_in_three_lines(results, data_
     assert fresh["loss"] == pytest.approx(results["rounds"][-1]["aggregated"]["val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process(data_dir, tmp_path):
     # Many rounds, so that the interrupt surely lands in the middle of training.
     demo = subprocess.Popen(demo_command(data_dir, tmp_path, "--rounds", "100"), cwd=ROOT, stdout=subprocess.PIPE,
@@ -173,6 +174,7 @@ def test_ctrl_c_stops_every_process(data_dir, tmp_path):
     assert not (tmp_path / "latest").exists()
 
 
+@pytest.mark.slow
 def test_the_hpu_notebook_runs_here_with_device_auto(data_dir, tmp_path):
     notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"
     result = subprocess.run(demo_command(data_dir, tmp_path, "--notebook", str(notebook), "--device", "auto",
@@ -186,6 +188,7 @@ def test_the_hpu_notebook_runs_here_with_device_auto(data_dir, tmp_path):
     assert not leftovers((tmp_path / "latest").resolve())
 
 
+@pytest.mark.slow
 def test_an_envoy_without_the_requested_device_fails_by_name(data_dir, tmp_path):
     notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"
     result = subprocess.run(demo_command(data_dir, tmp_path, "--notebook", str(notebook), "--rounds", "1"),
@@ -241,6 +244,7 @@ def chaos_command(data_dir, runs, *extra):
             "--rounds", "3", "--epochs", "3", "--health-period", str(HEALTH_S), "--timeout", "300", *extra]
 
 
+@pytest.mark.slow
 def test_an_envoy_killed_in_round_2_is_dropped_and_the_others_finish_the_run(chaos_data, tmp_path):
     code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "--envoys", "3"),
                                          r"model after 1/3\s+envoy_3\s+global val", "envoy_3")
@@ -260,6 +264,7 @@ def test_an_envoy_killed_in_round_2_is_dropped_and_the_others_finish_the_run(cha
     assert not leftovers(run_dir)
 
 
+@pytest.mark.slow
 def test_too_few_envoys_left_fails_the_run_naming_the_lost_one_and_keeps_the_best_model(chaos_data, tmp_path):
     code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "--envoys", "2", "--min-envoys", "2"),
                                          r"model after 1/3\s+envoy_2\s+global val", "envoy_2")
@@ -276,6 +281,7 @@ def test_too_few_envoys_left_fails_the_run_naming_the_lost_one_and_keeps_the_bes
     assert not leftovers(run_dir)
 
 
+@pytest.mark.slow
 def test_a_killed_director_stops_the_run_within_a_bound_and_what_arrived_is_kept(chaos_data, tmp_path):
     code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "--envoys", "2"),
                                          r"model after 1/3\s+aggregator\s+global val", "director")
@@ -289,6 +295,7 @@ def test_a_killed_director_stops_the_run_within_a_bound_and_what_arrived_is_kept
     assert not leftovers(run_dir)
 
 
+@pytest.mark.slow
 def test_a_reader_who_edits_a_task_cell_gets_what_the_edited_task_reports(data_dir, tmp_path):
     """The envoys run what the notebook's cells define: a copy of the workspace whose validate cell reports one
     more metric brings that metric back from every envoy."""
@@ -319,6 +326,7 @@ def test_a_reader_who_edits_a_task_cell_gets_what_the_edited_task_reports(data_d
     assert not list(workspace.glob("*.pkl")) and not (workspace / "plan").exists()  # OpenFL wrote in a copy
 
 
+@pytest.mark.slow
 def test_dp_sgd_runs_on_every_envoy_and_its_privacy_is_reported(data_dir, tmp_path):
     result = subprocess.run(demo_command(data_dir, tmp_path, "--rounds", "2", "--tls", "0", "--dp", "1",
                                          "--epsilon", "6"), cwd=ROOT, capture_output=True, text=True, timeout=400)

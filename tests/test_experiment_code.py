@@ -2,11 +2,13 @@
 package, not with the modules it kept from the first (OpenFL alone would)."""
 import shutil
 
+import pytest
 from notebook_cells import run_until, start_experiment
 
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_a_changed_package_reaches_envoys_that_already_ran_an_experiment(tiny_file, tmp_path, monkeypatch):
     from localfed import LocalFederation
     from medfl.researcher import follow

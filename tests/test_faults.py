@@ -5,11 +5,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 import yaml
 from notebook_cells import run_until, start_experiment
 
 from conftest import ROOT
 from localfed import _listening, free_port, tail
+
+pytestmark = pytest.mark.slow
 
 
 def _start(command, env, log):

@@ -119,6 +119,7 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
             "ALGOS"} <= set(documented)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="a whole benchmark (about a minute): runs when CI=true")
 def test_make_bench_names_the_device_it_measured_and_prints_its_ratios(tmp_path):
     import subprocess

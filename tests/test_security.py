@@ -156,6 +156,7 @@ def alice_run(federation, pki, tmp_path_factory):
     return cells, run
 
 
+@pytest.mark.slow
 def test_a_researcher_runs_an_experiment_on_the_envoys_that_trust_her(alice_run, federation):
     _, run = alice_run
     assert run.error is None
@@ -165,6 +166,7 @@ def test_a_researcher_runs_an_experiment_on_the_envoys_that_trust_her(alice_run,
         assert "Accepted experiment alice-exp from alice: archive SHA-256" in log
 
 
+@pytest.mark.slow
 def test_an_envoy_refuses_a_researcher_it_does_not_trust_before_unpacking_anything(alice_run, federation):
     _, run = alice_run
     (dropout,) = run.dropouts
@@ -178,6 +180,7 @@ def test_an_envoy_refuses_a_researcher_it_does_not_trust_before_unpacking_anythi
     assert leftovers == [], "envoy_3 kept or unpacked some of the refused experiment"
 
 
+@pytest.mark.slow
 def test_a_second_researcher_cannot_read_the_first_ones_experiment(alice_run, federation, pki, tmp_path,
                                                                    monkeypatch):
     monkeypatch.chdir(ROOT / "workspace")
@@ -195,6 +198,7 @@ def test_a_second_researcher_cannot_read_the_first_ones_experiment(alice_run, fe
     assert "Refused GetTrainedModel from bob: experiment alice-exp is not 'bob''s" in tail(federation.director.log, 200)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("who", ["envoy_1", "director"])
 def test_a_node_certificate_cannot_use_the_researcher_api(federation, pki, who):
     from openfl.interface.interactive_api.federation import Federation
@@ -213,6 +217,7 @@ def test_a_node_certificate_cannot_use_the_researcher_api(federation, pki, who):
     assert refused.value._render_traceback_() == [f"DirectorRefused: PERMISSION_DENIED: {refused.value.details()}"]
 
 
+@pytest.mark.slow
 def test_an_envoys_certificate_cannot_submit_an_experiment(federation, pki, tmp_path, monkeypatch):
     import numpy as np
     from openfl.transport.grpc.director_client import DirectorClient
@@ -228,6 +233,7 @@ def test_an_envoys_certificate_cannot_submit_an_experiment(federation, pki, tmp_
     assert refused.value.details().startswith("SetNewExperiment is for researchers, and 'envoy_1''s certificate")
 
 
+@pytest.mark.slow
 def test_the_director_refuses_an_unsigned_submission(federation, pki, tmp_path, monkeypatch):
     import contextlib
 
@@ -257,6 +263,7 @@ def _wait_for(log, text, process, seconds=90):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,message", [("alter", "its signature by 'alice' does not match its content"),
                                           ("strip", "the archive is not signed")])
 def test_envoys_refuse_what_a_compromised_director_rewrote(pki, tiny_file, tmp_path, monkeypatch, mode, message):

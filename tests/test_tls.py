@@ -92,6 +92,7 @@ def _tls(folder, name):
             str(folder / f"{name}.key"), "--public-cert-path", str(folder / f"{name}.crt")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["other CA", "wrong name", "expired", "plaintext"])
 def test_the_director_refuses_bad_envoys_without_hanging(tls_federation, pki, case):
     tls_args, name = {
@@ -114,6 +115,7 @@ def test_the_director_refuses_bad_envoys_without_hanging(tls_federation, pki, ca
     assert tls_federation.components[0].process.poll() is None  # the director carries on
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder,name,message", [("other", "envoy_2", "was not signed by the CA"),
                                                  ("expired", "envoy_2", "is valid only from")])
 def test_start_envoy_says_why_before_starting(tls_federation, pki, folder, name, message, tmp_path):
@@ -131,6 +133,7 @@ def test_start_envoy_says_why_before_starting(tls_federation, pki, folder, name,
     assert "Starting the Envoy" not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_plaintext_notebook_client_is_refused_quickly(tls_federation):
     code = ("import sys; from openfl.interface.interactive_api.federation import Federation\n"
             "try:\n    Federation(client_id='frontend', director_node_fqdn='localhost', director_port=int(sys.argv[1]),"
