@@ -149,8 +149,10 @@ def test_an_envoy_restarted_during_an_experiment_leaves_it_and_joins_the_next(ti
     data_dir = tiny_file("bloodmnist", 28, {"train": 600, "val": 40, "test": 40}).parent
     shards = {f"envoy_{r}": {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},2",
                              "download": False} for r in (1, 2)}
-    # The director's default health period (10 s): the envoy is back before it would count as lost (20 s).
-    with LocalFederation(tmp_path, shards, sample_shape("bloodmnist", 28), target_shape("bloodmnist")) as fed:
+    # A long health period (lost after 60 s): the restarted envoy is back long before it would count as lost, even
+    # on a loaded machine where starting one takes 20 s.
+    with LocalFederation(tmp_path, shards, sample_shape("bloodmnist", 28), target_shape("bloodmnist"),
+                         health_period=30) as fed:
         cells = notebook(fed, tmp_path, monkeypatch)
         restarted = []
 

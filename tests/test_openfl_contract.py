@@ -293,9 +293,10 @@ def test_models_reach_the_notebook_as_writable_arrays_equal_to_openfls():
     import numpy as np
     from openfl.pipelines.pipeline import Float32NumpyArrayToBytes
 
-    from medfl.researcher import openfl_client
+    import medfl.researcher  # noqa: F401  importing it applies the notebook's adjustments
+    from openfl_adjustments import client
 
-    assert Float32NumpyArrayToBytes.backward is openfl_client.writable_backward  # importing researcher applies it
+    assert Float32NumpyArrayToBytes.backward is client.writable_backward
     # What it replaces: a read-only view, reshaped with the keyword NumPy deprecated.
     assert "np.frombuffer(data, dtype=np.float32)" in inspect.getsource(Float32NumpyArrayToBytes)
     assert "newshape=array_shape" in inspect.getsource(Float32NumpyArrayToBytes)

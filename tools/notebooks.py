@@ -103,7 +103,7 @@ def parameters(values: dict, device_comment: str, **_) -> str:
 
 def source(*objects) -> str:
     """The source of package functions and classes, as the notebook shows them."""
-    return "\n\n".join(inspect.getsource(o).rstrip() for o in objects)
+    return "\n\n\n".join(inspect.getsource(o).rstrip() for o in objects)
 
 
 IMPORTS = """import time
@@ -288,7 +288,8 @@ def notebook(name: str) -> nbf.NotebookNode:
     """The notebook as this script writes it."""
     nb = nbf.v4.new_notebook()
     nb.cells = cells(**VARIANTS[name])
-    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    # What JupyterLab writes for its default kernel, so that opening a notebook changes as little as it can.
+    nb.metadata = {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
                    "language_info": {"name": "python"}}
     for i, cell in enumerate(nb.cells):
         cell.id = f"cell-{i}"  # stable ids: random ones would change on every run

@@ -57,8 +57,7 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
         run.error = "the director refused the experiment; its log says why"
         return run
     expected = {task: set(names) for task, names in TASK_METRICS.items()}
-    bar = tqdm(total=rounds + 1 if rounds and not label else 1, desc=label or "global models validated",
-               unit="model", leave=True)
+    bar, finish = _progress(rounds + 1 if rounds and not label else 1, label or "global models validated")
     echo = echo or bar.write
     seen_rounds = set()
     try:
@@ -91,12 +90,35 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
         run.error = f"lost the director ({exc.code().name}: {exc.details()}): it stopped, or the network to it failed"
     finally:
         run.ended = time.time()
-        bar.close()
+        finish()
     for key in list(pending):
         _flush(key, pending, expected, rounds, label, echo)
     if run.error:
         echo(f"FAILED: {run.error}")
     return run
+
+
+def _progress(total: int, desc: str):
+    """(bar, finish): a progress bar over the global models validated, and what to call when the run ends.
+
+    In a notebook it is a widget, which finish() replaces by its last state as text: a saved notebook keeps text,
+    but not a widget's state, and would show the bar at 0% when opened again. Elsewhere it is a text bar.
+    """
+    from tqdm import notebook
+
+    if not issubclass(tqdm, notebook.tqdm):
+        bar = tqdm(total=total, desc=desc, unit="model")
+        return bar, bar.close
+    from IPython.display import Pretty, display
+
+    bar = tqdm(total=total, desc=desc, unit="model", display=False)
+    shown = display(bar.container, display_id=True)
+
+    def finish():
+        bar.close()
+        shown.update(Pretty(str(bar)))
+
+    return bar, finish
 
 
 def _flush(key: tuple, pending: dict, expected: dict, rounds: int, label: str, echo) -> None:

@@ -197,6 +197,7 @@ def plot_partition(path: Path, results: dict) -> None:
 
 
 def _short(label: str) -> str:
+    label = label.split("(")[0].strip()  # "immature granulocytes(myelocytes, ...)": the name, not the list
     return label if len(label) <= 28 else label[:26] + "..."
 
 
