@@ -12,7 +12,7 @@ RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds
 	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)" \
 	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --bf16 "$(BF16)" --stem "$(STEM)"
 
-.PHONY: venv demo baseline bench certs test test-hosts host-tools lint clean hpu-deps
+.PHONY: venv demo baseline bench certs test test-hosts lint clean hpu-deps
 
 $(VENV)/.installed: requirements.txt
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 8) <= v < (3, 12) else \
@@ -49,23 +49,12 @@ certs: venv
 test: venv
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
-	@# In CI (CI=true) the multi-host test too; elsewhere `make test-hosts` runs it (about 4 minutes).
-	@if [ "$(CI)" = true ]; then $(MAKE) --no-print-directory host-tools && $(PY) -m pytest -m hosts tests/test_hosts.py; fi
 
 # A federation of separate hosts on this machine, made of network namespaces: the README's across-hosts path with
-# a firewall, a wide-area link and a cable cut mid-round (tests/test_hosts.py). Needs root, iproute2 and nftables.
-test-hosts: venv host-tools
-	$(PY) -m pytest -m hosts tests/test_hosts.py
-
-# What test-hosts needs of the system, installed with apt-get where this runs as root; elsewhere the test skips.
-host-tools:
-	@missing=""; command -v ip >/dev/null || missing="$$missing iproute2"; \
-	command -v nft >/dev/null || missing="$$missing nftables"; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get install -y -qq --no-install-recommends $$missing || \
-		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; }; \
-	else echo "the multi-host test needs$$missing: install it (as root) or it skips"; fi
+# a firewall, a wide-area link and a cable cut mid-round (tests/test_hosts.py, about 4 minutes; make test runs it
+# in CI). Needs root and iproute2; installs nftables with apt-get if missing.
+test-hosts: venv
+	HOSTS_TEST=1 $(PY) -m pytest tests/test_hosts.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -59,7 +59,7 @@ def unavailable() -> str:
         return "making network namespaces needs root"
     for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
-            return f"`{tool}` not found: install {package} (make test-hosts does, as root with apt-get)"
+            return f"`{tool}` not found: install {package}"
     probe = f"{PREFIX}{os.getpid()}-probe{secrets.token_hex(2)}"
     made = _run("ip", "netns", "add", probe, check=False)
     if made.returncode != 0:
