@@ -57,6 +57,10 @@ def parse(argv=None) -> argparse.Namespace:
                         help="override the notebook's bf16 (1: bfloat16 autocast on CUDA and HPU envoys)")
     parser.add_argument("--stem", default="", choices=("", "patch", "full"),
                         help="override the notebook's stem (patch or full; see medfl/model.py)")
+    parser.add_argument("--dp", type=_or_default(int, 0), default=0, choices=(0, 1),
+                        help="1: DP-SGD on every envoy (see medfl/privacy.py)")
+    parser.add_argument("--epsilon", type=_or_default(float, DEFAULTS["dp_target_epsilon"]),
+                        default=DEFAULTS["dp_target_epsilon"], help="with --dp 1: the privacy budget of the run")
     parser.add_argument("--envoys", type=_or_default(int, 2), default=2)
     parser.add_argument("--partition", type=_or_default(str, "iid"), default="iid", choices=STRATEGIES)
     parser.add_argument("--alpha", type=_or_default(float, 0.5), default=0.5)
@@ -140,7 +144,8 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                "-p", "data_source", data_source, "-p", "min_envoys", str(args.min_envoys),
                "-p", "round_timeout", str(args.round_timeout), *(["-p", "device", args.device] if args.device else []),
                *(["-p", "bf16", str(bool(args.bf16))] if args.bf16 is not None else []),
-               *(["-p", "stem", args.stem] if args.stem else [])]
+               *(["-p", "stem", args.stem] if args.stem else []),
+               *(["-p", "dp", "True", "-p", "dp_target_epsilon", str(args.epsilon)] if args.dp else [])]
     if federation.certs:
         researcher = federation.certs / RESEARCHER
         command += ["-p", "ca_cert", str(federation.certs / "ca.crt"), "-p", "api_cert", f"{researcher}.crt",
@@ -241,6 +246,8 @@ def demo(args) -> int:
               f"{dropout['reason']}")
     print(f"best model: after {results['best']['round']} rounds (val {results['best']['metric']} "
           f"{results['best']['value']:.4f}); test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
+    if results["privacy"]:
+        print(f"DP-SGD: {results['privacy']['summary']}")
     print("peak memory (MB): " + ", ".join(f"{name} {mb:.0f}" for name, mb in memory.items()))
     print(f"results: {run_dir}  (runs/latest points there)")
     return 0

@@ -317,3 +317,20 @@ def test_a_reader_who_edits_a_task_cell_gets_what_the_edited_task_reports(data_d
         {("aggregator", r): pytest.approx(sum(n * n for n in sizes.values()) / sum(sizes.values())) for r in (0, 1)}
     assert results["rounds"][1]["envoys"]["envoy_1"]["val_samples"] == sizes["envoy_1"]
     assert not list(workspace.glob("*.pkl")) and not (workspace / "plan").exists()  # OpenFL wrote in a copy
+
+
+def test_dp_sgd_runs_on_every_envoy_and_its_privacy_is_reported(data_dir, tmp_path):
+    result = subprocess.run(demo_command(data_dir, tmp_path, "--rounds", "2", "--tls", "0", "--dp", "1",
+                                         "--epsilon", "6"), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    results = json.loads((tmp_path / "latest" / "results.json").read_text())
+    check_results(results, envoys=ENVOYS, rounds=2)
+    privacy = results["privacy"]
+    assert privacy["dp"] is True and sorted(privacy["per_envoy"]) == ENVOYS
+    assert privacy["epsilon"] == max(v["epsilon"] for v in privacy["per_envoy"].values()) == \
+        pytest.approx(6.0, rel=0.05)  # the budget, spent over the planned rounds
+    epsilons = [e["envoys"]["envoy_1"]["epsilon"] for e in results["rounds"][1:]]
+    assert epsilons[0] < epsilons[1] and results["rounds"][2]["aggregated"]["epsilon"] == privacy["epsilon"]
+    assert f"DP-SGD: each envoy spent at most epsilon = {privacy['epsilon']:.2f} at delta = " in result.stdout
+    weights = __import__("torch").load(results["best_model"])
+    assert not any("running_mean" in k for k in weights)  # GroupNorm, not BatchNorm

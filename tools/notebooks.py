@@ -62,6 +62,11 @@ PARAMETERS = {
     "device": "{device_comment}",
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
     "stem": '"patch": above 28 px a patch embedding first (CPU speed); "full": full resolution',
+    "dp": "True: DP-SGD on every envoy (clipped, noised per-sample gradients); see the tasks",
+    "dp_max_grad_norm": "each image's gradient is clipped to this norm",
+    "dp_noise_multiplier": "noise std / clipping norm; 0: computed to spend dp_target_epsilon over the run",
+    "dp_target_epsilon": "the privacy budget of the whole run, per envoy, when dp_noise_multiplier is 0",
+    "dp_delta": "0: 1 / (10 x each envoy's training-set size)",
     "director_host": "",
     "director_port": "",
     "aggregator_port": "0: OpenFL derives one per experiment (49152-60999); fix it for firewalls",
@@ -121,6 +126,7 @@ from medfl import Best, Schedule, researcher
 from medfl.data import batch_loader, loader_settings, to_float_chw
 from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
 from medfl.metrics import evaluate, loss_fn, loss_target, scores
+from medfl.privacy import DPSGD
 
 researcher.check_parameters(**globals())  # impossible parameters stop here, before anything runs
 experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -159,12 +165,13 @@ code("preview", """researcher.show_samples(dataset, size, synthetic, preview_dir
 md("""## 2. The model (defined here, trained on every envoy)
 
 MedMNIST's tutorial CNN: five 3x3 convolution blocks with BatchNorm and three fully connected layers. Input channels and outputs come from `medmnist.INFO`. Above 28 px, with `stem = "patch"`, a learned patch embedding first brings the image down to about 28 px, so every size trains at about the 28 px cost; `stem = "full"` runs the network at full resolution (for GPUs and Gaudi). Either way the last feature map is pooled to 4x4, so the weights that travel every round are about the same size at every resolution. OpenFL pickles the model object with the experiment: change this cell, and the envoys train your network."""),
-code("model", source(model.conv_block, model.Net) + """
+code("model", source(model.norm_layer, model.conv_block, model.Net) + """
 
 
 meta = medmnist.INFO[dataset]
 torch.manual_seed(seed)
-model = Net(in_channels=meta["n_channels"], num_classes=len(meta["label"]), size=size, stem=stem)
+norm = "group" if dp else "batch"  # DP-SGD needs each image's gradient on its own: no BatchNorm (it mixes a batch)
+model = Net(in_channels=meta["n_channels"], num_classes=len(meta["label"]), size=size, stem=stem, norm=norm)
 print(f"{dataset}: {meta['n_channels']}-channel {size} px images, {len(meta['label'])} outputs ({meta['task']}); "
       f"{sum(p.numel() for p in model.parameters()):,} parameters")"""),
 md("""## 3. The data interface (runs on every envoy)
@@ -191,12 +198,18 @@ md("""## 5. The tasks (run on every envoy)
 
 `TaskInterface` registers the functions each envoy runs. `register_fl_task` names which of OpenFL's objects fill which arguments: the model (with the round's global weights), a loader from the data interface, the device, and, for the training task, the optimizer. A task registered without an optimizer validates: OpenFL runs it on the global model before training (`aggregated_model_validate`) and on the local model after (`locally_tuned_model_validate`). `add_kwargs` fixes the other arguments. Each task returns a dict of metrics, which stream back here.
 
-The loss follows the task type (cross-entropy, or BCE-with-logits for multi-label ChestMNIST), and ACC and AUC are MedMNIST's official ones (`medmnist.evaluator`). The device is resolved on each envoy; `step_barrier` is Gaudi's `mark_step` there and a no-op elsewhere."""),
+The loss follows the task type (cross-entropy, or BCE-with-logits for multi-label ChestMNIST), and ACC and AUC are MedMNIST's official ones (`medmnist.evaluator`). The device is resolved on each envoy; `step_barrier` is Gaudi's `mark_step` there and a no-op elsewhere.
+
+**Differential privacy** (`dp = True`). Weights leave every hospital each round, and a model trained on a few hundred images can give individual patients away. With DP-SGD (`medfl/privacy.py`, on Opacus) each envoy draws its batches by Poisson sampling, clips every image's gradient to `dp_max_grad_norm` and adds Gaussian noise to their sum; an accountant adds up the privacy spent, epsilon at delta, over every step of the run, and the train task reports it each round. It protects any one image of an envoy's training data from what the weight updates and the final model reveal; it does not hide which hospitals take part, nor aggregate statistics of their data. The noise follows from `dp_target_epsilon` for the planned rounds x epochs, unless `dp_noise_multiplier` is set; it costs accuracy, more so on small shards."""),
 code("train-task", """TI = TaskInterface()
 task = meta["task"]
+# With dp, every envoy trains with DP-SGD. This object travels with the task and, on each envoy, keeps that envoy's
+# privacy accountant over all the experiment's rounds.
+privacy = DPSGD(dp_max_grad_norm, dp_noise_multiplier, dp_target_epsilon, dp_delta, rounds_to_train,
+                epochs_per_round) if dp else None
 
 
-@TI.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16)
+@TI.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16, privacy=privacy)
 @TI.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")
 """ + source(tasks.train)),
 code("validate-task", """@TI.add_kwargs(task=task, device_request=device, bf16=bf16)
@@ -271,6 +284,8 @@ researcher.save_run(run_dir, results, training, testing, best_model=best_model, 
 test = results["test"]
 print(("SYNTHETIC data: " if results["synthetic"] else "") + f"{dataset} {size}px, {len(envoys)} envoys; "
       f"test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}; saved to {run_dir.resolve()}")
+if results["privacy"]:
+    print(f"DP-SGD: {results['privacy']['summary']}")
 pd.DataFrame([{"round": e["round"], **e["aggregated"]} for e in results["rounds"]]).set_index("round")"""),
 code("plots", """display(Image(str(run_dir / "curves.png")), Image(str(run_dir / "partition.png")))"""),
 md("""To use the trained model elsewhere (the `medfl` package's `build_model` makes the same network as the cell above):

@@ -8,11 +8,13 @@ from .aggregator import Best, Schedule, SelectingAggregator
 from .data import MedMNISTData, batch_loader, loader_settings, to_float_chw
 from .device import autocast, bind_optimizer, pick_device, step_barrier
 from .metrics import evaluate, loss_fn, loss_target, scores
-from .model import FLAGS, SIZES, Net, build_model, conv_block, task_type
+from .model import FLAGS, SIZES, Net, build_model, conv_block, norm_layer, task_type
+from .privacy import DPSGD
 from .tasks import build_tasks, train, validate
 
 __all__ = [
-    "FLAGS", "SIZES", "Best", "MedMNISTData", "Net", "Schedule", "SelectingAggregator", "autocast", "batch_loader",
-    "bind_optimizer", "build_model", "build_tasks", "conv_block", "evaluate", "loader_settings", "loss_fn",
-    "loss_target", "pick_device", "scores", "step_barrier", "task_type", "to_float_chw", "train", "validate",
+    "DPSGD", "FLAGS", "SIZES", "Best", "MedMNISTData", "Net", "Schedule", "SelectingAggregator", "autocast",
+    "batch_loader", "bind_optimizer", "build_model", "build_tasks", "conv_block", "evaluate", "loader_settings",
+    "loss_fn", "loss_target", "norm_layer", "pick_device", "scores", "step_barrier", "task_type", "to_float_chw",
+    "train", "validate",
 ]

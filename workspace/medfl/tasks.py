@@ -17,8 +17,9 @@ from .model import task_type
 
 
 def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, device_request: str = "auto",
-          bf16: bool = False):
-    """Train for `epochs` passes over the shard; report the last pass's mean loss per sample and the time."""
+          bf16: bool = False, privacy=None):
+    """Train for `epochs` passes over the shard; report the last pass's mean loss per sample and the time, and
+    with DP-SGD (`privacy`, a medfl.privacy.DPSGD) the privacy this envoy has spent so far."""
     started = time.perf_counter()
     dev = pick_device(device_request, str(device))
     model.to(dev)
@@ -27,6 +28,8 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
     # OpenFL 1.6's RESET treatment hands back the same optimizer object every round, so its
     # moments would carry over; FedAvg starts each round's local training from a clean state.
     optimizer.state.clear()
+    if privacy is not None:  # DP-SGD: Poisson batches; each sample's gradient clipped, noise added to their sum
+        model, optimizer, train_loader = privacy.attach(model, optimizer, train_loader)
     criterion, barrier = loss_fn(task), step_barrier(dev)
     for _ in range(epochs):
         loss_sum, seen = torch.zeros((), device=dev), 0
@@ -44,7 +47,11 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
             loss_sum += loss.detach() * len(x)  # stays on the device: no sync per step
             seen += len(x)
     train_loss = loss_sum.item() / max(seen, 1)  # .item() waits for the device, so the time is honest
-    return {"train_loss": train_loss, "train_seconds": time.perf_counter() - started}
+    spent = {}
+    if privacy is not None:
+        privacy.detach()
+        spent = privacy.spent()  # epsilon at delta, over every round of this experiment so far
+    return {"train_loss": train_loss, **spent, "train_seconds": time.perf_counter() - started}
 
 
 @torch.no_grad()
@@ -68,7 +75,8 @@ def validate(model, val_loader, device, task: str, device_request: str = "auto",
             "seconds": time.perf_counter() - started}
 
 
-def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16: bool = False) -> TaskInterface:
+def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16: bool = False,
+                privacy=None) -> TaskInterface:
     """Register train and validate for a flag's task type, as OpenFL's TaskInterface.
 
     `device` is resolved on each envoy (see medfl.device); `bf16` autocasts on HPU and CUDA.
@@ -79,7 +87,7 @@ def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16
     tasks = TaskInterface()
     if device not in REQUESTS:  # refused here rather than on every node
         raise ValueError(f"device must be one of {', '.join(REQUESTS)}, not {device!r}")
-    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16)(train)
+    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16, privacy=privacy)(train)
     tasks.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")(train)
     tasks.add_kwargs(task=task, device_request=device, bf16=bf16)(validate)
     tasks.register_fl_task(model="model", data_loader="val_loader", device="device")(validate)

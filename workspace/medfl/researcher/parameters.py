@@ -6,6 +6,7 @@ from pathlib import Path
 from ..aggregator import quorum
 from ..device import REQUESTS
 from ..model import FLAGS, SIZES, STEMS
+from ..privacy import DPSGD, PrivacyError
 
 # The notebook's parameters cell is written from these (tools/notebooks.py); make demo, make baseline and
 # make bench take their training settings from here too.
@@ -24,6 +25,11 @@ DEFAULTS = {
     "device": "auto",
     "bf16": False,
     "stem": "patch",
+    "dp": False,
+    "dp_max_grad_norm": 1.0,
+    "dp_noise_multiplier": 0.0,
+    "dp_target_epsilon": 8.0,
+    "dp_delta": 0.0,
     "director_host": "localhost",
     "director_port": 50051,
     "aggregator_port": 0,
@@ -40,7 +46,7 @@ DEFAULTS = {
 # What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
 TRAINING = ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size", "eval_batch_size",
             "learning_rate", "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16", "stem",
-            "seed")
+            "dp", "dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "seed")
 
 
 class NotebookError(RuntimeError):
@@ -62,7 +68,9 @@ def training_parameters(namespace: dict) -> dict:
 def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
                      learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
                      round_timeout=DEFAULTS["round_timeout"], ca_cert="", api_cert="", api_key="",
-                     stem=DEFAULTS["stem"], **_) -> None:
+                     stem=DEFAULTS["stem"], bf16=DEFAULTS["bf16"], dp=DEFAULTS["dp"],
+                     dp_max_grad_norm=DEFAULTS["dp_max_grad_norm"], dp_noise_multiplier=DEFAULTS["dp_noise_multiplier"],
+                     dp_target_epsilon=DEFAULTS["dp_target_epsilon"], dp_delta=DEFAULTS["dp_delta"], **_) -> None:
     """Refuse impossible parameters before anything is submitted, one clear line each."""
     if dataset not in FLAGS:
         raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
@@ -89,6 +97,16 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
     if isinstance(round_timeout, bool) or not isinstance(round_timeout, (int, float)) or not round_timeout >= 0:
         raise ParameterError(f"round_timeout={round_timeout!r}: give seconds (0 for no limit)")
     check_certificates(ca_cert, api_cert, api_key)
+    if dp not in (True, False):
+        raise ParameterError(f"dp={dp!r}: True (DP-SGD on every envoy) or False")
+    if dp:
+        if bf16:
+            raise ParameterError("dp=True with bf16=True: DP-SGD's per-sample gradients run in float32; "
+                                 "set bf16 = False")
+        try:
+            DPSGD(dp_max_grad_norm, dp_noise_multiplier, dp_target_epsilon, dp_delta, rounds_to_train, epochs_per_round)
+        except (PrivacyError, TypeError) as exc:
+            raise ParameterError(str(exc)) from None
 
 
 def check_certificates(ca_cert: str, api_cert: str, api_key: str) -> None:

@@ -38,11 +38,39 @@ def _by_round(metrics: list[dict]) -> dict:
     return dict(sorted(table.items()))
 
 
+# Privacy spent is not averaged: what counts is the most any envoy spent.
+PRIVACY = ("epsilon", "delta")
+
+
 def rounds_entries(metrics: list[dict]) -> list[dict]:
-    """One entry per round r (0 = the untrained model): aggregated and per-envoy train and val metrics."""
-    return [{"round": r, "aggregated": origins.get(AGGREGATED, {}),
-             "envoys": {k: v for k, v in sorted(origins.items()) if k != AGGREGATED}}
-            for r, origins in _by_round(metrics).items()]
+    """One entry per round r (0 = the untrained model): aggregated and per-envoy train and val metrics. Under DP
+    the aggregate's epsilon and delta are the envoys' maximum, not OpenFL's sample-weighted mean."""
+    entries = []
+    for r, origins in _by_round(metrics).items():
+        envoys = {k: v for k, v in sorted(origins.items()) if k != AGGREGATED}
+        aggregated = dict(origins.get(AGGREGATED, {}))
+        for name in PRIVACY:
+            spent = [values[name] for values in envoys.values() if name in values]
+            if spent:
+                aggregated[name] = max(spent)
+        entries.append({"round": r, "aggregated": aggregated, "envoys": envoys})
+    return entries
+
+
+def privacy_block(rounds: list[dict], params: dict) -> dict | None:
+    """What DP-SGD spent: each envoy's epsilon after its last training round, the maximum, and delta."""
+    if not params.get("dp"):
+        return None
+    spent = {}
+    for entry in rounds:
+        for name, values in entry["envoys"].items():
+            if "epsilon" in values:
+                spent[name] = {"epsilon": values["epsilon"], "delta": values["delta"]}
+    if not spent:
+        return {"dp": True, "per_envoy": {}, "epsilon": None, "delta": None, "summary": "no envoy finished a round"}
+    epsilon, delta = max(v["epsilon"] for v in spent.values()), max(v["delta"] for v in spent.values())
+    return {"dp": True, "per_envoy": spent, "epsilon": epsilon, "delta": delta,
+            "summary": f"each envoy spent at most epsilon = {epsilon:.2f} at delta = {delta:.2g}"}
 
 
 def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
@@ -76,7 +104,8 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "data_source": data_source or ("synthetic" if synthetic else "medmnist"), "synthetic": synthetic,
         "partition": {"strategy": first.get("partition"), "alpha": first.get("alpha"), "seed": first.get("seed")},
         "envoys": nodes,
-        "rounds": rounds_entries(training.metrics),
+        "rounds": (rounds := rounds_entries(training.metrics)),
+        "privacy": privacy_block(rounds, params),
         "dropouts": training.dropouts + (testing.dropouts if testing else []),
         "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value},
         "test": {"model": "best", "round": best.round,
@@ -131,7 +160,8 @@ def write_tensorboard(folder: Path, results: dict) -> None:
 
 
 def plot_curves(path: Path, results: dict) -> None:
-    """Aggregated val ACC, val AUC and train loss per round, each envoy as a fainter line."""
+    """Aggregated val ACC, val AUC and train loss per round, each envoy as a fainter line; under DP, the privacy
+    spent (the aggregate line is the envoys' maximum)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +169,9 @@ def plot_curves(path: Path, results: dict) -> None:
     from matplotlib.ticker import MaxNLocator
 
     panels = [("val_acc", "validation ACC"), ("val_auc", "validation AUC"), ("train_loss", "training loss")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    if results.get("privacy"):
+        panels.append(("epsilon", f"privacy spent, epsilon (delta {results['privacy']['delta'] or 0:.2g})"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8))
     envoys = sorted({name for entry in results["rounds"] for name in entry["envoys"]})
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name in envoys:

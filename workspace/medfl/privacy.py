@@ -1,0 +1,113 @@
+"""Differential privacy on the envoys: DP-SGD with Opacus, and the privacy each envoy spends.
+
+Weights leave a hospital every round, and a model trained on a few hundred images can give individual patients
+away. DP-SGD bounds what the updates and the final model can reveal about any one image of a node's training split:
+each batch is drawn by Poisson sampling, each image's gradient is clipped to `max_grad_norm`, and Gaussian noise
+(`noise_multiplier` x `max_grad_norm`) is added to their sum. An accountant adds up the privacy spent, epsilon at a
+given delta, over every step of every round. The train task gets the same DPSGD object every round of an
+experiment (OpenFL unpickles the task settings once per experiment on each envoy), so it is that object that keeps
+the envoy's accountant: epsilon accumulates over the whole run, and starts from zero in the next experiment.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+# Rényi orders for the accountant: OpenFL-sized runs (few steps, epsilon of a few units) need orders beyond
+# Opacus's default range (up to 63) for a tight bound.
+ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 192, 256, 384, 512, 1024]
+
+
+class PrivacyError(ValueError):
+    """Settings or a model with which DP-SGD cannot give its guarantee; the message says what to change."""
+
+
+class PoissonBatches(torch.utils.data.Sampler):
+    """`steps` draws in which every sample joins the batch independently with probability `rate` (what DP-SGD's
+    accounting assumes): sizes vary around rate x N. A draw that comes out empty is not yielded but reported to
+    `on_empty`, so that the accountant still counts its step."""
+
+    def __init__(self, n: int, rate: float, steps: int, generator: torch.Generator, on_empty=lambda: None):
+        self.n, self.rate, self.steps, self.generator, self.on_empty = n, rate, steps, generator, on_empty
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            batch = torch.nonzero(torch.rand(self.n, generator=self.generator) < self.rate).flatten().tolist()
+            if batch:
+                yield batch
+            else:
+                self.on_empty()
+
+
+class DPSGD:
+    """One envoy's DP-SGD: the settings, and once training starts, its noise and accountant for the experiment."""
+
+    def __init__(self, max_grad_norm: float = 1.0, noise_multiplier: float = 0.0, target_epsilon: float = 8.0,
+                 delta: float = 0.0, rounds: int = 1, epochs_per_round: int = 1):
+        if not max_grad_norm > 0:
+            raise PrivacyError(f"dp_max_grad_norm={max_grad_norm!r}: give the per-sample clipping norm, e.g. 1.0")
+        if noise_multiplier < 0 or (noise_multiplier == 0 and not target_epsilon > 0):
+            raise PrivacyError("give dp_noise_multiplier > 0, or dp_noise_multiplier = 0 and a dp_target_epsilon > 0 "
+                               "(the noise is then computed for the whole planned run)")
+        if not 0 <= delta < 1:
+            raise PrivacyError(f"dp_delta={delta!r}: give a probability below 1 over the node's training set "
+                               "size, or 0 for 1 / (10 x that size)")
+        self.max_grad_norm, self.noise_multiplier, self.target_epsilon = max_grad_norm, noise_multiplier, target_epsilon
+        self.delta, self.rounds, self.epochs_per_round = delta, rounds, epochs_per_round
+        self.accountant = self._hooked = self._rate = None
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader):
+        """This round's (model, optimizer, loader) under DP-SGD: per-sample gradients, clipping and noise, Poisson
+        batches of the loader's expected size. The first call sets the noise and starts the accountant."""
+        from opacus import GradSampleModule
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.utils import get_noise_multiplier
+        from opacus.optimizers import DPOptimizer
+
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise PrivacyError("DP-SGD cannot privatize BatchNorm, whose statistics mix the samples of a batch: "
+                               "build the model with norm=\"group\" (the notebook does when dp = True)")
+        dataset, batch_size = loader.dataset, loader.sampler.batch_size
+        n = len(dataset)
+        rate, steps = min(1.0, batch_size / n), max(1, math.ceil(n / batch_size))
+        if self.accountant is None:
+            self.delta = self.delta or 1 / (10 * n)
+            if not self.noise_multiplier:
+                self.noise_multiplier = get_noise_multiplier(
+                    target_epsilon=self.target_epsilon, target_delta=self.delta, sample_rate=rate,
+                    steps=steps * self.epochs_per_round * self.rounds, accountant="rdp", alphas=ALPHAS)
+            self.accountant = RDPAccountant()
+        generator = getattr(loader.sampler.sampler, "generator", None) or torch.Generator()
+        sampler = PoissonBatches(n, rate, steps, generator, on_empty=self._count_empty)
+        batches = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=0, pin_memory=loader.pin_memory)
+        # Opacus hooks the first layer too, whose input (the images) needs no gradient; PyTorch warns about that
+        # combination, which is exactly what per-sample gradients of the weights need.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs since no inputs require gradients")
+        private = GradSampleModule(model)
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                                   expected_batch_size=batch_size)
+        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=rate))
+        self._hooked, self._rate = private, rate
+        return private, dp_optimizer, batches
+
+    def _count_empty(self) -> None:
+        # An empty draw releases nothing; counting it anyway keeps the accounting on the safe side.
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self._rate)
+
+    def detach(self) -> None:
+        """Remove this round's per-sample gradient hooks from the model."""
+        if self._hooked is not None:
+            self._hooked._close()
+            self._hooked = None
+
+    def spent(self) -> dict[str, float]:
+        """The privacy this envoy has spent so far in the experiment: epsilon at delta."""
+        return {"epsilon": self.accountant.get_epsilon(self.delta, alphas=ALPHAS), "delta": self.delta}
