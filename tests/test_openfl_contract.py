@@ -190,12 +190,15 @@ def test_an_envoy_that_registers_again_mid_experiment_is_dropped_from_it():
 
     assert "self._shard_registry[shard_info[\"node_info\"][\"name\"]] = {" in \
         inspect.getsource(director.Director.acknowledge_shard).replace("'", '"')
+    # The shard registry reads every registered envoy's experiment, which OpenFL sets only once the envoy asks.
+    assert 'envoy_info["experiment_name"] = self.col_exp[envoy_name]' in inspect.getsource(director.Director.get_envoys)
     running = SimpleNamespace(status="in_progress", aggregator=Aware())
     fake = SimpleNamespace(col_exp={"envoy_1": "run"}, experiments_registry={"run": running})
     wrapped = faults.dropping_restarted(lambda self, info: True)
     for name in ("envoy_1", "envoy_2"):  # envoy_2 is new: nothing to leave
         assert wrapped(fake, {"node_info": {"name": name}})
     assert running.aggregator.calls == [("envoy_1", "it restarted during the experiment; it joins the next one")]
+    assert fake.col_exp == {"envoy_1": "run", "envoy_2": None}
 
 
 def test_the_director_ignores_failure_reports_about_experiments_that_are_over():
