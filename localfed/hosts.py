@@ -223,7 +223,8 @@ class Network:
             if wire.process.poll() is None:
                 wire.process.send_signal(signal.SIGTERM)
                 wire.process.wait(timeout=10)
-            counts[host] = " | ".join(line for line in wire.log.read_text().splitlines()[1:])
+            lines = wire.log.read_text().replace(f"{PREFIX}{self.run_id}-", "").splitlines()[1:]
+            counts[host] = " | ".join(lines)
         return counts
 
     def cut(self, host: str) -> None:
