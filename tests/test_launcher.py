@@ -38,6 +38,7 @@ def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, 
     (["--min-envoys", "0"], "MIN_ENVOYS=0: give a number of envoys (an int of at least 1) or a share of them"),
     (["--min-envoys", "3"], "MIN_ENVOYS=3 is more than ENVOYS=2"),
     (["--round-timeout", "-5"], "ROUND_TIMEOUT=-5.0: give seconds, or 0 for no limit"),
+    (["--wan", "20ms,fast"], "WAN=20ms,fast: 'fast' in the link profile '20ms,fast': give e.g. 40ms, 50mbit and 0.5%"),
 ])
 def test_bad_settings_are_refused_up_front(tmp_path, capsys, args, message):
     assert main(["demo", "--data", "synthetic", "--runs", str(tmp_path / "runs"), *args]) == 1
