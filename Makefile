@@ -52,7 +52,7 @@ test: venv
 	$(PY) -m pytest
 
 # A federation of separate hosts on this machine, made of network namespaces: the README's across-hosts path with
-# a firewall, a wide-area link and a cable cut mid-round (tests/test_hosts.py, about 4 minutes; make test runs it
+# a firewall, a wide-area link and a cable cut mid-round (tests/test_hosts.py, about 3 minutes; make test runs it
 # in CI). Needs root and iproute2; installs nftables with apt-get if missing.
 test-hosts: venv
 	HOSTS_TEST=1 $(PY) -m pytest tests/test_hosts.py

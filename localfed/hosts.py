@@ -273,7 +273,7 @@ class Network:
 
 def director_firewall(director_port: int, aggregator_port: int) -> str:
     """The director host's nftables ruleset: in, new connections to these two ports only; out, replies only.
-    Named counters count the new connections admitted per port and those refused."""
+    Named counters count the new TCP connections admitted per port, those refused, and those the director tried."""
     return f"""table inet federation {{
   counter director_port {{}}
   counter aggregator_port {{}}
@@ -285,13 +285,13 @@ def director_firewall(director_port: int, aggregator_port: int) -> str:
     ct state established,related accept
     tcp dport {director_port} ct state new counter name director_port accept
     tcp dport {aggregator_port} ct state new counter name aggregator_port accept
-    ct state new counter name refused drop
+    meta l4proto tcp ct state new counter name refused drop
   }}
   chain output {{
     type filter hook output priority filter; policy drop;
     oif "lo" accept
     ct state established,related accept
-    ct state new counter name opened drop
+    meta l4proto tcp ct state new counter name opened drop
   }}
 }}
 """
@@ -304,7 +304,7 @@ CLIENT_FIREWALL = """table inet federation {
     type filter hook input priority filter; policy drop;
     iif "lo" accept
     ct state established,related accept
-    ct state new counter name refused drop
+    meta l4proto tcp ct state new counter name refused drop
   }
 }
 """

@@ -2,7 +2,7 @@
 name, files and certificates, on a bridge of their own; a firewall on the director that admits two ports; a
 wide-area profile on the hospitals' links; one hospital's cable cut in the middle of a round, then plugged back.
 
-Runs when CI=true or HOSTS_TEST=1 (`make test-hosts`; about 4 minutes here). Needs root and iproute2, and installs
+Runs when CI=true or HOSTS_TEST=1 (`make test-hosts`; about 3 minutes here). Needs root and iproute2, and installs
 nftables with apt-get when it runs as root and nft is missing; skips in one line where namespaces cannot be made.
 """
 import contextlib
@@ -23,7 +23,7 @@ from localfed.hosts import AGGREGATOR_PORT, DIRECTOR_PORT, HOSPITALS, HostsFeder
 from medmnist_shard.synthetic import make_synthetic, split_sizes
 
 if os.environ.get("CI") != "true" and os.environ.get("HOSTS_TEST") != "1":
-    pytest.skip("multi-host test: runs when CI=true or HOSTS_TEST=1 (make test-hosts; about 4 minutes, as root)",
+    pytest.skip("multi-host test: runs when CI=true or HOSTS_TEST=1 (make test-hosts; about 3 minutes, as root)",
                 allow_module_level=True)
 
 CUT = "hospital-b"  # whose cable is cut
@@ -72,6 +72,7 @@ def federation(tmp_path_factory, request):
         REPORT.extend(f"wire {host}: {counts}" for host, counts in network.wire_counts().items())
         network.remove()
     assert not any(n.startswith(hosts.PREFIX + network.run_id) for n in _namespaces()), "a namespace was left"
+    assert not list(hosts.NETNS_ETC.glob(f"{hosts.PREFIX}{network.run_id}-*")), "an /etc/netns folder was left"
 
 
 def _namespaces() -> list[str]:
