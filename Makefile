@@ -14,7 +14,7 @@ RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds
 	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --bf16 "$(BF16)" --stem "$(STEM)" \
 	--dp "$(DP)" --epsilon "$(EPSILON)" --algo "$(ALGO)" --mu "$(MU)" --server-lr "$(SERVER_LR)"
 
-.PHONY: venv demo baseline bench compare certs test test-pythons lint clean hpu-deps
+.PHONY: venv demo baseline bench compare certs test test-pythons test-hosts lint clean hpu-deps
 
 # Reinstalls when requirements.txt is newer than $(VENV)/.installed; recreates for another PYTHON.
 venv:
@@ -32,8 +32,9 @@ compare: venv
 	$(PY) -m localfed compare $(RUN_ARGS) --algorithms "$(ALGOS)"
 
 # The federation against its own compute, on synthetic data of MedMNIST's real split sizes.
+# WAN=20ms,50mbit,0.5% (each way) also runs it across hosts (network namespaces; root): the README's round overheads.
 bench: venv
-	$(PY) -m localfed bench $(RUN_ARGS)
+	$(PY) -m localfed bench $(RUN_ARGS) --wan "$(WAN)"
 
 # A local CA and certificates, each with its role, in certs/: the director, envoy_1..ENVOYS, and the researchers
 # who may submit experiments (RESEARCHERS="alice bob"; default one called researcher). More director names or
@@ -56,6 +57,12 @@ endif
 # The tests on each other tested Python found here (python3.X on PATH or in pyenv), in .venv-3.X; see the script.
 test-pythons: venv
 	bash tools/test_pythons.sh
+
+# A federation of separate hosts on this machine, made of network namespaces: the README's across-hosts path with
+# a firewall, a wide-area link and a cable cut mid-round (tests/test_hosts.py, about 3 minutes; make test runs it
+# in CI). Needs root and iproute2; installs nftables with apt-get if missing.
+test-hosts: venv
+	HOSTS_TEST=1 $(PY) -m pytest tests/test_hosts.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

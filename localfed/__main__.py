@@ -28,6 +28,7 @@ from tlscerts import make as make_certs
 
 from . import ROOT, FederationError, LocalFederation, free_port, signals_deferred, tail
 from .data import SOURCES, resolve
+from .wire import Profile
 
 # Lines of the notebook's output worth showing live: its progress lines (medfl.run.follow) and summary.
 PROGRESS = re.compile(r"^(initial model|model after|round \d|final validation|test |best model|no global model|NOTE|"
@@ -87,6 +88,8 @@ def parse(argv=None) -> argparse.Namespace:
                         help="seconds between envoys' health checks; one silent for twice as long is lost "
                              "(0: the director config's)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
+    parser.add_argument("--wan", default="", help="bench: also run across hosts, the hospitals' links shaped by this "
+                                                   "profile, e.g. 20ms,50mbit,0.5%% (each way); needs root")
     args = parser.parse_args(argv)
     for name, value in {**LAUNCHER_DEFAULTS, **COMMAND_DEFAULTS.get(args.command, {})}.items():
         if getattr(args, name) is None:
@@ -126,6 +129,11 @@ def check(args) -> None:
         raise DataError(f"ROUND_TIMEOUT={args.round_timeout}: give seconds, or 0 for no limit")
     if args.partition not in STRATEGIES:
         raise DataError(f"PARTITION={args.partition}: use {' or '.join(STRATEGIES)}")
+    if args.wan:
+        try:
+            Profile.parse(args.wan)
+        except ValueError as exc:
+            raise DataError(f"WAN={args.wan}: {exc}") from None
     if args.partition == "dirichlet" and not args.alpha > 0:
         raise DataError(f"ALPHA={args.alpha}: the Dirichlet concentration must be positive")
     algorithms = compared(args) if args.command == "compare" else [args.algo]

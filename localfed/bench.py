@@ -7,6 +7,8 @@
 2. The real federation: director and envoys as processes and the notebook run headless against them, as
    `make demo` does; timed from the notebook's submission to the end of training (its results.json and
    metrics.csv say when each happened).
+3. With WAN=PROFILE (e.g. 20ms,50mbit,0.5%: each way), the same federation again across hosts (localfed.hosts:
+   network namespaces, two hospitals whose links carry the profile), to set its round overhead beside loopback's.
 
 The last line printed is one JSON object with the ratios.
 """
@@ -24,7 +26,7 @@ import torch
 
 from medfl import MedMNISTData, build_model, pick_device, task_type, train, validate
 from medfl.researcher import DEFAULTS
-from medmnist_shard import MedMNISTShardDescriptor
+from medmnist_shard import DataError, MedMNISTShardDescriptor
 from medmnist_shard.spec import file_name, info, sample_shape, target_shape
 from medmnist_shard.synthetic import make_synthetic
 from tlscerts import make as make_certs
@@ -143,12 +145,20 @@ def federation_run(args, data_dir: Path, workdir: Path) -> dict:
     with LocalFederation(workdir, shards, sample_shape(flag, size), target_shape(flag), certs) as fed:
         run_notebook(workdir, fed, args, "synthetic", time.monotonic() + args.timeout)
         rss = fed.peak_rss_mb()
-    results = json.loads((workdir / "results.json").read_text())
-    rss["notebook"] = results["timing"]["notebook_peak_rss_mb"]
-    with open(workdir / "metrics.csv") as rows:
+    timing = run_timing(workdir)
+    rss["notebook"] = timing.pop("notebook_peak_rss_mb")
+    train_images = args.epochs * args.rounds * info(flag)["n_samples"]["train"]
+    train_seconds = timing.pop("train_seconds")
+    return {**timing, "train_images_per_s": train_images / train_seconds, "peak_rss_mb": rss}
+
+
+def run_timing(run_dir: Path) -> dict:
+    """A notebook run's wall time from submission to the end of training, and its round overheads: each round's
+    wall time (between the aggregator's reports) minus the slowest envoy's compute in it (what its tasks timed)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    with open(run_dir / "metrics.csv") as rows:
         metrics = [{**m, "round": int(m["round"]), "time": float(m["time"]), "value": float(m["value"])}
                    for m in csv.DictReader(rows) if m["experiment"] == "train"]
-    # Round r ends when the aggregator reports its metrics; each envoy's compute is what its tasks timed.
     ends, compute, train_s = {}, {}, 0.0
     for m in metrics:
         r = m["round"]
@@ -160,10 +170,38 @@ def federation_run(args, data_dir: Path, workdir: Path) -> dict:
             if m["metric"] == "train_seconds":
                 train_s += m["value"]
     overheads = [ends[r] - ends[r - 1] - max(compute[r].values()) for r in sorted(ends) if r > 0]
-    train_images = args.epochs * args.rounds * info(flag)["n_samples"]["train"]
     timing = results["timing"]
     return {"wall_s": timing["trained"] - timing["submitted"], "round_overhead_s": statistics.median(overheads),
-            "round_overheads_s": overheads, "train_images_per_s": train_images / train_s, "peak_rss_mb": rss}
+            "round_overheads_s": overheads, "train_seconds": train_s,
+            "notebook_peak_rss_mb": timing["notebook_peak_rss_mb"]}
+
+
+def hosts_run(args, data_dir: Path, workdir: Path) -> dict:
+    """The same notebook run across hosts (localfed.hosts): two hospitals whose links carry the WAN profile."""
+    from .hosts import HOSPITALS, HostsFederation, Network, unavailable
+    from .wire import Profile
+
+    if args.envoys != len(HOSPITALS):
+        raise DataError(f"WAN={args.wan} runs {len(HOSPITALS)} envoys, one per hospital host: ENVOYS={len(HOSPITALS)}")
+    reason = unavailable()
+    if reason:
+        raise DataError(f"WAN={args.wan}: {reason}")
+    flag, size = args.dataset, int(args.size)
+    with Network(Profile.parse(args.wan), logs=workdir / "logs") as network:
+        print(f"across hosts: {network.describe()}", flush=True)
+        # The director config's own health period (10 s): nothing is cut here.
+        fed = HostsFederation(workdir, network, data_dir / file_name(flag, size), flag, size, health_period=10)
+        try:
+            fed.prepare()
+            fed.start()
+            run_dir = fed.notebook("bench", {
+                "dataset": flag, "size": size, "rounds_to_train": args.rounds, "epochs_per_round": args.epochs,
+                "seed": args.seed, "device": args.device, "bf16": bool(args.bf16), "stem": args.stem,
+                "data_source": "synthetic", "min_envoys": args.min_envoys, "round_timeout": args.round_timeout},
+                timeout=args.timeout)
+        finally:
+            fed.stop()
+        return {**run_timing(run_dir), "link": network.describe()}
 
 
 # Beyond the same work in a bare process (the limit's workers, CUDA context included): OpenFL, gRPC, the
@@ -215,5 +253,15 @@ def bench(args) -> int:
         print(f"{name} peak RSS {result['peak_rss_mb'][name]} MB; target <= the same work in a bare process, "
               f"{bare:.0f} MB, + {FEDERATION_MB} MB = {bare + FEDERATION_MB:.0f} MB")
     print(f"director peak RSS {result['peak_rss_mb']['director']} MB; notebook {result['peak_rss_mb']['notebook']} MB")
+    if args.wan:
+        hosts = hosts_run(args, data_dir, workdir / "hosts")
+        result["hosts"] = {"link": hosts["link"], "wall_s": round(hosts["wall_s"], 2),
+                           "round_overhead_s": round(hosts["round_overhead_s"], 3),
+                           "round_overheads_s": [round(x, 3) for x in hosts["round_overheads_s"]]}
+        print(f"\nacross hosts, {hosts['link']}")
+        print(f"{'':34}{'loopback':>12}{'across hosts':>14}")
+        print(f"{'wall, submission to trained model':34}{fed['wall_s']:>10.1f} s{hosts['wall_s']:>12.1f} s")
+        print(f"{'round overhead (median)':34}{fed['round_overhead_s']:>10.2f} s{hosts['round_overhead_s']:>12.2f} s")
+        print("round overheads across hosts: " + ", ".join(f"{x:.2f} s" for x in hosts["round_overheads_s"]))
     print(json.dumps(result))
     return 0

@@ -14,13 +14,15 @@ By concern:
 - plaintext: without TLS, a director listens and an envoy connects on loopback only (unless ALLOW_PLAINTEXT=1).
 - faults: lost, restarted and returning envoys; aggregators that vanish; failure reports about ended experiments.
   What it needs from an experiment's aggregator is one interface, contract.EnvoyAwareAggregator.
+- network: envoys' health checks go on after a failed one (OpenFL's stop for good); keepalive on every channel, so
+  that a connection a cut cable killed is noticed and made again.
 - experiments: code an experiment brought leaves the node's module cache when the experiment ends.
 - startup: an envoy waits for a director that is not up yet; a taken director port is one line; an envoy
   imports torch's compiler front end while idle.
 """
 from __future__ import annotations
 
-from . import experiments, faults, polling, startup, tensor_store, tls, trust
+from . import experiments, faults, network, polling, startup, tensor_store, tls, trust
 from .patching import restore_all
 
 __all__ = ["install", "restore_all"]
@@ -28,5 +30,5 @@ __all__ = ["install", "restore_all"]
 
 def install() -> None:
     """Apply every adjustment (again: a no-op)."""
-    for concern in (polling, tensor_store, tls, trust, faults, experiments, startup):
+    for concern in (polling, tensor_store, tls, trust, faults, network, experiments, startup):
         concern.install()

@@ -115,12 +115,16 @@ def current_only(wait_experiment):
 
 def dropping_restarted(acknowledge_shard):
     """Director.acknowledge_shard that, when an envoy registers again during an experiment it is part of, has that
-    experiment go on without it; the envoy then waits for the next one."""
+    experiment go on without it; the envoy then waits for the next one. It also lists a new envoy as without an
+    experiment at once: OpenFL does so only when the envoy first asks for one, and until then the shard registry
+    fails with a KeyError (seconds, for envoys that register again with a restarted director)."""
     from openfl.component.director.experiment import Status
 
     def wrapper(self, shard_info: dict) -> bool:
         accepted = acknowledge_shard(self, shard_info)
         name = shard_info["node_info"]["name"]
+        if accepted:
+            self.col_exp.setdefault(name, None)
         experiment = self.experiments_registry.get(self.col_exp.get(name) or "")
         if accepted and experiment is not None and experiment.status == Status.IN_PROGRESS \
                 and (aggregator := aware(experiment.aggregator)):

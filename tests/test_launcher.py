@@ -42,6 +42,7 @@ def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, 
     (["--mu", "-1"], "MU=-1.0: FedProx's proximal weight must be a number of at least 0"),
     (["--server-lr", "0"], "SERVER_LR=0.0: it must be a positive number"),
     (["--partition", "skewed"], "PARTITION=skewed: use iid or dirichlet"),
+    (["--wan", "20ms,fast"], "WAN=20ms,fast: 'fast' in the link profile '20ms,fast': give e.g. 40ms, 50mbit and 0.5%"),
 ])
 def test_bad_settings_are_refused_up_front(tmp_path, capsys, args, message):
     assert main(["demo", "--data", "synthetic", "--runs", str(tmp_path / "runs"), *args]) == 1

@@ -190,12 +190,15 @@ def test_an_envoy_that_registers_again_mid_experiment_is_dropped_from_it():
 
     assert "self._shard_registry[shard_info[\"node_info\"][\"name\"]] = {" in \
         inspect.getsource(director.Director.acknowledge_shard).replace("'", '"')
+    # The shard registry reads every registered envoy's experiment, which OpenFL sets only once the envoy asks.
+    assert 'envoy_info["experiment_name"] = self.col_exp[envoy_name]' in inspect.getsource(director.Director.get_envoys)
     running = SimpleNamespace(status="in_progress", aggregator=Aware())
     fake = SimpleNamespace(col_exp={"envoy_1": "run"}, experiments_registry={"run": running})
     wrapped = faults.dropping_restarted(lambda self, info: True)
     for name in ("envoy_1", "envoy_2"):  # envoy_2 is new: nothing to leave
         assert wrapped(fake, {"node_info": {"name": name}})
     assert running.aggregator.calls == [("envoy_1", "it restarted during the experiment; it joins the next one")]
+    assert fake.col_exp == {"envoy_1": "run", "envoy_2": None}
 
 
 def test_the_director_ignores_failure_reports_about_experiments_that_are_over():
@@ -338,3 +341,87 @@ def test_fast_tensor_db_answers_as_openfls_does_for_the_algorithms_aggregations(
             np.testing.assert_allclose(answers[0], answers[1], rtol=1e-6)
         if algorithm == "fedyogi":
             assert [f.steps["weight"] for f in functions] == [3, 3]
+
+
+def test_openfls_health_checks_stop_at_the_first_failure_and_wait_without_a_deadline():
+    from openfl.component.envoy.envoy import Envoy
+    from openfl.transport.grpc.director_client import ShardDirectorClient
+
+    loop, client = inspect.getsource(Envoy.send_health_check), inspect.getsource(ShardDirectorClient.send_health_check)
+    # A failed call returns None, and the thread's time.sleep(None) ends it: what network.py replaces.
+    assert "timeout = self.director_client.send_health_check(" in loop and "time.sleep(timeout)" in loop
+    assert "except grpc.RpcError as rpc_error:" in client and "self.stub.UpdateEnvoyStatus(status)" in client
+    # What network.health_check sends in its place.
+    for field in ("name=envoy_name", "is_experiment_running=is_experiment_running", "status.cuda_devices.extend(",
+                  "response.health_check_period.seconds"):
+        assert field in client, field
+
+
+def test_an_envoys_health_checks_go_on_after_failures_with_a_deadline_each(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    import grpc
+    import pytest
+
+    from openfl_adjustments import network
+
+    class Failed(grpc.RpcError):
+        def __init__(self, code):
+            self._code = code
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return "Deadline Exceeded"
+
+    answers = iter([7, Failed(grpc.StatusCode.DEADLINE_EXCEEDED), Failed(grpc.StatusCode.UNAVAILABLE), 7,
+                    Failed(grpc.StatusCode.NOT_FOUND), 7])
+    calls, registered, sleeps = [], [], []
+
+    def update(status, timeout):
+        calls.append((status.name, status.is_experiment_running, timeout))
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return SimpleNamespace(health_check_period=SimpleNamespace(seconds=answer))
+
+    class Done(Exception):
+        pass
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 6:
+            raise Done
+
+    envoy = SimpleNamespace(name="envoy_2", is_experiment_running=True, _get_cuda_device_info=lambda: [],
+                            shard_descriptor="shard", cuda_devices=(),
+                            director_client=SimpleNamespace(stub=SimpleNamespace(UpdateEnvoyStatus=update),
+                                                            report_shard_info=lambda **kw: registered.append(kw)))
+    monkeypatch.setattr(network.time, "sleep", sleep)
+    with caplog.at_level("INFO", logger="openfl_adjustments"), pytest.raises(Done):
+        network.steady_health_checks(envoy)
+    assert [c[:2] for c in calls] == [("envoy_2", True)] * 6
+    assert [c[2] for c in calls] == [network.HEALTH_DEADLINE_S] + [7] * 5  # the director's period, once known
+    assert sleeps == [7] * 6 and registered == [{"shard_descriptor": "shard", "cuda_devices": ()}]
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("does not answer this envoy's health checks (DEADLINE_EXCEEDED" in line for line in lines) == 1
+    assert sum("answers this envoy's health checks again" in line for line in lines) == 1
+
+
+def test_every_channel_and_server_keeps_its_connections_alive_and_can_be_undone():
+    from openfl.transport.grpc import aggregator_client, aggregator_server, director_client, director_server
+
+    import openfl_adjustments
+    from openfl_adjustments import network
+
+    modules = (aggregator_client, aggregator_server, director_client, director_server)
+    originals = [m.channel_options for m in modules]
+    assert all("channel_options" in inspect.getsource(m) for m in modules)
+    try:
+        openfl_adjustments.install()
+        for module, original in zip(modules, originals, strict=True):
+            assert module.channel_options == [*original, *network.KEEPALIVE]
+    finally:
+        openfl_adjustments.restore_all()
+    assert [m.channel_options for m in modules] == originals

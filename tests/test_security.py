@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -66,6 +68,30 @@ def _signed(tmp_path, pki, signer="alice", experiment="exp", which="good"):
 
 def test_a_signed_archive_verifies_and_names_its_signer(tmp_path, pki):
     cert = signing.verify(_signed(tmp_path, pki), "exp", _ca(pki))
+    assert tlscerts.identity(cert) == ("alice", "researcher")
+
+
+def test_the_notebook_signs_with_certificate_paths_relative_to_its_folder(tmp_path, pki, monkeypatch):
+    """submission() packs in a temporary copy of the folder; `../certs/alice.key` must still mean the notebook's."""
+    from openfl.interface.interactive_api.experiment import FLExperiment
+
+    from medfl.researcher.submit import submission
+
+    (tmp_path / "certs").mkdir()
+    for name in ("alice.crt", "alice.key"):
+        (tmp_path / "certs" / name).write_bytes((pki / "good" / name).read_bytes())
+    (tmp_path / "workspace").mkdir()
+    monkeypatch.chdir(tmp_path / "workspace")
+
+    def pack(experiment):  # what OpenFL's packing leaves for the signature: the archive, in the staged copy
+        experiment.arch_path = str(_archive(Path.cwd().parent / "packed.zip", {"plan/plan.yaml": b"x: 1"}))
+
+    monkeypatch.setattr(FLExperiment, "prepare_workspace_distribution", pack)
+    experiment = SimpleNamespace(experiment_name="relative")
+    with submission("../certs/alice.crt", "../certs/alice.key"):
+        FLExperiment.prepare_workspace_distribution(experiment)
+        assert Path.cwd() != tmp_path / "workspace"
+        cert = signing.verify(Path(experiment.arch_path), "relative", _ca(pki))
     assert tlscerts.identity(cert) == ("alice", "researcher")
 
 

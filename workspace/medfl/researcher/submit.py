@@ -26,6 +26,8 @@ def submission(api_cert: str = "", api_key: str = "", folder: str | Path = ".") 
     so in the copy: the nodes get this folder's code (the medfl package and any module beside it) and nothing else.
     """
     source = Path(folder).resolve()
+    # The block runs in the copy: certificate paths relative to where the notebook runs must not follow it there.
+    api_cert, api_key = (str(Path(p).resolve()) if p else "" for p in (api_cert, api_key))
     with tempfile.TemporaryDirectory(prefix="medfl-submit-") as tmp:
         staged = Path(tmp) / source.name  # OpenFL names the archive after the folder
         shutil.copytree(source, staged, ignore=shutil.ignore_patterns(*LEFT_OUT))
