@@ -14,7 +14,7 @@ RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds
 	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --bf16 "$(BF16)" --stem "$(STEM)" \
 	--dp "$(DP)" --epsilon "$(EPSILON)" --algo "$(ALGO)" --mu "$(MU)" --server-lr "$(SERVER_LR)"
 
-.PHONY: venv demo baseline bench compare certs test test-pythons test-hosts lint clean hpu-deps
+.PHONY: venv demo baseline bench stems compare certs test test-pythons test-hosts lint clean hpu-deps
 
 # Reinstalls when requirements.txt is newer than $(VENV)/.installed; recreates for another PYTHON.
 venv:
@@ -35,6 +35,11 @@ compare: venv
 # WAN=20ms,50mbit,0.5% (each way) also runs it across hosts (network namespaces; root): the README's round overheads.
 bench: venv
 	$(PY) -m localfed bench $(RUN_ARGS) --wan "$(WAN)"
+
+# The network's two stems side by side on a task that only full resolution can see (localfed/stems.py): training
+# images/s and test accuracy on one device. SIZE 56, 112 or 224 (default 224); DEVICE, BF16 as for make bench.
+stems: venv
+	$(PY) -m localfed.stems --size "$(or $(SIZE),224)" --device "$(or $(DEVICE),auto)" --bf16 "$(or $(BF16),0)"
 
 # A local CA and certificates, each with its role, in certs/: the director, envoy_1..ENVOYS, and the researchers
 # who may submit experiments (RESEARCHERS="alice bob"; default one called researcher). More director names or
