@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -13,8 +11,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import psutil
 
 from medfl.aggregator import quorum
 from medfl.algorithms import describe
@@ -26,7 +22,7 @@ from medmnist_shard.spec import sample_shape, target_shape
 from tlscerts import DEFAULT_RESEARCHERS
 from tlscerts import make as make_certs
 
-from . import ROOT, FederationError, LocalFederation, free_port, signals_deferred, tail
+from . import ROOT, FederationError, LocalFederation, free_port, kill_tree, signals_deferred, tail
 from .data import SOURCES, resolve
 from .wire import Profile
 
@@ -201,7 +197,7 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
             reader.start()
             watch(notebook, federation, deadline, log)
         except BaseException:
-            _kill_group(notebook)
+            kill_tree(notebook)
             raise
         reader.join(timeout=5)
     if notebook.returncode != 0:
@@ -239,21 +235,6 @@ def _relay(stream, out) -> None:
         out.flush()
         if PROGRESS.match(line):
             print(f"  {line.rstrip()}", flush=True)
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """Kill papermill's process group and its kernel, which Jupyter starts in a session of its own (left
-    alone, the kernel would go on for a moment and might write a run folder after the interrupt)."""
-    try:
-        kernels = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kernels = []
-    for child in kernels:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def demo(args) -> int:

@@ -28,7 +28,7 @@ import yaml
 
 from medmnist_shard.spec import sample_shape, target_shape
 
-from . import REGISTERED, ROOT, Component, FederationError, signals_deferred, tail
+from . import REGISTERED, ROOT, Component, FederationError, kill_tree, signals_deferred, tail
 from .wire import Profile
 
 PREFIX = "flh-"  # every namespace this module makes starts with it, then the owner's pid
@@ -471,7 +471,7 @@ class HostsFederation:
             except subprocess.TimeoutExpired:
                 raise HostsError(f"the notebook took longer than {timeout:.0f} s; its log: {log}") from None
             finally:
-                _kill_tree(process)
+                kill_tree(process)
                 reader.join(timeout=10)
         if process.returncode != 0:
             lines = [line for line in log.read_text().splitlines() if line.strip()]
@@ -514,7 +514,7 @@ while True:
             try:
                 c.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _kill_tree(c.process)
+                kill_tree(c.process)
 
 
 def _relay(stream, out, on_line) -> None:
@@ -523,17 +523,3 @@ def _relay(stream, out, on_line) -> None:
         out.flush()
         if on_line:
             on_line(line.rstrip("\n"))
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    """Kill a process, its group and its descendants (Jupyter starts kernels in sessions of their own)."""
-    try:
-        children = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
