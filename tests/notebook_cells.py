@@ -27,7 +27,9 @@ def run_cells(tags, namespace: dict | None = None, path: Path = CPU_NOTEBOOK, **
 
 
 def run_until(tag: str, path: Path = CPU_NOTEBOOK, **parameters) -> dict:
-    """Run the cells up to and including the one tagged `tag`, the parameters overridden; return the namespace."""
+    """Run the cells up to and including the one tagged `tag`, the parameters overridden; return the namespace.
+    output_dir must be among them: the notebook's own (../runs) would put a test's logs beside the repository."""
+    assert "output_dir" in parameters, "give run_until an output_dir in the test's tmp_path"
     tags = [t for t, _ in code_cells(path)]
     namespace = run_cells(tags[:tags.index("parameters") + 1], path=path)
     return run_cells(tags[tags.index("parameters") + 1:tags.index(tag) + 1], namespace, path, **parameters)

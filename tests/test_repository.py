@@ -80,7 +80,7 @@ def test_every_interactive_api_step_is_in_a_code_cell_of_both_notebooks():
         assert "!pip" not in code
 
 
-def test_the_notebooks_define_what_the_package_runs_elsewhere():
+def test_the_notebooks_define_what_the_package_runs_elsewhere(tmp_path):
     """One source of truth: the model, data interface and task cells are the package's code, and register the
     tasks as medfl.build_tasks does for the baseline, the benchmark and the tests."""
     import inspect
@@ -98,8 +98,10 @@ def test_the_notebooks_define_what_the_package_runs_elsewhere():
             for obj in objects:
                 assert inspect.getsource(obj).strip() in cells[tag], f"{path.name}: {obj.__name__} differs"
         ns = run_cells(["parameters"], path=path)
+        # The imports cell opens the run's OpenFL log under output_dir, which is relative to the notebook's folder.
         ns = run_cells(["imports", "model", "data", "model-interface", "train-task", "validate-task"], ns, path,
-                       dummy_shard_descriptor=DummyShardDescriptor(["28", "28", "3"], ["1"], 4))
+                       dummy_shard_descriptor=DummyShardDescriptor(["28", "28", "3"], ["1"], 4),
+                       output_dir=str(tmp_path / "runs"))
         package = medfl.build_tasks(DEFAULTS["dataset"], DEFAULTS["epochs_per_round"], ns["device"], ns["bf16"],
                                     aggregation=medfl.aggregation_function(DEFAULTS["algorithm"], ns["model"]))
         assert ns["TI"].task_contract == package.task_contract
