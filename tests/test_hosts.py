@@ -25,6 +25,7 @@ from medmnist_shard.synthetic import make_synthetic, split_sizes
 if os.environ.get("CI") != "true" and os.environ.get("HOSTS_TEST") != "1":
     pytest.skip("multi-host test: runs when CI=true or HOSTS_TEST=1 (make test-hosts; about 3 minutes, as root)",
                 allow_module_level=True)
+pytestmark = pytest.mark.slow  # make test-pythons leaves it to the default Python (3 minutes a version)
 
 CUT = "hospital-b"  # whose cable is cut
 CUT_ENVOY = HOSPITALS[CUT]
