@@ -164,6 +164,18 @@ def shard_params(args, data_dir: Path) -> dict[str, dict]:
     return shards
 
 
+def local_federation(args, run_dir: Path, shards: dict[str, dict]) -> LocalFederation:
+    """A director and an envoy per shard (not started yet), with mutual TLS unless TLS=0: the certificates in
+    certs/, made where missing."""
+    certs = None
+    if args.tls:
+        certs = ROOT / "certs"
+        written = make_certs(certs, envoys=list(shards))
+        print(f"mutual TLS with certificates in {certs}" + (f" ({len(written)} files made)" if written else ""))
+    return LocalFederation(run_dir, shards, sample_shape(args.dataset, args.size), target_shape(args.dataset),
+                           certs, health_period=args.health_period or None)
+
+
 def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: str, deadline: float,
                  algorithm: str | None = None) -> None:
     """Execute the notebook headless against the federation, showing its progress lines live; `algorithm`
@@ -245,13 +257,7 @@ def demo(args) -> int:
     print(f"data: {data_source} ({data_dir})")
     shards = shard_params(args, data_dir)
     run_dir = Path(args.runs).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.size}"
-    certs = None
-    if args.tls:
-        certs = ROOT / "certs"
-        written = make_certs(certs, envoys=list(shards))  # only what is missing
-        print(f"mutual TLS with certificates in {certs}" + (f" ({len(written)} files made)" if written else ""))
-    federation = LocalFederation(run_dir, shards, sample_shape(args.dataset, args.size), target_shape(args.dataset),
-                                 certs, health_period=args.health_period or None)
+    federation = local_federation(args, run_dir, shards)
     print(f"run folder: {run_dir}")
     print(f"starting a director and {args.envoys} envoys on {federation.host}:{federation.port} ...")
     with federation:

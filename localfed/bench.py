@@ -27,11 +27,10 @@ import torch
 from medfl import MedMNISTData, build_model, pick_device, task_type, train, validate
 from medfl.researcher import DEFAULTS
 from medmnist_shard import DataError, MedMNISTShardDescriptor
-from medmnist_shard.spec import file_name, info, sample_shape, target_shape
+from medmnist_shard.spec import file_name, info
 from medmnist_shard.synthetic import make_synthetic
-from tlscerts import make as make_certs
 
-from . import ROOT, LocalFederation
+from . import ROOT
 
 TRAIN_BATCH, EVAL_BATCH, LR = (DEFAULTS[k] for k in ("train_batch_size", "eval_batch_size", "learning_rate"))
 
@@ -134,15 +133,12 @@ def _peak_rss_mb(pid: int) -> float:
 def federation_run(args, data_dir: Path, workdir: Path) -> dict:
     """The notebook against a real director and envoys: wall time from submission to the end of training,
     per-round overheads, training throughput and peak memory."""
-    from .__main__ import run_notebook
+    from .__main__ import local_federation, run_notebook
 
     flag, size, envoys = args.dataset, int(args.size), args.envoys
     shards = {f"envoy_{r}": {"flag": flag, "size": size, "data_dir": str(data_dir), "rank_worldsize": f"{r},{envoys}",
                              "download": False} for r in range(1, envoys + 1)}
-    certs = ROOT / "certs" if args.tls else None
-    if certs:
-        make_certs(certs, envoys=list(shards))
-    with LocalFederation(workdir, shards, sample_shape(flag, size), target_shape(flag), certs) as fed:
+    with local_federation(args, workdir, shards) as fed:
         run_notebook(workdir, fed, args, "synthetic", time.monotonic() + args.timeout)
         rss = fed.peak_rss_mb()
     timing = run_timing(workdir)

@@ -15,11 +15,8 @@ import time
 from pathlib import Path
 
 from medfl.algorithms import describe
-from medmnist_shard.spec import sample_shape, target_shape
-from tlscerts import make as make_certs
 
-from . import ROOT, LocalFederation
-from .__main__ import RunError, compared, run_notebook, shard_params
+from .__main__ import RunError, compared, local_federation, run_notebook, shard_params
 from .baseline import baseline
 from .data import resolve
 
@@ -35,12 +32,7 @@ def compare(args) -> int:
     print(f"data: {data_source} ({data_dir})")
     shards = shard_params(args, data_dir)
     out = Path(args.runs).resolve() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    certs = None
-    if args.tls:
-        certs = ROOT / "certs"
-        make_certs(certs, envoys=list(shards))  # only what is missing
-    federation = LocalFederation(out, shards, sample_shape(args.dataset, args.size), target_shape(args.dataset),
-                                 certs, health_period=args.health_period or None)
+    federation = local_federation(args, out, shards)
     steps = len(algorithms) + 1
     print(f"comparing {', '.join(algorithms)} and a centralized baseline: {args.rounds} rounds x {args.epochs} "
           f"epochs, {args.partition} partition{f' alpha {args.alpha:g}' if args.partition == 'dirichlet' else ''}, "

@@ -23,6 +23,7 @@ from medfl.device import DeviceError, autocast, pick_device
 from medfl.model import STEMS, Net
 
 TEXTURES = ("none", "checkerboard", "horizontal stripes", "vertical stripes")
+WARMUP_STEPS = 3  # untimed: the first steps pay for cuDNN's choices, not the stem
 
 
 def fine_detail(n: int, size: int, seed: int, amplitude: float = 4.0, noise: float = 8.0
@@ -55,10 +56,8 @@ def run(stem: str, size: int, device: torch.device, bf16: bool, data: dict, epoc
         model.train()
         order = torch.randperm(len(y_train), generator=generator).to(device)
         for i, start in enumerate(range(0, len(order), batch)):
-            if i == 3 and epoch == 0:  # the first steps pay for cuDNN's choices, not the stem
+            if i == (WARMUP_STEPS if epoch == 0 else 0):  # the clock starts after the warm-up, then each epoch
                 _sync(device)
-                began, seen = time.perf_counter(), 0
-            elif i == 0 and epoch > 0:
                 began = time.perf_counter()
             index = order[start:start + batch]
             with autocast(device, bf16):
@@ -66,7 +65,7 @@ def run(stem: str, size: int, device: torch.device, bf16: bool, data: dict, epoc
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            seen += len(index) if (epoch or i >= 3) else 0
+            seen += len(index) if epoch or i >= WARMUP_STEPS else 0
         _sync(device)
         train_s += time.perf_counter() - began
     model.eval()

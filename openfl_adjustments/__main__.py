@@ -35,8 +35,8 @@ if __name__ == "__main__":
             sys.exit(f"error: {exc}")
     install()
     startup.stop_on_signals(node)
-    if role == "envoy":
-        startup.preload_for_envoy()
+    if role == "envoy" and "start" in sys.argv:
+        startup.preload_for_envoy(Path(_option("--envoy-config-path")))
     from openfl.interface.cli import entry
 
     sys.argv[0] = "fx"

@@ -65,14 +65,14 @@ def director_port_is_free(argv: list[str]) -> None:
                      "holds it; stop it, or choose another port with DIRECTOR_PORT")
 
 
-def preload_for_envoy(cuda_devices=()) -> None:
+def preload_for_envoy(config: Path) -> None:
     """Import, and set up, while idle what the first experiment would otherwise pay for on its clock: torch's
     compiler front end, and a CUDA context on each GPU the envoy's config lists (else its default one)."""
     import torch
     import torch._dynamo  # noqa: F401
 
     if torch.cuda.is_available():
-        for index in cuda_devices or (torch.cuda.current_device(),):
+        for index in cuda_devices(config) or (torch.cuda.current_device(),):
             torch.zeros(1, device=f"cuda:{index}")
 
 

@@ -11,7 +11,7 @@ from openfl.utilities.optimizers.torch import FedProxAdam
 from torch import nn
 
 from medfl import MedMNISTData, aggregation_function, build_model, build_tasks, train
-from medfl.algorithms import ALGORITHMS, GeometricMedian, ServerOptimizer, settings
+from medfl.algorithms import ALGORITHMS, GeometricMedian, ServerOptimizer, WeightedMean, settings
 from medfl.data import to_float_chw
 from medmnist_shard import MedMNISTShardDescriptor
 
@@ -147,7 +147,9 @@ def test_a_server_optimizer_averages_what_gradients_do_not_train_and_keeps_its_o
     first = server(trained, None, "linear.weight", 0, ("trained",))
     again = server(trained, None, "linear.weight", 0, ("trained",))  # asked twice in a round: one step
     np.testing.assert_array_equal(first, again)
+    kept = first.copy()
     first[...] = 99.0  # whoever holds the answer cannot change the server's state
+    np.testing.assert_array_equal(server(trained, None, "linear.weight", 0, ("trained",)), kept)
     later = server(trained, None, "linear.weight", 1, ("trained",))
     assert np.all(np.abs(later) < 10) and server.steps["linear.weight"] == 2
     assert aggregation_function("fedadam", Tiny()) is not server  # not a singleton: every run starts afresh
@@ -157,6 +159,8 @@ def test_every_algorithm_has_an_aggregation_and_settings_to_record():
     for algorithm in ALGORITHMS:
         chosen = aggregation_function(algorithm, Tiny())
         assert isinstance(chosen, (WeightedAverage, Median, GeometricMedian, ServerOptimizer)), algorithm
+        assert type(chosen) is {"fedavg": WeightedMean, "fedprox": WeightedMean, "median": Median,
+                                 "geomedian": GeometricMedian}.get(algorithm, ServerOptimizer), algorithm
         recorded = settings(algorithm, mu=0.01)
         assert recorded["name"] == algorithm and ("mu" in recorded) == (algorithm == "fedprox")
     assert settings("fedadam", 0.01) == {"name": "fedadam", "server_learning_rate": 1e-2, "betas": [0.9, 0.99],

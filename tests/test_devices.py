@@ -147,9 +147,9 @@ def test_an_idle_envoy_makes_its_cuda_context_on_the_gpus_its_config_lists(monke
     monkeypatch.setattr(torch, "zeros", lambda *shape, device=None: made.append(device))
     config = tmp_path / "envoy_config.yaml"
     config.write_text("params:\n  cuda_devices: [1, 2]\n")
-    startup.preload_for_envoy(startup.cuda_devices(config))
+    startup.preload_for_envoy(config)
     config.write_text("params:\n  cuda_devices: []\n")
-    startup.preload_for_envoy(startup.cuda_devices(config))
+    startup.preload_for_envoy(config)
     assert made == ["cuda:1", "cuda:2", "cuda:0"]
 
 

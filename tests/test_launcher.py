@@ -118,6 +118,7 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
             assert documented[variable.upper()] == str(value), variable
     assert {"DATASET", "SIZE", "ENVOYS", "ROUNDS", "EPOCHS", "SEED", "MIN_ENVOYS", "TLS", "ALGO", "MU",
             "ALGOS"} <= set(documented)
+    assert documented["ALGOS"] == empty.algorithms  # stored as args.algorithms, so not matched above
 
 
 @pytest.mark.slow

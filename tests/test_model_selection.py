@@ -45,6 +45,7 @@ def test_the_first_maximum_rule_kept_the_weaker_model():
         if first_maximum is None or auc > first_maximum[1]:
             first_maximum = (r, auc)
     assert first_maximum[0] == 3 and Best().pick(stream(EASY)).round == 5
+    assert Best().pick(stream(EASY[:4])).round == 3  # before any tie, the new rule agrees
 
 
 def test_equal_loss_goes_to_the_later_round_and_a_worse_loss_keeps_the_earlier():

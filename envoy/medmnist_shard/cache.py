@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import image_header, iter_image_rows, size_text
+from .files import atomic_write, image_header, iter_image_rows, size_text
 from .spec import DataError
 
 FORMAT = 1  # part of every cache name: bump it when the layout changes, and old caches are never read
@@ -90,8 +90,8 @@ def _write(target: Path, data_path: Path, split: str, indices: np.ndarray, shape
         header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
     start = len(header.getvalue())
     row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
-    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
+    with atomic_write(target) as out:
+        fd = out.fileno()
         # The lock tells _remove_stale in other processes that this partial file is still being written.
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, header.getvalue())
@@ -104,15 +104,6 @@ def _write(target: Path, data_path: Path, split: str, indices: np.ndarray, shape
                 for position, row in zip(positions, rows, strict=True):
                     _write_all(fd, memoryview(row).cast("B"), start + int(position) * row_bytes)
         os.ftruncate(fd, start + shape[0] * row_bytes)  # an empty shard still ends where its header says
-        os.fsync(fd)  # a cache renamed into place before its bytes reach the disk could serve zeros after a crash
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        os.replace(partial, target)
-    finally:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
 
 
 def _write_all(fd: int, data: memoryview, offset: int):

@@ -57,12 +57,14 @@ def atomic_write(target: Path):
     try:
         with os.fdopen(fd, "wb") as out:
             yield out
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)  # mkstemp makes 0600; data files are ordinary files
-        os.replace(partial, target)
+            out.flush()
+            os.fsync(fd)  # a file renamed into place before its bytes reach the disk could read as zeros after a crash
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; data files are ordinary files
+            os.replace(partial, target)  # while still open: a lock the caller took on it is held until then
     finally:
-        if os.path.exists(partial):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
 
 
@@ -276,8 +278,7 @@ def inspect(path: Path, flag: str, size: int) -> dict[str, int]:
             for split in SPLITS:
                 image_shape, image_dtype = _header(archive, f"{split}_images")
                 label_shape, _ = _header(archive, f"{split}_labels")
-                # Grayscale files store (N, H, W); RGB ones (N, H, W, 3).
-                image_sample = image_shape[1:] if len(image_shape) == 4 else (*image_shape[1:], 1)
+                image_sample = _sample(image_shape)
                 if image_sample != want_image or image_dtype != np.uint8:
                     raise DataError(
                         f"{path}: {split}_images is {image_dtype} {image_shape}, expected uint8 "
@@ -357,7 +358,7 @@ def iter_image_rows(path: Path, split: str, indices):
             if fortran and len(shape) > 1:
                 # Column-major pixels put no image in one contiguous run: nothing to stream by rows.
                 logger.warning("%s: %s is stored in Fortran order; loading the whole split to pick rows", path, key)
-                yield order, _load(path, key).reshape(n, *sample)[wanted]
+                yield order, load_images(path, split)[wanted]
                 return
             row_bytes = dtype.itemsize * math.prod(sample)
             step = max(1, CHUNK_BYTES // max(row_bytes, 1))
