@@ -57,6 +57,7 @@ def parse(argv=None) -> argparse.Namespace:
         parser.add_argument(option, type=_or_default(kind, DEFAULTS[key]), default=DEFAULTS[key])
     parser.add_argument("--algo", type=_or_default(str, DEFAULTS["algorithm"]), default=DEFAULTS["algorithm"])
     parser.add_argument("--mu", type=_or_default(float, DEFAULTS["mu"]), default=DEFAULTS["mu"])
+    parser.add_argument("--ntd-beta", type=_or_default(float, DEFAULTS["ntd_beta"]), default=DEFAULTS["ntd_beta"])
     parser.add_argument("--server-lr", type=_or_default(float, DEFAULTS["server_learning_rate"]),
                         default=DEFAULTS["server_learning_rate"], help="empty: the FedOpt paper's for the algorithm")
     parser.add_argument("--algorithms", type=_or_default(str, COMPARED), default=COMPARED,
@@ -137,12 +138,12 @@ def check(args) -> None:
         raise DataError("ALGOS is empty: name the algorithms to compare, e.g. fedavg,fedprox")
     try:
         for algorithm in algorithms:
-            check_algorithm(algorithm, args.mu, args.server_lr)
+            check_algorithm(algorithm, args.mu, args.server_lr, ntd_beta=args.ntd_beta, dataset=args.dataset)
     except ParameterError as exc:
         # The notebook's parameter names, as the Makefile's variables.
         name, _, rest = str(exc).partition("=")
         make = {"algorithm": "ALGOS" if args.command == "compare" else "ALGO", "mu": "MU",
-                "server_learning_rate": "SERVER_LR"}
+                "server_learning_rate": "SERVER_LR", "ntd_beta": "NTD_BETA"}
         raise DataError(f"{make.get(name, name)}={rest}") from None
 
 
@@ -194,6 +195,7 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                *(["-p", "stem", args.stem] if args.stem else []),
                *(["-p", "dp", "True", "-p", "dp_target_epsilon", str(args.epsilon)] if args.dp else []),
                "-p", "algorithm", algorithm or args.algo, "-p", "mu", str(args.mu),
+               "-p", "ntd_beta", str(args.ntd_beta),
                *(["-p", "server_learning_rate", str(args.server_lr)] if args.server_lr is not None else [])]
     if federation.certs:
         researcher = federation.certs / RESEARCHER

@@ -1,6 +1,7 @@
 """The federated algorithms (medfl.algorithms): FedProx on the envoys, FedOpt's server optimizers and the robust
 aggregations on the director, each against a reference computed here, and the OpenFL pieces they replace."""
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +12,15 @@ from openfl.utilities.optimizers.torch import FedProxAdam
 from torch import nn
 
 from medfl import MedMNISTData, aggregation_function, build_model, build_tasks, train
-from medfl.algorithms import ALGORITHMS, GeometricMedian, ServerOptimizer, WeightedMean, settings
+from medfl.algorithms import (
+    ALGORITHMS,
+    GeometricMedian,
+    NotTrueDistillation,
+    ServerOptimizer,
+    WeightedMean,
+    describe,
+    settings,
+)
 from medfl.data import to_float_chw
 from medmnist_shard import MedMNISTShardDescriptor
 
@@ -92,6 +101,94 @@ def test_fedprox_pulls_towards_the_rounds_global_model(tiny_file):
     assert drift[10.0] < 0.8 * drift[0.0]
 
 
+# --- FedNTD ---------------------------------------------------------------------------------------------------
+
+
+class Fixed(nn.Module):
+    """A 'model' whose logits are given: the teacher in the FedNTD tests."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", torch.as_tensor(logits, dtype=torch.float32))
+
+    def forward(self, images):
+        return self.logits
+
+
+def test_not_true_distillation_matches_the_kl_divergence_computed_by_hand():
+    teacher = [[2.0, 0.5, -1.0, 0.0], [0.0, 1.0, 3.0, -2.0]]
+    student = torch.tensor([[0.3, -0.2, 0.8, 1.5], [1.0, 0.0, -1.0, 0.5]], requires_grad=True)
+    target = torch.tensor([0, 2])
+    beta, tau = 0.7, 2.0
+    ntd = NotTrueDistillation(beta, tau)
+    ntd.start(Fixed(teacher))
+    loss = ntd(student, torch.zeros(2, 1), target)
+    expected = 0.0
+    for t_row, s_row, label in zip(teacher, student.tolist(), target.tolist(), strict=True):
+        t = [math.exp(v / tau) for i, v in enumerate(t_row) if i != label]
+        s = [math.exp(v / tau) for i, v in enumerate(s_row) if i != label]
+        p, q = [v / sum(t) for v in t], [v / sum(s) for v in s]
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    assert loss.item() == pytest.approx(beta * expected / 2, rel=1e-6)
+    loss.backward()
+    # The labelled class is cross-entropy's alone: the distillation term leaves its logit untouched.
+    assert student.grad[0, 0] == 0 and student.grad[1, 2] == 0 and student.grad.abs().sum() > 0
+    ntd.start(Fixed(student.detach()))  # a student that agrees with its teacher has nothing to learn from it
+    assert ntd(student.detach(), torch.zeros(2, 1), target).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_not_true_distillation_refuses_what_it_cannot_do():
+    for beta, tau in ((-0.1, 1.0), (1.0, 0.0), (True, 1.0), ("1", 1.0)):
+        with pytest.raises(ValueError, match="FedNTD's"):
+            NotTrueDistillation(beta, tau)
+    ntd = NotTrueDistillation()
+    with pytest.raises(RuntimeError, match="start"):
+        ntd(torch.zeros(2, 4), torch.zeros(2, 1), torch.tensor([0, 1]))
+    ntd.start(Fixed(torch.zeros(2, 2)))
+    with pytest.raises(ValueError, match="three or more classes"):
+        ntd(torch.zeros(2, 2), torch.zeros(2, 1), torch.tensor([0, 1]))
+    ntd.start(Fixed(torch.zeros(2, 4)))
+    with pytest.raises(ValueError, match="single-label"):
+        ntd(torch.zeros(2, 4), torch.zeros(2, 1), torch.zeros(2, 4))  # multi-label targets
+    assert pickle.loads(pickle.dumps(ntd)).teacher is None  # the settings travel, never a model
+
+
+def _one_round(shard, distill, lr=1e-2):
+    torch.manual_seed(0)
+    model = build_model("bloodmnist", 28)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = MedMNISTData(train_batch_size=16, seed=0)
+    data.shard_descriptor = shard
+    report = train(model, data.get_train_loader(), torch.optim.Adam(model.parameters(), lr=lr), "cpu",
+                   task="multi-class", epochs=2, device_request="cpu", distill=distill)
+    return start, model, report
+
+
+def test_fedntd_with_beta_0_trains_bit_for_bit_what_fedavg_trains_and_keeps_the_global_models_view(tiny_file):
+    folder = tiny_file("bloodmnist", 28, {"train": 64, "val": 16, "test": 16}).parent
+    shard = MedMNISTShardDescriptor("bloodmnist", 28, folder, "1,1")
+    _, fedavg, fedavg_report = _one_round(shard, None)
+    ntd_0 = NotTrueDistillation(beta=0.0)
+    _, fedntd_0, ntd_0_report = _one_round(shard, ntd_0)
+    for name, value in fedavg.state_dict().items():
+        assert torch.equal(fedntd_0.state_dict()[name], value), name
+    assert ntd_0_report["train_loss"] == fedavg_report["train_loss"]  # train_loss is the cross-entropy alone
+    assert ntd_0.teacher is None  # dropped after the round, not kept between rounds
+    # A strong distillation keeps the local model's not-true softmax nearer the global model's than FedAvg does.
+    start, fedntd, _ = _one_round(shard, NotTrueDistillation(beta=10.0))
+    global_model = build_model("bloodmnist", 28)
+    global_model.load_state_dict(start)
+    data = MedMNISTData(eval_batch_size=64)
+    data.shard_descriptor = shard
+    images, labels = next(iter(data.get_valid_loader()))
+    x, y = to_float_chw(images), labels[:, 0].long()
+    probe = NotTrueDistillation()
+    probe.start(global_model)
+    with torch.no_grad():
+        gap = {name: probe(m.eval()(x), x, y).item() for name, m in (("fedavg", fedavg), ("fedntd", fedntd))}
+    assert gap["fedntd"] < 0.7 * gap["fedavg"], gap
+
+
 # --- FedOpt on the director --------------------------------------------------------------------------------------
 
 
@@ -159,10 +256,14 @@ def test_every_algorithm_has_an_aggregation_and_settings_to_record():
     for algorithm in ALGORITHMS:
         chosen = aggregation_function(algorithm, Tiny())
         assert isinstance(chosen, (WeightedAverage, Median, GeometricMedian, ServerOptimizer)), algorithm
-        assert type(chosen) is {"fedavg": WeightedMean, "fedprox": WeightedMean, "median": Median,
-                                 "geomedian": GeometricMedian}.get(algorithm, ServerOptimizer), algorithm
+        assert type(chosen) is {"fedavg": WeightedMean, "fedprox": WeightedMean, "fedntd": WeightedMean,
+                                 "median": Median, "geomedian": GeometricMedian}.get(algorithm, ServerOptimizer), \
+            algorithm
         recorded = settings(algorithm, mu=0.01)
         assert recorded["name"] == algorithm and ("mu" in recorded) == (algorithm == "fedprox")
+        assert ("ntd_beta" in recorded) == ("ntd_tau" in recorded) == (algorithm == "fedntd")
+    assert settings("fedntd", 0.01, ntd_beta=2.0) == {"name": "fedntd", "ntd_beta": 2.0, "ntd_tau": 1.0}
+    assert describe(settings("fedntd", 0.01)) == "FedNTD (beta 1, tau 1)"
     assert settings("fedadam", 0.01) == {"name": "fedadam", "server_learning_rate": 1e-2, "betas": [0.9, 0.99],
                                          "tau": 1e-3}
     assert settings("fedadagrad", 0.01, 0.5)["server_learning_rate"] == 0.5

@@ -38,7 +38,10 @@ def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, 
     (["--min-envoys", "0"], "MIN_ENVOYS=0: give a number of envoys (an int of at least 1) or a share of them"),
     (["--min-envoys", "3"], "MIN_ENVOYS=3 is more than ENVOYS=2"),
     (["--round-timeout", "-5"], "ROUND_TIMEOUT=-5.0: give seconds, or 0 for no limit"),
-    (["--algo", "fedsgd"], "ALGO='fedsgd': use one of fedavg, fedprox, fedadam"),
+    (["--algo", "fedsgd"], "ALGO='fedsgd': use one of fedavg, fedprox, fedntd, fedadam"),
+    (["--algo", "fedntd", "--ntd-beta", "-1"], "NTD_BETA=-1.0: FedNTD's distillation weight must be a number of"),
+    (["--algo", "fedntd", "--dataset", "pneumoniamnist"], "ALGO='fedntd' distils the classes an image is not, so it "
+     "needs one label of three or more classes; pneumoniamnist is binary-class with 2 outputs: use fedavg or fedprox"),
     (["--mu", "-1"], "MU=-1.0: FedProx's proximal weight must be a number of at least 0"),
     (["--server-lr", "0"], "SERVER_LR=0.0: it must be a positive number"),
     (["--partition", "skewed"], "PARTITION=skewed: use iid or dirichlet"),
@@ -51,7 +54,7 @@ def test_bad_settings_are_refused_up_front(tmp_path, capsys, args, message):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--algorithms", "fedavg,fedsgd"], "ALGOS='fedsgd': use one of fedavg, fedprox, fedadam"),
+    (["--algorithms", "fedavg,fedsgd"], "ALGOS='fedsgd': use one of fedavg, fedprox, fedntd, fedadam"),
     (["--algorithms", " , "], "ALGOS is empty"),
     (["--server-lr", "-0.1"], "SERVER_LR=-0.1: it must be a positive number"),
 ])

@@ -11,8 +11,9 @@ GOOD = dict(dataset="bloodmnist", size=28, rounds_to_train=3, epochs_per_round=1
 
 def test_good_parameters_pass():
     check_parameters(**GOOD, director_port=50051)  # other notebook variables are ignored
-    for algorithm in ("fedprox", "fedadam", "median"):
-        check_parameters(**GOOD, algorithm=algorithm, mu=0, server_learning_rate=0.05)
+    for algorithm in ("fedprox", "fedntd", "fedadam", "median"):
+        check_parameters(**GOOD, algorithm=algorithm, mu=0, server_learning_rate=0.05, ntd_beta=0, ntd_tau=3)
+    check_parameters(**{**GOOD, "dataset": "retinamnist"}, algorithm="fedntd")  # ordinal, 5 classes: softmax
 
 
 @pytest.mark.parametrize("change,message", [
@@ -31,8 +32,14 @@ def test_good_parameters_pass():
     ({"min_envoys": "2"}, "min_envoys='2': give a number"),
     ({"min_envoys": True}, "min_envoys=True"),
     ({"round_timeout": -1}, "round_timeout=-1: give seconds (0 for no limit)"),
-    ({"algorithm": "fedsgd"}, "algorithm='fedsgd': use one of fedavg, fedprox, fedadam, fedyogi, fedadagrad, median, "
-                              "geomedian"),
+    ({"algorithm": "fedsgd"}, "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedadam, fedyogi, fedadagrad, "
+                              "median, geomedian"),
+    ({"ntd_beta": -1}, "ntd_beta=-1: FedNTD's distillation weight must be a number of at least 0 (0 is FedAvg)"),
+    ({"ntd_tau": 0}, "ntd_tau=0: FedNTD's temperature must be a positive number"),
+    ({"algorithm": "fedntd", "dataset": "chestmnist"}, "algorithm='fedntd' distils the classes an image is not, so "
+     "it needs one label of three or more classes; chestmnist is multi-label, binary-class with 14 outputs: use "
+     "fedavg or fedprox"),
+    ({"algorithm": "fedntd", "dataset": "pneumoniamnist"}, "pneumoniamnist is binary-class with 2 outputs"),
     ({"mu": -0.1}, "mu=-0.1: FedProx's proximal weight must be a number of at least 0"),
     ({"mu": "0.1"}, "mu='0.1'"),
     ({"server_learning_rate": 0}, "server_learning_rate=0: it must be a positive number, or None"),

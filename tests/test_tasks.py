@@ -44,7 +44,7 @@ def test_build_tasks_registers_train_and_validate_with_settings():
     tasks = build_tasks("chestmnist", epochs_per_round=2, device="cpu")
     assert set(tasks.get_registered_tasks()) == {"train", "locally_tuned_model_validate", "aggregated_model_validate"}
     assert tasks.task_settings["train"] == {"task": "multi-label, binary-class", "epochs": 2, "device_request": "cpu",
-                                            "bf16": False, "privacy": None}
+                                            "bf16": False, "privacy": None, "distill": None}
     # Shipped by reference to the medfl package, which travels with the experiment.
     assert b"medfl.tasks" in cloudpickle.dumps(tasks)
 

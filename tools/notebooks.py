@@ -54,8 +54,11 @@ PARAMETERS = {
     "train_batch_size": "",
     "eval_batch_size": "",
     "learning_rate": "Adam, as in the MedMNIST v2 experiments",
-    "algorithm": "fedavg, fedprox, fedadam, fedyogi, fedadagrad, median or geomedian (section 4)",
+    "algorithm": "fedavg, fedprox, fedntd, fedadam, fedyogi, fedadagrad, median or geomedian\n"
+                 "(section 4)",
     "mu": "fedprox: weight of the proximal term (0: FedAvg)",
+    "ntd_beta": "fedntd: weight of the not-true distillation (0: FedAvg) and its",
+    "ntd_tau": "temperature (Lee et al. 2022's settings)",
     "server_learning_rate": "fedadam, fedyogi, fedadagrad: None is the FedOpt paper's (Reddi et al.",
     "server_beta1": "2021): 1e-2 for fedadam and fedyogi, 1e-1 for fedadagrad; its betas and",
     "server_beta2": "adaptivity tau too",
@@ -129,7 +132,7 @@ from openfl.interface.interactive_api.federation import Federation
 from openfl.utilities.optimizers.torch import FedProxAdam
 from torch import nn
 
-from medfl import Best, Schedule, aggregation_function, researcher
+from medfl import Best, NotTrueDistillation, Schedule, aggregation_function, researcher
 from medfl.data import batch_loader, loader_settings, to_float_chw
 from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
 from medfl.metrics import evaluate, loss_fn, loss_target, scores
@@ -199,7 +202,7 @@ md("""## 4. The model interface, and the federated algorithm
 
 `ModelInterface` bundles the model, its optimizer and the framework adapter through which OpenFL reads and writes PyTorch weights. Its model holds the initial global weights; the optimizer travels with it to every envoy.
 
-`algorithm` decides how the federation learns, in two places you see in code: the optimizer the envoys train with (here) and how the director combines their weights (`TI.set_aggregation_function` on the train task, in section 5). **fedavg**, the default and the yardstick: Adam on every envoy, and the director averages the weights by sample count. **fedprox**: the envoys train with OpenFL's `FedProxAdam`, whose proximal term (weight `mu`; 0 is FedAvg) keeps each envoy near the round's global model; for hospitals whose data differ strongly, especially with several local epochs, where local models drift apart. **fedadam**, **fedyogi**, **fedadagrad** (FedOpt): the envoys train as in FedAvg, and the director treats the averaged change of the weights as a gradient and steps Adam, Yogi or Adagrad with it (`server_learning_rate`, `server_beta1`, `server_beta2`, `server_tau`); momentum across rounds and a step sized per weight help when updates are noisy or small, at the cost of two more copies of the model on the director and a server learning rate to choose. **median**, **geomedian**: the coordinate-wise or the geometric median of the envoys' weights, which an envoy sending wildly wrong weights (a broken node, corrupted data) cannot drag far; they give up FedAvg's weighting by sample count (the geometric median keeps it as a weight), and with two envoys the median is the mean. `make compare` trains several on the same data, partition and budget, and shows what each gains and costs."""),
+`algorithm` decides how the federation learns, in places you see in code: the optimizer the envoys train with (here), a term added to their loss (`distill`, in section 5) and how the director combines their weights (`TI.set_aggregation_function` on the train task, in section 5). **fedavg**, the default and the yardstick: Adam on every envoy, and the director averages the weights by sample count. **fedprox**: the envoys train with OpenFL's `FedProxAdam`, whose proximal term (weight `mu`; 0 is FedAvg) keeps each envoy near the round's global model; for hospitals whose data differ strongly, especially with several local epochs, where local models drift apart. **fedntd**, made for label skew (hospitals that see some classes much more than others): the envoys train with Adam, and the loss adds a term (weight `ntd_beta`) that keeps the local model's view of the classes each image is *not* close to the round's global model, so an envoy learns its own labels without forgetting the classes it rarely sees; each envoy holds one more copy of the model and runs one more forward pass per batch. **fedadam**, **fedyogi**, **fedadagrad** (FedOpt): the envoys train as in FedAvg, and the director treats the averaged change of the weights as a gradient and steps Adam, Yogi or Adagrad with it (`server_learning_rate`, `server_beta1`, `server_beta2`, `server_tau`); momentum across rounds and a step sized per weight help when updates are noisy or small, at the cost of two more copies of the model on the director and a server learning rate to choose. **median**, **geomedian**: the coordinate-wise or the geometric median of the envoys' weights, which an envoy sending wildly wrong weights (a broken node, corrupted data) cannot drag far; they give up FedAvg's weighting by sample count (the geometric median keeps it as a weight), and with two envoys the median is the mean. `make compare` trains several on the same data, partition and budget, and shows what each gains and costs."""),
 code("model-interface", """# The envoys' optimizer: Adam, or for FedProx Adam plus the proximal term (OpenFL's FedProxAdam)
 if algorithm == "fedprox":
     optimizer = FedProxAdam(model.parameters(), lr=learning_rate, mu=mu)
@@ -219,8 +222,10 @@ task = meta["task"]
 # How the director combines the envoys' trained weights: the weighted mean (fedavg, fedprox), a server optimizer
 # (fedadam, fedyogi, fedadagrad), or a median (median, geomedian); medfl/algorithms.py says which OpenFL pieces it uses
 aggregation = aggregation_function(algorithm, model, server_learning_rate, (server_beta1, server_beta2), server_tau)
-print(f"{algorithm}: the envoys train with {type(optimizer).__name__}; "
-      f"the director aggregates with {type(aggregation).__name__}")
+# FedNTD adds to each envoy's loss: the round's global model, frozen, teaches the classes each image is not
+distill = NotTrueDistillation(ntd_beta, ntd_tau) if algorithm == "fedntd" else None
+print(f"{algorithm}: the envoys train with {type(optimizer).__name__}" + (f" and {distill}" if distill else "")
+      + f"; the director aggregates with {type(aggregation).__name__}")
 # With dp, every envoy trains with DP-SGD. This object travels with the task and, on each envoy, keeps that envoy's
 # privacy accountant over all the experiment's rounds.
 privacy = DPSGD(dp_max_grad_norm, dp_noise_multiplier, dp_target_epsilon, dp_delta, rounds_to_train,
@@ -228,7 +233,8 @@ privacy = DPSGD(dp_max_grad_norm, dp_noise_multiplier, dp_target_epsilon, dp_del
 
 
 @TI.set_aggregation_function(aggregation)
-@TI.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16, privacy=privacy)
+@TI.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16, privacy=privacy,
+               distill=distill)
 @TI.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")
 """ + source(tasks.train)),
 code("validate-task", """@TI.add_kwargs(task=task, device_request=device, bf16=bf16)

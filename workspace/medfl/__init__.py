@@ -6,7 +6,7 @@ director and the envoys run exactly this code. `medfl.researcher` runs only besi
 submitting and following experiments, reports); the nodes never import it.
 """
 from .aggregator import Best, Schedule, SelectingAggregator
-from .algorithms import ALGORITHMS, aggregation_function
+from .algorithms import ALGORITHMS, NotTrueDistillation, aggregation_function
 from .data import MedMNISTData, batch_loader, loader_settings, to_float_chw
 from .device import autocast, bind_optimizer, pick_device, step_barrier
 from .metrics import evaluate, loss_fn, loss_target, scores
@@ -15,8 +15,9 @@ from .privacy import DPSGD
 from .tasks import build_tasks, train, validate
 
 __all__ = [
-    "ALGORITHMS", "DPSGD", "FLAGS", "SIZES", "Best", "MedMNISTData", "Net", "Schedule", "SelectingAggregator",
-    "aggregation_function", "autocast", "batch_loader", "bind_optimizer", "build_model", "build_tasks", "conv_block",
+    "ALGORITHMS", "DPSGD", "FLAGS", "SIZES", "Best", "MedMNISTData", "Net", "NotTrueDistillation", "Schedule",
+    "SelectingAggregator", "aggregation_function", "autocast", "batch_loader", "bind_optimizer", "build_model",
+    "build_tasks", "conv_block",
     "evaluate", "loader_settings", "loss_fn", "loss_target", "norm_layer", "pick_device", "scores", "step_barrier",
     "task_type", "to_float_chw", "train", "validate",
 ]

@@ -3,6 +3,8 @@
 - fedavg: Adam on every envoy, the director averages the weights by sample count (McMahan et al. 2017).
 - fedprox: the envoys train with OpenFL's FedProxAdam, Adam plus a proximal term mu/2 ||w - w_global||^2 that keeps
   each envoy near the round's global model (Li et al. 2020); the director averages as in FedAvg.
+- fedntd: the envoys train with Adam on cross-entropy plus FedNTD's not-true distillation from the round's global
+  model (Lee et al. 2022; NotTrueDistillation below), made for label skew; the director averages as in FedAvg.
 - fedadam, fedyogi, fedadagrad: the envoys train as in FedAvg; the director treats the averaged change of the weights
   as a gradient and steps a server optimizer with it (Reddi et al. 2021, "Adaptive Federated Optimization", FedOpt).
 - median, geomedian: robust aggregation: the coordinate-wise median (OpenFL's Median) or the geometric median of the
@@ -26,16 +28,22 @@ and GeometricMedian are not used, because for this project they are wrong (tests
 """
 from __future__ import annotations
 
-import numpy as np
-from openfl.interface.aggregation_functions import AggregationFunction, Median, WeightedAverage
+import copy
 
-ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "geomedian")
+import numpy as np
+import torch
+from openfl.interface.aggregation_functions import AggregationFunction, Median, WeightedAverage
+from torch.nn import functional as F
+
+ALGORITHMS = ("fedavg", "fedprox", "fedntd", "fedadam", "fedyogi", "fedadagrad", "median", "geomedian")
 SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 # Reddi et al. 2021 fix beta1 = 0.9, beta2 = 0.99 and the adaptivity tau = 1e-3; their tuned server learning rates on
 # CIFAR-10, the image task nearest this one, are 1e-2 for FedAdam and FedYogi and 1e-1 for FedAdagrad.
 SERVER_LEARNING_RATES = {"fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-1}
 SERVER_BETAS = (0.9, 0.99)
 SERVER_TAU = 1e-3
+# FedNTD's official settings (Lee et al. 2022, its repository's config/fedntd.json): beta 1, tau 1.
+NTD_BETA, NTD_TAU = 1.0, 1.0
 OPTIMIZER_STATE = "__opt_"  # how OpenFL's PyTorch adapter names the optimizer state it sends with the weights
 
 
@@ -124,6 +132,58 @@ class ServerOptimizer(AggregationFunction, metaclass=_NotSingleton):
         return result.copy()
 
 
+class NotTrueDistillation:
+    """FedNTD's local loss term (Lee et al. 2022, "Preservation of the Global Knowledge by Not-True Distillation in
+    Federated Learning"), for envoys that see a few classes much more than others.
+
+    On such an envoy, local training pushes every image's logits towards the envoy's own common classes, and forgets
+    what the global model knew about the rest: averaging those forgetful models is FedAvg's trouble under label skew.
+    FedNTD keeps that knowledge where it does not conflict with the envoy's labels: for each image it takes the logits
+    of the classes the image is NOT (its labelled class removed), softens them by `tau`, and adds `beta` times
+    KL(global || local) between the frozen global model's and the local model's softmax over them. The labelled
+    class is left to cross-entropy alone. beta 0 is FedAvg. Single-label tasks with three or more classes only:
+    with two classes the not-true distribution has one class and nothing to distil.
+
+    train() calls start(model) with the round's global model before the first step and stop() after the last; the
+    frozen copy costs one more model in memory and one more forward pass per batch on each envoy.
+    """
+
+    def __init__(self, beta: float = NTD_BETA, tau: float = NTD_TAU):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise ValueError(f"FedNTD's beta {beta!r} must be a number of at least 0 (0 is FedAvg)")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+            raise ValueError(f"FedNTD's tau {tau!r} must be a positive number, e.g. 1")
+        self.beta, self.tau, self.teacher = float(beta), float(tau), None
+
+    def __repr__(self) -> str:
+        return f"NotTrueDistillation(beta={self.beta:g}, tau={self.tau:g})"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "teacher": None}  # what travels is the settings, never a model
+
+    def start(self, model: torch.nn.Module) -> None:
+        """Freeze a copy of this round's global model (as it is now, on its device) as the teacher."""
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def stop(self) -> None:
+        """Drop the teacher until the next round."""
+        self.teacher = None
+
+    def __call__(self, logits: torch.Tensor, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """beta * tau-softened KL(teacher || student) over each image's not-true classes, averaged over the batch."""
+        if self.teacher is None:
+            raise RuntimeError("NotTrueDistillation: call start(model) with the round's global model first")
+        if target.dim() != 1 or logits.shape[1] < 3:
+            raise ValueError("FedNTD needs a single-label task with three or more classes")
+        with torch.no_grad():
+            teacher = self.teacher(images)
+        not_true = ~F.one_hot(target, logits.shape[1]).bool()
+        rows = (len(target), logits.shape[1] - 1)
+        student = F.log_softmax(logits.float()[not_true].view(rows) / self.tau, dim=1)
+        teacher = F.softmax(teacher.float()[not_true].view(rows) / self.tau, dim=1)
+        return self.beta * F.kl_div(student, teacher, reduction="batchmean")
+
+
 def geometric_median(points: np.ndarray, weights, iterations: int = 500, tolerance: float = 1e-7) -> np.ndarray:
     """The weighted geometric median of the rows of `points` (Weiszfeld's algorithm, from the weighted mean).
 
@@ -179,7 +239,7 @@ def aggregation_function(algorithm: str, model, server_learning_rate: float | No
         return Median()  # OpenFL's: the coordinate-wise median, as the papers define it; the envoys' order is moot
     if algorithm == "geomedian":
         return GeometricMedian()
-    return WeightedMean()  # fedavg, and fedprox, which changes only the envoys' optimizer
+    return WeightedMean()  # fedavg, and fedprox and fedntd, which change only how the envoys train
 
 
 def server_lr(algorithm: str, server_learning_rate: float | None) -> float:
@@ -188,11 +248,13 @@ def server_lr(algorithm: str, server_learning_rate: float | None) -> float:
 
 
 def settings(algorithm: str, mu: float, server_learning_rate: float | None = None, betas=SERVER_BETAS,
-             tau: float = SERVER_TAU) -> dict:
+             tau: float = SERVER_TAU, ntd_beta: float = NTD_BETA, ntd_tau: float = NTD_TAU) -> dict:
     """The algorithm and the settings it uses, as results.json records them."""
     chosen: dict = {"name": algorithm}
     if algorithm == "fedprox":
         chosen["mu"] = mu
+    if algorithm == "fedntd":
+        chosen.update(ntd_beta=ntd_beta, ntd_tau=ntd_tau)
     if algorithm in SERVER_OPTIMIZERS:
         chosen["server_learning_rate"] = server_lr(algorithm, server_learning_rate)
         # FedAdagrad sums squared changes instead of averaging them: it has no beta2.
@@ -202,11 +264,13 @@ def settings(algorithm: str, mu: float, server_learning_rate: float | None = Non
 
 def describe(chosen: dict) -> str:
     """A short label of an algorithm and its settings, for titles and tables."""
-    names = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi",
+    names = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedntd": "FedNTD", "fedadam": "FedAdam", "fedyogi": "FedYogi",
              "fedadagrad": "FedAdagrad", "median": "median", "geomedian": "geometric median"}
     label = names.get(chosen["name"], chosen["name"])
     if "mu" in chosen:
         label += f" (mu {chosen['mu']:g})"
+    if "ntd_beta" in chosen:
+        label += f" (beta {chosen['ntd_beta']:g}, tau {chosen['ntd_tau']:g})"
     if "server_learning_rate" in chosen:
         label += f" (server lr {chosen['server_learning_rate']:g})"
     return label

@@ -17,9 +17,10 @@ from .model import task_type
 
 
 def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, device_request: str = "auto",
-          bf16: bool = False, privacy=None):
+          bf16: bool = False, privacy=None, distill=None):
     """Train for `epochs` passes over the shard; report the last pass's mean loss per sample and the time, and
-    with DP-SGD (`privacy`, a medfl.privacy.DPSGD) the privacy this envoy has spent so far."""
+    with DP-SGD (`privacy`, a medfl.privacy.DPSGD) the privacy this envoy has spent so far. `distill` adds a loss
+    term from this round's global model (FedNTD: a medfl.algorithms.NotTrueDistillation)."""
     started = time.perf_counter()
     dev = pick_device(device_request, str(device))
     model.to(dev)
@@ -33,6 +34,8 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
         # holds now. (OpenFL's FedProxAdam pairs them by position among the parameters that got a gradient: every
         # parameter of Net gets one.)
         optimizer.set_old_weights([p.detach().clone() for p in model.parameters()])
+    if distill is not None:  # FedNTD: a frozen copy of this round's global model teaches the not-true classes
+        distill.start(model)
     if privacy is not None:  # DP-SGD: Poisson batches; each sample's gradient clipped, noise added to their sum
         model, optimizer, train_loader = privacy.attach(model, optimizer, train_loader)
     criterion, barrier = loss_fn(task), step_barrier(dev)
@@ -44,14 +47,19 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
             y = loss_target(task, labels.to(dev, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             with autocast(dev, bf16):
-                loss = criterion(model(x), y)
+                logits = model(x)
+                loss = fit = criterion(logits, y)  # fit: the loss train_loss reports, whatever the algorithm
+                if distill is not None:
+                    loss = fit + distill(logits, x, y)
             loss.backward()
             barrier()
             optimizer.step()
             barrier()
-            loss_sum += loss.detach() * len(x)  # stays on the device: no sync per step
+            loss_sum += fit.detach() * len(x)  # stays on the device: no sync per step
             seen += len(x)
     train_loss = loss_sum.item() / max(seen, 1)  # .item() waits for the device, so the time is honest
+    if distill is not None:
+        distill.stop()
     spent = {}
     if privacy is not None:
         privacy.detach()
@@ -81,11 +89,12 @@ def validate(model, val_loader, device, task: str, device_request: str = "auto",
 
 
 def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16: bool = False,
-                privacy=None, aggregation=None) -> TaskInterface:
+                privacy=None, aggregation=None, distill=None) -> TaskInterface:
     """Register train and validate for a flag's task type, as OpenFL's TaskInterface.
 
     `device` is resolved on each envoy (see medfl.device); `bf16` autocasts on HPU and CUDA; `aggregation` is how
-    the director combines the trained weights (medfl.algorithms.aggregation_function), OpenFL's weighted mean if None.
+    the director combines the trained weights (medfl.algorithms.aggregation_function), OpenFL's weighted mean if None;
+    `distill` is FedNTD's loss term (medfl.algorithms.NotTrueDistillation), or None.
     """
     if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
         raise ValueError(f"epochs_per_round must be a positive integer, not {epochs_per_round!r}")
@@ -95,7 +104,8 @@ def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16
         raise ValueError(f"device must be one of {', '.join(REQUESTS)}, not {device!r}")
     if aggregation is not None:
         tasks.set_aggregation_function(aggregation)(train)
-    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16, privacy=privacy)(train)
+    tasks.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16, privacy=privacy,
+                    distill=distill)(train)
     tasks.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")(train)
     tasks.add_kwargs(task=task, device_request=device, bf16=bf16)(validate)
     tasks.register_fl_task(model="model", data_loader="val_loader", device="device")(validate)

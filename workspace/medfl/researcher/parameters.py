@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import medmnist
+
 from ..aggregator import quorum
-from ..algorithms import ALGORITHMS, SERVER_BETAS, SERVER_TAU
+from ..algorithms import ALGORITHMS, NTD_BETA, NTD_TAU, SERVER_BETAS, SERVER_TAU
 from ..device import REQUESTS
-from ..model import FLAGS, SIZES, STEMS
+from ..model import FLAGS, MULTI_LABEL, SIZES, STEMS, task_type
 from ..privacy import DPSGD, PrivacyError
 
 # The notebook's parameters cell is written from these (tools/notebooks.py); make demo, make baseline and
@@ -21,6 +23,8 @@ DEFAULTS = {
     "learning_rate": 1e-3,
     "algorithm": "fedavg",
     "mu": 0.01,
+    "ntd_beta": NTD_BETA,
+    "ntd_tau": NTD_TAU,
     "server_learning_rate": None,
     "server_beta1": SERVER_BETAS[0],
     "server_beta2": SERVER_BETAS[1],
@@ -52,9 +56,9 @@ DEFAULTS = {
 }
 # What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
 TRAINING = ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size", "eval_batch_size",
-            "learning_rate", "algorithm", "mu", "server_learning_rate", "server_beta1", "server_beta2", "server_tau",
-            "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16", "stem", "dp",
-            "dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "seed")
+            "learning_rate", "algorithm", "mu", "ntd_beta", "ntd_tau", "server_learning_rate", "server_beta1",
+            "server_beta2", "server_tau", "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16",
+            "stem", "dp", "dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "seed")
 
 
 class NotebookError(RuntimeError):
@@ -76,6 +80,7 @@ def training_parameters(namespace: dict) -> dict:
 def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
                      learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
                      round_timeout=DEFAULTS["round_timeout"], algorithm=DEFAULTS["algorithm"], mu=DEFAULTS["mu"],
+                     ntd_beta=DEFAULTS["ntd_beta"], ntd_tau=DEFAULTS["ntd_tau"],
                      server_learning_rate=DEFAULTS["server_learning_rate"], server_beta1=DEFAULTS["server_beta1"],
                      server_beta2=DEFAULTS["server_beta2"], server_tau=DEFAULTS["server_tau"], ca_cert="",
                      api_cert="", api_key="", stem=DEFAULTS["stem"], bf16=DEFAULTS["bf16"], dp=DEFAULTS["dp"],
@@ -92,7 +97,8 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
             raise ParameterError(f"{name}={value!r}: it must be a whole number of at least 1")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ParameterError(f"learning_rate={learning_rate!r}: it must be a positive number, e.g. 1e-3")
-    check_algorithm(algorithm, mu, server_learning_rate, server_beta1, server_beta2, server_tau)
+    check_algorithm(algorithm, mu, server_learning_rate, server_beta1, server_beta2, server_tau, ntd_beta, ntd_tau,
+                    dataset)
     if device not in REQUESTS:
         raise ParameterError(f"device={device!r}: use one of {', '.join(REQUESTS)}")
     if stem not in STEMS:
@@ -125,12 +131,23 @@ def _number(value) -> bool:
 
 
 def check_algorithm(algorithm, mu=DEFAULTS["mu"], server_learning_rate=None, server_beta1=DEFAULTS["server_beta1"],
-                    server_beta2=DEFAULTS["server_beta2"], server_tau=DEFAULTS["server_tau"]) -> None:
-    """Refuse an unknown algorithm or settings it cannot run with, in one line."""
+                    server_beta2=DEFAULTS["server_beta2"], server_tau=DEFAULTS["server_tau"],
+                    ntd_beta=DEFAULTS["ntd_beta"], ntd_tau=DEFAULTS["ntd_tau"], dataset=None) -> None:
+    """Refuse an unknown algorithm, settings it cannot run with, or (given) a dataset it cannot train, in one line."""
     if algorithm not in ALGORITHMS:
         raise ParameterError(f"algorithm={algorithm!r}: use one of {', '.join(ALGORITHMS)}")
     if not _number(mu) or mu < 0:
         raise ParameterError(f"mu={mu!r}: FedProx's proximal weight must be a number of at least 0 (0 is FedAvg)")
+    if not _number(ntd_beta) or ntd_beta < 0:
+        raise ParameterError(f"ntd_beta={ntd_beta!r}: FedNTD's distillation weight must be a number of at least 0 "
+                             "(0 is FedAvg)")
+    if not _number(ntd_tau) or not ntd_tau > 0:
+        raise ParameterError(f"ntd_tau={ntd_tau!r}: FedNTD's temperature must be a positive number, e.g. 1")
+    if algorithm == "fedntd" and dataset in FLAGS and (task_type(dataset) == MULTI_LABEL
+                                                       or len(medmnist.INFO[dataset]["label"]) < 3):
+        raise ParameterError(f"algorithm='fedntd' distils the classes an image is not, so it needs one label of three "
+                             f"or more classes; {dataset} is {task_type(dataset)} with "
+                             f"{len(medmnist.INFO[dataset]['label'])} outputs: use fedavg or fedprox")
     if server_learning_rate is not None and (not _number(server_learning_rate) or not server_learning_rate > 0):
         raise ParameterError(f"server_learning_rate={server_learning_rate!r}: it must be a positive number, or None "
                              "for the FedOpt paper's choice")

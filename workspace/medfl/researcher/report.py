@@ -88,7 +88,8 @@ def algorithm_settings(params: dict) -> dict:
     return algorithms.settings(params.get("algorithm", "fedavg"), params.get("mu"), params.get("server_learning_rate"),
                                (params.get("server_beta1", algorithms.SERVER_BETAS[0]),
                                 params.get("server_beta2", algorithms.SERVER_BETAS[1])),
-                               params.get("server_tau", algorithms.SERVER_TAU))
+                               params.get("server_tau", algorithms.SERVER_TAU),
+                               params.get("ntd_beta", algorithms.NTD_BETA), params.get("ntd_tau", algorithms.NTD_TAU))
 
 
 def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
