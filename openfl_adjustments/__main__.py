@@ -1,7 +1,8 @@
 """python -m openfl_adjustments {director,envoy} start ...: OpenFL's `fx` with this project's adjustments.
 
-Takes the same arguments as `fx`; start_director.sh and start_envoy.sh call it (and, first, its check-plaintext
-command: see plaintext.py).
+Takes the same arguments as `fx`; start_director.sh and start_envoy.sh call it. They run its check-plaintext
+command first (plaintext.py), before anything slow: it is not repeated here, where a node started with `fx` itself
+would not pass either.
 """
 from __future__ import annotations
 
@@ -22,12 +23,8 @@ if __name__ == "__main__":
     role = sys.argv[1] if len(sys.argv) > 1 else "fx"
     node = f"{role} {_option('--shard-name')}" if _option("--shard-name") else role
     if role == "director" and "start" in sys.argv:
-        if "--disable-tls" in sys.argv:
-            plaintext.refuse_unless_loopback("director", plaintext.listen_host(Path(_option("--director-config-path"))))
         startup.director_port_is_free(sys.argv)
     if role == "envoy" and "start" in sys.argv:
-        if "--disable-tls" in sys.argv:
-            plaintext.refuse_unless_loopback("envoy", _option("--director-host") or "localhost")
         try:
             trust.configure(_option("--shard-name"), _option("--root-cert-path"),
                             Path(_option("--envoy-config-path")))
