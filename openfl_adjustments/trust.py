@@ -81,16 +81,19 @@ def configure(envoy: str, ca_path: Path | None, config_path: Path) -> None:
     print(f"envoy {envoy} runs experiments signed by: {who}", file=sys.stderr, flush=True)
 
 
-def _received(stream) -> Path:
-    """Write an experiment's archive as the director streams it to a file beside the envoy's config."""
-    path = Path.cwd() / f".incoming-{uuid.uuid4()}"
+def _received(stream) -> tuple[Path, str, int]:
+    """Write an experiment's archive as the director streams it to a file beside the envoy's config; return the file,
+    its SHA-256 (hashed as it arrives) and its size."""
+    path, content, size = Path.cwd() / f".incoming-{uuid.uuid4()}", hashlib.sha256(), 0
     with open(path, "wb") as out:
         for chunk in stream:
             if chunk.size != len(chunk.npbytes):
                 path.unlink()
                 raise Refused("the archive arrived broken")
             out.write(chunk.npbytes)
-    return path
+            content.update(chunk.npbytes)
+            size += len(chunk.npbytes)
+    return path, content.hexdigest(), size
 
 
 def checking_wait(wait_experiment):
@@ -102,7 +105,7 @@ def checking_wait(wait_experiment):
             experiment = wait_experiment(self)
             if not _POLICY:
                 return experiment
-            archive = _received(self.get_experiment_data(experiment))
+            archive, sha256, size = _received(self.get_experiment_data(experiment))
             try:
                 sender = _POLICY[0].check(archive, experiment)
             except Refused as why:
@@ -111,9 +114,8 @@ def checking_wait(wait_experiment):
                 self.set_experiment_failed(experiment, error_description=f"{REFUSED}{_POLICY[0].envoy} refused "
                                                                          f"experiment {experiment}: {why}")
                 continue
-            content = archive.read_bytes()
-            logger.info("Accepted experiment %s from %s: archive SHA-256 %s, %d bytes", experiment, sender,
-                        hashlib.sha256(content).hexdigest(), len(content))
+            logger.info("Accepted experiment %s from %s: archive SHA-256 %s, %d bytes", experiment, sender, sha256,
+                        size)
             self.checked_archives = {**getattr(self, "checked_archives", {}), experiment: archive}
             return experiment
 

@@ -1,5 +1,6 @@
 """Who can make a node run code: roles in certificates, the director's gates, signed experiments, each envoy's
 trusted researchers, and plaintext only on loopback. Every refusal ends in one clear line, never a hang."""
+import hashlib
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from notebook_cells import run_until, start_experiment
 import tlscerts
 from conftest import ROOT
 from localfed import LocalFederation, free_port, tail
-from openfl_adjustments import signing
+from openfl_adjustments import signing, trust
 from openfl_adjustments.plaintext import is_loopback
 
 ENVOYS = ["envoy_1", "envoy_2", "envoy_3"]
@@ -127,6 +128,18 @@ def test_archives_that_must_not_run_are_refused_unopened(tmp_path, pki, case, me
         path.write_bytes(b"not a zip")
     with pytest.raises(signing.Refused, match=message):
         signing.verify(path, name, _ca(pki))
+
+
+def test_an_archive_is_hashed_as_it_arrives_and_a_broken_chunk_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parts = [b"PK\x03\x04", os.urandom(5000), b"", b"end"]
+    path, sha256, size = trust._received(SimpleNamespace(npbytes=p, size=len(p)) for p in parts)
+    assert path.read_bytes() == b"".join(parts) and size == len(b"".join(parts))
+    assert sha256 == hashlib.sha256(b"".join(parts)).hexdigest()
+    broken = [SimpleNamespace(npbytes=b"abc", size=3), SimpleNamespace(npbytes=b"de", size=5)]
+    with pytest.raises(trust.Refused, match="the archive arrived broken"):
+        trust._received(iter(broken))
+    assert [f.name for f in tmp_path.iterdir()] == [path.name]  # the broken one is gone
 
 
 def test_plaintext_is_for_loopback_only(tmp_path):

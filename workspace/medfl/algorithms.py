@@ -162,7 +162,8 @@ class NotTrueDistillation:
         return {**self.__dict__, "teacher": None}  # what travels is the settings, never a model
 
     def start(self, model: torch.nn.Module) -> None:
-        """Freeze a copy of this round's global model (as it is now, on its device) as the teacher."""
+        """Freeze a copy of this round's global model (as it is now, on its device) as the teacher, in eval mode:
+        BatchNorm normalizes with the global model's statistics, and nothing the teacher sees changes it."""
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
     def stop(self) -> None:
