@@ -106,7 +106,7 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
     empty = parse(["demo", *[arg for option in ("--dataset", "--size", "--envoys", "--rounds", "--epochs",
                                                 "--partition", "--alpha", "--seed", "--data", "--tls",
                                                 "--min-envoys", "--round-timeout", "--algo", "--mu", "--server-lr",
-                                                "--algorithms") for arg in (option, "")]])
+                                                "--ntd-beta", "--algorithms") for arg in (option, "")]])
     assert empty == parse(["demo"])  # an unset Makefile variable means the default
     documented = {}
     for row in (ROOT / "README.md").read_text().splitlines():
@@ -120,7 +120,7 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
                                                                 "server_lr"):
             assert documented[variable.upper()] == str(value), variable
     assert {"DATASET", "SIZE", "ENVOYS", "ROUNDS", "EPOCHS", "SEED", "MIN_ENVOYS", "TLS", "ALGO", "MU",
-            "ALGOS"} <= set(documented)
+            "NTD_BETA", "ALGOS"} <= set(documented)
     assert documented["ALGOS"] == empty.algorithms  # stored as args.algorithms, so not matched above
 
 
