@@ -103,7 +103,10 @@ class LocalFederation:
         return FederationError(f"{component.name} {what}; its log ends with:\n{tail(component.log)}")
 
     def start(self, timeout: float = 120.0) -> LocalFederation:
-        """Start the director, then every envoy; return once all envoys are registered."""
+        """Start the director and every envoy; return once all envoys are registered.
+
+        The envoys start beside the director rather than after it: their imports and shard checks overlap its own
+        start-up, and an envoy that finds no director yet retries (openfl_adjustments.startup)."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         director_dir = self.workdir / "nodes" / "director"
         director_dir.mkdir(parents=True, exist_ok=True)
@@ -116,8 +119,8 @@ class LocalFederation:
         director = self._spawn("director", ["bash", str(ROOT / "director" / "start_director.sh")],
                                {**self._env(), "DIRECTOR_CONFIG": str(director_dir / "director_config.yaml")})
         deadline = time.monotonic() + timeout
-        self._wait(director, lambda: _listening(self.host, self.port), deadline, "did not open its port")
         envoys = [self._start_envoy(name, params) for name, params in self.shard_params.items()]
+        self._wait(director, lambda: _listening(self.host, self.port), deadline, "did not open its port")
         for envoy in envoys:
             self.wait_registered(envoy, deadline)
         return self

@@ -176,15 +176,16 @@ def test_ctrl_c_stops_every_process(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_the_hpu_notebook_runs_here_with_device_auto(data_dir, tmp_path):
+    """With FedProx: its optimizer travels to the envoys (tests/test_compare.py runs FedNTD and FedAdam)."""
     notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"
     result = subprocess.run(demo_command(data_dir, tmp_path, "--notebook", str(notebook), "--device", "auto",
-                                         "--rounds", "1", "--tls", "0"),
+                                         "--rounds", "1", "--tls", "0", "--algo", "fedprox", "--mu", "0.1"),
                             cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
     check_results(results, envoys=ENVOYS, rounds=1)
     assert results["params"]["device"] == "auto" and results["params"]["bf16"] is True  # autocast is off on CPU
-    assert results["tls"] is False
+    assert results["tls"] is False and results["algorithm"] == {"name": "fedprox", "mu": 0.1}
     assert not leftovers((tmp_path / "latest").resolve())
 
 

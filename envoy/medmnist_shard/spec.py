@@ -1,10 +1,31 @@
 """What a MedMNIST 2D dataset looks like, read from medmnist.INFO rather than written down."""
 from __future__ import annotations
 
-import medmnist
+import importlib.util
+import sys
+from pathlib import Path
 
+
+def _medmnist_info() -> dict:
+    """medmnist.INFO, from the package's info module alone where it can: `import medmnist` also imports its datasets
+    and evaluator, with torch, scikit-learn and PIL (2 s here), which describing and checking a shard never needs."""
+    if "medmnist" not in sys.modules:
+        package = importlib.util.find_spec("medmnist")
+        where = Path((package.submodule_search_locations or [""])[0]) / "info.py" if package else None
+        if where is not None and where.is_file():
+            module_spec = importlib.util.spec_from_file_location("medmnist_shard._medmnist_info", where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            if isinstance(getattr(module, "INFO", None), dict):
+                return module.INFO
+    import medmnist
+
+    return medmnist.INFO
+
+
+INFO = _medmnist_info()
 # The 12 2D datasets; INFO also describes the 3D ones, whose flags end in "3d".
-FLAGS = tuple(flag for flag in medmnist.INFO if not flag.endswith("3d"))
+FLAGS = tuple(flag for flag in INFO if not flag.endswith("3d"))
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
 MULTI_LABEL = "multi-label, binary-class"
@@ -34,7 +55,7 @@ def check_size(size) -> int:
 
 def info(flag: str) -> dict:
     """medmnist.INFO's entry for a flag."""
-    return medmnist.INFO[check_flag(flag)]
+    return INFO[check_flag(flag)]
 
 
 def n_channels(flag: str) -> int:
