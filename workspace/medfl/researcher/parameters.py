@@ -143,11 +143,12 @@ def check_algorithm(algorithm, mu=DEFAULTS["mu"], server_learning_rate=None, ser
                              "(0 is FedAvg)")
     if not _number(ntd_tau) or not ntd_tau > 0:
         raise ParameterError(f"ntd_tau={ntd_tau!r}: FedNTD's temperature must be a positive number, e.g. 1")
-    if algorithm == "fedntd" and dataset in FLAGS and (task_type(dataset) == MULTI_LABEL
-                                                       or len(medmnist.INFO[dataset]["label"]) < 3):
-        raise ParameterError(f"algorithm='fedntd' distils the classes an image is not, so it needs one label of three "
-                             f"or more classes; {dataset} is {task_type(dataset)} with "
-                             f"{len(medmnist.INFO[dataset]['label'])} outputs: use fedavg or fedprox")
+    if algorithm == "fedntd" and dataset in FLAGS:
+        task, outputs = task_type(dataset), len(medmnist.INFO[dataset]["label"])
+        if task == MULTI_LABEL or outputs < 3:
+            raise ParameterError(f"algorithm='fedntd' distils the classes an image is not, so it needs one label of "
+                                 f"three or more classes; {dataset} is {task} with {outputs} outputs: use fedavg or "
+                                 "fedprox")
     if server_learning_rate is not None and (not _number(server_learning_rate) or not server_learning_rate > 0):
         raise ParameterError(f"server_learning_rate={server_learning_rate!r}: it must be a positive number, or None "
                              "for the FedOpt paper's choice")
