@@ -13,7 +13,7 @@ RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds
 	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)" \
 	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --bf16 "$(BF16)" --stem "$(STEM)" \
 	--dp "$(DP)" --epsilon "$(EPSILON)" --algo "$(ALGO)" --mu "$(MU)" --server-lr "$(SERVER_LR)" \
-	--ntd-beta "$(NTD_BETA)"
+	--ntd-beta "$(NTD_BETA)" --wire-dtype "$(WIRE_DTYPE)"
 
 .PHONY: venv demo baseline bench stems compare certs test test-pythons test-hosts lint clean hpu-deps
 

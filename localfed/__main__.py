@@ -15,6 +15,7 @@ from pathlib import Path
 from medfl.aggregator import quorum
 from medfl.algorithms import describe
 from medfl.researcher import DEFAULTS, ParameterError, check_algorithm
+from medfl.wire import WIRE_DTYPES
 from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
@@ -58,6 +59,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--algo", type=_or_default(str, DEFAULTS["algorithm"]), default=DEFAULTS["algorithm"])
     parser.add_argument("--mu", type=_or_default(float, DEFAULTS["mu"]), default=DEFAULTS["mu"])
     parser.add_argument("--ntd-beta", type=_or_default(float, DEFAULTS["ntd_beta"]), default=DEFAULTS["ntd_beta"])
+    parser.add_argument("--wire-dtype", type=_or_default(str, DEFAULTS["wire_dtype"]), default=DEFAULTS["wire_dtype"],
+                        help="float32 (lossless), float16 or bfloat16: what the weights' changes travel as")
     parser.add_argument("--server-lr", type=_or_default(float, DEFAULTS["server_learning_rate"]),
                         default=DEFAULTS["server_learning_rate"], help="empty: the FedOpt paper's for the algorithm")
     parser.add_argument("--algorithms", type=_or_default(str, COMPARED), default=COMPARED,
@@ -131,6 +134,8 @@ def check(args) -> None:
             Profile.parse(args.wan)
         except ValueError as exc:
             raise DataError(f"WAN={args.wan}: {exc}") from None
+    if args.wire_dtype not in WIRE_DTYPES:
+        raise DataError(f"WIRE_DTYPE={args.wire_dtype}: use {', '.join(WIRE_DTYPES)}")
     if args.partition == "dirichlet" and not args.alpha > 0:
         raise DataError(f"ALPHA={args.alpha}: the Dirichlet concentration must be positive")
     algorithms = compared(args) if args.command == "compare" else [args.algo]
@@ -195,7 +200,7 @@ def run_notebook(run_dir: Path, federation: LocalFederation, args, data_source: 
                *(["-p", "stem", args.stem] if args.stem else []),
                *(["-p", "dp", "True", "-p", "dp_target_epsilon", str(args.epsilon)] if args.dp else []),
                "-p", "algorithm", algorithm or args.algo, "-p", "mu", str(args.mu),
-               "-p", "ntd_beta", str(args.ntd_beta),
+               "-p", "ntd_beta", str(args.ntd_beta), "-p", "wire_dtype", args.wire_dtype,
                *(["-p", "server_learning_rate", str(args.server_lr)] if args.server_lr is not None else [])]
     if federation.certs:
         researcher = federation.certs / RESEARCHER

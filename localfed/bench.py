@@ -172,6 +172,41 @@ def run_timing(run_dir: Path) -> dict:
             "notebook_peak_rss_mb": timing["notebook_peak_rss_mb"]}
 
 
+def wire_figures(run_dir: Path) -> dict:
+    """What one envoy moved in a training round (the median over envoys and training rounds) and how many
+    connections each envoy opened to the aggregator in the training experiment, from results.json's traffic."""
+    results = json.loads((run_dir / "results.json").read_text())
+    training = [t for t in results["traffic"] if t["round"] < results["params"]["rounds_to_train"]]
+    shares = [share for t in training for share in t["per_envoy"].values()]
+    envoys = sorted({name for t in results["traffic"] for name in t["per_envoy"]})
+    return {"up_bytes": statistics.median(s["received_bytes"] for s in shares),
+            "down_bytes": statistics.median(s["sent_bytes"] for s in shares),
+            "connections": {name: sum(t["per_envoy"].get(name, {}).get("connections", 0) for t in results["traffic"])
+                            for name in envoys}}
+
+
+def model_bytes(flag: str, size: int, stem: str) -> int:
+    """The model's weights as float32, as OpenFL puts them on the wire (BatchNorm's counters included)."""
+    return 4 * sum(t.numel() for t in build_model(flag, size, stem).state_dict().values())
+
+
+# The round trips a round cannot do without: the envoy learns of its tasks, fetches the model, delivers its results.
+ROUND_TRIPS = 3
+
+
+def physical_limit(figures: dict, profile) -> float:
+    """A round's least overhead on the link: one envoy's bytes down and up at the link's rate, plus ROUND_TRIPS."""
+    on_the_line = (figures["down_bytes"] + figures["up_bytes"]) * 8 / profile.rate if profile.rate else 0.0
+    return on_the_line + ROUND_TRIPS * 2 * profile.delay
+
+
+def _wire_line(figures: dict, weights: int) -> str:
+    connections = ", ".join(f"{name} {n}" for name, n in figures["connections"].items())
+    return (f"per envoy and training round: up {figures['up_bytes'] / 1e6:.3f} MB (the model's {weights / 1e6:.3f} MB "
+            f"x {figures['up_bytes'] / weights:.2f}), down {figures['down_bytes'] / 1e6:.3f} MB; connections to the "
+            f"aggregator in the experiment: {connections}")
+
+
 def hosts_run(args, data_dir: Path, workdir: Path) -> dict:
     """The same notebook run across hosts (localfed.hosts): two hospitals whose links carry the WAN profile."""
     from .hosts import HOSPITALS, HostsFederation, Network, unavailable
@@ -193,11 +228,12 @@ def hosts_run(args, data_dir: Path, workdir: Path) -> dict:
             run_dir = fed.notebook("bench", {
                 "dataset": flag, "size": size, "rounds_to_train": args.rounds, "epochs_per_round": args.epochs,
                 "seed": args.seed, "device": args.device, "bf16": bool(args.bf16), "stem": args.stem,
-                "data_source": "synthetic", "min_envoys": args.min_envoys, "round_timeout": args.round_timeout},
+                "data_source": "synthetic", "min_envoys": args.min_envoys, "round_timeout": args.round_timeout,
+                "wire_dtype": args.wire_dtype},
                 timeout=args.timeout)
         finally:
             fed.stop()
-        return {**run_timing(run_dir), "link": network.describe()}
+        return {**run_timing(run_dir), **wire_figures(run_dir), "link": network.describe(), "profile": network.profile}
 
 
 # Beyond the same work in a bare process (the limit's workers, CUDA context included): OpenFL, gRPC, the
@@ -249,15 +285,39 @@ def bench(args) -> int:
         print(f"{name} peak RSS {result['peak_rss_mb'][name]} MB; target <= the same work in a bare process, "
               f"{bare:.0f} MB, + {FEDERATION_MB} MB = {bare + FEDERATION_MB:.0f} MB")
     print(f"director peak RSS {result['peak_rss_mb']['director']} MB; notebook {result['peak_rss_mb']['notebook']} MB")
+    weights = model_bytes(flag, size, stem)
+    loopback = wire_figures(workdir)
+    test = json.loads((workdir / "results.json").read_text())["test"]
+    result.update(model_bytes=weights, up_bytes=loopback["up_bytes"], down_bytes=loopback["down_bytes"],
+                  connections=loopback["connections"], wire_dtype=args.wire_dtype, test_acc=round(test["acc"], 4),
+                  test_auc=round(test["auc"], 4))
+    print(f"on the wire ({args.wire_dtype}), {_wire_line(loopback, weights)}")
+    print(f"the best model on the envoys' test splits (SYNTHETIC data): ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
     if args.wan:
         hosts = hosts_run(args, data_dir, workdir / "hosts")
+        limit = physical_limit(hosts, hosts["profile"])
         result["hosts"] = {"link": hosts["link"], "wall_s": round(hosts["wall_s"], 2),
+                           "wall_over_loopback": round(hosts["wall_s"] / fed["wall_s"], 3),
                            "round_overhead_s": round(hosts["round_overhead_s"], 3),
-                           "round_overheads_s": [round(x, 3) for x in hosts["round_overheads_s"]]}
+                           "round_overheads_s": [round(x, 3) for x in hosts["round_overheads_s"]],
+                           "physical_limit_s": round(limit, 3),
+                           "overhead_over_limit": round(hosts["round_overhead_s"] / limit, 3),
+                           "up_bytes": hosts["up_bytes"], "down_bytes": hosts["down_bytes"],
+                           "connections": hosts["connections"]}
+        h, p = result["hosts"], hosts["profile"]
         print(f"\nacross hosts, {hosts['link']}")
-        print(f"{'':34}{'loopback':>12}{'across hosts':>14}")
-        print(f"{'wall, submission to trained model':34}{fed['wall_s']:>10.1f} s{hosts['wall_s']:>12.1f} s")
-        print(f"{'round overhead (median)':34}{fed['round_overhead_s']:>10.2f} s{hosts['round_overhead_s']:>12.2f} s")
+        print(f"{'':34}{'loopback':>12}{'across hosts':>14}{'ratio':>8}{'target':>10}")
+        print(f"{'wall, submission to trained model':34}{fed['wall_s']:>10.1f} s{hosts['wall_s']:>12.1f} s"
+              f"{h['wall_over_loopback']:>8.2f}{'<= 1.3':>10}")
+        print(f"{'round overhead (median)':34}{fed['round_overhead_s']:>10.2f} s{hosts['round_overhead_s']:>12.2f} s"
+              f"{'':>8}{'<= 1.0 s':>10}")
+        print(f"{'its physical limit':34}{'':>12}{limit:>12.2f} s{h['overhead_over_limit']:>8.2f}{'<= 2':>10}")
+        rate = f"{p.rate / 1e6:g} Mbit/s" if p.rate else "an unlimited rate"
+        moved, trips = (h["down_bytes"] + h["up_bytes"]) / 1e6, ROUND_TRIPS * 2 * p.delay
+        print(f"the limit: {moved:.2f} MB down and up per envoy at {rate} each way ({limit - trips:.2f} s), plus "
+              f"{ROUND_TRIPS} round trips of {2 * p.delay * 1000:g} ms (tasks, model, results); an envoy's upload "
+              "overlaps its local validation, so a round can beat it")
         print("round overheads across hosts: " + ", ".join(f"{x:.2f} s" for x in hosts["round_overheads_s"]))
+        print(f"across hosts, {_wire_line(hosts, weights)}")
     print(json.dumps(result))
     return 0

@@ -271,19 +271,27 @@ class Network:
         self.remove()
 
 
-def director_firewall(director_port: int, aggregator_port: int) -> str:
+def director_firewall(director_port: int, aggregator_port: int, sources: dict[str, str] | None = None) -> str:
     """The director host's nftables ruleset: in, new connections to these two ports only; out, replies only.
-    Named counters count the new TCP connections admitted per port, those refused, and those the director tried."""
+    Named counters count the new TCP connections admitted per port, those refused, and those the director tried;
+    and, for each of `sources` ({host: address}), the new connections from that host to each port, named
+    <host>_director and <host>_aggregator (a hyphen in the host's name becomes an underscore)."""
+    sources = {host.replace("-", "_"): address for host, address in (sources or {}).items()}
+    counters = "".join(f"  counter {host}_{port} {{}}\n" for host in sources for port in ("director", "aggregator"))
+    per_source = "".join(
+        f"    ip saddr {address} tcp dport {number} ct state new counter name {host}_{port}\n"
+        for host, address in sources.items() for port, number in (("director", director_port),
+                                                                   ("aggregator", aggregator_port)))
     return f"""table inet federation {{
   counter director_port {{}}
   counter aggregator_port {{}}
   counter refused {{}}
   counter opened {{}}
-  chain input {{
+{counters}  chain input {{
     type filter hook input priority filter; policy drop;
     iif "lo" accept
     ct state established,related accept
-    tcp dport {director_port} ct state new counter name director_port accept
+{per_source}    tcp dport {director_port} ct state new counter name director_port accept
     tcp dport {aggregator_port} ct state new counter name aggregator_port accept
     meta l4proto tcp ct state new counter name refused drop
   }}
@@ -376,7 +384,8 @@ class HostsFederation:
             sample_shape=[str(d) for d in sample_shape(self.dataset, self.size)],
             target_shape=[str(d) for d in target_shape(self.dataset)], envoy_health_check_period=self.health_period))
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self.network.nft("director", director_firewall(DIRECTOR_PORT, AGGREGATOR_PORT))
+        self.network.nft("director", director_firewall(DIRECTOR_PORT, AGGREGATOR_PORT, {
+            host: self.network.address(host) for host in (*HOSPITALS, "researcher")}))
         for host in (*HOSPITALS, "researcher"):
             self.network.nft(host, CLIENT_FIREWALL)
 

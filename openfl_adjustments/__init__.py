@@ -16,13 +16,15 @@ By concern:
   What it needs from an experiment's aggregator is one interface, contract.EnvoyAwareAggregator.
 - network: envoys' health checks go on after a failed one (OpenFL's stop for good); keepalive on every channel, so
   that a connection a cut cable killed is noticed and made again.
+- transport: one connection per envoy and experiment, the model fetched in one round trip, results sent while the
+  next task runs, the optimizer's state kept on the envoy, and requests for tasks held until there are some.
 - experiments: code an experiment brought leaves the node's module cache when the experiment ends.
 - startup: an envoy waits for a director that is not up yet; a taken director port is one line; an envoy
   imports torch's compiler front end while idle.
 """
 from __future__ import annotations
 
-from . import experiments, faults, network, polling, startup, tensor_store, tls, trust
+from . import experiments, faults, network, polling, startup, tensor_store, tls, transport, trust
 from .patching import restore_all
 
 __all__ = ["install", "restore_all"]
@@ -30,5 +32,5 @@ __all__ = ["install", "restore_all"]
 
 def install() -> None:
     """Apply every adjustment (again: a no-op)."""
-    for concern in (polling, tensor_store, tls, trust, faults, network, experiments, startup):
+    for concern in (polling, tensor_store, tls, trust, faults, network, transport, experiments, startup):
         concern.install()

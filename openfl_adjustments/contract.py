@@ -1,8 +1,8 @@
-"""The one interface between the director's fault adjustments (faults.py) and an experiment's aggregator.
+"""The interfaces between the director's adjustments (faults.py, transport.py) and an experiment's aggregator.
 
-The aggregator arrives with each experiment (medfl.aggregator.SelectingAggregator implements this), while the
+The aggregator arrives with each experiment (medfl.aggregator.SelectingAggregator implements both), while the
 adjustments are part of the director's installation; neither imports the other. An aggregator without these
-methods runs as in OpenFL: the director then drops and fails nothing on its behalf.
+methods runs as in OpenFL: the director then drops and fails nothing on its behalf, and counts no connections.
 """
 from __future__ import annotations
 
@@ -29,3 +29,11 @@ class EnvoyAwareAggregator(Protocol):
 
     def failure(self) -> str | None:
         """Why the aggregator stopped the experiment (too few envoys left, an envoy's error), or None."""
+
+
+@runtime_checkable
+class CountsConnections(Protocol):
+    """What the aggregator's server (transport.py) tells an aggregator that counts the envoys' connections."""
+
+    def connected(self, envoy: str, peer: str) -> None:
+        """Envoy `envoy` made a call on connection `peer` (gRPC's peer: the address and port it connected from)."""

@@ -25,6 +25,12 @@ def check_results(results: dict, *, envoys: list[str], rounds: int) -> None:
     for block in [test, *test["per_envoy"].values()]:
         assert 0 <= block["acc"] <= 1 and 0 <= block["auc"] <= 1 and block["loss"] >= 0
     assert 0 <= results["best"]["round"] <= rounds
+    traffic = results["traffic"]
+    assert [t["round"] for t in traffic] == list(range(rounds + 1))
+    for t in traffic:
+        assert sorted(t["per_envoy"]) == envoys
+        for what in ("received_bytes", "sent_bytes", "connections"):
+            assert t[what] == sum(share[what] for share in t["per_envoy"].values()), what
     assert results["wall_seconds"] > 0
     timing = results["timing"]
     assert timing["submitted"] < timing["trained"] <= timing["tested"] and timing["notebook_peak_rss_mb"] > 0

@@ -99,6 +99,25 @@ def test_every_streamed_acc_and_auc_is_a_fraction(run):
     assert all(0.0 <= v <= 1.0 for v in values)
 
 
+def _model_bytes():
+    from medfl import build_model
+
+    return 4 * sum(t.numel() for t in build_model("bloodmnist", 28).state_dict().values())
+
+
+def test_each_envoy_moves_the_model_once_each_way_a_round_on_one_connection(results):
+    weights = _model_bytes()
+    training, final = results["traffic"][:ROUNDS], results["traffic"][ROUNDS]
+    for t in training:
+        for envoy, share in t["per_envoy"].items():
+            # Up: the trained weights (not Adam's state: opt_treatment RESET) and a few metrics; down: the model.
+            assert weights <= share["received_bytes"] < weights + 100, (t["round"], envoy)
+            assert share["sent_bytes"] == weights, (t["round"], envoy)
+    assert all(share["received_bytes"] < 100 for share in final["per_envoy"].values())  # metrics only
+    for envoy in ENVOYS:
+        assert sum(t["per_envoy"][envoy]["connections"] for t in results["traffic"]) == 1, envoy
+
+
 def test_training_loss_went_down(results):
     losses = [e["aggregated"]["train_loss"] for e in results["rounds"][1:]]
     assert losses[-1] < losses[0]
@@ -152,6 +171,29 @@ def test_last_model_is_the_final_average_and_loads_in_three_lines(results, data_
     # The final global model is validated too (the extra round), so its scores are on record.
     fresh = _pooled(_evaluate(results["last_model"], "val", data_dir))
     assert fresh["loss"] == pytest.approx(results["rounds"][-1]["aggregated"]["val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_half_precision_wire_halves_the_bytes_and_the_envoys_hold_the_directors_model(data_dir, tmp_path):
+    """wire_dtype float16: each round's change travels in half the bytes both ways (after the first model), and the
+    model the envoys rebuild from those changes is the director's, to the bit: scored here in a fresh process,
+    the director's last model gives exactly what each envoy reported for it."""
+    result = subprocess.run(demo_command(data_dir, tmp_path, "--wire-dtype", "float16", "--tls", "0"), cwd=ROOT,
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    results = json.loads((tmp_path / "latest" / "results.json").read_text())
+    check_results(results, envoys=ENVOYS, rounds=ROUNDS)
+    assert results["params"]["wire_dtype"] == "float16"
+    half = _model_bytes() // 2
+    for t in results["traffic"][:ROUNDS]:
+        for share in t["per_envoy"].values():
+            assert half <= share["received_bytes"] < half + 100
+            assert share["sent_bytes"] == (2 * half if t["round"] == 0 else half)  # the first model whole
+    final = results["rounds"][ROUNDS]
+    fresh = _evaluate(results["last_model"], "val", data_dir)
+    for envoy in ENVOYS:
+        for metric in ("loss", "acc", "auc"):
+            assert fresh[envoy][metric] == pytest.approx(final["envoys"][envoy][f"val_{metric}"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -124,12 +124,23 @@ def test_each_rounds_traffic_is_one_line_and_lands_in_the_results():
     from medfl.aggregator import TRAFFIC
     from medfl.researcher.report import traffic
 
-    stream = [*_val(0, "aggregator", 0.6), _m(0, "aggregator", TRAFFIC, "received_bytes", 8_470_000.0),
-              _m(0, "aggregator", TRAFFIC, "sent_bytes", 2_830_000.0), *_val(1, "aggregator", 0.7),
-              _m(1, "aggregator", TRAFFIC, "received_bytes", 0.0), _m(1, "aggregator", TRAFFIC, "sent_bytes", 2.83e6)]
+    def shares(r, origin, received, sent, connections):
+        return [_m(r, origin, TRAFFIC, "received_bytes", received), _m(r, origin, TRAFFIC, "sent_bytes", sent),
+                _m(r, origin, TRAFFIC, "connections", connections)]
+
+    stream = [*_val(0, "aggregator", 0.6), *shares(0, "aggregator", 1_890_000.0, 1_880_000.0, 2.0),
+              *shares(0, "envoy_1", 945_000.0, 940_000.0, 1.0), *shares(0, "envoy_2", 945_000.0, 940_000.0, 1.0),
+              *_val(1, "aggregator", 0.7), *shares(1, "aggregator", 0.0, 1_880_000.0, 0.0),
+              *shares(1, "envoy_1", 0.0, 940_000.0, 0.0), *shares(1, "envoy_2", 0.0, 940_000.0, 0.0)]
     lines = []
     run = follow(Experiment(stream), 1, Best(), echo=lines.append)
-    assert "round 1/1        aggregator  traffic     received 8.47 MB  sent 2.83 MB" in lines
-    assert "final validation aggregator  traffic     received 0.00 MB  sent 2.83 MB" in lines
-    assert traffic(run.metrics) == [{"round": 0, "received_bytes": 8_470_000, "sent_bytes": 2_830_000},
-                                    {"round": 1, "received_bytes": 0, "sent_bytes": 2_830_000}]
+    assert "round 1/1        aggregator  traffic     received 1.89 MB  sent 1.88 MB  new connections 2" in lines
+    assert "final validation aggregator  traffic     received 0.00 MB  sent 1.88 MB  new connections 0" in lines
+    assert not [line for line in lines if "traffic" in line and "aggregator" not in line]  # shares: results only
+    envoy = {"received_bytes": 945_000, "sent_bytes": 940_000, "connections": 1}
+    idle = {"received_bytes": 0, "sent_bytes": 940_000, "connections": 0}
+    assert traffic(run.metrics) == [
+        {"round": 0, "received_bytes": 1_890_000, "sent_bytes": 1_880_000, "connections": 2,
+         "per_envoy": {"envoy_1": envoy, "envoy_2": envoy}},
+        {"round": 1, "received_bytes": 0, "sent_bytes": 1_880_000, "connections": 0,
+         "per_envoy": {"envoy_1": idle, "envoy_2": idle}}]

@@ -32,6 +32,7 @@ CUT_ENVOY = HOSPITALS[CUT]
 CUT_ROUND = 2  # counted from 1, as the notebook shows rounds
 PATIENCE_S = 5  # FX_AGGREGATOR_PATIENCE_S: how long an envoy back from the cut retries its lost aggregator
 REPORT: list[str] = []
+BEFORE: dict[str, int] = {}  # the director's firewall counters before the first experiment
 
 
 def _install_nftables(request) -> None:
@@ -186,6 +187,7 @@ def cut_run(federation):
         fed.network.cut(CUT)
         cut_at.append(time.time())
 
+    BEFORE.update(fed.network.counters("director"))  # the probes above connected too: count from here
     watcher = _watch_for(envoy_log, signal, cut, stop)
     try:
         run_dir = fed.notebook("cut", {"rounds_to_train": 3, "epochs_per_round": 2, "min_envoys": 1, "device": "cpu"},
@@ -261,6 +263,21 @@ def test_everything_went_through_the_two_ports_the_readme_lists(after_restore, f
                   f"to {AGGREGATOR_PORT}: {director['aggregator_port']}; refused: {director['refused']}; "
                   f"opened by the director: {director['opened']}")
     assert director["director_port"] > 0 and director["aggregator_port"] > 0
+    # From the first experiment on, per host: an envoy opens one connection to the aggregator per experiment it
+    # takes part in, and none to the director but after a failure (the cut); the researcher one per notebook run
+    # (and one for wait_online). OpenFL 1.6's envoys opened one per call: 692 to the aggregator in this test.
+    # hospital-a took part in all 4 experiments (2 notebook runs: training and test); hospital-b in 3 (it was cut
+    # off during the first run's test), and its channel to the director reconnected after the cut.
+    made = {name: count - BEFORE.get(name, 0) for name, count in director.items()}
+    expected = {"hospital-a": (4, 0), "hospital-b": (3, 1), "researcher": (0, 3)}  # (aggregator, director)
+    for host, (experiments, reconnects) in expected.items():
+        key = host.replace("-", "_")
+        aggregator, to_director = made[f"{key}_aggregator"], made[f"{key}_director"]
+        REPORT.append(f"{host}, new connections during the 4 experiments: to the aggregator {aggregator} "
+                      f"({experiments} expected), to the director {to_director} ({reconnects} expected)")
+        # A SYN lost on the 0.5 %-loss link counts twice: one more of each is allowed.
+        assert experiments <= aggregator <= experiments + 1, host
+        assert reconnects <= to_director <= reconnects + 1, host
     assert director["refused"] == 0, "a node tried a port the README does not list"
     assert director["opened"] == 0, "the director opened a connection of its own"
     for host in (*HOSPITALS, "researcher"):

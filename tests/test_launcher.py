@@ -45,6 +45,7 @@ def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, 
     (["--mu", "-1"], "MU=-1.0: FedProx's proximal weight must be a number of at least 0"),
     (["--server-lr", "0"], "SERVER_LR=0.0: it must be a positive number"),
     (["--partition", "skewed"], "PARTITION=skewed: use iid or dirichlet"),
+    (["--wire-dtype", "int8"], "WIRE_DTYPE=int8: use float32, float16, bfloat16"),
     (["--wan", "20ms,fast"], "WAN=20ms,fast: 'fast' in the link profile '20ms,fast': give e.g. 40ms, 50mbit and 0.5%"),
 ])
 def test_bad_settings_are_refused_up_front(tmp_path, capsys, args, message):
@@ -106,7 +107,7 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
     empty = parse(["demo", *[arg for option in ("--dataset", "--size", "--envoys", "--rounds", "--epochs",
                                                 "--partition", "--alpha", "--seed", "--data", "--tls",
                                                 "--min-envoys", "--round-timeout", "--algo", "--mu", "--server-lr",
-                                                "--ntd-beta", "--algorithms") for arg in (option, "")]])
+                                                "--ntd-beta", "--algorithms", "--wire-dtype") for arg in (option, "")]])
     assert empty == parse(["demo"])  # an unset Makefile variable means the default
     documented = {}
     for row in (ROOT / "README.md").read_text().splitlines():
@@ -120,7 +121,7 @@ def test_the_readmes_settings_table_shows_the_defaults_that_make_demo_uses():
                                                                 "server_lr"):
             assert documented[variable.upper()] == str(value), variable
     assert {"DATASET", "SIZE", "ENVOYS", "ROUNDS", "EPOCHS", "SEED", "MIN_ENVOYS", "TLS", "ALGO", "MU",
-            "NTD_BETA", "ALGOS"} <= set(documented)
+            "NTD_BETA", "ALGOS", "WIRE_DTYPE"} <= set(documented)
     assert documented["ALGOS"] == empty.algorithms  # stored as args.algorithms, so not matched above
 
 
@@ -141,3 +142,7 @@ def test_make_bench_names_the_device_it_measured_and_prints_its_ratios(tmp_path)
     assert (numbers["device"], numbers["bf16"], numbers["stem"]) == ("cpu", False, "patch")
     assert numbers["wall_s"] > 0 and numbers["train_throughput_over_limit"] > 0
     assert len(numbers["limit_peak_rss_mb"]) == 2 and {"envoy_1", "envoy_2", "director"} <= set(numbers["peak_rss_mb"])
+    # Up per envoy and round: the model's weights and a few metrics, nothing else; one connection each.
+    assert numbers["model_bytes"] <= numbers["up_bytes"] <= 1.05 * numbers["model_bytes"]
+    assert numbers["down_bytes"] == numbers["model_bytes"] and numbers["connections"] == {"envoy_1": 1, "envoy_2": 1}
+    assert "on the wire (float32), per envoy and training round: up" in result.stdout

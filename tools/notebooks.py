@@ -68,6 +68,7 @@ PARAMETERS = {
     "min_envoys": "envoys lost mid-run are dropped; the run goes on while this share (float) or number (int)\n"
                   "of its envoys remain, and fails, naming the lost ones, below it",
     "round_timeout": "seconds; envoys still busy this long into a round are dropped too (0: no limit)",
+    "wire_dtype": '"float16" or "bfloat16": each round\'s weight changes travel in half the bytes',
     "device": "{device_comment}",
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
     "stem": '"patch": above 28 px a patch embedding first (CPU speed); "full": full resolution',
@@ -137,6 +138,7 @@ from medfl.data import batch_loader, loader_settings, to_float_chw
 from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
 from medfl.metrics import evaluate, loss_fn, loss_target, scores
 from medfl.privacy import DPSGD
+from medfl.wire import wire_format
 
 researcher.check_parameters(**globals())  # impossible parameters stop here, before anything runs
 experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -247,7 +249,7 @@ md("""## 6. Start the experiment
 - `rounds_to_train=rounds_to_train + 1` with `task_assigner=Schedule(...)`: OpenFL validates each global model at the start of the next round, so one last round only validates the final model; then it too can be chosen as the best.
 - `opt_treatment="RESET"`: each round's local training starts from a fresh optimizer state, as FedAvg does.
 - `device_assignment_policy="CUDA_PREFERRED"`: an envoy whose config lists `cuda_devices` hands its tasks `cuda:N`.
-- `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric and goes on without lost envoys while `min_envoys` remain; and the aggregator's port, if fixed.
+- `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric and goes on without lost envoys while `min_envoys` remain; the aggregator's port, if fixed; and, with `wire_dtype` `"float16"` or `"bfloat16"`, what travels: each round's *change* of the weights, in half the bytes, which the director adds to the global model it holds and aggregates in float32 (`medfl/wire.py`). For hospitals on slow links; the default, `"float32"`, sends the weights as they are.
 
 OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.submission(...)` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels. With mutual TLS it also signs the archive with your key (`api_key`): the director accepts it only from you, and each envoy runs it only if it trusts you (its config's `trusted_researchers`) and nothing in it changed on the way. Whoever an envoy trusts can run any code there: that is what submitting an experiment means."""),
 code("start", """plan_overrides = {
@@ -257,6 +259,7 @@ code("start", """plan_overrides = {
     "aggregator.settings.min_envoys": min_envoys,
     "aggregator.settings.round_timeout": round_timeout,
     **({"network.settings.agg_port": aggregator_port} if aggregator_port else {}),
+    **wire_format(wire_dtype),  # float16, bfloat16: OpenFL's delta updates, through medfl.wire's pipeline
 }
 record = dict(params={**researcher.training_parameters(globals()), "experiment": experiment_name,
                       "tls": bool(ca_cert)}, envoys=envoys, data_source=data_source, started=time.time())

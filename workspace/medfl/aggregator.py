@@ -32,9 +32,11 @@ AGGREGATED = "aggregator"
 # Events streamed with the metrics; metric_name carries the reason, metric_value the seconds into the round.
 DROPPED = "envoy_dropped"  # metric_origin is the envoy
 FAILED = "experiment_failed"  # metric_origin is the aggregator
-# What a round cost on the wire, streamed by the aggregator when the round ends: metric_name is received_bytes (the
-# envoys' results) or sent_bytes (the tensors the envoys fetched), tensor data only.
+# What a round cost on the wire, streamed by the aggregator when the round ends, for all envoys (metric_origin is the
+# aggregator) and for each: received_bytes (the envoys' results) and sent_bytes (the tensors they fetched), tensor
+# data only, and connections, the new connections the envoys opened to the aggregator in the round.
 TRAFFIC = "traffic"
+TRAFFIC_COUNTS = ("received_bytes", "sent_bytes", "connections")
 
 
 # Values of the chosen metric this close count as a tie. Validation ACC and AUC over a few hundred to a few thousand
@@ -146,7 +148,8 @@ class SelectingAggregator(Aggregator):
         self.best_model_score = _Never()
         # OpenFL puts each aggregated metric on this queue right where it would judge "best".
         self.metric_queue = _Tap(self._consider)
-        self._traffic: dict[int, dict[str, int]] = {}
+        self._traffic: dict[int, dict[str, dict[str, int]]] = {}  # round: envoy: TRAFFIC_COUNTS
+        self._peers: dict[str, set[str]] = {}  # envoy: the connections it called on
         self._traffic_lock = threading.Lock()
         self._policy(min_envoys, round_timeout)
         threading.Thread(target=self._watch, name="envoy-watch", daemon=True).start()
@@ -174,29 +177,41 @@ class SelectingAggregator(Aggregator):
             self.logger.warning("Ignored %s's %s results: it was dropped from the experiment", collaborator_name,
                                 task_name)
             return
-        self._count(round_number, "received_bytes", sum(len(t.data_bytes) for t in named_tensors))
+        self._count(round_number, collaborator_name, "received_bytes", sum(len(t.data_bytes) for t in named_tensors))
         super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
 
     def get_aggregated_tensor(self, collaborator_name, tensor_name, round_number, report, tags, require_lossless):
         named_tensor = super().get_aggregated_tensor(collaborator_name, tensor_name, round_number, report, tags,
                                                      require_lossless)
-        self._count(round_number, "sent_bytes", len(named_tensor.data_bytes))
+        self._count(round_number, collaborator_name, "sent_bytes", len(named_tensor.data_bytes))
         return named_tensor
 
-    def _count(self, round_number: int, direction: str, size: int) -> None:
+    def connected(self, envoy: str, peer: str) -> None:
+        """Count envoy's connection `peer` (address and port) in this round if it is new (the director's
+        openfl_adjustments.contract.CountsConnections)."""
+        with self._traffic_lock:
+            seen = self._peers.setdefault(envoy, set())
+            if peer in seen:
+                return
+            seen.add(peer)
+        self._count(self.round_number, envoy, "connections", 1)
+
+    def _count(self, round_number: int, envoy: str, what: str, amount: int) -> None:
         with self._traffic_lock:  # envoys' calls arrive on several threads
-            counts = self._traffic.setdefault(round_number, {"received_bytes": 0, "sent_bytes": 0})
-            counts[direction] += size
+            counts = self._traffic.setdefault(round_number, {}).setdefault(envoy, dict.fromkeys(TRAFFIC_COUNTS, 0))
+            counts[what] += amount
 
     def _end_of_round_check(self) -> None:
         ending = self.round_number
         super()._end_of_round_check()
         if self.round_number > ending:
             with self._traffic_lock:
-                counts = self._traffic.pop(ending, {"received_bytes": 0, "sent_bytes": 0})
-            for direction, size in counts.items():
-                self.metric_queue.put({"round": ending, "metric_origin": AGGREGATED, "task_name": TRAFFIC,
-                                       "metric_name": direction, "metric_value": float(size)})
+                per_envoy = self._traffic.pop(ending, {})
+            for origin, counts in [(AGGREGATED, {what: sum(c[what] for c in per_envoy.values())
+                                                 for what in TRAFFIC_COUNTS}), *sorted(per_envoy.items())]:
+                for what, amount in counts.items():
+                    self.metric_queue.put({"round": ending, "metric_origin": origin, "task_name": TRAFFIC,
+                                           "metric_name": what, "metric_value": float(amount)})
 
     def _end_of_round_with_stragglers_check(self) -> None:
         # Called under self.lock after each envoy's results, and by the watcher after a drop.

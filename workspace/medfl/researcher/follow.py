@@ -18,7 +18,7 @@ TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VAL
 TASK_METRICS = {"train": {"train_loss", "train_seconds"},
                 "locally_tuned_model_validate": {"loss", "acc", "auc", "seconds"},
                 VALIDATE_GLOBAL: {"loss", "acc", "auc", "seconds"},
-                TRAFFIC: {"received_bytes", "sent_bytes"}}
+                TRAFFIC: {"received_bytes", "sent_bytes", "connections"}}
 
 
 @dataclass
@@ -75,6 +75,8 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
             if (m["metric_origin"], m["task_name"]) == (AGGREGATED, VALIDATE_GLOBAL) and m["round"] not in seen_rounds:
                 seen_rounds.add(m["round"])
                 bar.update(1)
+            if m["task_name"] == TRAFFIC and m["metric_origin"] != AGGREGATED:
+                continue  # each envoy's share of the round's traffic: in results.json, not on the page
             key = (m["round"], m["metric_origin"], m["task_name"])
             # One task's metrics arrive together: another task of the same origin means this one's are all in.
             for done in [k for k in pending if k[1] == key[1] and k != key]:
@@ -150,4 +152,6 @@ def _line(where: str, m: dict, values: dict) -> str:
 def _shown(name: str, value: float) -> str:
     if name.endswith("_bytes"):
         return f"{name[:-6]} {value / 1e6:.2f} MB"
+    if name == "connections":
+        return f"new connections {value:.0f}"
     return f"{name} {value:.1f}" if "seconds" in name else f"{name} {value:.4f}"

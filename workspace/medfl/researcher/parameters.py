@@ -10,6 +10,7 @@ from ..algorithms import ALGORITHMS, NTD_BETA, NTD_TAU, SERVER_BETAS, SERVER_TAU
 from ..device import REQUESTS
 from ..model import FLAGS, MULTI_LABEL, SIZES, STEMS, task_type
 from ..privacy import DPSGD, PrivacyError
+from ..wire import WIRE_DTYPES
 
 # The notebook's parameters cell is written from these (tools/notebooks.py); make demo, make baseline and
 # make bench take their training settings from here too.
@@ -33,6 +34,7 @@ DEFAULTS = {
     "best_mode": "max",
     "min_envoys": 0.5,
     "round_timeout": 0,
+    "wire_dtype": "float32",
     "device": "auto",
     "bf16": False,
     "stem": "patch",
@@ -57,8 +59,9 @@ DEFAULTS = {
 # What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
 TRAINING = ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size", "eval_batch_size",
             "learning_rate", "algorithm", "mu", "ntd_beta", "ntd_tau", "server_learning_rate", "server_beta1",
-            "server_beta2", "server_tau", "best_metric", "best_mode", "min_envoys", "round_timeout", "device", "bf16",
-            "stem", "dp", "dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "seed")
+            "server_beta2", "server_tau", "best_metric", "best_mode", "min_envoys", "round_timeout", "wire_dtype",
+            "device", "bf16", "stem", "dp", "dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta",
+            "seed")
 
 
 class NotebookError(RuntimeError):
@@ -79,7 +82,8 @@ def training_parameters(namespace: dict) -> dict:
 
 def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
                      learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
-                     round_timeout=DEFAULTS["round_timeout"], algorithm=DEFAULTS["algorithm"], mu=DEFAULTS["mu"],
+                     round_timeout=DEFAULTS["round_timeout"], wire_dtype=DEFAULTS["wire_dtype"],
+                     algorithm=DEFAULTS["algorithm"], mu=DEFAULTS["mu"],
                      ntd_beta=DEFAULTS["ntd_beta"], ntd_tau=DEFAULTS["ntd_tau"],
                      server_learning_rate=DEFAULTS["server_learning_rate"], server_beta1=DEFAULTS["server_beta1"],
                      server_beta2=DEFAULTS["server_beta2"], server_tau=DEFAULTS["server_tau"], ca_cert="",
@@ -113,6 +117,9 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
         raise ParameterError(f"min_envoys={min_envoys!r}: {exc}") from None
     if isinstance(round_timeout, bool) or not isinstance(round_timeout, (int, float)) or not round_timeout >= 0:
         raise ParameterError(f"round_timeout={round_timeout!r}: give seconds (0 for no limit)")
+    if wire_dtype not in WIRE_DTYPES:
+        raise ParameterError(f"wire_dtype={wire_dtype!r}: use \"float32\" (the weights, lossless), or \"float16\" or "
+                             "\"bfloat16\" (their change each round, in half the bytes)")
     check_certificates(ca_cert, api_cert, api_key)
     if dp not in (True, False):
         raise ParameterError(f"dp={dp!r}: True (DP-SGD on every envoy) or False")

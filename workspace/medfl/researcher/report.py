@@ -75,11 +75,15 @@ def privacy_block(rounds: list[dict], params: dict) -> dict | None:
 
 
 def traffic(metrics: list[dict]) -> list[dict]:
-    """Per round, the tensor bytes the director received from the envoys and sent to them."""
+    """Per round, the tensor bytes the director received from the envoys and sent to them, and the new connections
+    they opened to it: in all, and for each envoy under `per_envoy`."""
     rounds: dict = {}
     for m in metrics:
-        if (m["metric_origin"], m["task_name"]) == (AGGREGATED, TRAFFIC):
-            rounds.setdefault(m["round"], {"round": m["round"]})[m["metric_name"]] = int(m["metric_value"])
+        if m["task_name"] == TRAFFIC:
+            entry = rounds.setdefault(m["round"], {"round": m["round"], "per_envoy": {}})
+            if m["metric_origin"] != AGGREGATED:
+                entry = entry["per_envoy"].setdefault(m["metric_origin"], {})
+            entry[m["metric_name"]] = int(m["metric_value"])
     return [rounds[r] for r in sorted(rounds)]
 
 
