@@ -301,7 +301,8 @@ def bench(args) -> int:
                            "round_overhead_s": round(hosts["round_overhead_s"], 3),
                            "round_overheads_s": [round(x, 3) for x in hosts["round_overheads_s"]],
                            "physical_limit_s": round(limit, 3),
-                           "overhead_over_limit": round(hosts["round_overhead_s"] / limit, 3),
+                           # An unshaped link (WAN=0ms) has no limit to compare with.
+                           "overhead_over_limit": round(hosts["round_overhead_s"] / limit, 3) if limit else None,
                            "up_bytes": hosts["up_bytes"], "down_bytes": hosts["down_bytes"],
                            "connections": hosts["connections"]}
         h, p = result["hosts"], hosts["profile"]
@@ -311,7 +312,8 @@ def bench(args) -> int:
               f"{h['wall_over_loopback']:>8.2f}{'<= 1.3':>10}")
         print(f"{'round overhead (median)':34}{fed['round_overhead_s']:>10.2f} s{hosts['round_overhead_s']:>12.2f} s"
               f"{'':>8}{'<= 1.0 s':>10}")
-        print(f"{'its physical limit':34}{'':>12}{limit:>12.2f} s{h['overhead_over_limit']:>8.2f}{'<= 2':>10}")
+        ratio = f"{h['overhead_over_limit']:.2f}" if limit else "-"
+        print(f"{'its physical limit':34}{'':>12}{limit:>12.2f} s{ratio:>8}{'<= 2':>10}")
         rate = f"{p.rate / 1e6:g} Mbit/s" if p.rate else "an unlimited rate"
         moved, trips = (h["down_bytes"] + h["up_bytes"]) / 1e6, ROUND_TRIPS * 2 * p.delay
         print(f"the limit: {moved:.2f} MB down and up per envoy at {rate} each way ({limit - trips:.2f} s), plus "

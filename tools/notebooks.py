@@ -277,7 +277,7 @@ with researcher.submission(api_cert, api_key):
     )"""),
 md("""## 7. Follow the training
 
-Metrics stream from the director as the envoys report them: per round, every envoy validates the global model on its `val` split, trains on its shard, and validates its local result; the director averages the weights by sample count. Lines marked `aggregator` are sample-weighted means over the envoys.
+Metrics stream from the director as the envoys report them: per round, every envoy validates the global model on its `val` split, trains on its shard, and validates its local result; the director averages the weights by sample count. Lines marked `aggregator` are sample-weighted means over the envoys; its `traffic` line says what the round moved: the bytes the director received and sent, and the connections the envoys opened (one each per experiment; `results.json` has each envoy's share).
 
 `experiment.get_best_model()` is called as soon as a model becomes the best, so it survives even a lost director; `experiment.get_last_model()` once the run has ended. An envoy that stops answering, or passes `round_timeout`, is dropped, and the round ends with the others while `min_envoys` remain; below that, or if an envoy's task raises an error, the experiment fails. If anything fails, even the director, this cell stops with one line saying why, after saving what arrived."""),
 code("follow", """training = researcher.follow(experiment, rounds_to_train, Best(best_metric, best_mode),
