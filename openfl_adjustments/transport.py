@@ -10,9 +10,9 @@ round trips a round, 10 s at a 40 ms round trip. Here:
   (keepalive, network.py, notices one that a cut cable killed).
 - The model in one round trip. The tensors a task needs from the aggregator are fetched concurrently, up to
   FETCH_STREAMS at once, over that connection.
-- Results while the next task runs. Each task's results go to the aggregator in the background; the envoy waits
-  for them only before it next asks for tasks (so the aggregator never hands out a task whose results are on the
-  way). A failed send raises there, as it would have where it was made.
+- Results while the next task runs. Each task's results are encoded at once and go to the aggregator in the
+  background; the envoy waits for them only before it next asks for tasks (so the aggregator never hands out a
+  task whose results are on the way). A failed send raises there, as it would have where it was made.
 - No polling across the network. The aggregator holds an idle envoy's request for tasks until it has some (the
   round ended), the experiment ends, or LONG_POLL_S pass, so an envoy learns of the next round within half a round
   trip. The aggregator's server gets enough threads for every waiting envoy plus the fetches.
@@ -113,42 +113,56 @@ def send_local_task_results(self, collaborator_name, round_number, task_name, da
 
 
 # --- the collaborator: fetch together, send in the background -------------------------------------------------
-def _pool(collaborator, name: str, workers: int) -> ThreadPoolExecutor:
-    pools = collaborator.__dict__.setdefault("_transport_pools", {})
-    if name not in pools:
-        pools[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"{collaborator.collaborator_name}-{name}")
-    return pools[name]
+class SendingInBackground:
+    """A collaborator's client whose send_local_task_results returns at once and sends from a thread; every other
+    call goes straight to the client. The collaborator encodes its results before (OpenFL's send_task_results is
+    unchanged), so only the network waits."""
+
+    def __init__(self, client, collaborator_name: str):
+        self.client = client
+        self.pool = ThreadPoolExecutor(SEND_STREAMS, thread_name_prefix=f"{collaborator_name}-send")
+        self.sending: list[Future] = []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def send_local_task_results(self, *args, **kwargs) -> None:
+        self.sending.append(self.pool.submit(self.client.send_local_task_results, *args, **kwargs))
+
+    def wait(self) -> None:
+        """Wait until every result sent has arrived; raise the first failed send's error, if one failed."""
+        while self.sending:
+            self.sending.pop(0).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.disconnect()
+
+
+def sending_in_background(init):
+    """Collaborator.__init__ that gives the collaborator a SendingInBackground client and a pool to fetch with."""
+
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.client = SendingInBackground(self.client, self.collaborator_name)
+        self._fetching = ThreadPoolExecutor(FETCH_STREAMS, thread_name_prefix=f"{self.collaborator_name}-fetch")
+
+    return wrapper
 
 
 def fetching_together(self, tensor_keys) -> dict:
     """Collaborator.get_numpy_dict_for_tensorkeys: every tensor it needs at once, not one call after another."""
     keys = list(tensor_keys)
-    values = _pool(self, "fetch", FETCH_STREAMS).map(self.get_data_for_tensorkey, keys)
+    values = self._fetching.map(self.get_data_for_tensorkey, keys)
     return {key.tensor_name: value for key, value in zip(keys, values, strict=True)}
 
 
-def sending_in_background(send_task_results):
-    """Collaborator.send_task_results that sends while the envoy goes on to its next task."""
-
-    def wrapper(self, tensor_dict, round_number, task_name):
-        sent = _pool(self, "send", SEND_STREAMS).submit(send_task_results, self, tensor_dict, round_number, task_name)
-        self.__dict__.setdefault("_sending", []).append(sent)
-
-    return wrapper
-
-
-def wait_for_sends(collaborator) -> None:
-    """Wait until every result sent in the background has arrived; raise the first send's error, if one failed."""
-    sending: list[Future] = collaborator.__dict__.get("_sending", [])
-    while sending:
-        sending.pop(0).result()
-
-
 def after_the_sends(get_tasks):
-    """Collaborator.get_tasks, asked only once this envoy's results are in."""
+    """Collaborator.get_tasks, asked only once this envoy's results are in (else the aggregator would hand out the
+    same tasks again)."""
 
     def wrapper(self):
-        wait_for_sends(self)
+        self.client.wait()
         return get_tasks(self)
 
     return wrapper
@@ -161,9 +175,8 @@ def closing_at_the_end(run):
         try:
             return run(self, *args, **kwargs)
         finally:
-            for pool in self.__dict__.pop("_transport_pools", {}).values():
-                pool.shutdown(wait=False, cancel_futures=True)
-            self.client.disconnect()
+            self._fetching.shutdown(wait=False, cancel_futures=True)
+            self.client.close()
 
     return wrapper
 
@@ -326,7 +339,7 @@ def install() -> None:
                          ("send_local_task_results", send_local_task_results)):
         replace(AggregatorGRPCClient, name, lambda _, method=method: method)
     replace(Collaborator, "get_numpy_dict_for_tensorkeys", lambda _: fetching_together)
-    replace(Collaborator, "send_task_results", sending_in_background)
+    replace(Collaborator, "__init__", sending_in_background)
     replace(Collaborator, "get_tasks", after_the_sends)
     replace(Collaborator, "run", closing_at_the_end)
     replace(Collaborator, "get_data_for_tensorkey", models_under_own_name)
