@@ -11,6 +11,10 @@
   experiment ended without it would never take part in anything again. Here it gives up after
   AGGREGATOR_PATIENCE_S (FX_AGGREGATOR_PATIENCE_S, 60 s), which also bounds each call, and waits for the next
   experiment.
+- Failed tasks. OpenFL stops the whole experiment when one envoy's task raises, and says only that it did. Here
+  the envoy's report starts with one line naming the error and where it happened ("ValueError: Input contains
+  NaN (in the train task of round 2)"); the director drops that envoy with that line, as a lost one, and the
+  min_envoys rule decides whether the run goes on.
 - Failure reports. The director ignores reports about experiments that are over, and an envoy that cannot reach
   its director to report one says so in its log instead of raising.
 """
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import namedtuple
 
 import grpc
 
-from .contract import EnvoyAwareAggregator
+from .contract import REFUSED, EnvoyAwareAggregator
 from .patching import replace
 
 logger = logging.getLogger("openfl_adjustments")
@@ -149,10 +154,63 @@ def in_progress_only(set_experiment_failed):
     return wrapper
 
 
+def cause(description: str) -> str:
+    """One line of an envoy's failure report: the summary this project's envoys put first (summary()), or, from
+    another envoy, the last line of the traceback OpenFL sends."""
+    lines = [line.strip() for line in description.splitlines() if line.strip()]
+    if not lines:
+        return "it gave no reason"
+    return lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
+
+
+def summary(exc: BaseException) -> str:
+    """The error in one line, and where it happened if the collaborator noted it (naming_the_task)."""
+    message = (str(exc).strip().splitlines() or [""])[0]
+    notes = "; ".join(getattr(exc, "__notes__", ()))
+    return f"{type(exc).__name__}: {message}" + (f" ({notes})" if notes else "")
+
+
+def envoy_failed(director, experiment_name: str, envoy: str, description: str) -> None:
+    """An envoy's task raised: the experiment goes on without that envoy, which it names with the error; the
+    min_envoys rule decides whether it can. An aggregator outside the contract stops as in OpenFL."""
+    experiment = director.experiments_registry.get(experiment_name)
+    why = f"its task failed: {cause(description)}"
+    if experiment is not None and (experiment.aggregator is None or aware(experiment.aggregator)):
+        from openfl.component.director.experiment import Status
+
+        if experiment.status != Status.IN_PROGRESS:
+            logger.info("Ignored %s's failure report about experiment %s, which is %s", envoy, experiment_name,
+                        experiment.status)
+            return
+        logger.error("Envoy %s failed in experiment %s, which goes on without it if enough envoys remain: %s",
+                     envoy, experiment_name, why)
+        drop(experiment, envoy, why)
+        return
+    director.set_experiment_failed(experiment_name=experiment_name, collaborator_name=envoy)
+
+
+def naming_the_task(do_task):
+    """Collaborator.do_task that notes, on an error, which task of which round raised it."""
+
+    def wrapper(self, task, round_number):
+        try:
+            return do_task(self, task, round_number)
+        except Exception as exc:
+            exc.add_note(f"in the {getattr(task, 'name', task)} task of round {round_number + 1}")
+            raise
+
+    return wrapper
+
+
 def saying_unreachable(set_experiment_failed):
-    """ShardDirectorClient.set_experiment_failed that logs, rather than raises, a director that does not answer."""
+    """ShardDirectorClient.set_experiment_failed that starts the report with the error in one line (summary())
+    and logs, rather than raises, a director that does not answer."""
 
     def wrapper(self, experiment_name: str, *args, **kwargs):
+        raised = sys.exc_info()[1]  # the envoy reports from the except block around its collaborator
+        description = kwargs.get("error_description", "")
+        if raised is not None and not description.startswith(REFUSED):
+            kwargs["error_description"] = f"{summary(raised)}\n{description}"
         try:
             return set_experiment_failed(self, experiment_name, *args, **kwargs)
         except grpc.RpcError as exc:
@@ -191,7 +249,9 @@ def patient_intercept_call(self, continuation, client_call_details, request_or_i
 
 
 def install() -> None:
-    """Connect the director's health checks and registrations to the aggregator; bound envoys' patience."""
+    """Connect the director's health checks, registrations and failure reports to the aggregator; bound envoys'
+    patience; name failed tasks."""
+    from openfl.component.collaborator.collaborator import Collaborator
     from openfl.component.director.director import Director
     from openfl.component.director.experiment import Experiment
     from openfl.transport.grpc.aggregator_client import RetryOnRpcErrorClientInterceptor
@@ -204,3 +264,4 @@ def install() -> None:
     replace(Director, "set_experiment_failed", in_progress_only)
     replace(ShardDirectorClient, "set_experiment_failed", saying_unreachable)
     replace(RetryOnRpcErrorClientInterceptor, "_intercept_call", lambda _: patient_intercept_call)
+    replace(Collaborator, "do_task", naming_the_task)

@@ -10,8 +10,8 @@
   any name and checked the common name only later, in the aggregator, once an experiment ran.
 - Failure reports. Under TLS, OpenFL's director ignores an envoy's report that its task failed (it hears only
   callers without a certificate name), so the experiment would wait forever; here an envoy may report its own
-  failure. A report that begins with contract.REFUSED is an envoy refusing the experiment (trust.py): the
-  experiment goes on without it, as without a lost envoy, instead of failing.
+  failure, which faults.envoy_failed handles. A report that begins with contract.REFUSED is an envoy refusing the
+  experiment (trust.py): the experiment goes on without it, as without a lost envoy.
 Refusals end the call with PERMISSION_DENIED and one line saying why, and one line in the director's log.
 """
 from __future__ import annotations
@@ -133,12 +133,15 @@ def named_envoys_only(update_shard_info):
 
 
 def hearing_envoys(set_experiment_failed):
-    """DirectorGRPCServer.SetExperimentFailed that, under TLS, accepts an envoy's report of its own failure, and
-    takes a refusal as the envoy leaving the experiment."""
+    """DirectorGRPCServer.SetExperimentFailed that hears an envoy's report of its own failure (under TLS, from the
+    certificate of that name; without, as OpenFL does, from any caller) and passes it to faults.envoy_failed; a
+    refusal is the envoy leaving the experiment."""
     from openfl.protocols import director_pb2
+    from openfl.transport.grpc.director_server import CLIENT_ID_DEFAULT
 
     async def wrapper(self, request, context):
-        if self.tls and self.get_caller(context) == request.collaborator_name:
+        caller = self.get_caller(context)
+        if caller == (request.collaborator_name if self.tls else CLIENT_ID_DEFAULT):
             envoy, why = request.collaborator_name, request.error_description
             experiment = self.director.experiments_registry.get(request.experiment_name)
             if why.startswith(REFUSED):
@@ -146,8 +149,7 @@ def hearing_envoys(set_experiment_failed):
                 if experiment is not None:
                     faults.drop(experiment, envoy, why)
             else:
-                logger.error("Envoy %s failed in experiment %s, which stops: %s", envoy, request.experiment_name, why)
-                self.director.set_experiment_failed(experiment_name=request.experiment_name, collaborator_name=envoy)
+                faults.envoy_failed(self.director, request.experiment_name, envoy, why)
             return director_pb2.SetExperimentFailedResponse()
         return await set_experiment_failed(self, request, context)
 

@@ -68,6 +68,9 @@ PARAMETERS = {
     "min_envoys": "envoys lost mid-run are dropped; the run goes on while this share (float) or number (int)\n"
                   "of its envoys remain, and fails, naming the lost ones, below it",
     "round_timeout": "seconds; envoys still busy this long into a round are dropped too (0: no limit)",
+    "max_update_ratio": "an update this many times farther from the global model than the round's\n"
+                        "median is left out (3+ envoys), as is one not finite or of another shape;",
+    "max_rejections": "an envoy left out this many rounds in a row is dropped",
     "wire_dtype": '"float16" or "bfloat16": each round\'s weight changes travel in half the bytes',
     "device": "{device_comment}",
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
@@ -134,6 +137,7 @@ from openfl.utilities.optimizers.torch import FedProxAdam
 from torch import nn
 
 from medfl import Best, NotTrueDistillation, Schedule, aggregation_function, researcher
+from medfl.checks import check_trained
 from medfl.data import batch_loader, loader_settings, to_float_chw
 from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
 from medfl.metrics import evaluate, loss_fn, loss_target, scores
@@ -258,6 +262,8 @@ code("start", """plan_overrides = {
     "aggregator.settings.best_mode": best_mode,
     "aggregator.settings.min_envoys": min_envoys,
     "aggregator.settings.round_timeout": round_timeout,
+    "aggregator.settings.max_update_ratio": max_update_ratio,
+    "aggregator.settings.max_rejections": max_rejections,
     **({"network.settings.agg_port": aggregator_port} if aggregator_port else {}),
     **wire_format(wire_dtype),  # float16, bfloat16: OpenFL's delta updates, through medfl.wire's pipeline
 }

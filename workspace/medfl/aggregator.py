@@ -14,24 +14,37 @@ director from the experiment's plan, so they arrive with the workspace like the 
   learns of lost and restarted envoys; it tells the aggregator through the methods of
   openfl_adjustments.contract.EnvoyAwareAggregator (watch_envoys, drop, has_dropped, failure), which
   SelectingAggregator implements.
+- OpenFL puts every update into the average. Here each is checked first (medfl.checks: structure, finite values,
+  distance from the global model against the round's median); one that fails is left out of that round's
+  aggregate, the others re-weighted by their sample counts, and streamed as an event (REJECTED). An envoy
+  rejected in `max_rejections` rounds in a row, or whose validation metric is not finite, is dropped as a lost
+  envoy is. A round whose every update was rejected keeps the global model as it was.
 - When an envoy reports an error, OpenFL stops the aggregator and, on paper, every collaborator,
-  whose envoys then retry forever against an aggregator that has gone. Here a stopped aggregator
-  keeps running until each remaining collaborator has been told to quit (or has been lost).
+  whose envoys then retry forever against an aggregator that has gone. Here the director drops that envoy,
+  naming its error (openfl_adjustments.faults), and the run goes on while `min_envoys` remain; an aggregator
+  that stops keeps running until each remaining collaborator has been told to quit (or has been lost).
 """
 from __future__ import annotations
 
+import json
 import math
 import queue
 import threading
 import time
 
+import numpy as np
 from openfl.component.aggregator.aggregator import Aggregator
+from openfl.utilities import TaskResultKey, TensorKey
+
+from . import checks
+from .checks import Rejection
 
 VALIDATE_GLOBAL = "aggregated_model_validate"
 AGGREGATED = "aggregator"
 # Events streamed with the metrics; metric_name carries the reason, metric_value the seconds into the round.
 DROPPED = "envoy_dropped"  # metric_origin is the envoy
 FAILED = "experiment_failed"  # metric_origin is the aggregator
+REJECTED = "update_rejected"  # metric_origin is the envoy; metric_name is JSON: check, detail, numbers
 # What a round cost on the wire, streamed by the aggregator when the round ends, for all envoys (metric_origin is the
 # aggregator) and for each: received_bytes (the envoys' results) and sent_bytes (the tensors they fetched), tensor
 # data only, and connections, the new connections the envoys opened to the aggregator in the round.
@@ -142,7 +155,9 @@ class SelectingAggregator(Aggregator):
     without envoys that are lost or too slow while at least `min_envoys` remain."""
 
     def __init__(self, *args, best_metric: str = "auc", best_mode: str = "max", min_envoys=0.5,
-                 round_timeout: float = 0, **kwargs):
+                 round_timeout: float = 0, max_update_ratio: float = checks.MAX_UPDATE_RATIO,
+                 max_rejections: int = checks.MAX_REJECTIONS, **kwargs):
+        checks.check_settings(max_update_ratio, max_rejections)
         super().__init__(*args, **kwargs)
         self.best = Best(best_metric, best_mode)
         self.best_model_score = _Never()
@@ -151,11 +166,20 @@ class SelectingAggregator(Aggregator):
         self._traffic: dict[int, dict[str, dict[str, int]]] = {}  # round: envoy: TRAFFIC_COUNTS
         self._peers: dict[str, set[str]] = {}  # envoy: the connections it called on
         self._traffic_lock = threading.Lock()
-        self._policy(min_envoys, round_timeout)
+        self._policy(min_envoys, round_timeout, max_update_ratio, max_rejections)
+        self._model_names = [tensor.name for tensor in self.model.tensors]
         threading.Thread(target=self._watch, name="envoy-watch", daemon=True).start()
 
-    def _policy(self, min_envoys, round_timeout: float) -> None:
+    def _policy(self, min_envoys, round_timeout: float, max_update_ratio: float = checks.MAX_UPDATE_RATIO,
+                max_rejections: int = checks.MAX_REJECTIONS) -> None:
         self.min_envoys, self.round_timeout = min_envoys, float(round_timeout or 0)
+        self.max_update_ratio, self.max_rejections = float(max_update_ratio), max_rejections
+        self.rejected: list[Rejection] = []
+        self._left_out: dict[str, set[str]] = {}  # this round's task: the envoys whose results stay out of it
+        self._in_a_row: dict[str, int] = {}  # envoy: rounds in a row its update was rejected
+        self._failed_metrics: dict[str, str] = {}  # envoy: which metric of this round was not finite
+        self._training_tasks: set[str] = set()  # tasks whose results carry trained weights
+        self._checks_lock = threading.Lock()
         self.dropped: dict[str, str] = {}  # envoy: why
         self._failure = None  # why the experiment stopped, if it did so here
         self.stopped = False
@@ -178,6 +202,13 @@ class SelectingAggregator(Aggregator):
                                 task_name)
             return
         self._count(round_number, collaborator_name, "received_bytes", sum(len(t.data_bytes) for t in named_tensors))
+        weights = [t for t in named_tensors if not t.report and "trained" in t.tags]
+        if weights and round_number == self.round_number:
+            self._training_tasks.add(task_name)
+            problem = self._structure(weights, round_number)
+            if problem:  # unreadable by OpenFL's own code too: only the metrics go on
+                self._reject(Rejection(collaborator_name, round_number + 1, "structure", problem), task_name)
+                named_tensors = [t for t in named_tensors if t.report]
         super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
 
     def get_aggregated_tensor(self, collaborator_name, tensor_name, round_number, report, tags, require_lossless):
@@ -203,8 +234,12 @@ class SelectingAggregator(Aggregator):
 
     def _end_of_round_check(self) -> None:
         ending = self.round_number
+        if self._end_of_round_check_done[ending]:
+            return
+        self._check_round(ending)
         super()._end_of_round_check()
         if self.round_number > ending:
+            self._act_on_checks(ending)
             with self._traffic_lock:
                 per_envoy = self._traffic.pop(ending, {})
             for origin, counts in [(AGGREGATED, {what: sum(c[what] for c in per_envoy.values())
@@ -212,6 +247,109 @@ class SelectingAggregator(Aggregator):
                 for what, amount in counts.items():
                     self.metric_queue.put({"round": ending, "metric_origin": origin, "task_name": TRAFFIC,
                                            "metric_name": what, "metric_value": float(amount)})
+
+    # --- checking updates before they are aggregated (medfl.checks) -----------------------------------------
+    def _decode(self, named_tensor) -> np.ndarray:
+        """A received tensor's values, decoded as OpenFL's _process_named_tensor decodes them (a change of the
+        weights, for delta updates)."""
+        key = TensorKey(named_tensor.name, self.uuid, named_tensor.round_number, named_tensor.report,
+                        tuple(named_tensor.tags))
+        metadata = [{"int_to_float": m.int_to_float, "int_list": m.int_list, "bool_list": m.bool_list}
+                    for m in named_tensor.transformer_metadata]
+        return self.tensor_codec.decompress(key, named_tensor.data_bytes, metadata,
+                                            require_lossless="compressed" in named_tensor.tags)[1]
+
+    def _global_model(self, round_number: int) -> dict:
+        return {name: self.tensor_db.get_tensor_from_cache(TensorKey(name, self.uuid, round_number, False, ("model",)))
+                for name in self._model_names}
+
+    def _structure(self, weights, round_number: int) -> str | None:
+        """What is wrong with the structure of an arriving update, or None."""
+        try:
+            update = {t.name: self._decode(t) for t in weights}
+        except Exception as exc:  # bytes that do not make the tensor their metadata describes
+            return f"unreadable: {type(exc).__name__}: {exc}"
+        return checks.structure_problem(update, self._global_model(round_number))
+
+    def _reject(self, rejection: Rejection, task_name: str) -> None:
+        with self._checks_lock:
+            self.rejected.append(rejection)
+            self._left_out.setdefault(task_name, set()).add(rejection.envoy)
+        self.logger.warning("Rejected %s's update in round %d: %s", rejection.envoy, rejection.round, rejection.line())
+        event = self._event(rejection.envoy, REJECTED, "")
+        event["metric_name"] = json.dumps({"check": rejection.check, "detail": rejection.detail,
+                                           "numbers": rejection.numbers})
+        self.metric_queue.put(event)
+
+    def _check_round(self, r: int) -> None:
+        """Before round r is aggregated: leave out the updates that are not finite or stand out from the round's
+        median distance, and the results of tasks whose metrics are not finite. Called with self.lock held."""
+        done = [c for c in self.collaborators_done if c not in self.dropped]
+        model = self._global_model(r)
+        for task in self.assigner.get_all_tasks_for_round(r):
+            distances = {}
+            for envoy in done:
+                keys = self.collaborator_tasks_results.get(TaskResultKey(task, envoy, r))
+                if keys is None or envoy in self._left_out.get(task, ()):
+                    continue
+                values = {k: self.tensor_db.get_tensor_from_cache(k) for k in keys}
+                bad_metric = next((k for k, v in values.items() if k.report and not np.isfinite(v).all()), None)
+                if bad_metric is not None:
+                    self._failed_metrics[envoy] = (f"its {task} task reported {bad_metric.tensor_name} = "
+                                                   f"{float(values[bad_metric])}")
+                    self._left_out.setdefault(task, set()).add(envoy)
+                    continue
+                update = {k.tensor_name: v for k, v in values.items() if not k.report and "trained" in k.tags}
+                if not update:
+                    continue
+                if bad := checks.non_finite(update):
+                    self._reject(Rejection(envoy, r + 1, "finite", f"NaN or infinity in {bad['tensors']} of "
+                                           f"{bad['of']} tensors ({bad['first']} first)", bad), task)
+                else:
+                    distances[envoy] = checks.distance(update, model)
+            for envoy, numbers in checks.outsized(distances, self.max_update_ratio).items():
+                self._reject(Rejection(envoy, r + 1, "norm", f"its distance from the global model, "
+                                       f"{numbers['norm']:.4g}, is {numbers['ratio']:.1f} times the round's median "
+                                       f"({numbers['median']:.4g}); the bound is max_update_ratio="
+                                       f"{self.max_update_ratio:g}", numbers), task)
+
+    def _compute_validation_related_task_metrics(self, task_name: str) -> None:
+        left_out = self._left_out.get(task_name, set())
+        if not left_out:
+            return super()._compute_validation_related_task_metrics(task_name)
+        done = self.collaborators_done
+        self.collaborators_done = [c for c in done if c not in left_out]
+        try:
+            if any(c in self.collaborators_done for c in self.assigner.get_collaborators_for_task(
+                    task_name, self.round_number)):
+                super()._compute_validation_related_task_metrics(task_name)
+            elif task_name in self._training_tasks:  # every update rejected: the global model stays as it was
+                self.logger.warning("Round %d: every update was rejected; the global model stays as it was",
+                                    self.round_number)
+                for name, value in self._global_model(self.round_number).items():
+                    self._prepare_trained(name, self.uuid, self.round_number, False, value)
+        finally:
+            self.collaborators_done = done
+
+    def _act_on_checks(self, ended: int) -> None:
+        """After round `ended`: drop the envoys rejected max_rejections rounds in a row, and those whose metrics were
+        not finite (a failed task); then the min_envoys rule decides. Called with self.lock held."""
+        rejected_now = {e for task in self._training_tasks for e in self._left_out.get(task, ())
+                        if e not in self._failed_metrics}
+        for envoy in self._remaining():
+            self._in_a_row[envoy] = self._in_a_row.get(envoy, 0) + 1 if envoy in rejected_now else 0
+        failed, self._failed_metrics, self._left_out = self._failed_metrics, {}, {}
+        drops = {envoy: f"its task failed: {why}" for envoy, why in failed.items()}
+        for envoy, count in self._in_a_row.items():
+            if count >= self.max_rejections and envoy not in drops:
+                last = next(r for r in reversed(self.rejected) if r.envoy == envoy)
+                drops[envoy] = (f"its update was rejected in {count} rounds in a row (max_rejections="
+                                f"{self.max_rejections}); last: {last.line()}")
+        for envoy, why in drops.items():
+            if envoy not in self.dropped:
+                self._drop(envoy, why, ended)
+        if drops:
+            self._judge()
 
     def _end_of_round_with_stragglers_check(self) -> None:
         # Called under self.lock after each envoy's results, and by the watcher after a drop.
@@ -280,12 +418,13 @@ class SelectingAggregator(Aggregator):
         elif self.dropped:
             self._end_of_round_with_stragglers_check()
 
-    def _drop(self, name: str, why: str) -> None:
+    def _drop(self, name: str, why: str, round_number: int | None = None) -> None:
+        """Drop envoy `name`; the event names `round_number` (default: the current round)."""
         self.dropped[name] = why
         self.quit_job_sent_to.append(name)  # the experiment may end without its goodbye
         self.logger.warning("Dropped envoy %s in round %d: %s", name, self.round_number, why)
         if not self._time_to_quit():
-            self.metric_queue.put(self._event(name, DROPPED, why))
+            self.metric_queue.put(self._event(name, DROPPED, why, round_number))
 
     def _fail(self, why: str) -> None:
         self._failure = why
@@ -293,9 +432,10 @@ class SelectingAggregator(Aggregator):
         self.metric_queue.put(self._event(AGGREGATED, FAILED, why))
         self.stopped = True
 
-    def _event(self, origin: str, kind: str, why: str) -> dict:
-        started = self._round_started.get(self.round_number)
-        return {"round": self.round_number, "metric_origin": origin, "task_name": kind, "metric_name": why,
+    def _event(self, origin: str, kind: str, why: str, round_number: int | None = None) -> dict:
+        r = self.round_number if round_number is None else round_number
+        started = self._round_started.get(r)
+        return {"round": r, "metric_origin": origin, "task_name": kind, "metric_name": why,
                 "metric_value": time.monotonic() - started if started else 0.0}
 
     # --- stopping -----------------------------------------------------------------------------------------

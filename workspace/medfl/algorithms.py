@@ -35,6 +35,8 @@ import torch
 from openfl.interface.aggregation_functions import AggregationFunction, Median, WeightedAverage
 from torch.nn import functional as F
 
+from .checks import OPTIMIZER_STATE
+
 ALGORITHMS = ("fedavg", "fedprox", "fedntd", "fedadam", "fedyogi", "fedadagrad", "median", "geomedian")
 SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 # Reddi et al. 2021 fix beta1 = 0.9, beta2 = 0.99 and the adaptivity tau = 1e-3; their tuned server learning rates on
@@ -44,7 +46,6 @@ SERVER_BETAS = (0.9, 0.99)
 SERVER_TAU = 1e-3
 # FedNTD's official settings (Lee et al. 2022, its repository's config/fedntd.json): beta 1, tau 1.
 NTD_BETA, NTD_TAU = 1.0, 1.0
-OPTIMIZER_STATE = "__opt_"  # how OpenFL's PyTorch adapter names the optimizer state it sends with the weights
 
 
 class _NotSingleton(type(AggregationFunction)):

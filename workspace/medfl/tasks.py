@@ -10,6 +10,7 @@ import time
 import torch
 from openfl.interface.interactive_api.experiment import TaskInterface
 
+from .checks import check_trained
 from .data import to_float_chw
 from .device import REQUESTS, autocast, bind_optimizer, pick_device, step_barrier
 from .metrics import evaluate, loss_fn, loss_target, scores
@@ -58,6 +59,7 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
             loss_sum += fit.detach() * len(x)  # stays on the device: no sync per step
             seen += len(x)
     train_loss = loss_sum.item() / max(seen, 1)  # .item() waits for the device, so the time is honest
+    check_trained(model)  # weights that diverged to NaN or infinity stop here, naming this envoy, and are not sent
     if distill is not None:
         distill.stop()
     spent = {}

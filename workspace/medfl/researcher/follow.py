@@ -1,6 +1,7 @@
 """Following a submitted experiment: its metrics as they arrive, who dropped out, and how it ended."""
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ import grpc
 import torch
 from tqdm.auto import tqdm
 
-from ..aggregator import AGGREGATED, DROPPED, FAILED, TRAFFIC, VALIDATE_GLOBAL, Best
+from ..aggregator import AGGREGATED, DROPPED, FAILED, REJECTED, TRAFFIC, VALIDATE_GLOBAL, Best
 
 TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val",
               TRAFFIC: "traffic"}
@@ -32,6 +33,7 @@ class Followed:
     name: str
     metrics: list = field(default_factory=list)
     dropouts: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)  # updates the director left out of a round's aggregate
     error: str | None = None
     best: Best | None = None
     best_model: torch.nn.Module | None = None
@@ -67,6 +69,9 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
             m = {**m, "time": time.time()}
             if m["task_name"] == DROPPED:
                 _dropped(run, m, label or _round_of(m["round"], rounds), echo)
+                continue
+            if m["task_name"] == REJECTED:
+                _rejected(run, m, label or _round_of(m["round"], rounds), echo)
                 continue
             if m["task_name"] == FAILED:
                 run.error = m["metric_name"]
@@ -142,6 +147,13 @@ def _dropped(run: Followed, m: dict, where: str, echo) -> None:
     run.dropouts.append({"envoy": m["metric_origin"], "experiment": run.name, "round": m["round"] + 1,
                          "time": round(m["time"], 3), "reason": m["metric_name"]})
     echo(f"{where:<16} {m['metric_origin']:<11} DROPPED: {m['metric_name']}; the experiment goes on without it")
+
+
+def _rejected(run: Followed, m: dict, where: str, echo) -> None:
+    what = json.loads(m["metric_name"])
+    run.rejected.append({"envoy": m["metric_origin"], "experiment": run.name, "round": m["round"] + 1, **what})
+    echo(f"{where:<16} {m['metric_origin']:<11} REJECTED: its update failed the {what['check']} check: "
+         f"{what['detail']}; left out of this round's average")
 
 
 def _line(where: str, m: dict, values: dict) -> str:

@@ -7,6 +7,7 @@ import medmnist
 
 from ..aggregator import quorum
 from ..algorithms import ALGORITHMS, NTD_BETA, NTD_TAU, SERVER_BETAS, SERVER_TAU
+from ..checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, check_settings
 from ..device import REQUESTS
 from ..model import FLAGS, MULTI_LABEL, SIZES, STEMS, task_type
 from ..privacy import DPSGD, PrivacyError
@@ -34,6 +35,8 @@ DEFAULTS = {
     "best_mode": "max",
     "min_envoys": 0.5,
     "round_timeout": 0,
+    "max_update_ratio": MAX_UPDATE_RATIO,
+    "max_rejections": MAX_REJECTIONS,
     "wire_dtype": "float32",
     "device": "auto",
     "bf16": False,
@@ -59,7 +62,8 @@ DEFAULTS = {
 # What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
 TRAINING = ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size", "eval_batch_size",
             "learning_rate", "algorithm", "mu", "ntd_beta", "ntd_tau", "server_learning_rate", "server_beta1",
-            "server_beta2", "server_tau", "best_metric", "best_mode", "min_envoys", "round_timeout", "wire_dtype",
+            "server_beta2", "server_tau", "best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio",
+            "max_rejections", "wire_dtype",
             "device", "bf16", "stem", "dp", "dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta",
             "seed")
 
@@ -83,6 +87,7 @@ def training_parameters(namespace: dict) -> dict:
 def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
                      learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
                      round_timeout=DEFAULTS["round_timeout"], wire_dtype=DEFAULTS["wire_dtype"],
+                     max_update_ratio=DEFAULTS["max_update_ratio"], max_rejections=DEFAULTS["max_rejections"],
                      algorithm=DEFAULTS["algorithm"], mu=DEFAULTS["mu"],
                      ntd_beta=DEFAULTS["ntd_beta"], ntd_tau=DEFAULTS["ntd_tau"],
                      server_learning_rate=DEFAULTS["server_learning_rate"], server_beta1=DEFAULTS["server_beta1"],
@@ -117,6 +122,10 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
         raise ParameterError(f"min_envoys={min_envoys!r}: {exc}") from None
     if isinstance(round_timeout, bool) or not isinstance(round_timeout, (int, float)) or not round_timeout >= 0:
         raise ParameterError(f"round_timeout={round_timeout!r}: give seconds (0 for no limit)")
+    try:
+        check_settings(max_update_ratio, max_rejections)
+    except ValueError as exc:
+        raise ParameterError(str(exc)) from None
     if wire_dtype not in WIRE_DTYPES:
         raise ParameterError(f"wire_dtype={wire_dtype!r}: use \"float32\" (the weights, lossless), or \"float16\" or "
                              "\"bfloat16\" (their change each round, in half the bytes)")

@@ -132,6 +132,7 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "traffic": traffic(training.metrics),
         "privacy": privacy_block(rounds, params),
         "dropouts": training.dropouts + (testing.dropouts if testing else []),
+        "rejected_updates": training.rejected + (testing.rejected if testing else []),
         "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value, "loss": best.loss,
                  "tie": best.tie},
         "test": {"model": "best", "round": best.round,
@@ -214,6 +215,11 @@ def plot_curves(path: Path, results: dict) -> None:
             if d["experiment"] == results["params"].get("experiment"):  # not the test run's
                 # Lost during training round r: between the models after r - 1 and r rounds.
                 ax.axvline(d["round"] - 0.5, color="tab:red", linestyle="--", label=f"{d['envoy']} dropped out")
+        for envoy in sorted({r["envoy"] for r in results.get("rejected_updates", [])}):
+            rounds = [r["round"] for r in results["rejected_updates"] if r["envoy"] == envoy]
+            # Left out of round r's average: the model after r rounds was made without it.
+            ax.plot(rounds, [ax.get_ylim()[0]] * len(rounds), "x", color="tab:red", markersize=9, clip_on=False,
+                    label=f"{envoy}'s update rejected")
         ax.set_title(title)
         ax.set_xlabel("rounds trained")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,0 +1,275 @@
+"""A broken envoy costs its own contribution and nothing else: medfl.checks on their own, then a real
+SelectingAggregator (OpenFL's Aggregator underneath) fed updates as envoys send them, and the director's handling
+of a failed task. tests/test_broken_envoy.py does it end to end."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from openfl.pipelines import NoCompressionPipeline
+from openfl.protocols import utils
+from openfl.utilities import TensorKey, add_log_level
+
+from medfl import Schedule, build_tasks, checks
+from medfl.aggregator import DROPPED, REJECTED, SelectingAggregator
+from openfl_adjustments import faults
+
+add_log_level("METRIC", 25)  # as OpenFL's fx does at start-up: its aggregator logs metrics at this level
+ENVOYS = ["envoy_1", "envoy_2", "envoy_3"]
+MODEL = {"conv.weight": np.zeros((4, 3), np.float32), "bn.running_mean": np.zeros(4, np.float32),
+         "bn.num_batches_tracked": np.array(0, np.float32)}
+
+
+# --- the checks on their own -------------------------------------------------------------------------------------
+def test_the_structure_check_names_what_differs():
+    assert checks.structure_problem(dict(MODEL), MODEL) is None
+    assert checks.structure_problem({**MODEL, "__opt_state_needed": np.array(1.0)}, MODEL) is None  # optimizer
+    missing = {k: v for k, v in MODEL.items() if k != "bn.running_mean"}
+    assert checks.structure_problem(missing, MODEL) == ("its tensors do not match the global model's: 1 missing "
+                                                       "(bn.running_mean first)")
+    assert "1 unknown (head.bias first)" in checks.structure_problem({**MODEL, "head.bias": np.zeros(2)}, MODEL)
+    short = {**MODEL, "conv.weight": np.zeros((3, 3), np.float32)}
+    assert checks.structure_problem(short, MODEL) == "conv.weight has shape [3, 3], the global model's [4, 3]"
+    wide = {**MODEL, "conv.weight": np.zeros((4, 3), np.float64)}
+    assert checks.structure_problem(wide, MODEL) == "conv.weight is float64, not float32"
+
+
+def test_the_finite_check_counts_the_tensors_with_nan_or_infinity():
+    assert checks.non_finite(MODEL) == {}
+    bad = {**MODEL, "conv.weight": np.array([[np.nan, 1.0]]), "bn.running_mean": np.array([np.inf])}
+    assert checks.non_finite(bad) == {"tensors": 2, "first": "conv.weight", "of": 3}
+
+
+def test_an_updates_distance_leaves_batchnorms_counter_out():
+    update = {**MODEL, "conv.weight": np.full((4, 3), 0.5, np.float32), "bn.num_batches_tracked": np.array(94.0)}
+    assert checks.distance(update, MODEL) == pytest.approx(np.sqrt(12 * 0.25))
+
+
+def test_an_update_stands_out_only_against_the_median_of_three_or_more():
+    assert checks.outsized({"a": 1.0, "b": 100.0}, 10) == {}  # two: the median is their mean, nothing stands out
+    out = checks.outsized({"a": 1.0, "b": 1.2, "c": 13.0}, 10)
+    assert out == {"c": {"norm": 13.0, "median": 1.2, "ratio": pytest.approx(13 / 1.2), "max_update_ratio": 10}}
+    assert checks.outsized({"a": 1.0, "b": 1.2, "c": 11.9}, 10) == {}
+    assert checks.outsized({"a": 0.0, "b": 0.0, "c": 5.0}, 10) == {}  # no median to measure against
+
+
+@pytest.mark.parametrize("ratio,rejections,message", [
+    (1, 2, "max_update_ratio=1: give a number above 1"), ("10", 2, "max_update_ratio='10'"),
+    (10, 0, "max_rejections=0: give a whole number of rounds of at least 1"), (10, 1.5, "max_rejections=1.5")])
+def test_impossible_settings_are_refused_in_one_line(ratio, rejections, message):
+    from medfl.researcher import DEFAULTS, ParameterError, check_parameters
+
+    with pytest.raises(ValueError, match=message):
+        checks.check_settings(ratio, rejections)
+    settings = {k: DEFAULTS[k] for k in ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size",
+                                         "eval_batch_size", "learning_rate", "device", "best_metric", "best_mode")}
+    with pytest.raises(ParameterError, match=message):
+        check_parameters(**settings, max_update_ratio=ratio, max_rejections=rejections)
+
+
+def test_an_envoy_whose_training_diverged_names_itself_and_sends_nothing(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    checks.check_trained(model)
+    with torch.no_grad():
+        model[1].running_var[0] = float("inf")
+    monkeypatch.setenv("ENVOY_NAME", "envoy_7")
+    with pytest.raises(checks.NonFiniteWeights, match=r"envoy_7's trained weights are not finite \(1 of 7 tensors, "
+                                                      r"1.running_var first\): training diverged"):
+        checks.check_trained(model)
+
+
+# --- a real SelectingAggregator ------------------------------------------------------------------------------------
+def aggregator(tmp_path, envoys=ENVOYS, rounds=3, **settings) -> SelectingAggregator:
+    tasks = build_tasks("bloodmnist").get_registered_tasks()
+    from openfl.component.assigner.custom_assigner import Assigner
+
+    assigner = Assigner(assigner_function=Schedule(tasks, train_rounds=rounds), aggregation_functions_by_task={},
+                        authorized_cols=list(envoys), rounds_to_train=rounds + 1)
+    return SelectingAggregator("aggregator_test", "federation", list(envoys), str(tmp_path / "init.pbuf"),
+                               str(tmp_path / "best.pbuf"), str(tmp_path / "last.pbuf"), assigner,
+                               rounds_to_train=rounds + 1, initial_tensor_dict=dict(MODEL), **settings)
+
+
+def _named(envoy, r, name, value, tags, report=False):
+    data, metadata = NoCompressionPipeline().forward(np.asarray(value, np.float32))
+    return utils.construct_named_tensor(TensorKey(name, envoy, r, report, (*tags, "compressed")), data, metadata,
+                                        lossless=True)
+
+
+def send_round(agg, r, updates: dict, sizes: dict, losses: dict | None = None):
+    """Each envoy's three tasks of round r, as an envoy sends them: validation of the global model, training
+    (its weights `updates[envoy]` and a train_loss), validation of its local model."""
+    for envoy, weights in updates.items():
+        loss = (losses or {}).get(envoy, 0.5)
+        agg.send_local_task_results(envoy, r, "aggregated_model_validate", sizes[envoy],
+                                    [_named(envoy, r, "loss", loss, ("validate_agg", "metric"), True)])
+        trained = [_named(envoy, r, name, value, ("trained",)) for name, value in weights.items()]
+        agg.send_local_task_results(envoy, r, "train", sizes[envoy],
+                                    [*trained, _named(envoy, r, "train_loss", 0.7, ("trained", "metric"), True)])
+        agg.send_local_task_results(envoy, r, "locally_tuned_model_validate", sizes[envoy],
+                                    [_named(envoy, r, "loss", 0.4, ("validate_local", "metric"), True)])
+
+
+def global_model(agg, r):
+    return {name: agg.tensor_db.get_tensor_from_cache(TensorKey(name, agg.uuid, r, False, ("model",)))
+            for name in MODEL}
+
+
+def events(agg, kind):
+    return [m for m in agg.metric_queue.queue if m["task_name"] == kind]
+
+
+def aggregated(agg, r, task, name):
+    wanted = ("aggregator", r, task, name)
+    (value,) = [m["metric_value"] for m in agg.metric_queue.queue
+                if (m["metric_origin"], m["round"], m["task_name"], m["metric_name"]) == wanted]
+    return value
+
+
+def shifted(value):
+    return {name: np.full_like(v, value) for name, v in MODEL.items()}
+
+
+SIZES = {"envoy_1": 100, "envoy_2": 300, "envoy_3": 600}
+
+
+def test_a_clean_round_is_aggregated_exactly_as_openfl_averages_it(tmp_path):
+    agg = aggregator(tmp_path)
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(2.0), "envoy_3": shifted(3.0)}, SIZES)
+    assert agg.round_number == 1 and agg.rejected == [] and events(agg, REJECTED) == []
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], (100 + 600 + 1800) / 1000)
+
+
+def test_a_nan_update_is_left_out_and_the_rest_reweighted_by_their_samples(tmp_path):
+    agg = aggregator(tmp_path)
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(2.0), "envoy_3": shifted(np.nan)}, SIZES)
+    model = global_model(agg, 1)
+    np.testing.assert_allclose(model["conv.weight"], (100 * 1.0 + 300 * 2.0) / 400)
+    assert all(np.isfinite(v).all() for v in model.values())
+    (rejection,) = agg.rejected
+    assert (rejection.envoy, rejection.round, rejection.check) == ("envoy_3", 1, "finite")
+    assert rejection.numbers == {"tensors": 3, "first": "conv.weight", "of": 3}
+    (event,) = events(agg, REJECTED)
+    assert event["metric_origin"] == "envoy_3" and json.loads(event["metric_name"])["check"] == "finite"
+    # The train_loss and local validation of the rejected update stay out too; its validation of the global model
+    # (a good model) counts.
+    assert aggregated(agg, 0, "train", "train_loss") == pytest.approx(0.7)
+    assert aggregated(agg, 0, "aggregated_model_validate", "loss") == pytest.approx(0.5)
+
+
+def test_a_huge_update_is_left_out_and_two_rejections_in_a_row_drop_the_envoy(tmp_path):
+    agg = aggregator(tmp_path)
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(1.5), "envoy_3": shifted(1e4)}, SIZES)
+    assert [(r.envoy, r.check) for r in agg.rejected] == [("envoy_3", "norm")]
+    assert agg.rejected[0].numbers["ratio"] > 1000 and "max_update_ratio=10" in agg.rejected[0].detail
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], (100 + 450) / 400)
+    assert "envoy_3" not in agg.dropped  # one rejection: it stays
+    base = global_model(agg, 1)["conv.weight"][0, 0]
+    send_round(agg, 1, {"envoy_1": shifted(base + 1), "envoy_2": shifted(base + 1), "envoy_3": shifted(1e4)}, SIZES)
+    assert agg.dropped["envoy_3"].startswith("its update was rejected in 2 rounds in a row (max_rejections=2); "
+                                             "last: its update failed the norm check")
+    (dropped,) = events(agg, DROPPED)
+    assert (dropped["metric_origin"], dropped["round"]) == ("envoy_3", 1)  # rejected in round 1 (from 0) the 2nd time
+    assert agg.failure() is None  # two of three remain: min_envoys 0.5 holds
+
+
+def test_an_accepted_round_between_two_rejections_starts_the_count_again(tmp_path):
+    agg = aggregator(tmp_path, rounds=3)
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(1.0), "envoy_3": shifted(np.nan)}, SIZES)
+    send_round(agg, 1, {"envoy_1": shifted(1.1), "envoy_2": shifted(1.1), "envoy_3": shifted(1.1)}, SIZES)
+    send_round(agg, 2, {"envoy_1": shifted(1.2), "envoy_2": shifted(1.2), "envoy_3": shifted(np.inf)}, SIZES)
+    assert [r.round for r in agg.rejected] == [1, 3] and agg.dropped == {}
+
+
+def test_with_two_envoys_the_norm_is_not_judged(tmp_path):
+    agg = aggregator(tmp_path, envoys=["envoy_1", "envoy_2"])
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(1e4)}, SIZES)
+    assert agg.rejected == []
+
+
+def test_an_update_of_another_shape_is_refused_on_arrival_and_the_round_still_ends(tmp_path):
+    agg = aggregator(tmp_path)
+    wrong = {**shifted(2.0), "conv.weight": np.full((3, 3), 2.0, np.float32)}
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": wrong, "envoy_3": shifted(3.0)}, SIZES)
+    assert agg.round_number == 1
+    (rejection,) = agg.rejected
+    assert (rejection.envoy, rejection.check) == ("envoy_2", "structure")
+    assert rejection.detail == "conv.weight has shape [3, 3], the global model's [4, 3]"
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], (100 + 1800) / 700)
+
+
+def test_a_round_whose_every_update_was_rejected_keeps_the_global_model(tmp_path):
+    agg = aggregator(tmp_path)
+    send_round(agg, 0, {e: shifted(np.nan) for e in ENVOYS}, SIZES)
+    assert agg.round_number == 1 and len(agg.rejected) == 3
+    for name, value in global_model(agg, 1).items():
+        np.testing.assert_array_equal(value, MODEL[name])
+
+
+def test_a_non_finite_validation_metric_is_that_envoys_failed_task(tmp_path):
+    agg = aggregator(tmp_path)
+    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS}, SIZES, losses={"envoy_2": float("nan")})
+    assert agg.dropped == {"envoy_2": "its task failed: its aggregated_model_validate task reported loss = nan"}
+    assert aggregated(agg, 0, "aggregated_model_validate", "loss") == pytest.approx(0.5)  # the others', not NaN
+
+
+# --- a failed task names its envoy and its error -----------------------------------------------------------------
+def test_an_envoys_failure_report_starts_with_its_error_in_one_line():
+    try:
+        try:
+            raise ValueError("Input contains NaN.\nmore detail")
+        except ValueError as exc:
+            exc.add_note("in the train task of round 2")
+            raise
+    except ValueError as exc:
+        assert faults.summary(exc) == "ValueError: Input contains NaN. (in the train task of round 2)"
+    report = "ValueError: Input contains NaN. (in the train task of round 2)\nTraceback (most recent call last):\n ..."
+    assert faults.cause(report) == "ValueError: Input contains NaN. (in the train task of round 2)"
+    plain = 'Traceback (most recent call last):\n  File "x.py", line 1\nKeyError: \'w\'\n'  # OpenFL's own envoy
+    assert faults.cause(plain) == "KeyError: 'w'"
+    assert faults.cause("") == "it gave no reason"
+
+
+def test_the_envoy_sends_that_line_first_when_it_reports_a_failed_task():
+    sent = []
+    report = faults.saying_unreachable(lambda self, name, **kwargs: sent.append(kwargs["error_description"]))
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        report(None, "experiment", error_code=1, error_description="Traceback ...")
+    report(None, "experiment", error_description="refused: envoy_1 refused experiment x")  # a refusal stays as is
+    assert sent == ["RuntimeError: boom\nTraceback ...", "refused: envoy_1 refused experiment x"]
+
+
+def test_the_director_drops_the_envoy_whose_task_failed_and_the_run_goes_on(tmp_path):
+    from types import SimpleNamespace
+
+    from openfl.component.director.experiment import Status
+
+    agg = aggregator(tmp_path)
+    director = SimpleNamespace(experiments_registry={"run": SimpleNamespace(status=Status.IN_PROGRESS,
+                                                                            aggregator=agg, name="run")})
+    faults.envoy_failed(director, "run", "envoy_1", "ValueError: Input contains NaN (in the train task of round 2)\n")
+    assert agg.dropped == {"envoy_1": "its task failed: ValueError: Input contains NaN (in the train task of round 2)"}
+    assert agg.failure() is None
+    faults.envoy_failed(director, "run", "envoy_2", "Traceback (most recent call last):\nOSError: disk full")
+    assert agg.failure() == ("only 1 of 3 envoys remain, fewer than the 2 that min_envoys=0.5 requires. Lost: "
+                             "envoy_1: its task failed: ValueError: Input contains NaN (in the train task of round 2); "
+                             "envoy_2: its task failed: OSError: disk full")
+    stopped = []
+    plain = SimpleNamespace(experiments_registry={"run": SimpleNamespace(status=Status.IN_PROGRESS,
+                                                                         aggregator=object(), name="run")},
+                            set_experiment_failed=lambda **kwargs: stopped.append(kwargs))
+    faults.envoy_failed(plain, "run", "envoy_1", "boom")  # an aggregator outside the contract stops as in OpenFL
+    assert stopped == [{"experiment_name": "run", "collaborator_name": "envoy_1"}]
+
+
+def test_openfl_reports_an_envoys_failure_from_inside_its_except_block():
+    import inspect
+
+    from openfl.component.envoy.envoy import Envoy
+
+    source = inspect.getsource(Envoy.run)
+    assert "except Exception as exc:" in source and "error_description=traceback.format_exc()" in source
+    assert sys.version_info >= (3, 11)  # BaseException.add_note
