@@ -48,7 +48,7 @@ stems: venv
 DIRECTOR_HOSTS ?= localhost 127.0.0.1
 RESEARCHERS ?= researcher
 certs: venv
-	$(PY) tlscerts.py make $(foreach h,$(DIRECTOR_HOSTS),--director-host $(h)) \
+	$(PY) -m security.certs make $(foreach h,$(DIRECTOR_HOSTS),--director-host $(h)) \
 		$(foreach i,$(shell seq 1 $(or $(ENVOYS),2)),--envoy envoy_$(i)) $(foreach r,$(RESEARCHERS),--researcher $(r))
 
 # With CI=true (as CI sets it), also every other tested Python this machine has: make test-pythons.

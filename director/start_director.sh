@@ -23,12 +23,12 @@ if [[ -n "${DIRECTOR_HOST:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_HOST="$D
 if [[ -n "${DIRECTOR_PORT:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_PORT="$DIRECTOR_PORT"; fi
 tls_args=(--disable-tls)
 if [[ -n "$certs" ]]; then
-  "$bin/python" -m tlscerts check --role director --cert "$certs/director.crt" --key "$certs/director.key" \
+  "$bin/python" -m security.certs check --role director --cert "$certs/director.crt" --key "$certs/director.key" \
     --ca "$certs/ca.crt"
   tls_args=(--root-cert-path "$certs/ca.crt" --private-key-path "$certs/director.key"
             --public-cert-path "$certs/director.crt")
 else
-  "$bin/python" -m openfl_adjustments check-plaintext director "$config"
+  "$bin/python" -m security check-plaintext director "$config"
 fi
 # OpenFL insists that the config lies inside the working directory.
 cd "$(dirname "$config")"

@@ -23,7 +23,7 @@ if [[ ! -x "$bin/fx" ]]; then
   echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
   exit 2
 fi
-# The shard descriptor's package, this project's adjustments to OpenFL (openfl_adjustments/) and tlscerts.
+# The shard descriptor's package, this project's adjustments to OpenFL (openfl_adjustments/) and security/.
 export PYTHONPATH="$here:$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
 export ENVOY_NAME="$name"  # the tasks name the node in their errors
 director="${DIRECTOR_HOST:-localhost}"
@@ -32,12 +32,12 @@ if [[ -n "${HPU_LAZY_MODE:-}" ]]; then export PT_HPU_LAZY_MODE="$HPU_LAZY_MODE";
 tls_args=(--disable-tls)
 if [[ -n "$certs" ]]; then
   # OpenFL's aggregator refuses an envoy whose certificate names another: say so before starting.
-  "$bin/python" -m tlscerts check --name "$name" --role envoy --cert "$certs/$name.crt" --key "$certs/$name.key" \
+  "$bin/python" -m security.certs check --name "$name" --role envoy --cert "$certs/$name.crt" --key "$certs/$name.key" \
     --ca "$certs/ca.crt"
   tls_args=(--root-cert-path "$certs/ca.crt" --private-key-path "$certs/$name.key"
             --public-cert-path "$certs/$name.crt")
 else
-  "$bin/python" -m openfl_adjustments check-plaintext envoy "$director"
+  "$bin/python" -m security check-plaintext envoy "$director"
 fi
 # The envoy runs where its config is: relative data folders and experiment folders land there,
 # and OpenFL insists that the config lies inside the working directory.

@@ -82,7 +82,7 @@ class LocalFederation:
     shard_params: dict[str, dict]
     sample_shape: list
     target_shape: list
-    certs: Path | None = None  # a folder from tlscerts.py make: mutual TLS; None: plaintext
+    certs: Path | None = None  # a folder from security.certs make: mutual TLS; None: plaintext
     health_period: int | None = None  # seconds between envoys' health checks; None: the director config's
     trusted: dict[str, list[str]] = field(default_factory=dict)  # envoy: its trusted_researchers (default: all)
     host: str = "localhost"

@@ -20,8 +20,8 @@ from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
 from medmnist_shard.spec import sample_shape, target_shape
-from tlscerts import DEFAULT_RESEARCHERS
-from tlscerts import make as make_certs
+from security.certs import DEFAULT_RESEARCHERS
+from security.certs import make as make_certs
 
 from . import ROOT, FederationError, LocalFederation, free_port, kill_tree, signals_deferred, tail
 from .data import SOURCES, resolve

@@ -335,7 +335,7 @@ def _copy(source: Path, target: Path) -> None:
 
 # What each host needs of the repository (the README's "Across hosts"): the environment's files, the start script
 # and config of its role, and the code it runs; nothing of the other roles.
-COMMON = ("Makefile", "requirements.txt", "tlscerts.py", "openfl_adjustments")
+COMMON = ("Makefile", "requirements.txt", "security", "openfl_adjustments")
 ROLE_FILES = {
     "director": ("director/start_director.sh", "director/director_config.yaml"),
     "hospital": ("envoy/start_envoy.sh", "envoy/medmnist_shard"),
@@ -364,7 +364,7 @@ class HostsFederation:
         """Certificates on the CA machine, each host's folder with its files, data and certificates, firewalls."""
         ca_machine = self.workdir / "ca-machine" / "certs"
         # The README's `make certs DIRECTOR_HOSTS=director ENVOYS=2`, written to the CA machine's folder.
-        _run(sys.executable, str(ROOT / "tlscerts.py"), "make", "--out", str(ca_machine), "--director-host",
+        _run(sys.executable, "-m", "security.certs", "make", "--out", str(ca_machine), "--director-host",
              "director", *[a for e in HOSPITALS.values() for a in ("--envoy", e)], "--researcher", "researcher")
         own = {"director": "director", **HOSPITALS, "researcher": "researcher"}
         for host, name in own.items():

@@ -1,15 +1,18 @@
 """python -m openfl_adjustments {director,envoy} start ...: OpenFL's `fx` with this project's adjustments.
 
-Takes the same arguments as `fx`; start_director.sh and start_envoy.sh call it. They run its check-plaintext
-command first (plaintext.py), before anything slow: it is not repeated here, where a node started with `fx` itself
-would not pass either.
+Takes the same arguments as `fx`; start_director.sh and start_envoy.sh call it, after `python -m security
+check-plaintext`, which they run first, before anything slow. It applies this package's adjustments and the security
+package's rules (security.install), then runs `fx`.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from . import install, plaintext, startup, trust
+from security import install as install_security
+from security import trust
+
+from . import install, startup
 
 
 def _option(name: str) -> str | None:
@@ -17,9 +20,6 @@ def _option(name: str) -> str | None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["check-plaintext"]:
-        plaintext.main(sys.argv[2:])
-        sys.exit(0)
     role = sys.argv[1] if len(sys.argv) > 1 else "fx"
     node = f"{role} {_option('--shard-name')}" if _option("--shard-name") else role
     if role == "director" and "start" in sys.argv:
@@ -31,6 +31,7 @@ if __name__ == "__main__":
         except trust.ConfigError as exc:
             sys.exit(f"error: {exc}")
     install()
+    install_security()
     startup.stop_on_signals(node)
     if role == "envoy" and "start" in sys.argv:
         startup.preload_for_envoy(Path(_option("--envoy-config-path")))

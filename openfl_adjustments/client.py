@@ -1,7 +1,5 @@
 """OpenFL in the notebook's process, adjusted (medfl.researcher applies this when imported; the nodes never do).
 
-- Signing. Inside signing(cert, key), every experiment FLExperiment submits is signed with the researcher's key
-  (signing.py) after OpenFL packs it and before it leaves: the director and the envoys check that signature.
 - Received models. OpenFL rebuilds each model it receives (get_best_model, get_last_model) from read-only views of
   the message's bytes, and PyTorch then warns on the page that it does not support non-writable tensors; OpenFL
   also passes NumPy a keyword it deprecated (`newshape`). Received models are small (this project's CNN is 1 MB),
@@ -11,15 +9,9 @@
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
 import numpy as np
 from openfl.pipelines.pipeline import Float32NumpyArrayToBytes
-
-from .signing import sign
 
 
 def writable_backward(self, data, metadata, **kwargs) -> np.ndarray:
@@ -35,24 +27,6 @@ def rpc_error_lines(self) -> list[str]:
         return [f"DirectorUnavailable: no answer from the director ({details}): is it running, at director_host and "
                 "director_port, with TLS as the notebook's ca_cert/api_cert say?"]
     return [f"DirectorRefused: {getattr(code, 'name', 'error')}: {details}"]
-
-
-@contextlib.contextmanager
-def signing(cert: str | Path, key: str | Path) -> Iterator[None]:
-    """Sign, for the block, every experiment FLExperiment packs, with this researcher's certificate and key."""
-    from openfl.interface.interactive_api.experiment import FLExperiment
-
-    original = FLExperiment.prepare_workspace_distribution
-
-    def signed(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        sign(Path(self.arch_path), self.experiment_name, Path(cert), Path(key))
-
-    FLExperiment.prepare_workspace_distribution = signed
-    try:
-        yield
-    finally:
-        FLExperiment.prepare_workspace_distribution = original
 
 
 def install() -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 
 from .patching import replace
-from .plaintext import listen_host
 
 logger = logging.getLogger("openfl_adjustments")
 
@@ -47,6 +46,15 @@ def waiting_for_director(report_shard_info, first_pause: float = 1.0, longest_pa
                 pause = min(pause * 2, longest_pause)
 
     return wrapper
+
+
+def listen_host(config: Path) -> str:
+    """The address a director started with this config listens on (DIRECTOR_HOST overrides it)."""
+    import yaml
+
+    settings = (yaml.safe_load(Path(config).read_text()) or {}).get("settings", {})
+    return os.environ.get("DYNACONF_SETTINGS__LISTEN_HOST") or os.environ.get("DIRECTOR_HOST") or \
+        settings.get("listen_host", "localhost")
 
 
 def director_port_is_free(argv: list[str]) -> None:

@@ -14,11 +14,11 @@ import grpc
 import pytest
 from notebook_cells import run_until, start_experiment
 
-import tlscerts
 from conftest import ROOT
 from localfed import LocalFederation, free_port, tail
-from openfl_adjustments import signing, trust
-from openfl_adjustments.plaintext import is_loopback
+from security import certs as pki_tools
+from security import signing, trust
+from security.plaintext import is_loopback
 
 ENVOYS = ["envoy_1", "envoy_2", "envoy_3"]
 
@@ -26,26 +26,26 @@ ENVOYS = ["envoy_1", "envoy_2", "envoy_3"]
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
-    tlscerts.make(root / "good", envoys=ENVOYS, researchers=["alice", "bob"])
-    tlscerts.make(root / "other", envoys=[], researchers=["alice"])
+    pki_tools.make(root / "good", envoys=ENVOYS, researchers=["alice", "bob"])
+    pki_tools.make(root / "other", envoys=[], researchers=["alice"])
     return root
 
 
 # --- certificates and signatures, in one process ------------------------------------------------------------------
 def test_every_certificate_carries_its_role_and_check_shows_it(pki, capsys):
-    roles = {n: tlscerts.identity(tlscerts.check(None, pki / "good" / f"{n}.crt", pki / "good" / f"{n}.key",
+    roles = {n: pki_tools.identity(pki_tools.check(None, pki / "good" / f"{n}.crt", pki / "good" / f"{n}.key",
                                                  pki / "good" / "ca.crt"))[1]
              for n in ("director", "envoy_1", "alice", "bob")}
     assert roles == {"director": "director", "envoy_1": "envoy", "alice": "researcher", "bob": "researcher"}
     good = pki / "good"
-    assert tlscerts.main(["check", "--role", "researcher", "--cert", str(good / "alice.crt"), "--key",
+    assert pki_tools.main(["check", "--role", "researcher", "--cert", str(good / "alice.crt"), "--key",
                           str(good / "alice.key"), "--ca", str(good / "ca.crt")]) == 0
     assert "alice, a researcher's certificate, valid until" in capsys.readouterr().out
-    assert tlscerts.main(["check", "--role", "researcher", "--cert", str(good / "envoy_1.crt"), "--key",
+    assert pki_tools.main(["check", "--role", "researcher", "--cert", str(good / "envoy_1.crt"), "--key",
                           str(good / "envoy_1.key"), "--ca", str(good / "ca.crt")]) == 2
     assert "is an envoy's certificate, not a researcher's" in capsys.readouterr().err
-    with pytest.raises(tlscerts.CertError, match="envoy_1: a researcher needs a name no envoy"):
-        tlscerts.make(pki / "good", envoys=ENVOYS, researchers=["envoy_1"])
+    with pytest.raises(pki_tools.CertError, match="envoy_1: a researcher needs a name no envoy"):
+        pki_tools.make(pki / "good", envoys=ENVOYS, researchers=["envoy_1"])
 
 
 def _archive(path, members):
@@ -69,7 +69,7 @@ def _signed(tmp_path, pki, signer="alice", experiment="exp", which="good"):
 
 def test_a_signed_archive_verifies_and_names_its_signer(tmp_path, pki):
     cert = signing.verify(_signed(tmp_path, pki), "exp", _ca(pki))
-    assert tlscerts.identity(cert) == ("alice", "researcher")
+    assert pki_tools.identity(cert) == ("alice", "researcher")
 
 
 def test_the_notebook_signs_with_certificate_paths_relative_to_its_folder(tmp_path, pki, monkeypatch):
@@ -93,7 +93,7 @@ def test_the_notebook_signs_with_certificate_paths_relative_to_its_folder(tmp_pa
         FLExperiment.prepare_workspace_distribution(experiment)
         assert Path.cwd() != tmp_path / "workspace"
         cert = signing.verify(Path(experiment.arch_path), "relative", _ca(pki))
-    assert tlscerts.identity(cert) == ("alice", "researcher")
+    assert pki_tools.identity(cert) == ("alice", "researcher")
 
 
 @pytest.mark.parametrize("case,message", [
@@ -157,7 +157,7 @@ def test_plaintext_is_for_loopback_only(tmp_path):
         assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
         assert "without TLS" in result.stderr and "make certs" in result.stderr and "ALLOW_PLAINTEXT=1" in result.stderr
     # With the escape hatch the check passes, warning (the start scripts run it first).
-    allowed = subprocess.run([sys.executable, "-m", "openfl_adjustments", "check-plaintext", "envoy", "10.1.2.3"],
+    allowed = subprocess.run([sys.executable, "-m", "security", "check-plaintext", "envoy", "10.1.2.3"],
                              env={**env, "ALLOW_PLAINTEXT": "1"}, capture_output=True, text=True, timeout=60,
                              cwd=ROOT)
     assert allowed.returncode == 0 and allowed.stderr.startswith("WARNING: the envoy will connect to the director")

@@ -9,15 +9,15 @@ import time
 import pytest
 from cryptography import x509
 
-import tlscerts
 from conftest import ROOT
 from localfed import LocalFederation, tail
+from security import certs as pki_tools
 
 ENVOY = ["--director-host", "localhost", "--envoy-config-path", "envoy_config.yaml"]
 
 
 def test_make_writes_a_ca_and_node_certificates_with_private_keys(tmp_path):
-    written = tlscerts.make(tmp_path, ["localhost", "127.0.0.1", "fl.example.org"], ["site_a"])
+    written = pki_tools.make(tmp_path, ["localhost", "127.0.0.1", "fl.example.org"], ["site_a"])
     names = {p.name for p in written}
     assert names == {f"{n}.{ext}" for n in ("ca", "director", "researcher", "site_a") for ext in ("crt", "key")}
     for path in tmp_path.iterdir():
@@ -27,16 +27,16 @@ def test_make_writes_a_ca_and_node_certificates_with_private_keys(tmp_path):
     sans = director.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost", "fl.example.org"]
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    tlscerts.check("site_a", tmp_path / "site_a.crt", tmp_path / "site_a.key", tmp_path / "ca.crt")
+    pki_tools.check("site_a", tmp_path / "site_a.crt", tmp_path / "site_a.key", tmp_path / "ca.crt")
 
 
 def test_existing_files_are_kept_unless_forced(tmp_path):
-    tlscerts.make(tmp_path, envoys=["envoy_1"])
+    pki_tools.make(tmp_path, envoys=["envoy_1"])
     before = (tmp_path / "envoy_1.crt").read_bytes()
-    added = tlscerts.make(tmp_path, envoys=["envoy_1", "envoy_2"])
+    added = pki_tools.make(tmp_path, envoys=["envoy_1", "envoy_2"])
     assert added == [tmp_path / "envoy_2.crt", tmp_path / "envoy_2.key"]
     assert (tmp_path / "envoy_1.crt").read_bytes() == before
-    tlscerts.make(tmp_path, envoys=["envoy_1"], force=True)
+    pki_tools.make(tmp_path, envoys=["envoy_1"], force=True)
     assert (tmp_path / "envoy_1.crt").read_bytes() != before
 
 
@@ -44,13 +44,13 @@ def test_existing_files_are_kept_unless_forced(tmp_path):
 def pki(tmp_path_factory):
     """A good CA with its nodes, another CA, and an expired envoy certificate from the good CA."""
     root = tmp_path_factory.mktemp("pki")
-    tlscerts.make(root / "good", envoys=["envoy_1", "envoy_2"])
-    tlscerts.make(root / "other", envoys=["envoy_2"])
+    pki_tools.make(root / "good", envoys=["envoy_1", "envoy_2"])
+    pki_tools.make(root / "other", envoys=["envoy_2"])
     expired = root / "expired"
     expired.mkdir()
     for name in ("ca.crt", "ca.key"):
         (expired / name).write_bytes((root / "good" / name).read_bytes())
-    tlscerts.make(expired, envoys=["envoy_2"], days=1,
+    pki_tools.make(expired, envoys=["envoy_2"], days=1,
                   not_before=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3))
     return root
 
@@ -63,8 +63,8 @@ def pki(tmp_path_factory):
 def test_check_refuses_in_one_line(pki, folder, name, message):
     certs = pki / folder
     cert = certs / ("envoy_1.crt" if name == "envoy_9" else f"{name}.crt")
-    with pytest.raises(tlscerts.CertError, match=message):
-        tlscerts.check(name, cert, cert.with_suffix(".key"), pki / "good" / "ca.crt")
+    with pytest.raises(pki_tools.CertError, match=message):
+        pki_tools.check(name, cert, cert.with_suffix(".key"), pki / "good" / "ca.crt")
 
 
 @pytest.fixture(scope="module")

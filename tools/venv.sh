@@ -74,7 +74,7 @@ install() {  # DIR: every pin of requirements.txt; OpenFL alone, past its Python
   # OpenFL 1.6's metadata says Python <3.12, yet it runs on 3.12 and 3.13 (the tests pass on each); its own
   # dependencies are in requirements.txt, installed above like everything else.
   "$dir/bin/python" -m pip install --quiet --no-deps --ignore-requires-python "$openfl"
-  # The repository's own modules (openfl_adjustments, tlscerts, localfed) importable in this environment,
+  # The repository's own modules (openfl_adjustments, security, localfed) importable in this environment,
   # the notebook's kernel included.
   "$dir/bin/python" -c 'import pathlib, site, sys; pathlib.Path(site.getsitepackages()[0], \
     "medmnist-federated.pth").write_text(sys.argv[1] + "\n")' "$PWD"

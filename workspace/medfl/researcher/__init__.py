@@ -1,7 +1,7 @@
 """What runs only beside the notebook: parameter checks, a look at the federation, submitting and following
 experiments, and the run's report. The nodes never import this subpackage.
 
-It needs this repository's openfl_adjustments (its notebook-side part, signing experiments and more): `make venv`
+It needs this repository's openfl_adjustments (its notebook-side part) and security (signing experiments): `make venv`
 makes the repository importable from its environment.
 """
 try:

@@ -177,7 +177,7 @@ def check_algorithm(algorithm, mu=DEFAULTS["mu"], server_learning_rate=None, ser
 
 def check_certificates(ca_cert: str, api_cert: str, api_key: str) -> None:
     """Refuse a TLS set-up the director would refuse: all three files or none, from one CA, a researcher's."""
-    from tlscerts import CertError, check
+    from security.certs import CertError, check
 
     given = {"ca_cert": ca_cert, "api_cert": api_cert, "api_key": api_key}
     if any(given.values()) and not all(given.values()):

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from openfl_adjustments.client import signing
+from security.signing import signing
 
 # Never shipped: notebooks (with their outputs), editor and Python caches, and what OpenFL itself writes.
 LEFT_OUT = ("*.ipynb", ".ipynb_checkpoints", "__pycache__", "plan", "save", "logs", "*.pkl", "requirements.txt",

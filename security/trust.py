@@ -23,10 +23,10 @@ from pathlib import Path
 import yaml
 from cryptography import x509
 
-from tlscerts import identity
+from openfl_adjustments.contract import REFUSED
+from openfl_adjustments.patching import replace
 
-from .contract import REFUSED
-from .patching import replace
+from .certs import identity
 from .signing import Refused, verify
 
 logger = logging.getLogger("openfl_adjustments")

@@ -1,8 +1,8 @@
 """Certificates for mutual TLS, made offline (OpenFL's `fx pki` downloads step-ca, which fails offline).
 
-    python tlscerts.py make [--out certs] [--director-host NAME_OR_IP ...] [--envoy NAME ...]
+    python -m security.certs make [--out certs] [--director-host NAME_OR_IP ...] [--envoy NAME ...]
                             [--researcher NAME ...] [--force]
-    python tlscerts.py check [--name NAME] [--role ROLE] --cert FILE --key FILE --ca FILE
+    python -m security.certs check [--name NAME] [--role ROLE] --cert FILE --key FILE --ca FILE
 
 `make` writes a local CA (ca.crt, ca.key); director.crt/.key, valid for the director's host names
 and addresses (localhost and 127.0.0.1 unless others are given); one certificate per envoy whose
@@ -140,7 +140,7 @@ def check(name: str | None, cert_path: Path, key_path: Path, ca_path: Path,
     """Raise CertError if this node's certificate would be refused; return it otherwise."""
     for path in (cert_path, key_path, ca_path):
         if not Path(path).is_file():
-            raise CertError(f"{path} does not exist: run `make certs` (or python tlscerts.py make) first")
+            raise CertError(f"{path} does not exist: run `make certs` (or python -m security.certs make) first")
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
     key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
@@ -152,12 +152,12 @@ def check(name: str | None, cert_path: Path, key_path: Path, ca_path: Path,
     now = datetime.datetime.now(datetime.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise CertError(f"{cert_path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
-                        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: make a new one (python tlscerts.py make "
+                        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: make a new one (python -m security.certs make "
                         "--force)")
     common_name, cert_role = identity(cert)
     if name is not None and common_name != name:
         raise CertError(f"{cert_path} is for {common_name!r}, not {name!r}: OpenFL refuses a node whose "
-                        f"certificate names another; use {name}.crt (python tlscerts.py make --envoy {name})")
+                        f"certificate names another; use {name}.crt (python -m security.certs make --envoy {name})")
     if role is not None and cert_role != role:
         raise CertError(f"{cert_path} is {_role_phrase(cert_role)}, not {_article(role)} {role}'s: make the right one "
                         "with `make certs`")
@@ -176,7 +176,7 @@ def _role_phrase(role: str | None) -> str:
 
 def main(argv=None) -> int:
     """Run `make` or `check`; a refused certificate prints one line and exits with status 2."""
-    parser = argparse.ArgumentParser(prog="python tlscerts.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m security.certs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make")

@@ -6,13 +6,15 @@ certificate (PEM) and a signature over this format's name, the experiment's name
 every other member (its name and the SHA-256 of its content, sorted by name). So the signature covers every byte
 that will be unpacked, and ties it to the experiment's name: a director cannot alter the code, add to it, or hand an
 old signed archive out as another experiment. The certificate must come from the federation's CA and carry the
-researcher role (tlscerts.py); whose signature a node accepts is the node's choice (trust.py).
+researcher role (certs.py); whose signature a node accepts is the node's choice (trust.py).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from cryptography import x509
@@ -20,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from tlscerts import identity
+from .certs import identity
 
 FORMAT = b"medfl-signed-experiment-v1"
 FOLDER = ".signature/"
@@ -120,3 +122,21 @@ def verify(archive_path: Path, experiment_name: str, ca: x509.Certificate) -> x5
         raise Refused(f"its signature by {name!r} does not match its content: it was altered after signing, "
                       "or signed for another experiment") from None
     return cert
+
+
+@contextlib.contextmanager
+def signing(cert: str | Path, key: str | Path) -> Iterator[None]:
+    """Sign, for the block, every experiment FLExperiment packs, with this researcher's certificate and key."""
+    from openfl.interface.interactive_api.experiment import FLExperiment
+
+    original = FLExperiment.prepare_workspace_distribution
+
+    def signed(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sign(Path(self.arch_path), self.experiment_name, Path(cert), Path(key))
+
+    FLExperiment.prepare_workspace_distribution = signed
+    try:
+        yield
+    finally:
+        FLExperiment.prepare_workspace_distribution = original

@@ -3,8 +3,8 @@ would take experiments (code, run on every envoy) from anyone who reaches its po
 remote director would run whatever that address sends. So a director listens, and an envoy connects, without TLS
 only on a loopback address, unless ALLOW_PLAINTEXT=1 accepts the risk (with a warning at every start).
 
-    python -m openfl_adjustments check-plaintext director CONFIG  (the listen host: DIRECTOR_HOST, else the config's)
-    python -m openfl_adjustments check-plaintext envoy HOST       (the director the envoy connects to)
+    python -m security check-plaintext director CONFIG  (the listen host: DIRECTOR_HOST, else the config's)
+    python -m security check-plaintext envoy HOST       (the director the envoy connects to)
 """
 from __future__ import annotations
 
@@ -14,14 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-
-def listen_host(config: Path) -> str:
-    """The address a director started with this config listens on (DIRECTOR_HOST overrides it)."""
-    import yaml
-
-    settings = (yaml.safe_load(Path(config).read_text()) or {}).get("settings", {})
-    return os.environ.get("DYNACONF_SETTINGS__LISTEN_HOST") or os.environ.get("DIRECTOR_HOST") or \
-        settings.get("listen_host", "localhost")
+from openfl_adjustments.startup import listen_host
 
 
 def is_loopback(host: str) -> bool:

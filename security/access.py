@@ -1,6 +1,6 @@
 """Who may call what on the director, under mutual TLS.
 
-- Roles. Every certificate carries its role (tlscerts.py). The director serves its researcher API (submit, the
+- Roles. Every certificate carries its role (certs.py). The director serves its researcher API (submit, the
   shard registry, experiment lists, status, metrics, models) to researcher certificates only, and its envoy API
   (register, health, wait for and fetch experiments, report failures) to envoy certificates only. OpenFL 1.6 lets
   any certificate of the CA submit an experiment, so one envoy's credentials could run code on every other envoy.
@@ -23,11 +23,11 @@ import logging
 import grpc
 from cryptography import x509
 
-from tlscerts import identity
+from openfl_adjustments import faults
+from openfl_adjustments.contract import REFUSED
+from openfl_adjustments.patching import replace
 
-from . import faults
-from .contract import REFUSED
-from .patching import replace
+from .certs import identity
 from .signing import Refused
 
 logger = logging.getLogger("openfl_adjustments")
@@ -125,7 +125,7 @@ def named_envoys_only(update_shard_info):
         name = request.shard_info.node_info.name
         if self.tls and self.get_caller(context) != name:
             logger.error("Refused envoy %r: its certificate is for %r. Start it with the certificate made for "
-                         "its name (python tlscerts.py make --envoy %s).", name, self.get_caller(context), name)
+                         "its name (python -m security.certs make --envoy %s).", name, self.get_caller(context), name)
             return director_pb2.UpdateShardInfoResponse(accepted=False)
         return await update_shard_info(self, request, context)
 

@@ -1,0 +1,25 @@
+"""Who may make a node run code, and how each node checks it. An experiment is code: the director hands it to every
+envoy, which unpickles and runs it beside the hospital's images.
+
+- certs: a federation's CA and certificates, each carrying its role (director, envoy, researcher), made offline
+  (`make certs`, or python -m security.certs make), and the check the start scripts run on a node's own.
+- access: under mutual TLS, the director serves its researcher API to researcher certificates only, each researcher
+  its own experiments, and its envoy API to envoys under their own names; an envoy reports its own failures.
+- signing: a researcher signs each experiment's archive; trust: the director and each envoy check the signature
+  before anything is unpacked, and each envoy runs only what the researchers it trusts signed.
+- plaintext: without TLS, a director listens and an envoy connects on loopback only (unless ALLOW_PLAINTEXT=1).
+
+install() puts access and trust in place in a node's process (python -m openfl_adjustments does it); the notebook
+signs with signing.signing().
+"""
+from __future__ import annotations
+
+__all__ = ["install"]
+
+
+def install() -> None:
+    """Gate the director's calls by role, owner and name; have envoys run only what they trust."""
+    from . import access, trust
+
+    access.install()
+    trust.install()
