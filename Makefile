@@ -5,15 +5,11 @@ PYTHON ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 
-# make demo / make baseline / make compare settings, e.g. make demo DATA=synthetic ENVOYS=3 ALGO=fedprox. Unset
-# ones take their defaults from one place each: the notebook's (workspace/medfl/researcher/parameters.py) and the
-# launcher's (localfed/__main__.py); the README's table lists them.
-RUN_ARGS = --dataset "$(DATASET)" --size "$(SIZE)" --envoys "$(ENVOYS)" --rounds "$(ROUNDS)" \
-	--epochs "$(EPOCHS)" --partition "$(PARTITION)" --alpha "$(ALPHA)" --seed "$(SEED)" \
-	--data "$(DATA)" --data-dir "$(DATA_DIR)" --notebook "$(NOTEBOOK)" --device "$(DEVICE)" --tls "$(TLS)" \
-	--min-envoys "$(MIN_ENVOYS)" --round-timeout "$(ROUND_TIMEOUT)" --bf16 "$(BF16)" --stem "$(STEM)" \
-	--dp "$(DP)" --epsilon "$(EPSILON)" --algo "$(ALGO)" --mu "$(MU)" --server-lr "$(SERVER_LR)" \
-	--ntd-beta "$(NTD_BETA)" --wire-dtype "$(WIRE_DTYPE)"
+# make demo / baseline / compare / bench / stems settings are the notebook's names, given on the command line:
+#   make demo rounds=5 algorithm=fedprox mu=0.1 data=synthetic
+# Each has one default, in its home (the notebook's in workspace/medfl, the launcher's in localfed/settings.py);
+# docs/settings.md lists them, and the capitalised names the README documented before (ROUNDS=5, ALGO=...) still work.
+RUN = $(PY) -m localfed
 
 .PHONY: venv demo baseline bench stems compare certs test test-pythons test-hosts lint clean hpu-deps
 
@@ -22,34 +18,35 @@ venv:
 	@PYTHON="$(PYTHON)" bash tools/venv.sh make $(VENV)
 
 demo: venv
-	$(PY) -m localfed demo $(RUN_ARGS)
+	@$(RUN) demo $(MAKEOVERRIDES)
 
 baseline: venv
-	$(PY) -m localfed baseline $(RUN_ARGS)
+	@$(RUN) baseline $(MAKEOVERRIDES)
 
-# Every algorithm of ALGOS (default "fedavg fedprox fedadam median") and the centralized baseline on the same data,
-# partition (default dirichlet, ALPHA 0.3, 3 envoys), seed and budget: runs/compare-<id>/compare.json and compare.png.
+# Every algorithm of `algorithms` (default "fedavg fedprox fedadam median") and the centralized baseline on the same
+# data, partition (default dirichlet, alpha 0.3, 3 envoys), seed and budget: runs/compare-<id>/compare.json and .png.
 compare: venv
-	$(PY) -m localfed compare $(RUN_ARGS) --algorithms "$(ALGOS)"
+	@$(RUN) compare $(MAKEOVERRIDES)
 
 # The federation against its own compute, on synthetic data of MedMNIST's real split sizes.
-# WAN=20ms,50mbit,0.5% (each way) also runs it across hosts (network namespaces; root): the README's round overheads.
+# wan=20ms,50mbit,0.5% (each way) also runs it across hosts (network namespaces; root): docs/performance.md.
 bench: venv
-	$(PY) -m localfed bench $(RUN_ARGS) --wan "$(WAN)"
+	@$(RUN) bench $(MAKEOVERRIDES)
 
 # The network's two stems side by side on a task that only full resolution can see (localfed/stems.py): training
-# images/s and test accuracy on one device. SIZE 56, 112 or 224 (default 224); DEVICE, BF16 as for make bench.
+# images/s and test accuracy on one device. size 56, 112 or 224 (default 224); device, bf16 as for make bench.
 stems: venv
-	$(PY) -m localfed.stems --size "$(or $(SIZE),224)" --device "$(or $(DEVICE),auto)" --bf16 "$(or $(BF16),0)"
+	@$(RUN) stems $(MAKEOVERRIDES)
 
-# A local CA and certificates, each with its role, in certs/: the director, envoy_1..ENVOYS, and the researchers
-# who may submit experiments (RESEARCHERS="alice bob"; default one called researcher). More director names or
-# addresses: make certs DIRECTOR_HOSTS="director.example.org 10.0.0.5"
-DIRECTOR_HOSTS ?= localhost 127.0.0.1
-RESEARCHERS ?= researcher
+# A local CA and certificates, each with its role, in certs/: the director, envoy_1..envoy_<envoys>, and the
+# researchers who may submit experiments (researchers="alice bob"; default one called researcher). More director
+# names or addresses: make certs director_hosts="director.example.org 10.0.0.5"
+director_hosts ?= $(or $(DIRECTOR_HOSTS),localhost 127.0.0.1)
+researchers ?= $(or $(RESEARCHERS),researcher)
+envoys ?= $(or $(ENVOYS),2)
 certs: venv
-	$(PY) -m security.certs make $(foreach h,$(DIRECTOR_HOSTS),--director-host $(h)) \
-		$(foreach i,$(shell seq 1 $(or $(ENVOYS),2)),--envoy envoy_$(i)) $(foreach r,$(RESEARCHERS),--researcher $(r))
+	$(PY) -m security.certs make $(foreach h,$(director_hosts),--director-host $(h)) \
+		$(foreach i,$(shell seq 1 $(envoys)),--envoy envoy_$(i)) $(foreach r,$(researchers),--researcher $(r))
 
 # With CI=true (as CI sets it), also every other tested Python this machine has: make test-pythons.
 test: venv
@@ -64,7 +61,7 @@ endif
 test-pythons: venv
 	bash tools/test_pythons.sh
 
-# A federation of separate hosts on this machine, made of network namespaces: the README's across-hosts path with
+# A federation of separate hosts on this machine, made of network namespaces: docs/across-hosts.md's path with
 # a firewall, a wide-area link and a cable cut mid-round (tests/test_hosts.py, about 3 minutes; make test runs it
 # in CI). Needs root and iproute2; installs nftables with apt-get if missing.
 test-hosts: venv

@@ -1,8 +1,9 @@
-"""A whole federation on this machine: a director and N envoys as real processes.
+"""A whole federation as real processes: a director and N envoys, each through the start script a user runs, in
+its own process group; logs go to `<workdir>/logs/<name>.log`.
 
-Each component runs through the same start script a user would run, in its own process group, on a
-free loopback port; configs go to `<workdir>/nodes/<name>/`, logs to `<workdir>/logs/<name>.log`.
-Used by `make demo` (see __main__.py) and the tests.
+Where each node runs is its Placement's: by default every node on this machine, on a free loopback port, with
+configs written to `<workdir>/nodes/<name>/` (make demo, the tests); localfed.hosts places each on a host of its
+own, a network namespace (make bench wan=..., tests/test_hosts.py).
 """
 from __future__ import annotations
 
@@ -74,6 +75,47 @@ class Component:
     log: Path
 
 
+class Placement:
+    """Where and how each node of a LocalFederation runs. This one: every node on this machine, from this
+    repository, with its config written to the federation's working folder. A subclass places nodes elsewhere."""
+
+    python = sys.executable  # the interpreter that runs papermill for the notebook
+
+    def folder(self, node: str) -> Path:
+        """The folder a node runs in: it holds director/, envoy/ or workspace/ as its role needs."""
+        return ROOT
+
+    def command(self, node: str, argv: list[str]) -> list[str]:
+        """`argv` as it runs on the node's host."""
+        return argv
+
+    def env(self, node: str, federation: LocalFederation) -> dict:
+        """The node's environment, beyond this process's: where the director is, the certificates."""
+        return {"DIRECTOR_HOST": federation.host, "DIRECTOR_PORT": str(federation.port),
+                "CERTS": str(federation.certs or "")}
+
+    def director_config(self, federation: LocalFederation, config: dict) -> Path:
+        """Write the director's config (the repository's, with the federation's shapes) where its node reads it."""
+        folder = federation.workdir / "nodes" / "director"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "director_config.yaml").write_text(yaml.safe_dump(config))
+        return folder / "director_config.yaml"
+
+    def envoy_config(self, federation: LocalFederation, name: str, params: dict) -> Path:
+        """Write envoy `name`'s config, serving the shard `params` describe, where its node reads it."""
+        folder = federation.workdir / "nodes" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"params": {"cuda_devices": [], "install_requirements": False},
+                  "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor", "params": params},
+                  **({"trusted_researchers": federation.trusted[name]} if name in federation.trusted else {})}
+        (folder / "envoy_config.yaml").write_text(yaml.safe_dump(config))
+        return folder / "envoy_config.yaml"
+
+    def listening(self, federation: LocalFederation) -> bool:
+        """Whether the director listens yet."""
+        return _listening(federation.host, federation.port)
+
+
 @dataclass
 class LocalFederation:
     """Director plus envoys under `workdir`; `shard_params` gives each envoy's shard descriptor params."""
@@ -87,14 +129,18 @@ class LocalFederation:
     trusted: dict[str, list[str]] = field(default_factory=dict)  # envoy: its trusted_researchers (default: all)
     host: str = "localhost"
     port: int = field(default_factory=free_port)
+    placement: Placement = field(default_factory=Placement)
     components: list[Component] = field(default_factory=list)
     _reported: list[Component] = field(default_factory=list, init=False, repr=False)  # see newly_exited
 
-    def _spawn(self, name: str, command: list[str], env: dict) -> Component:
+    def _spawn(self, name: str, argv: list[str], env: dict) -> Component:
+        """Start node `name` (the director or an envoy) on its host, in its folder, logging to logs/<name>.log."""
         log = self.workdir / "logs" / f"{name}.log"
-        with open(log, "wb") as out, signals_deferred():
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env={**os.environ, **env}, start_new_session=True)
+        with open(log, "ab") as out, signals_deferred():
+            process = subprocess.Popen(self.placement.command(name, argv), stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, cwd=self.placement.folder(name),
+                                       env={**os.environ, **self.placement.env(name, self), **env},
+                                       start_new_session=True)
             component = Component(name, process, log)
             self.components.append(component)
         return component
@@ -108,38 +154,24 @@ class LocalFederation:
         The envoys start beside the director rather than after it: their imports and shard checks overlap its own
         start-up, and an envoy that finds no director yet retries (openfl_adjustments.startup)."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        director_dir = self.workdir / "nodes" / "director"
-        director_dir.mkdir(parents=True, exist_ok=True)
         config = yaml.safe_load((ROOT / "director" / "director_config.yaml").read_text())
         config["settings"].update(sample_shape=[str(d) for d in self.sample_shape],
                                   target_shape=[str(d) for d in self.target_shape])
         if self.health_period:
             config["settings"]["envoy_health_check_period"] = self.health_period
-        (director_dir / "director_config.yaml").write_text(yaml.safe_dump(config))
-        director = self._spawn("director", ["bash", str(ROOT / "director" / "start_director.sh")],
-                               {**self._env(), "DIRECTOR_CONFIG": str(director_dir / "director_config.yaml")})
+        path = self.placement.director_config(self, config)
+        director = self._spawn("director", ["bash", "director/start_director.sh"], {"DIRECTOR_CONFIG": str(path)})
         deadline = time.monotonic() + timeout
         envoys = [self._start_envoy(name, params) for name, params in self.shard_params.items()]
-        self._wait(director, lambda: _listening(self.host, self.port), deadline, "did not open its port")
+        self._wait(director, lambda: self.placement.listening(self), deadline, "did not open its port")
         for envoy in envoys:
             self.wait_registered(envoy, deadline)
         return self
 
     def _start_envoy(self, name: str, params: dict) -> Component:
-        envoy_dir = self.workdir / "nodes" / name
-        envoy_dir.mkdir(parents=True, exist_ok=True)
-        envoy_config = {
-            "params": {"cuda_devices": [], "install_requirements": False},
-            "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor", "params": params},
-            **({"trusted_researchers": self.trusted[name]} if name in self.trusted else {}),
-        }
-        (envoy_dir / "envoy_config.yaml").write_text(yaml.safe_dump(envoy_config))
-        command = ["bash", str(ROOT / "envoy" / "start_envoy.sh"), name, str(envoy_dir / "envoy_config.yaml")]
+        config = self.placement.envoy_config(self, name, params)
         threads = str(max(1, (os.cpu_count() or 1) // len(self.shard_params)))
-        return self._spawn(name, command, {**self._env(), "OMP_NUM_THREADS": threads})
-
-    def _env(self) -> dict:
-        return {"DIRECTOR_HOST": self.host, "DIRECTOR_PORT": str(self.port), "CERTS": str(self.certs or "")}
+        return self._spawn(name, ["bash", "envoy/start_envoy.sh", name, str(config)], {"OMP_NUM_THREADS": threads})
 
     def wait_registered(self, envoy: Component, deadline: float) -> None:
         """Return once `envoy` has registered with the director (its log says so)."""

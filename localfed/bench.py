@@ -1,6 +1,7 @@
 """`make bench`: the federation against the compute it does, measured in one run.
 
-1. The compute limit: exactly the federation's work (same model, batch sizes, shards, passes:
+1. The compute limit: exactly the federation's work (the notebook's own model, data interface and tasks, batch
+   sizes, shards, passes:
    per round a validation of the global model, EPOCHS training epochs and a validation of the
    local model on every envoy, plus the final validation round), done in-process by one worker
    process per envoy with the envoys' thread share, tensors in memory, weights averaged in between.
@@ -24,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from medfl import MedMNISTData, build_model, pick_device, task_type, train, validate
-from medfl.researcher import DEFAULTS
+from medfl import pick_device, task_type
 from medmnist_shard import DataError, MedMNISTShardDescriptor
 from medmnist_shard.spec import file_name, info
 from medmnist_shard.synthetic import make_synthetic
 
 from . import ROOT
-
-TRAIN_BATCH, EVAL_BATCH, LR = (DEFAULTS[k] for k in ("train_batch_size", "eval_batch_size", "learning_rate"))
+from .notebook import definitions
+from .run import local_federation, run_notebook
+from .settings import Settings
 
 
 def bench_data(flag: str, size: int) -> Path:
@@ -49,14 +50,16 @@ def bench_data(flag: str, size: int) -> Path:
 _worker: dict = {}
 
 
-def _init_worker(flag, size, data_dir, rank, envoys, threads, device, bf16, stem):
+def _init_worker(notebook, parameters, batches, data_dir, rank, envoys, threads):
     torch.set_num_threads(threads)
+    defs = definitions(notebook, **parameters)
+    flag, size, device = parameters["dataset"], parameters["size"], parameters["device"]
     descriptor = MedMNISTShardDescriptor(flag, size, data_dir, f"{rank},{envoys}", download=False)
-    data = MedMNISTData(train_batch_size=TRAIN_BATCH, eval_batch_size=EVAL_BATCH, device=device)
+    data = defs.MedMNISTData(train_batch_size=batches[0], eval_batch_size=batches[1], device=device)
     data.shard_descriptor = descriptor
-    model = build_model(flag, size, stem)
-    _worker.update(data=data, model=model, optimizer=torch.optim.Adam(model.parameters(), lr=LR),
-                   task=task_type(flag), on={"device_request": device, "bf16": bf16})
+    _worker.update(data=data, model=defs.model, optimizer=torch.optim.Adam(defs.model.parameters(), lr=batches[2]),
+                   task=task_type(flag), train=defs.train, validate=defs.validate,
+                   on={"device_request": device, "bf16": parameters["bf16"]})
 
 
 def _round(state: dict, epochs: int, train_round: bool) -> dict:
@@ -64,16 +67,16 @@ def _round(state: dict, epochs: int, train_round: bool) -> dict:
     w = _worker
     w["model"].load_state_dict(state)
     started = time.perf_counter()
-    scored = validate(w["model"], w["data"].get_valid_loader(), "cpu", task=w["task"], **w["on"])
+    scored = w["validate"](w["model"], w["data"].get_valid_loader(), "cpu", task=w["task"], **w["on"])
     out = {"val_seconds": scored["seconds"]}
     if train_round:
-        trained = train(w["model"], w["data"].get_train_loader(), w["optimizer"], "cpu", task=w["task"],
+        trained = w["train"](w["model"], w["data"].get_train_loader(), w["optimizer"], "cpu", task=w["task"],
                         epochs=epochs, **w["on"])
         out["train_seconds"] = trained["train_seconds"]
         out["train_images"] = epochs * w["data"].get_train_data_size()
         out["state"] = {k: v.detach().cpu().clone() for k, v in w["model"].state_dict().items()}
         out["weight"] = w["data"].get_train_data_size()
-        validate(w["model"], w["data"].get_valid_loader(), "cpu", task=w["task"], **w["on"])
+        w["validate"](w["model"], w["data"].get_valid_loader(), "cpu", task=w["task"], **w["on"])
     out["seconds"] = time.perf_counter() - started
     return out
 
@@ -90,15 +93,19 @@ def _call(args):
     return _round(*args)
 
 
-def compute_limit(flag, size, data_dir, envoys, rounds, epochs, threads, out: Path, device="auto", bf16=False,
-                  stem="patch") -> dict:
-    """Wall time, training throughput and peak memory of the same work with no federation."""
+def compute_limit(settings: Settings, data_dir: Path, threads: int, out: Path) -> dict:
+    """Wall time, training throughput and peak memory of the same work with no federation, with the notebook's own
+    model, data interface and tasks."""
+    s, envoys, rounds, epochs = settings, settings.envoys, settings.rounds, settings.epochs
+    parameters = {**s.notebook_parameters(), "dataset": s.dataset, "size": s.size, "device": s.device,
+                  "bf16": s.bf16, "run": {"stem": s.stem}}
+    batches = (s.train_batch_size, s.eval_batch_size, s.learning_rate)
     ctx = multiprocessing.get_context("spawn")
-    pools = [ctx.Pool(1, _init_worker, (flag, size, str(data_dir), r, envoys, threads, device, bf16, stem))
+    pools = [ctx.Pool(1, _init_worker, (s.notebook, parameters, batches, str(data_dir), r, envoys, threads))
              for r in range(1, envoys + 1)]
     try:
-        torch.manual_seed(0)
-        state = build_model(flag, size, stem).state_dict()
+        model = definitions(s.notebook, **parameters).model  # as the notebook's model cell builds it, seeded
+        state = model.state_dict()
         for pool in pools:  # load the data before the clock starts, as the envoys do before submission
             pool.apply(time.sleep, (0,))
         started = time.perf_counter()
@@ -112,7 +119,6 @@ def compute_limit(flag, size, data_dir, envoys, rounds, epochs, threads, out: Pa
                 images += sum(x["train_images"] for x in results)
                 seconds += sum(x["train_seconds"] for x in results)
         wall = time.perf_counter() - started
-        model = build_model(flag, size, stem)
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
         torch.save(model.state_dict(), out)
         workers = [pool.apply(_worker_report) for pool in pools]
@@ -130,20 +136,18 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def federation_run(args, data_dir: Path, workdir: Path) -> dict:
+def federation_run(settings: Settings, data_dir: Path, workdir: Path) -> dict:
     """The notebook against a real director and envoys: wall time from submission to the end of training,
     per-round overheads, training throughput and peak memory."""
-    from .__main__ import local_federation, run_notebook
-
-    flag, size, envoys = args.dataset, int(args.size), args.envoys
+    flag, size, envoys = settings.dataset, int(settings.size), settings.envoys
     shards = {f"envoy_{r}": {"flag": flag, "size": size, "data_dir": str(data_dir), "rank_worldsize": f"{r},{envoys}",
                              "download": False} for r in range(1, envoys + 1)}
-    with local_federation(args, workdir, shards) as fed:
-        run_notebook(workdir, fed, args, "synthetic", time.monotonic() + args.timeout)
+    with local_federation(settings, workdir, shards) as fed:
+        run_notebook(workdir, fed, settings, "synthetic", time.monotonic() + settings.timeout)
         rss = fed.peak_rss_mb()
     timing = run_timing(workdir)
     rss["notebook"] = timing.pop("notebook_peak_rss_mb")
-    train_images = args.epochs * args.rounds * info(flag)["n_samples"]["train"]
+    train_images = settings.epochs * settings.rounds * info(flag)["n_samples"]["train"]
     train_seconds = timing.pop("train_seconds")
     return {**timing, "train_images_per_s": train_images / train_seconds, "peak_rss_mb": rss}
 
@@ -176,7 +180,7 @@ def wire_figures(run_dir: Path) -> dict:
     """What one envoy moved in a training round (the median over envoys and training rounds) and how many
     connections each envoy opened to the aggregator in the training experiment, from results.json's traffic."""
     results = json.loads((run_dir / "results.json").read_text())
-    training = [t for t in results["traffic"] if t["round"] < results["params"]["rounds_to_train"]]
+    training = [t for t in results["traffic"] if t["round"] < results["params"]["rounds"]]
     shares = [share for t in training for share in t["per_envoy"].values()]
     envoys = sorted({name for t in results["traffic"] for name in t["per_envoy"]})
     return {"up_bytes": statistics.median(s["received_bytes"] for s in shares),
@@ -185,9 +189,9 @@ def wire_figures(run_dir: Path) -> dict:
                             for name in envoys}}
 
 
-def model_bytes(flag: str, size: int, stem: str) -> int:
-    """The model's weights as float32, as OpenFL puts them on the wire (BatchNorm's counters included)."""
-    return 4 * sum(t.numel() for t in build_model(flag, size, stem).state_dict().values())
+def model_bytes(state: dict) -> int:
+    """A state dict's tensors as float32, as OpenFL puts them on the wire (BatchNorm's counters included)."""
+    return 4 * sum(t.numel() for t in state.values())
 
 
 # The round trips a round cannot do without: the envoy learns of its tasks, fetches the model, delivers its results.
@@ -207,30 +211,29 @@ def _wire_line(figures: dict, weights: int) -> str:
             f"aggregator in the experiment: {connections}")
 
 
-def hosts_run(args, data_dir: Path, workdir: Path) -> dict:
+def hosts_run(settings: Settings, data_dir: Path, workdir: Path) -> dict:
     """The same notebook run across hosts (localfed.hosts): two hospitals whose links carry the WAN profile."""
-    from .hosts import HOSPITALS, HostsFederation, Network, unavailable
+    from .hosts import HOSPITALS, HostsFederation
+    from .netns import Network, unavailable
     from .wire import Profile
 
-    if args.envoys != len(HOSPITALS):
-        raise DataError(f"WAN={args.wan} runs {len(HOSPITALS)} envoys, one per hospital host: ENVOYS={len(HOSPITALS)}")
+    wan = settings.wan
+    if settings.envoys != len(HOSPITALS):
+        raise DataError(f"wan={wan} runs {len(HOSPITALS)} envoys, one per hospital host: envoys={len(HOSPITALS)}")
     reason = unavailable()
     if reason:
-        raise DataError(f"WAN={args.wan}: {reason}")
-    flag, size = args.dataset, int(args.size)
-    with Network(Profile.parse(args.wan), logs=workdir / "logs") as network:
+        raise DataError(f"wan={wan}: {reason}")
+    flag, size = settings.dataset, int(settings.size)
+    with Network(Profile.parse(wan), logs=workdir / "logs") as network:
         print(f"across hosts: {network.describe()}", flush=True)
         # The director config's own health period (10 s): nothing is cut here.
         fed = HostsFederation(workdir, network, data_dir / file_name(flag, size), flag, size, health_period=10)
         try:
             fed.prepare()
             fed.start()
-            run_dir = fed.notebook("bench", {
-                "dataset": flag, "size": size, "rounds_to_train": args.rounds, "epochs_per_round": args.epochs,
-                "seed": args.seed, "device": args.device, "bf16": bool(args.bf16), "stem": args.stem,
-                "data_source": "synthetic", "min_envoys": args.min_envoys, "round_timeout": args.round_timeout,
-                "wire_dtype": args.wire_dtype},
-                timeout=args.timeout)
+            parameters = settings.notebook_parameters()
+            parameters["run"] = {**parameters.get("run", {}), "data_source": "synthetic"}
+            run_dir = fed.notebook("bench", parameters, timeout=settings.timeout)
         finally:
             fed.stop()
         return {**run_timing(run_dir), **wire_figures(run_dir), "link": network.describe(), "profile": network.profile}
@@ -241,24 +244,24 @@ def hosts_run(args, data_dir: Path, workdir: Path) -> dict:
 FEDERATION_MB = 400
 
 
-def bench(args) -> int:
+def bench(settings: Settings) -> int:
     """Run both sides on the same device, print a table and, last, one JSON line."""
-    flag, size = args.dataset, int(args.size)
-    envoys, rounds, epochs = args.envoys, args.rounds, args.epochs
-    device, bf16, stem = args.device or "auto", bool(args.bf16), args.stem or DEFAULTS["stem"]
+    # Both sides run with the same device, bf16 and stem, given to the notebook even where they are its defaults.
+    settings = settings.replace(device=settings.device, bf16=settings.bf16, stem=settings.stem)
+    flag, size = settings.dataset, int(settings.size)
+    envoys, rounds, epochs = settings.envoys, settings.rounds, settings.epochs
+    device, bf16, stem = settings.device, settings.bf16, settings.stem
     threads = max(1, (os.cpu_count() or 1) // envoys)
     data_dir = bench_data(flag, size)
-    workdir = Path(args.runs).resolve() / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{flag}-{size}"
+    workdir = Path(settings.runs) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{flag}-{size}"
     workdir.mkdir(parents=True)
     print(f"workload: {flag} {size}px, {info(flag)['n_samples']}, {envoys} envoys x {threads} threads, "
-          f"{rounds} rounds x {epochs} epochs, batch {TRAIN_BATCH}, device {device}, bf16 {'on' if bf16 else 'off'}, "
-          f"stem {stem} (SYNTHETIC data)", flush=True)
-    limit = compute_limit(flag, size, data_dir, envoys, rounds, epochs, threads, workdir / "limit_model.pt", device,
-                          bf16, stem)
+          f"{rounds} rounds x {epochs} epochs, batch {settings.train_batch_size}, device {device}, "
+          f"bf16 {'on' if bf16 else 'off'}, stem {stem} (SYNTHETIC data)", flush=True)
+    limit = compute_limit(settings, data_dir, threads, workdir / "limit_model.pt")
     measured = limit["workers"][0]
     print(f"compute limit: {limit['wall_s']:.1f} s on {measured['device']} ({measured['device_name']})", flush=True)
-    args.device, args.bf16, args.stem = device, bf16, stem  # the notebook runs with the same settings
-    fed = federation_run(args, data_dir, workdir)
+    fed = federation_run(settings, data_dir, workdir)
     result = {
         "device": measured["device"], "device_name": measured["device_name"], "bf16": bf16, "stem": stem,
         "wall_s": round(fed["wall_s"], 2),
@@ -270,7 +273,7 @@ def bench(args) -> int:
         "limit_peak_rss_mb": [round(w["peak_rss_mb"]) for w in limit["workers"]],
     }
     rows = [("wall, submission to trained model", f"{fed['wall_s']:.1f} s", f"{limit['wall_s']:.1f} s",
-             f"{result['wall_over_limit']:.2f}", "<= 1.5"),
+             f"{result['wall_over_limit']:.2f}", "<= 1.2"),
             ("training images/s per envoy", f"{fed['train_images_per_s']:.0f}", f"{limit['train_images_per_s']:.0f}",
              f"{result['train_throughput_over_limit']:.2f}", ">= 0.9"),
             ("round overhead (median)", f"{fed['round_overhead_s']:.2f} s", "", "", "<= 1.0 s")]
@@ -285,16 +288,16 @@ def bench(args) -> int:
         print(f"{name} peak RSS {result['peak_rss_mb'][name]} MB; target <= the same work in a bare process, "
               f"{bare:.0f} MB, + {FEDERATION_MB} MB = {bare + FEDERATION_MB:.0f} MB")
     print(f"director peak RSS {result['peak_rss_mb']['director']} MB; notebook {result['peak_rss_mb']['notebook']} MB")
-    weights = model_bytes(flag, size, stem)
+    weights = model_bytes(torch.load(workdir / "limit_model.pt"))
     loopback = wire_figures(workdir)
     test = json.loads((workdir / "results.json").read_text())["test"]
     result.update(model_bytes=weights, up_bytes=loopback["up_bytes"], down_bytes=loopback["down_bytes"],
-                  connections=loopback["connections"], wire_dtype=args.wire_dtype, test_acc=round(test["acc"], 4),
+                  connections=loopback["connections"], wire_dtype=settings.wire_dtype, test_acc=round(test["acc"], 4),
                   test_auc=round(test["auc"], 4))
-    print(f"on the wire ({args.wire_dtype}), {_wire_line(loopback, weights)}")
+    print(f"on the wire ({settings.wire_dtype}), {_wire_line(loopback, weights)}")
     print(f"the best model on the envoys' test splits (SYNTHETIC data): ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
-    if args.wan:
-        hosts = hosts_run(args, data_dir, workdir / "hosts")
+    if settings.wan:
+        hosts = hosts_run(settings, data_dir, workdir / "hosts")
         limit = physical_limit(hosts, hosts["profile"])
         result["hosts"] = {"link": hosts["link"], "wall_s": round(hosts["wall_s"], 2),
                            "wall_over_loopback": round(hosts["wall_s"] / fed["wall_s"], 3),

@@ -1,7 +1,8 @@
 """`make compare`: which algorithm for non-IID hospitals, and at what cost.
 
-The same data, partition, seed, model and budget (ROUNDS x EPOCHS), trained once per algorithm of ALGOS through
-the notebook, then once centrally (make baseline), one after another on this machine. One director and its envoys
+The same data, partition, seed, model and budget (rounds x epochs), trained once per algorithm of `algorithms`
+through the notebook, then once centrally (make baseline, with the notebook's model), one after another on this
+machine. One director and its envoys
 serve every algorithm's experiments in turn, so their start-up is paid once. It writes runs/compare-<id>/: one
 folder per algorithm (the notebook's run folder), centralized/ (make baseline's), compare.json, compare.png, and
 prints one table.
@@ -16,28 +17,31 @@ from pathlib import Path
 
 from medfl.algorithms import describe
 
-from .__main__ import RunError, compared, local_federation, run_notebook, shard_params
 from .baseline import baseline
 from .data import resolve
+from .run import RunError, compared, local_federation, run_notebook, shard_params
+from .settings import Settings
 
 CENTRALIZED = "centralized"
 
 
-def compare(args) -> int:
-    """Train every algorithm of ALGOS and the centralized baseline; write compare.json and compare.png; 0 if all ran."""
+def compare(settings: Settings) -> int:
+    """Train every algorithm of `algorithms` and the centralized baseline; write compare.json and compare.png; 0 if
+    all ran."""
+    s = settings
     started = time.monotonic()
-    deadline = started + args.timeout
-    algorithms = compared(args)
-    data_dir, data_source = resolve(args.dataset, args.size, args.data, args.data_dir, command="compare")
+    deadline = started + settings.timeout
+    algorithms = compared(settings)
+    data_dir, data_source = resolve(s.dataset, s.size, s.data, s.data_dir, command="compare")
     print(f"data: {data_source} ({data_dir})")
-    shards = shard_params(args, data_dir)
-    out = Path(args.runs).resolve() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    federation = local_federation(args, out, shards)
+    shards = shard_params(settings, data_dir)
+    out = Path(settings.runs) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    federation = local_federation(settings, out, shards)
     steps = len(algorithms) + 1
-    print(f"comparing {', '.join(algorithms)} and a centralized baseline: {args.rounds} rounds x {args.epochs} "
-          f"epochs, {args.partition} partition{f' alpha {args.alpha:g}' if args.partition == 'dirichlet' else ''}, "
-          f"{args.envoys} envoys, seed {args.seed}; results in {out}")
-    print(f"starting a director and {args.envoys} envoys on {federation.host}:{federation.port} ...", flush=True)
+    skew = f" alpha {s.alpha:g}" if s.partition == "dirichlet" else ""
+    print(f"comparing {', '.join(algorithms)} and a centralized baseline: {s.rounds} rounds x {s.epochs} epochs, "
+          f"{s.partition} partition{skew}, {s.envoys} envoys, seed {s.seed}; results in {out}")
+    print(f"starting a director and {s.envoys} envoys on {federation.host}:{federation.port} ...", flush=True)
     runs: dict[str, dict] = {}
     with federation:
         for i, algorithm in enumerate(algorithms, 1):
@@ -46,7 +50,7 @@ def compare(args) -> int:
             (run_dir / "logs").mkdir(parents=True)
             began = time.monotonic()
             try:
-                run_notebook(run_dir, federation, args, data_source, deadline, algorithm=algorithm)
+                run_notebook(run_dir, federation, settings, data_source, deadline, algorithm=algorithm)
                 runs[algorithm] = summarize(json.loads((run_dir / "results.json").read_text()), run_dir)
             except RunError as exc:  # the others still run; the table says which failed
                 print(f"  {algorithm} FAILED: {str(exc).splitlines()[0]}", flush=True)
@@ -54,9 +58,9 @@ def compare(args) -> int:
             runs[algorithm]["notebook_seconds"] = round(time.monotonic() - began, 1)
     (out / "latest").unlink(missing_ok=True)  # the notebook's link to its newest run; compare.json names them all
     print(f"\n[{steps}/{steps}] centralized baseline", flush=True)
-    baseline(args, run_dir=out / CENTRALIZED)
+    baseline(settings, run_dir=out / CENTRALIZED)
     central = summarize(json.loads((out / CENTRALIZED / "results.json").read_text()), out / CENTRALIZED)
-    report = build(args, algorithms, runs, central, data_source, out)
+    report = build(settings, algorithms, runs, central, data_source, out)
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     plot(out / "compare.png", report)
     print()
@@ -92,7 +96,7 @@ def _mean(values: list) -> int | None:
     return round(sum(values) / len(values)) if values else None
 
 
-def build(args, algorithms: list[str], runs: dict, central: dict, data_source: str, out: Path) -> dict:
+def build(settings: Settings, algorithms: list[str], runs: dict, central: dict, data_source: str, out: Path) -> dict:
     """compare.json: the setting, every algorithm's run, the centralized baseline, and how much of FedAvg's gap to
     it the best algorithm closed."""
     synthetic = json.loads((out / CENTRALIZED / "results.json").read_text())["synthetic"]
@@ -100,10 +104,10 @@ def build(args, algorithms: list[str], runs: dict, central: dict, data_source: s
         "id": out.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "system": platform.platform()},
-        "dataset": args.dataset, "size": int(args.size), "data_source": data_source, "synthetic": synthetic,
-        "envoys": args.envoys,
-        "partition": {"strategy": args.partition, "alpha": args.alpha, "seed": args.seed},
-        "rounds": args.rounds, "epochs_per_round": args.epochs, "seed": args.seed,
+        "dataset": settings.dataset, "size": int(settings.size), "data_source": data_source, "synthetic": synthetic,
+        "envoys": settings.envoys,
+        "partition": {"strategy": settings.partition, "alpha": settings.alpha, "seed": settings.seed},
+        "rounds": settings.rounds, "epochs": settings.epochs, "seed": settings.seed,
         "algorithms": {name: runs[name] for name in algorithms},
         CENTRALIZED: central,
     }
@@ -134,7 +138,7 @@ def table(report: dict) -> str:
     skew = f" alpha {partition['alpha']:g}" if partition["strategy"] == "dirichlet" else ""
     envoys = sorted(report[CENTRALIZED]["test"]["per_envoy"])
     lines = [f"{source}: {report['dataset']} {report['size']}px, {report['envoys']} envoys, {partition['strategy']}"
-             f"{skew}, {report['rounds']} rounds x {report['epochs_per_round']} epochs, seed {report['seed']}",
+             f"{skew}, {report['rounds']} rounds x {report['epochs']} epochs, seed {report['seed']}",
              f"{'algorithm':<28} {'test ACC':>8} {'test AUC':>8}  {'per-envoy test ACC':<{7 * len(envoys)}}"
              f" {'best':>4} {'wall s':>7} {'MB/round up':>11} {'down':>6}"]
     rows = [(_label(name, run), run) for name, run in report["algorithms"].items()]
@@ -195,7 +199,7 @@ def plot(path: Path, report: dict) -> None:
     partition = report["partition"]
     skew = f" alpha {partition['alpha']:g}" if partition["strategy"] == "dirichlet" else ""
     fig.suptitle(f"{report['dataset']} {report['size']}px ({source}), {report['envoys']} envoys, "
-                 f"{partition['strategy']}{skew}, {report['rounds']} rounds x {report['epochs_per_round']} epochs")
+                 f"{partition['strategy']}{skew}, {report['rounds']} rounds x {report['epochs']} epochs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

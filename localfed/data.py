@@ -20,8 +20,8 @@ def resolve(flag: str, size: int, data: str = "download", data_dir: str | None =
     if data_dir:
         folder = Path(data_dir).expanduser().resolve()
         if not (folder / file_name(flag, size)).is_file():
-            raise DataError(f"DATA_DIR {folder} has no {file_name(flag, size)}: put the MedMNIST file there "
-                            "(it is used as given, never written to), or leave DATA_DIR unset")
+            raise DataError(f"data_dir {folder} has no {file_name(flag, size)}: put the MedMNIST file there "
+                            "(it is used as given, never written to), or leave data_dir unset")
         return folder, "file"
     if data == "synthetic":
         folder = CACHE / "synthetic"
@@ -29,7 +29,7 @@ def resolve(flag: str, size: int, data: str = "download", data_dir: str | None =
             make_synthetic(flag, size, folder)
         return folder, "synthetic"
     if data != "download":
-        raise DataError(f"unknown DATA={data!r}: use download or synthetic, or set DATA_DIR")
+        raise DataError(f"data={data!r}: use download or synthetic, or set data_dir")
     folder = CACHE / "medmnist"
-    ensure_file(flag, size, folder, offline_hint=f"make {command} DATA=synthetic runs the same on generated data")
+    ensure_file(flag, size, folder, offline_hint=f"make {command} data=synthetic runs the same on generated data")
     return folder, "download"

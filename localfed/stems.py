@@ -6,6 +6,7 @@ image a faint texture of period 2 px that sets the class: none, a checkerboard, 
 stripes. Each texture averages to zero over any even block, so images brought down to 28 px (any size // 28
 that is even) carry nothing of the class: the classes differ only in fine detail.
 
+    make stems size=224 device=cuda [bf16=1] [epochs=3]
     python -m localfed.stems --size 224 --device cuda [--bf16 1] [--epochs 3] [--samples 6000] [--amplitude 4]
 """
 from __future__ import annotations
@@ -120,6 +121,15 @@ def main(argv=None) -> int:
     print(json.dumps({"size": args.size, "amplitude": args.amplitude, "noise": args.noise, "device": device.type,
                       "device_name": name, "bf16": bool(args.bf16), "results": results}))
     return 0
+
+
+def stems(settings) -> int:
+    """make stems: main() with the size, device and bf16 settings, and epochs and seed where given."""
+    argv = ["--size", str(settings.size), "--device", settings.device, "--bf16", str(int(settings.bf16))]
+    for name in ("epochs", "seed"):
+        if name in settings.given:
+            argv += [f"--{name}", str(getattr(settings, name))]
+    return main(argv)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,14 @@ def run_cells(tags, namespace: dict | None = None, path: Path = CPU_NOTEBOOK, **
 
 
 def run_until(tag: str, path: Path = CPU_NOTEBOOK, **parameters) -> dict:
-    """Run the cells up to and including the one tagged `tag`, the parameters overridden; return the namespace.
-    output_dir must be among them: the notebook's own (../runs) would put a test's logs beside the repository."""
-    assert "output_dir" in parameters, "give run_until an output_dir in the test's tmp_path"
+    """Run the cells up to and including the one tagged `tag`, the parameters overridden (a key of the notebook's
+    `run` dict may be given by its name); return the namespace. output_dir must be given: the notebook's own
+    (../runs) would put a test's logs beside the repository."""
+    from medfl.researcher import RUN
+
+    run = {**parameters.pop("run", {}), **{k: parameters.pop(k) for k in list(parameters) if k in RUN}}
+    assert "output_dir" in run, "give run_until an output_dir in the test's tmp_path"
+    parameters["run"] = run
     tags = [t for t, _ in code_cells(path)]
     namespace = run_cells(tags[:tags.index("parameters") + 1], path=path)
     return run_cells(tags[tags.index("parameters") + 1:tags.index(tag) + 1], namespace, path, **parameters)
@@ -37,5 +42,5 @@ def run_until(tag: str, path: Path = CPU_NOTEBOOK, **parameters) -> dict:
 
 def start_experiment(namespace: dict, experiment_name: str, rounds: int) -> object:
     """Submit a training experiment with the notebook's start cell; return its FLExperiment."""
-    run_cells(["start"], namespace, experiment_name=experiment_name, rounds_to_train=rounds)
+    run_cells(["start"], namespace, experiment_name=experiment_name, rounds=rounds)
     return namespace["experiment"]

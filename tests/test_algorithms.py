@@ -206,7 +206,8 @@ class Tiny(nn.Module):
 @pytest.mark.parametrize("algorithm", ["fedadam", "fedyogi", "fedadagrad"])
 def test_fedopt_rounds_match_the_update_computed_by_hand(algorithm):
     lr, beta1, beta2, tau = 0.1, 0.9, 0.99, 1e-3
-    server = aggregation_function(algorithm, Tiny(), lr, (beta1, beta2), tau)
+    server = aggregation_function(algorithm, Tiny(), {"server_learning_rate": lr, "server_beta1": beta1,
+                                                      "server_beta2": beta2, "server_tau": tau})
     weights = {"envoy_1": 0.25, "envoy_2": 0.75}
 
     def second_moment(v, d):  # Reddi et al. 2021, Algorithm 2, per coordinate
@@ -259,14 +260,14 @@ def test_every_algorithm_has_an_aggregation_and_settings_to_record():
         assert type(chosen) is {"fedavg": WeightedMean, "fedprox": WeightedMean, "fedntd": WeightedMean,
                                  "median": Median, "geomedian": GeometricMedian}.get(algorithm, ServerOptimizer), \
             algorithm
-        recorded = settings(algorithm, mu=0.01)
+        recorded = settings(algorithm, {"mu": 0.01})
         assert recorded["name"] == algorithm and ("mu" in recorded) == (algorithm == "fedprox")
         assert ("ntd_beta" in recorded) == ("ntd_tau" in recorded) == (algorithm == "fedntd")
-    assert settings("fedntd", 0.01, ntd_beta=2.0) == {"name": "fedntd", "ntd_beta": 2.0, "ntd_tau": 1.0}
-    assert describe(settings("fedntd", 0.01)) == "FedNTD (beta 1, tau 1)"
-    assert settings("fedadam", 0.01) == {"name": "fedadam", "server_learning_rate": 1e-2, "betas": [0.9, 0.99],
-                                         "tau": 1e-3}
-    assert settings("fedadagrad", 0.01, 0.5)["server_learning_rate"] == 0.5
+    assert settings("fedntd", {"ntd_beta": 2.0}) == {"name": "fedntd", "ntd_beta": 2.0, "ntd_tau": 1.0}
+    assert describe(settings("fedntd")) == "FedNTD (beta 1, tau 1)"
+    assert settings("fedadam") == {"name": "fedadam", "server_learning_rate": 1e-2, "betas": [0.9, 0.99],
+                                   "tau": 1e-3}
+    assert settings("fedadagrad", {"server_learning_rate": 0.5})["server_learning_rate"] == 0.5
     with pytest.raises(ValueError, match="unknown algorithm 'fedsgd'"):
         aggregation_function("fedsgd", Tiny())
     tasks = build_tasks("bloodmnist", aggregation=aggregation_function("median", Tiny()))

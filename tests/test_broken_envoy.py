@@ -31,8 +31,8 @@ def runs(data_dir, tmp_path_factory):
         out = tmp_path_factory.mktemp(kind)
         env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "saboteur"),
                "MEDFL_TEST_SABOTEUR": f"envoy_3:{kind}:2"}
-        result = subprocess.run([sys.executable, "-m", "localfed", "demo", "--data-dir", str(data_dir), "--runs",
-                                 str(out), "--envoys", "3", "--rounds", str(ROUNDS), "--tls", "0", "--timeout", "300"],
+        result = subprocess.run([sys.executable, "-m", "localfed", "demo", f"data_dir={data_dir}", f"runs={out}",
+                                 "envoys=3", f"rounds={ROUNDS}", "tls=0", "timeout=300"],
                                 cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
         assert result.returncode == 0, f"{kind}: {result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         run_dir = (out / "latest").resolve()

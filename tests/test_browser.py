@@ -171,9 +171,9 @@ def lab_dir(repository_notebooks, federation, synthetic, tmp_path_factory):
     shutil.copy(synthetic, preview / "synthetic" / synthetic.name)  # the sample grid's local copy
     papermill.execute_notebook(
         str(ROOT / "workspace" / NOTEBOOK), str(served / NOTEBOOK), prepare_only=True, progress_bar=False,
-        parameters={"director_host": federation.host, "director_port": federation.port,
-                    "aggregator_port": free_port(), "rounds_to_train": ROUNDS, "experiment_name": "browser-test",
-                    "output_dir": str(root / "runs"), "preview_dir": str(preview)})
+        parameters={"rounds": ROUNDS, "run": {"director_host": federation.host, "director_port": federation.port,
+                                              "aggregator_port": free_port(), "experiment_name": "browser-test",
+                                              "output_dir": str(root / "runs"), "preview_dir": str(preview)}})
     return served
 
 

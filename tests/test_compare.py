@@ -20,8 +20,8 @@ ENVOYS = ["envoy_1", "envoy_2"]
 def compared(tiny_file, tmp_path_factory):
     data_dir = tiny_file("bloodmnist", 28, SIZES).parent
     runs = tmp_path_factory.mktemp("runs")
-    command = [sys.executable, "-m", "localfed", "compare", "--data-dir", str(data_dir), "--runs", str(runs),
-               "--rounds", "1", "--envoys", "2", "--algorithms", "fedntd fedadam", "--timeout", "300"]
+    command = [sys.executable, "-m", "localfed", "compare", f"data_dir={data_dir}", f"runs={runs}", "rounds=1",
+               "envoys=2", "algorithms=fedntd fedadam", "timeout=300"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"make compare failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     (out,) = runs.glob("compare-*")
@@ -35,7 +35,7 @@ def test_compare_json_holds_every_algorithm_and_the_centralized_baseline(compare
     report = json.loads((out / "compare.json").read_text())
     assert report["synthetic"] is True and report["envoys"] == 2
     assert report["partition"] == {"strategy": "dirichlet", "alpha": 0.3, "seed": 0}  # make compare's defaults
-    assert (report["rounds"], report["epochs_per_round"]) == (1, 1) and report["machine"]["cpus"] >= 1
+    assert (report["rounds"], report["epochs"]) == (1, 1) and report["machine"]["cpus"] >= 1
     assert list(report["algorithms"]) == ["fedntd", "fedadam"]
     assert report["algorithms"]["fedntd"]["settings"] == {"name": "fedntd", "ntd_beta": 1.0, "ntd_tau": 1.0}
     assert report["algorithms"]["fedadam"]["settings"]["server_learning_rate"] == 0.01

@@ -166,4 +166,4 @@ def test_the_full_resolution_stem_keeps_the_classifier_and_drops_the_patch_embed
     with pytest.raises(ValueError, match="unknown stem 'wide': use patch or full"):
         build_model("pathmnist", 64, stem="wide")
     with pytest.raises(ParameterError, match="stem='wide': use \"patch\""):
-        check_parameters(**{**DEFAULTS, "stem": "wide"})
+        check_parameters(**{**DEFAULTS, "run": {"stem": "wide"}})

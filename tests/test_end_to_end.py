@@ -41,8 +41,8 @@ def stop(demo):
 
 
 def demo_command(data_dir, runs, *extra):
-    return [sys.executable, "-m", "localfed", "demo", "--data-dir", str(data_dir), "--runs", str(runs),
-            "--rounds", str(ROUNDS), "--envoys", "2", "--timeout", "300", *extra]
+    return [sys.executable, "-m", "localfed", "demo", f"data_dir={data_dir}", f"runs={runs}", f"rounds={ROUNDS}",
+            "envoys=2", "timeout=300", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_a_half_precision_wire_halves_the_bytes_and_the_envoys_hold_the_director
     """wire_dtype float16: each round's change travels in half the bytes both ways (after the first model), and the
     model the envoys rebuild from those changes is the director's, to the bit: scored here in a fresh process,
     the director's last model gives exactly what each envoy reported for it."""
-    result = subprocess.run(demo_command(data_dir, tmp_path, "--wire-dtype", "float16", "--tls", "0"), cwd=ROOT,
+    result = subprocess.run(demo_command(data_dir, tmp_path, "wire_dtype=float16", "tls=0"), cwd=ROOT,
                             capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
@@ -199,7 +199,7 @@ def test_a_half_precision_wire_halves_the_bytes_and_the_envoys_hold_the_director
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process(data_dir, tmp_path):
     # Many rounds, so that the interrupt surely lands in the middle of training.
-    demo = subprocess.Popen(demo_command(data_dir, tmp_path, "--rounds", "100"), cwd=ROOT, stdout=subprocess.PIPE,
+    demo = subprocess.Popen(demo_command(data_dir, tmp_path, "rounds=100"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         for line in demo.stdout:  # wait until the envoys are training
@@ -220,8 +220,8 @@ def test_ctrl_c_stops_every_process(data_dir, tmp_path):
 def test_the_hpu_notebook_runs_here_with_device_auto(data_dir, tmp_path):
     """With FedProx: its optimizer travels to the envoys (tests/test_compare.py runs FedNTD and FedAdam)."""
     notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"
-    result = subprocess.run(demo_command(data_dir, tmp_path, "--notebook", str(notebook), "--device", "auto",
-                                         "--rounds", "1", "--tls", "0", "--algo", "fedprox", "--mu", "0.1"),
+    result = subprocess.run(demo_command(data_dir, tmp_path, f"notebook={notebook}", "device=auto", "rounds=1",
+                                         "tls=0", "algorithm=fedprox", "mu=0.1"),
                             cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
@@ -234,7 +234,7 @@ def test_the_hpu_notebook_runs_here_with_device_auto(data_dir, tmp_path):
 @pytest.mark.slow
 def test_an_envoy_without_the_requested_device_fails_by_name(data_dir, tmp_path):
     notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"
-    result = subprocess.run(demo_command(data_dir, tmp_path, "--notebook", str(notebook), "--rounds", "1"),
+    result = subprocess.run(demo_command(data_dir, tmp_path, f"notebook={notebook}", "rounds=1"),
                             cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode != 0
     run_dir = next(tmp_path.glob("*-bloodmnist-28"))
@@ -272,7 +272,8 @@ def kill_when(command, pattern, victim, cwd=ROOT):
         for line in demo.stdout:
             output.append(line)
             if killed is None and re.search(pattern, line):
-                run_dir = next(Path(command[command.index("--runs") + 1]).glob("*-bloodmnist-28"))
+                runs = next(arg for arg in command if arg.startswith("runs=")).partition("=")[2]
+                run_dir = next(Path(runs).glob("*-bloodmnist-28"))
                 os.killpg(os.getpgid(node_pid(run_dir, victim)), signal.SIGKILL)
                 killed = time.monotonic()
         demo.wait(timeout=BOUND_S + 60)
@@ -283,13 +284,13 @@ def kill_when(command, pattern, victim, cwd=ROOT):
 
 
 def chaos_command(data_dir, runs, *extra):
-    return [sys.executable, "-m", "localfed", "demo", "--data-dir", str(data_dir), "--runs", str(runs),
-            "--rounds", "3", "--epochs", "3", "--health-period", str(HEALTH_S), "--timeout", "300", *extra]
+    return [sys.executable, "-m", "localfed", "demo", f"data_dir={data_dir}", f"runs={runs}", "rounds=3", "epochs=3",
+            f"health_period={HEALTH_S}", "timeout=300", *extra]
 
 
 @pytest.mark.slow
 def test_an_envoy_killed_in_round_2_is_dropped_and_the_others_finish_the_run(chaos_data, tmp_path):
-    code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "--envoys", "3"),
+    code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "envoys=3"),
                                          r"model after 1/3\s+envoy_3\s+global val", "envoy_3")
     assert code == 0 and took < BOUND_S, out[-3000:]
     assert "envoy_3     DROPPED: the director has not heard from it for" in out
@@ -309,7 +310,7 @@ def test_an_envoy_killed_in_round_2_is_dropped_and_the_others_finish_the_run(cha
 
 @pytest.mark.slow
 def test_too_few_envoys_left_fails_the_run_naming_the_lost_one_and_keeps_the_best_model(chaos_data, tmp_path):
-    code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "--envoys", "2", "--min-envoys", "2"),
+    code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "envoys=2", "min_envoys=2"),
                                          r"model after 1/3\s+envoy_2\s+global val", "envoy_2")
     assert code == 1 and took < BOUND_S, out[-3000:]
     assert (f"error: the notebook failed: ExperimentFailed: experiment {run_dir.name} failed: only 1 of 2 envoys "
@@ -326,7 +327,7 @@ def test_too_few_envoys_left_fails_the_run_naming_the_lost_one_and_keeps_the_bes
 
 @pytest.mark.slow
 def test_a_killed_director_stops_the_run_within_a_bound_and_what_arrived_is_kept(chaos_data, tmp_path):
-    code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "--envoys", "2"),
+    code, out, took, run_dir = kill_when(chaos_command(chaos_data, tmp_path, "envoys=2"),
                                          r"model after 1/3\s+aggregator\s+global val", "director")
     assert code == 1 and took < BOUND_S, out[-3000:]
     assert "the director exited (status -9)" in out
@@ -353,8 +354,8 @@ def test_a_reader_who_edits_a_task_cell_gets_what_the_edited_task_reports(data_d
     cell["source"] = source.replace('"seconds": time.perf_counter() - started}',
                                     '"seconds": time.perf_counter() - started, "samples": float(len(y_true))}')
     (workspace / "Edited.ipynb").write_text(json.dumps(notebook))
-    result = subprocess.run(demo_command(data_dir, tmp_path / "runs", "--notebook", str(workspace / "Edited.ipynb"),
-                                         "--rounds", "1", "--tls", "0"), cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run(demo_command(data_dir, tmp_path / "runs", f"notebook={workspace / 'Edited.ipynb'}",
+                                         "rounds=1", "tls=0"), cwd=ROOT, capture_output=True, text=True,
                             timeout=400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     run_dir = (tmp_path / "runs" / "latest").resolve()
@@ -371,8 +372,8 @@ def test_a_reader_who_edits_a_task_cell_gets_what_the_edited_task_reports(data_d
 
 @pytest.mark.slow
 def test_dp_sgd_runs_on_every_envoy_and_its_privacy_is_reported(data_dir, tmp_path):
-    result = subprocess.run(demo_command(data_dir, tmp_path, "--rounds", "2", "--tls", "0", "--dp", "1",
-                                         "--epsilon", "6"), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(demo_command(data_dir, tmp_path, "rounds=2", "tls=0", "dp=1",
+                                         "target_epsilon=6"), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
     check_results(results, envoys=ENVOYS, rounds=2)

@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-from localfed import hosts
+from localfed import netns as hosts
 from localfed.bench import run_timing
-from localfed.hosts import AGGREGATOR_PORT, DIRECTOR_PORT, HOSPITALS, HostsFederation, Network
+from localfed.hosts import AGGREGATOR_PORT, DIRECTOR_PORT, HostsFederation
+from localfed.netns import HOSPITALS, Network
 from medmnist_shard.synthetic import make_synthetic, split_sizes
 
 if os.environ.get("CI") != "true" and os.environ.get("HOSTS_TEST") != "1":
@@ -190,7 +191,7 @@ def cut_run(federation):
     BEFORE.update(fed.network.counters("director"))  # the probes above connected too: count from here
     watcher = _watch_for(envoy_log, signal, cut, stop)
     try:
-        run_dir = fed.notebook("cut", {"rounds_to_train": 3, "epochs_per_round": 2, "min_envoys": 1, "device": "cpu"},
+        run_dir = fed.notebook("cut", {"rounds": 3, "epochs": 2, "device": "cpu", "run": {"min_envoys": 1}},
                                on_line=lines.append)
     finally:
         stop.set()
@@ -226,7 +227,7 @@ def after_restore(cut_run, federation):
     restored = time.monotonic()
     online = fed.wait_online(list(HOSPITALS.values()), timeout=90)
     REPORT.append(f"{CUT} online again {time.monotonic() - restored:.0f} s after its cable was plugged back in")
-    run_dir = fed.notebook("after", {"rounds_to_train": 2, "min_envoys": 2, "device": "cpu"})
+    run_dir = fed.notebook("after", {"rounds": 2, "device": "cpu", "run": {"min_envoys": 2}})
     return online, run_dir, json.loads((run_dir / "results.json").read_text())
 
 

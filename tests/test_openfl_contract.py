@@ -328,7 +328,7 @@ def test_fast_tensor_db_answers_as_openfls_does_for_the_algorithms_aggregations(
     weights = {"envoy_1": 0.4, "envoy_2": 0.6}
     for algorithm in ("fedyogi", "geomedian"):
         dbs = [TensorDB(), FastTensorDB()]
-        functions = [aggregation_function(algorithm, model, 0.05) for _ in dbs]
+        functions = [aggregation_function(algorithm, model, {"server_learning_rate": 0.05}) for _ in dbs]
         for r in range(3):
             trained = {col: rng.normal(size=(1, 3)).astype(np.float32) for col in weights}
             key = TensorKey("weight", "agg", r, False, ("trained",))

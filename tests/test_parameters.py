@@ -5,33 +5,57 @@ import pytest
 
 from medfl.researcher import ParameterError, check_dataset, check_parameters, check_quorum
 
-GOOD = dict(dataset="bloodmnist", size=28, rounds_to_train=3, epochs_per_round=1, train_batch_size=64,
-            eval_batch_size=256, learning_rate=1e-3, device="auto", best_metric="auc", best_mode="max")
+GOOD = dict(dataset="bloodmnist", size=28, rounds=3, epochs=1, train_batch_size=64, eval_batch_size=256,
+            learning_rate=1e-3, device="auto")
+IN_DICTS = {"mu": "algorithm_options", "ntd_beta": "algorithm_options", "ntd_tau": "algorithm_options",
+            "server_learning_rate": "algorithm_options", "server_beta1": "algorithm_options",
+            "server_beta2": "algorithm_options", "server_tau": "algorithm_options", "best_metric": "run",
+            "min_envoys": "run", "round_timeout": "run", "stem": "run", "wire_dtype": "run", "director_port": "run",
+            "max_rejections": "run"}
 
 
-def test_good_parameters_pass():
-    check_parameters(**GOOD, director_port=50051)  # other notebook variables are ignored
+def _with(change: dict) -> dict:
+    """GOOD with `change`, each setting where the notebook keeps it: top-level, or in its dict."""
+    parameters = dict(GOOD)
+    for name, value in change.items():
+        if name in IN_DICTS:
+            parameters.setdefault(IN_DICTS[name], {})[name] = value
+        else:
+            parameters[name] = value
+    return parameters
+
+
+def test_good_parameters_pass_and_each_dict_comes_back_complete():
+    options, dp, run = check_parameters(**GOOD, experiment=None)  # other notebook variables are ignored
+    assert options["mu"] == 0.01 and dp["target_epsilon"] == 8.0 and run["director_port"] == 50051
     for algorithm in ("fedprox", "fedntd", "fedadam", "median"):
-        check_parameters(**GOOD, algorithm=algorithm, mu=0, server_learning_rate=0.05, ntd_beta=0, ntd_tau=3)
+        options, _, _ = check_parameters(**_with({"algorithm": algorithm, "mu": 0, "server_learning_rate": 0.05,
+                                                  "ntd_beta": 0, "ntd_tau": 3}))
+        assert (options["mu"], options["server_learning_rate"], options["server_beta1"]) == (0, 0.05, 0.9)
     check_parameters(**{**GOOD, "dataset": "retinamnist"}, algorithm="fedntd")  # ordinal, 5 classes: softmax
 
 
 @pytest.mark.parametrize("change,message", [
     ({"dataset": "bloodmnist3d"}, "dataset='bloodmnist3d' is not a MedMNIST 2D dataset: use one of pathmnist"),
     ({"size": 32}, "size=32 is not a MedMNIST size: use 28, 64, 128 or 224"),
-    ({"rounds_to_train": 0}, "rounds_to_train=0: it must be a whole number of at least 1"),
-    ({"epochs_per_round": -1}, "epochs_per_round=-1: it must be a whole number"),
+    ({"rounds": 0}, "rounds=0: it must be a whole number of at least 1"),
+    ({"epochs": -1}, "epochs=-1: it must be a whole number"),
     ({"train_batch_size": 0}, "train_batch_size=0"),
     ({"eval_batch_size": 2.5}, "eval_batch_size=2.5"),
     ({"learning_rate": 0}, "learning_rate=0: it must be a positive number"),
     ({"learning_rate": -0.1}, "learning_rate=-0.1"),
     ({"device": "gpu"}, "device='gpu': use one of auto, cpu, cuda, hpu"),
+    ({"seed": "0"}, "seed='0': give a whole number"),
     ({"best_metric": "f1"}, "best_metric='f1'"),
     ({"min_envoys": 0}, "min_envoys=0: give a number of envoys (an int of at least 1) or a share of them"),
     ({"min_envoys": 1.5}, "min_envoys=1.5: give a number of envoys"),
     ({"min_envoys": "2"}, "min_envoys='2': give a number"),
     ({"min_envoys": True}, "min_envoys=True"),
     ({"round_timeout": -1}, "round_timeout=-1: give seconds (0 for no limit)"),
+    ({"stem": "wide"}, "stem='wide': use \"patch\""),
+    ({"wire_dtype": "int8"}, "wire_dtype='int8': use \"float32\""),
+    ({"max_rejections": 0}, "max_rejections=0: give a whole number of rounds of at least 1"),
+    ({"director_port": 0}, "director_port=0: give the director's TCP port"),
     ({"algorithm": "fedsgd"}, "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedadam, fedyogi, fedadagrad, "
                               "median, geomedian"),
     ({"ntd_beta": -1}, "ntd_beta=-1: FedNTD's distillation weight must be a number of at least 0 (0 is FedAvg)"),
@@ -47,10 +71,16 @@ def test_good_parameters_pass():
     ({"server_beta1": 1.0}, "server_beta1=1.0: it must be at least 0 and below 1"),
     ({"server_beta2": -0.5}, "server_beta2=-0.5"),
     ({"server_tau": 0}, "server_tau=0: it must be a positive number"),
+    ({"algorithm_options": {"momentum": 0.9}}, "algorithm_options has no 'momentum': its keys are mu, ntd_beta"),
+    ({"dp_options": {"epsilon": 4}}, "dp_options has no 'epsilon': its keys are max_grad_norm, noise_multiplier"),
+    ({"run": {"director": "x"}}, "run has no 'director': its keys are director_host, director_port"),
+    ({"run": "localhost"}, "run='localhost': give a dict"),
+    ({"dp": True, "dp_options": {"max_grad_norm": 0}}, "max_grad_norm=0 (dp_options): give the per-sample clipping"),
+    ({"dp": True, "bf16": True}, "dp=True with bf16=True"),
 ])
 def test_bad_parameters_are_refused_with_the_fix(change, message):
     with pytest.raises(ParameterError, match=message.replace("(", r"\(").replace(")", r"\)")) as refused:
-        check_parameters(**{**GOOD, **change})
+        check_parameters(**_with(change))
     assert "\n" not in str(refused.value)  # one line
 
 

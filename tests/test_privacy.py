@@ -72,10 +72,10 @@ def test_batchnorm_and_bad_settings_are_refused_in_one_line(data):
     with pytest.raises(ValueError, match="unknown norm 'layer'"):
         build_model("bloodmnist", 28, norm="layer")
     for change, message in [({"bf16": True}, "dp=True with bf16=True"),
-                            ({"dp_max_grad_norm": 0}, "dp_max_grad_norm=0"),
-                            ({"dp_target_epsilon": 0.0}, "give dp_noise_multiplier > 0, or"),
-                            ({"dp_noise_multiplier": -1.0}, "give dp_noise_multiplier > 0"),
-                            ({"dp_delta": 1.5}, "dp_delta=1.5"),
+                            ({"dp_options": {"max_grad_norm": 0}}, r"max_grad_norm=0 \(dp_options\)"),
+                            ({"dp_options": {"target_epsilon": 0.0}}, "dp_options: give noise_multiplier > 0, or"),
+                            ({"dp_options": {"noise_multiplier": -1.0}}, "give noise_multiplier > 0"),
+                            ({"dp_options": {"delta": 1.5}}, r"delta=1.5 \(dp_options\)"),
                             ({"dp": "yes"}, "dp='yes': True")]:
         with pytest.raises(ParameterError, match=message):
             check_parameters(**{**DEFAULTS, "dp": True, **change})

@@ -41,10 +41,11 @@ def test_requirements_list_openfls_own_dependencies_exactly():
     assert importlib.metadata.version("openfl") == pin
 
 
-def test_readme_states_the_tested_range_and_no_other():
-    readme = (ROOT / "README.md").read_text()
-    assert RANGE in readme and REQUIRES_PYTHON in readme
-    assert not re.search(r"3\.8 to 3\.11|3\.8-3\.11", readme)
+def test_the_docs_state_the_tested_range_and_no_other():
+    page = (ROOT / "docs" / "python-versions.md").read_text()
+    assert RANGE in page and REQUIRES_PYTHON in page
+    for text in (page, (ROOT / "README.md").read_text()):
+        assert not re.search(r"3\.8 to 3\.11|3\.8-3\.11", text)
 
 
 # --- tools/venv.sh against stand-in interpreters ---------------------------------------------------------------

@@ -31,16 +31,20 @@ def test_notebooks_are_committed_without_outputs():
                     f"{path.name} is staged with outputs: clear them (JupyterLab: Edit > Clear Outputs of All Cells)"
 
 
-def test_one_parameters_cell_that_a_runner_can_fill():
+def test_one_short_parameters_cell_that_a_runner_can_fill_and_the_federation_within_a_screen():
+    from medfl.researcher import DEFAULTS
+
     for path in NOTEBOOKS:
         cells = json.loads(path.read_text())["cells"]
         tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, path.name
         source = "".join(tagged[0]["source"])
-        for name in ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size",
-                     "eval_batch_size", "learning_rate", "director_host", "director_port", "experiment_name",
-                     "output_dir"):
-            assert f"\n{name} = " in f"\n{source}", f"{path.name} lacks parameter {name}"
+        names = [line.split(" = ")[0] for line in source.splitlines() if " = " in line and not line.startswith(" ")]
+        assert names == list(DEFAULTS) and len(names) <= 15, path.name
+        code = [line for c in cells if c["cell_type"] == "code" for line in "".join(c["source"]).splitlines()
+                if line.strip()]
+        first = next(i for i, line in enumerate(code, 1) if "Federation(" in line)
+        assert first <= 40, f"{path.name}: the first Federation( call is code line {first}"
 
 
 def test_notebooks_are_what_tools_notebooks_writes():
@@ -101,8 +105,8 @@ def test_the_notebooks_define_what_the_package_runs_elsewhere(tmp_path):
         # The imports cell opens the run's OpenFL log under output_dir, which is relative to the notebook's folder.
         ns = run_cells(["imports", "model", "data", "model-interface", "train-task", "validate-task"], ns, path,
                        dummy_shard_descriptor=DummyShardDescriptor(["28", "28", "3"], ["1"], 4),
-                       output_dir=str(tmp_path / "runs"))
-        package = medfl.build_tasks(DEFAULTS["dataset"], DEFAULTS["epochs_per_round"], ns["device"], ns["bf16"],
+                       run={"output_dir": str(tmp_path / "runs")})
+        package = medfl.build_tasks(DEFAULTS["dataset"], DEFAULTS["epochs"], ns["device"], ns["bf16"],
                                     aggregation=medfl.aggregation_function(DEFAULTS["algorithm"], ns["model"]))
         assert ns["TI"].task_contract == package.task_contract
         assert ns["TI"].task_settings == package.task_settings
@@ -135,3 +139,45 @@ def test_shipped_configs_agree_and_shard_disjointly():
         assert director["target_shape"] == [str(d) for d in target_shape(shard["flag"])]
     assert sorted(parse_rank_worldsize(s["rank_worldsize"]) for s in shards) == [(1, 2), (2, 2)]
     assert len({(s["flag"], s["size"], s["seed"], s["partition"]) for s in shards}) == 1
+
+
+def _circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in a module graph, as the modules along it, or None."""
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> list[str] | None:
+        if state.get(module) == "open":
+            return trail + [module]
+        if state.get(module) == "done":
+            return None
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            found = visit(target, trail + [module])
+            if found:
+                return found
+        state[module] = "done"
+        return None
+
+    return next((c for c in (visit(m, []) for m in sorted(graph)) if c), None)
+
+
+def test_no_package_of_the_project_imports_itself_in_a_circle():
+    """Every import between a package's modules, at the top or inside a function, leads one way only."""
+    import ast
+
+    for package in ("localfed", "openfl_adjustments", "security", "workspace/medfl", "workspace/medfl/researcher",
+                    "envoy/medmnist_shard"):
+        folder = ROOT / package
+        modules = {p.stem for p in folder.glob("*.py")}
+        graph: dict[str, set[str]] = {}
+        for path in folder.glob("*.py"):
+            edges = graph.setdefault(path.stem, set())
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 1:
+                    if node.module:
+                        edges.add(node.module.split(".")[0])
+                    else:  # from . import X: the module X, or a name the package's __init__ defines
+                        edges.update(a.name if a.name in modules else "__init__" for a in node.names)
+            edges.discard(path.stem)
+        assert _circle(graph) is None, f"{package}: import circle {' -> '.join(_circle(graph))}"
+    assert _circle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]  # the check can fail

@@ -62,10 +62,8 @@ def test_impossible_settings_are_refused_in_one_line(ratio, rejections, message)
 
     with pytest.raises(ValueError, match=message):
         checks.check_settings(ratio, rejections)
-    settings = {k: DEFAULTS[k] for k in ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size",
-                                         "eval_batch_size", "learning_rate", "device", "best_metric", "best_mode")}
     with pytest.raises(ParameterError, match=message):
-        check_parameters(**settings, max_update_ratio=ratio, max_rejections=rejections)
+        check_parameters(**{**DEFAULTS, "run": {"max_update_ratio": ratio, "max_rejections": rejections}})
 
 
 def test_an_envoy_whose_training_diverged_names_itself_and_sends_nothing(monkeypatch):

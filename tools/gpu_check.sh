@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The CUDA checks of README "Measuring a GPU", as one bounded script for a lent GPU machine that has Python 3.12,
+# The CUDA checks of docs/gpus-and-gaudi.md, "Measuring a GPU", as one bounded script for a lent GPU machine that has Python 3.12,
 # a CUDA torch and no package registry (this workplace's H100/H200 image).
 #   tools/gpu_check.sh wheels   here, with a registry: the wheels that image lacks, into .whl/ (about 52 MB)
 #   tools/gpu_check.sh run      there, from the repository root with .whl/ beside it: install them, then the
-#                               device-sensitive tests, make bench DEVICE=cuda on three workloads, both stems at
+#                               device-sensitive tests, make bench device=cuda on three workloads, both stems at
 #                               224 px, the rest of the suite; each step bounded, its log in $OUT (or runs/gpu).
 # BUDGET (seconds, default 540) bounds the whole run; a step that would start with under 20 s left is skipped.
 set -u
@@ -51,13 +51,13 @@ run() {
     grep -v '^ \|INFO\|^\[' "$out/$name.log" | tail -n 20
     echo "== $name: exit $rc after $(($(date +%s) - t)) s"
   }
-  local bench=(python3 -m localfed bench --device cuda --rounds 3 --epochs 1)
+  local bench=(python3 -m localfed bench device=cuda rounds=3 epochs=1)
   step unit 90 python3 -m pytest -q -p no:cacheprovider tests/test_model_and_metrics.py tests/test_tasks.py \
     tests/test_devices.py tests/test_stems.py tests/test_algorithms.py
-  step bench-bloodmnist-28 100 "${bench[@]}" --dataset bloodmnist --size 28
-  step bench-pneumoniamnist-224-bf16 100 "${bench[@]}" --dataset pneumoniamnist --size 224 --bf16 1
-  step bench-organamnist-28 110 "${bench[@]}" --dataset organamnist --size 28
-  step bench-pneumoniamnist-224-full 100 "${bench[@]}" --dataset pneumoniamnist --size 224 --stem full
+  step bench-bloodmnist-28 100 "${bench[@]}" dataset=bloodmnist size=28
+  step bench-pneumoniamnist-224-bf16 100 "${bench[@]}" dataset=pneumoniamnist size=224 bf16=1
+  step bench-organamnist-28 110 "${bench[@]}" dataset=organamnist size=28
+  step bench-pneumoniamnist-224-full 100 "${bench[@]}" dataset=pneumoniamnist size=224 stem=full
   step stems 60 python3 -m localfed.stems --size 224 --device cuda --epochs 4 --samples 8000 --amplitude 2
   step suite 400 python3 -m pytest -q -p no:cacheprovider -m "not slow" --timeout 120
   echo "== done after $(($(date +%s) - start)) s"

@@ -1,7 +1,8 @@
 """Writes the two notebooks from one list of cells: they differ only where the hardware differs.
 
-The model, data-interface and task cells are the source of medfl.model, medfl.data and medfl.tasks, copied here,
-so the notebook shows the code the baseline, the benchmark and the tests run. The parameters cell is written from
+The shipped notebooks' model, data-interface and task cells are the source of medfl.model, medfl.data and
+medfl.tasks, copied here; a reader changes them in the notebook, and make baseline, make bench and make compare run
+the notebook's own definitions (localfed.notebook). The parameters cell is written from
 medfl.researcher.DEFAULTS.
 
 usage: python tools/notebooks.py   (then commit workspace/*.ipynb; tests/test_repository.py checks that the
@@ -38,7 +39,7 @@ HPU_INTRO = """# Federated MedMNIST 2D on Intel Gaudi (HPU) with OpenFL's intera
 
 The same experiment as `Pytorch_MedMNIST_2D.ipynb`, with the envoys training on Gaudi accelerators; only the parameters differ. You, the researcher, define a federated experiment here and submit it to a **director**; every hospital's **envoy** trains it on its own shard of a MedMNIST 2D dataset, and only weights and metrics come back. Each section makes one object of OpenFL's interactive API and says where its code runs; change the model, the data interface or the tasks in their cells and the envoys run what you wrote.
 
-What the Gaudi envoys need (the README's HPU section has the details):
+What the Gaudi envoys need (docs/gpus-and-gaudi.md has the details):
 
 - **Intel Gaudi software and its PyTorch** on each envoy host, and this project's other packages installed *without* replacing Intel's torch (`make hpu-deps`). The envoy configs keep `install_requirements: false` for the same reason.
 - **Execution mode is an envoy setting.** Eager mode is the default since Intel Gaudi 1.21 and needs nothing. For the legacy lazy mode start the envoy with `HPU_LAZY_MODE=1 ./envoy/start_envoy.sh ...`; the tasks then call `mark_step` after `backward`, after `optimizer.step` and after each evaluation batch.
@@ -49,49 +50,21 @@ What the Gaudi envoys need (the README's HPU section has the details):
 PARAMETERS = {
     "dataset": "one of the 12 MedMNIST 2D flags; must be what the envoys serve",
     "size": "28, 64, 128 or 224",
-    "rounds_to_train": "federated rounds",
-    "epochs_per_round": "local epochs on every envoy per round",
+    "rounds": "federated rounds",
+    "epochs": "local epochs on every envoy per round",
     "train_batch_size": "",
     "eval_batch_size": "",
     "learning_rate": "Adam, as in the MedMNIST v2 experiments",
-    "algorithm": "fedavg, fedprox, fedntd, fedadam, fedyogi, fedadagrad, median or geomedian\n"
-                 "(section 4)",
-    "mu": "fedprox: weight of the proximal term (0: FedAvg)",
-    "ntd_beta": "fedntd: weight of the not-true distillation (0: FedAvg) and its",
-    "ntd_tau": "temperature (Lee et al. 2022's settings)",
-    "server_learning_rate": "fedadam, fedyogi, fedadagrad: None is the FedOpt paper's (Reddi et al.",
-    "server_beta1": "2021): 1e-2 for fedadam and fedyogi, 1e-1 for fedadagrad; its betas and",
-    "server_beta2": "adaptivity tau too",
-    "server_tau": "",
-    "best_metric": "the best model is the global model with the best aggregated val AUC...",
-    "best_mode": '...highest ("min" for loss)',
-    "min_envoys": "envoys lost mid-run are dropped; the run goes on while this share (float) or number (int)\n"
-                  "of its envoys remain, and fails, naming the lost ones, below it",
-    "round_timeout": "seconds; envoys still busy this long into a round are dropped too (0: no limit)",
-    "max_update_ratio": "an update this many times farther from the global model than the round's\n"
-                        "median is left out (3+ envoys), as is one not finite or of another shape;",
-    "max_rejections": "an envoy left out this many rounds in a row is dropped",
-    "wire_dtype": '"float16" or "bfloat16": each round\'s weight changes travel in half the bytes',
+    "algorithm": "fedavg, fedprox, fedntd, fedadam, fedyogi, fedadagrad, median or geomedian",
+    "algorithm_options": 'its settings, e.g. {"mu": 0.1}; the rest as in medfl.algorithms.OPTIONS',
     "device": "{device_comment}",
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
-    "stem": '"patch": above 28 px a patch embedding first (CPU speed); "full": full resolution',
-    "dp": "True: DP-SGD on every envoy (clipped, noised per-sample gradients); see the tasks",
-    "dp_max_grad_norm": "each image's gradient is clipped to this norm",
-    "dp_noise_multiplier": "noise std / clipping norm; 0: computed to spend dp_target_epsilon over the run",
-    "dp_target_epsilon": "the privacy budget of the whole run, per envoy, when dp_noise_multiplier is 0",
-    "dp_delta": "0: 1 / (10 x each envoy's training-set size)",
-    "director_host": "",
-    "director_port": "",
-    "aggregator_port": "0: OpenFL derives one per experiment (49152-60999); fix it for firewalls",
-    "ca_cert": "mutual TLS: the CA, and your researcher certificate and key, which also sign",
-    "api_cert": "your experiments (`make certs` writes certs/ca.crt, certs/researcher.crt and",
-    "api_key": "certs/researcher.key); all empty: plaintext, for a director on loopback without CERTS",
-    "experiment_name": "empty: medmnist-<dataset>-<date>-<time>",
-    "output_dir": "outside workspace/, which travels with the experiment",
-    "preview_dir": "a local copy of the public dataset to show samples from (make demo keeps one there)",
-    "data_source": 'recorded in results.json; empty: "synthetic" or "medmnist" from the envoys',
-    "verbose": "True: OpenFL's log on this page too (it always goes to the run's logs/openfl.log)",
+    "dp": "True: DP-SGD on every envoy (section 5)",
+    "dp_options": 'e.g. {"target_epsilon": 4.0}; the rest as in medfl.privacy.OPTIONS',
     "seed": "",
+    "run": "where the director is, with which certificates, where results go, and the federation's\n"
+           "rules (min_envoys, round_timeout, wire_dtype, ...): make demo sets it; the rest as in\n"
+           "medfl.researcher.RUN",
 }
 COMMENT_COLUMN = 28
 
@@ -112,7 +85,7 @@ def parameters(values: dict, device_comment: str, **_) -> str:
     lines = ["# Parameters: a runner (papermill, `make demo`) may override any of these."]
     for name, comment in PARAMETERS.items():
         line = f"{name} = {_literal(values.get(name, DEFAULTS[name]))}"
-        for i, part in enumerate(comment.format(device_comment=device_comment).splitlines() or [""]):
+        for i, part in enumerate(comment.replace("{device_comment}", device_comment).splitlines() or [""]):
             if part:
                 line = f"{line if i == 0 else ''}".ljust(COMMENT_COLUMN - 1) + f" # {part}"
             lines.append(line)
@@ -133,21 +106,14 @@ import torch
 from IPython.display import Image, display
 from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface, TaskInterface
 from openfl.interface.interactive_api.federation import Federation
-from openfl.utilities.optimizers.torch import FedProxAdam
 from torch import nn
 
-from medfl import Best, NotTrueDistillation, Schedule, aggregation_function, researcher
-from medfl.checks import check_trained
-from medfl.data import batch_loader, loader_settings, to_float_chw
-from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
-from medfl.metrics import evaluate, loss_fn, loss_target, scores
-from medfl.privacy import DPSGD
-from medfl.wire import wire_format
+from medfl import Best, Schedule, researcher
 
-researcher.check_parameters(**globals())  # impossible parameters stop here, before anything runs
-experiment_name = experiment_name or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-run_dir = Path(output_dir) / experiment_name  # this run's results, models, plots and logs
-researcher.log_to(run_dir / "logs" / "openfl.log", verbose)  # OpenFL's log: a file, not this page"""
+algorithm_options, dp_options, run = researcher.check_parameters(**globals())  # each dict with its defaults
+experiment_name = run["experiment_name"] or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+run_dir = Path(run["output_dir"]) / experiment_name  # this run's results, models, plots and logs
+researcher.log_to(run_dir / "logs" / "openfl.log", run["verbose"])  # OpenFL's log: a file, not this page"""
 
 
 def cells(intro: str, **variant) -> list:
@@ -155,14 +121,15 @@ def cells(intro: str, **variant) -> list:
     return [
 md(intro),
 code("parameters", parameters(**variant)),
-md("""OpenFL's interactive API, PyTorch, and the helpers from `medfl` that the cells below call by name. OpenFL logs every step; that log goes to a file in this run's folder (`verbose = True` shows it here too), so this page shows the run itself."""),
+md("""OpenFL's interactive API and PyTorch; the cells below import the `medfl` helpers they call. Impossible parameters stop here, in one line, and each dict comes back with its defaults filled in. OpenFL logs every step; that log goes to a file in this run's folder (`run = {"verbose": True}` shows it here too), so this page shows the run itself."""),
 code("imports", IMPORTS),
 md("""## 1. Connect to the federation (runs here)
 
 `Federation` is this notebook's connection to the director. The director keeps a **shard registry**: every envoy that registered, whether it is online, and what its shard descriptor says it serves. Shards are disjoint: each envoy's config names its rank (`1,2` and `2,2` for two nodes) and how the data is spread (`iid`, or `dirichlet` label skew)."""),
-code("connect", """federation = Federation(client_id="frontend", director_node_fqdn=director_host, director_port=director_port,
-                        tls=bool(ca_cert), cert_chain=ca_cert or None, api_cert=api_cert or None,
-                        api_private_key=api_key or None)
+code("connect", """federation = Federation(client_id="frontend", director_node_fqdn=run["director_host"],
+                        director_port=run["director_port"], tls=bool(run["ca_cert"]),
+                        cert_chain=run["ca_cert"] or None, api_cert=run["api_cert"] or None,
+                        api_private_key=run["api_key"] or None)
 shard_registry = federation.get_shard_registry()
 envoys = researcher.envoy_table(shard_registry)
 synthetic = researcher.is_synthetic(envoys)
@@ -171,29 +138,32 @@ if synthetic:
 pd.DataFrame(envoys).set_index("envoy")[["online", "text"]]"""),
 md("""The director admits only envoys whose samples and labels have the shapes it was configured with, and those must be what `dataset` and `size` imply. It also hands out a **dummy shard descriptor** of those shapes: random data that lets this notebook try its code without seeing a single image."""),
 code("check", """researcher.check_dataset(federation, dataset, size, envoys)  # stops here, naming envoys, if they serve another
-researcher.check_quorum(envoys, min_envoys)
+researcher.check_quorum(envoys, run["min_envoys"])
 dummy_shard_descriptor = federation.get_dummy_shard_descriptor(size=4)
 image, label = dummy_shard_descriptor.get_dataset("train")[0]
 print(f"one sample as the envoys serve it: image {image.shape} {image.dtype}, label {label.shape}; "
       f"task: {medmnist.INFO[dataset]['task']}")"""),
 md("""What the federation will learn: a few test images per class, from a local copy of the public dataset if this machine has one. The envoys' own images never leave them."""),
-code("preview", """researcher.show_samples(dataset, size, synthetic, preview_dir)"""),
+code("preview", """researcher.show_samples(dataset, size, synthetic, run["preview_dir"])"""),
 md("""## 2. The model (defined here, trained on every envoy)
 
-MedMNIST's tutorial CNN: five 3x3 convolution blocks with BatchNorm and three fully connected layers. Input channels and outputs come from `medmnist.INFO`. Above 28 px, with `stem = "patch"`, a learned patch embedding first brings the image down to about 28 px, so every size trains at about the 28 px cost; `stem = "full"` runs the network at full resolution (for GPUs and Gaudi). Either way the last feature map is pooled to 4x4, so the weights that travel every round are about the same size at every resolution. OpenFL pickles the model object with the experiment: change this cell, and the envoys train your network."""),
+MedMNIST's tutorial CNN: five 3x3 convolution blocks with BatchNorm and three fully connected layers. Input channels and outputs come from `medmnist.INFO`. Above 28 px, with `run = {"stem": "patch"}` (the default), a learned patch embedding first brings the image down to about 28 px, so every size trains at about the 28 px cost; `"full"` runs the network at full resolution (for GPUs and Gaudi). Either way the last feature map is pooled to 4x4, so the weights that travel every round are about the same size at every resolution. OpenFL pickles the model object with the experiment: change this cell, and the envoys train your network (and `make baseline`, `make bench` and `make compare`, given this notebook, use it too)."""),
 code("model", source(model.norm_layer, model.conv_block, model.Net) + """
 
 
 meta = medmnist.INFO[dataset]
 torch.manual_seed(seed)
 norm = "group" if dp else "batch"  # DP-SGD needs each image's gradient on its own: no BatchNorm (it mixes a batch)
-model = Net(in_channels=meta["n_channels"], num_classes=len(meta["label"]), size=size, stem=stem, norm=norm)
+model = Net(in_channels=meta["n_channels"], num_classes=len(meta["label"]), size=size, stem=run["stem"], norm=norm)
 print(f"{dataset}: {meta['n_channels']}-channel {size} px images, {len(meta['label'])} outputs ({meta['task']}); "
       f"{sum(p.numel() for p in model.parameters()):,} parameters")"""),
 md("""## 3. The data interface (runs on every envoy)
 
 A `DataInterface` subclass says how the tasks get batches. OpenFL builds it here, ships it, and on each envoy sets `shard_descriptor` to that node's own `MedMNISTShardDescriptor` (in `envoy/medmnist_shard/`, which never leaves the node); the tasks then ask for `get_train_loader()` and `get_valid_loader()`, and the data sizes weight each envoy's update in the average. Batches stay uint8 until a task turns them into floats on its device. The last lines try it here on the dummy shard descriptor, as an envoy would on its shard."""),
-code("data", source(data.MedMNISTData) + """
+code("data", """from medfl.data import batch_loader, loader_settings, to_float_chw
+
+
+""" + source(data.MedMNISTData) + """
 
 
 fed_dataset = MedMNISTData(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, seed=seed,
@@ -208,10 +178,12 @@ md("""## 4. The model interface, and the federated algorithm
 
 `ModelInterface` bundles the model, its optimizer and the framework adapter through which OpenFL reads and writes PyTorch weights. Its model holds the initial global weights; the optimizer travels with it to every envoy.
 
-`algorithm` decides how the federation learns, in places you see in code: the optimizer the envoys train with (here), a term added to their loss (`distill`, in section 5) and how the director combines their weights (`TI.set_aggregation_function` on the train task, in section 5). **fedavg**, the default and the yardstick: Adam on every envoy, and the director averages the weights by sample count. **fedprox**: the envoys train with OpenFL's `FedProxAdam`, whose proximal term (weight `mu`; 0 is FedAvg) keeps each envoy near the round's global model; for hospitals whose data differ strongly, especially with several local epochs, where local models drift apart. **fedntd**, made for label skew (hospitals that see some classes much more than others): the envoys train with Adam, and the loss adds a term (weight `ntd_beta`) that keeps the local model's view of the classes each image is *not* close to the round's global model, so an envoy learns its own labels without forgetting the classes it rarely sees; each envoy holds one more copy of the model and runs one more forward pass per batch. **fedadam**, **fedyogi**, **fedadagrad** (FedOpt): the envoys train as in FedAvg, and the director treats the averaged change of the weights as a gradient and steps Adam, Yogi or Adagrad with it (`server_learning_rate`, `server_beta1`, `server_beta2`, `server_tau`); momentum across rounds and a step sized per weight help when updates are noisy or small, at the cost of two more copies of the model on the director and a server learning rate to choose. **median**, **geomedian**: the coordinate-wise or the geometric median of the envoys' weights, which an envoy sending wildly wrong weights (a broken node, corrupted data) cannot drag far; they give up FedAvg's weighting by sample count (the geometric median keeps it as a weight), and with two envoys the median is the mean. `make compare` trains several on the same data, partition and budget, and shows what each gains and costs."""),
-code("model-interface", """# The envoys' optimizer: Adam, or for FedProx Adam plus the proximal term (OpenFL's FedProxAdam)
+`algorithm` decides how the federation learns, in places you see in code: the optimizer the envoys train with (here), a term added to their loss (`distill`, in section 5) and how the director combines their weights (`TI.set_aggregation_function` on the train task, in section 5). **fedavg**, the default and the yardstick: Adam on every envoy, and the director averages the weights by sample count. **fedprox**: the envoys train with OpenFL's `FedProxAdam`, whose proximal term (weight `algorithm_options["mu"]`; 0 is FedAvg) keeps each envoy near the round's global model; for hospitals whose data differ strongly, especially with several local epochs, where local models drift apart. **fedntd**, made for label skew (hospitals that see some classes much more than others): the envoys train with Adam, and the loss adds a term (weight `"ntd_beta"`) that keeps the local model's view of the classes each image is *not* close to the round's global model, so an envoy learns its own labels without forgetting the classes it rarely sees; each envoy holds one more copy of the model and runs one more forward pass per batch. **fedadam**, **fedyogi**, **fedadagrad** (FedOpt): the envoys train as in FedAvg, and the director treats the averaged change of the weights as a gradient and steps Adam, Yogi or Adagrad with it (`"server_learning_rate"`, `"server_beta1"`, `"server_beta2"`, `"server_tau"` in `algorithm_options`); momentum across rounds and a step sized per weight help when updates are noisy or small, at the cost of two more copies of the model on the director and a server learning rate to choose. **median**, **geomedian**: the coordinate-wise or the geometric median of the envoys' weights, which an envoy sending wildly wrong weights (a broken node, corrupted data) cannot drag far; they give up FedAvg's weighting by sample count (the geometric median keeps it as a weight), and with two envoys the median is the mean. `make compare` trains several on the same data, partition and budget, and shows what each gains and costs."""),
+code("model-interface", """from openfl.utilities.optimizers.torch import FedProxAdam
+
+# The envoys' optimizer: Adam, or for FedProx Adam plus the proximal term (OpenFL's FedProxAdam)
 if algorithm == "fedprox":
-    optimizer = FedProxAdam(model.parameters(), lr=learning_rate, mu=mu)
+    optimizer = FedProxAdam(model.parameters(), lr=learning_rate, mu=algorithm_options["mu"])
 else:
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
 framework_adapter = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
@@ -222,61 +194,68 @@ md("""## 5. The tasks (run on every envoy)
 
 The loss follows the task type (cross-entropy, or BCE-with-logits for multi-label ChestMNIST), and ACC and AUC are MedMNIST's official ones (`medmnist.evaluator`). The device is resolved on each envoy; `step_barrier` is Gaudi's `mark_step` there and a no-op elsewhere.
 
-**Differential privacy** (`dp = True`). Weights leave every hospital each round, and a model trained on a few hundred images can give individual patients away. With DP-SGD (`medfl/privacy.py`, on Opacus) each envoy draws its batches by Poisson sampling, clips every image's gradient to `dp_max_grad_norm` and adds Gaussian noise to their sum; an accountant adds up the privacy spent, epsilon at delta, over every step of the run, and the train task reports it each round. It protects any one image of an envoy's training data from what the weight updates and the final model reveal; it does not hide which hospitals take part, nor aggregate statistics of their data. The noise follows from `dp_target_epsilon` for the planned rounds x epochs, unless `dp_noise_multiplier` is set; it costs accuracy, more so on small shards."""),
-code("train-task", """TI = TaskInterface()
+**Differential privacy** (`dp = True`). Weights leave every hospital each round, and a model trained on a few hundred images can give individual patients away. With DP-SGD (`medfl/privacy.py`, on Opacus) each envoy draws its batches by Poisson sampling, clips every image's gradient to `dp_options["max_grad_norm"]` and adds Gaussian noise to their sum; an accountant adds up the privacy spent, epsilon at delta, over every step of the run, and the train task reports it each round. It protects any one image of an envoy's training data from what the weight updates and the final model reveal; it does not hide which hospitals take part, nor aggregate statistics of their data. The noise follows from `"target_epsilon"` for the planned rounds x epochs, unless `"noise_multiplier"` is set; it costs accuracy, more so on small shards."""),
+code("train-task", """from medfl import NotTrueDistillation, aggregation_function
+from medfl.checks import check_trained
+from medfl.data import to_float_chw
+from medfl.device import autocast, bind_optimizer, pick_device, step_barrier
+from medfl.metrics import loss_fn, loss_target
+from medfl.privacy import DPSGD
+
+TI = TaskInterface()
 task = meta["task"]
 # How the director combines the envoys' trained weights: the weighted mean (fedavg, fedprox), a server optimizer
 # (fedadam, fedyogi, fedadagrad), or a median (median, geomedian); medfl/algorithms.py says which OpenFL pieces it uses
-aggregation = aggregation_function(algorithm, model, server_learning_rate, (server_beta1, server_beta2), server_tau)
+aggregation = aggregation_function(algorithm, model, algorithm_options)
 # FedNTD adds to each envoy's loss: the round's global model, frozen, teaches the classes each image is not
-distill = NotTrueDistillation(ntd_beta, ntd_tau) if algorithm == "fedntd" else None
+ntd = algorithm_options["ntd_beta"], algorithm_options["ntd_tau"]
+distill = NotTrueDistillation(*ntd) if algorithm == "fedntd" else None
 print(f"{algorithm}: the envoys train with {type(optimizer).__name__}" + (f" and {distill}" if distill else "")
       + f"; the director aggregates with {type(aggregation).__name__}")
 # With dp, every envoy trains with DP-SGD. This object travels with the task and, on each envoy, keeps that envoy's
 # privacy accountant over all the experiment's rounds.
-privacy = DPSGD(dp_max_grad_norm, dp_noise_multiplier, dp_target_epsilon, dp_delta, rounds_to_train,
-                epochs_per_round) if dp else None
+privacy = DPSGD(**dp_options, rounds=rounds, epochs_per_round=epochs) if dp else None
 
 
 @TI.set_aggregation_function(aggregation)
-@TI.add_kwargs(task=task, epochs=epochs_per_round, device_request=device, bf16=bf16, privacy=privacy,
-               distill=distill)
+@TI.add_kwargs(task=task, epochs=epochs, device_request=device, bf16=bf16, privacy=privacy, distill=distill)
 @TI.register_fl_task(model="model", data_loader="train_loader", device="device", optimizer="optimizer")
 """ + source(tasks.train)),
-code("validate-task", """@TI.add_kwargs(task=task, device_request=device, bf16=bf16)
+code("validate-task", """from medfl.metrics import evaluate, scores
+
+
+@TI.add_kwargs(task=task, device_request=device, bf16=bf16)
 @TI.register_fl_task(model="model", data_loader="val_loader", device="device")
 """ + source(tasks.validate)),
 md("""## 6. Start the experiment
 
 `FLExperiment` packs everything above and sends it to the director, which starts an aggregator for it and hands it to every envoy. The arguments that are not OpenFL's defaults:
 
-- `rounds_to_train=rounds_to_train + 1` with `task_assigner=Schedule(...)`: OpenFL validates each global model at the start of the next round, so one last round only validates the final model; then it too can be chosen as the best.
+- `rounds_to_train=rounds + 1` with `task_assigner=Schedule(...)`: OpenFL validates each global model at the start of the next round, so one last round only validates the final model; then it too can be chosen as the best.
 - `opt_treatment="RESET"`: each round's local training starts from a fresh optimizer state, as FedAvg does.
 - `device_assignment_policy="CUDA_PREFERRED"`: an envoy whose config lists `cuda_devices` hands its tasks `cuda:N`.
-- `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric and goes on without lost envoys while `min_envoys` remain; the aggregator's port, if fixed; and, with `wire_dtype` `"float16"` or `"bfloat16"`, what travels: each round's *change* of the weights, in half the bytes, which the director adds to the global model it holds and aggregates in float32 (`medfl/wire.py`). For hospitals on slow links; the default, `"float32"`, sends the weights as they are.
+- `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric, checks every update, and goes on without lost envoys while `run["min_envoys"]` remain; the aggregator's port, if fixed; and, with `run["wire_dtype"]` `"float16"` or `"bfloat16"`, what travels: each round's *change* of the weights, in half the bytes, which the director adds to the global model it holds and aggregates in float32 (`medfl/wire.py`). For hospitals on slow links; the default, `"float32"`, sends the weights as they are.
 
-OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.submission(...)` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels. With mutual TLS it also signs the archive with your key (`api_key`): the director accepts it only from you, and each envoy runs it only if it trusts you (its config's `trusted_researchers`) and nothing in it changed on the way. Whoever an envoy trusts can run any code there: that is what submitting an experiment means."""),
-code("start", """plan_overrides = {
+OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.submission(...)` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels. With mutual TLS it also signs the archive with your key (`run["api_key"]`): the director accepts it only from you, and each envoy runs it only if it trusts you (its config's `trusted_researchers`) and nothing in it changed on the way. Whoever an envoy trusts can run any code there: that is what submitting an experiment means."""),
+code("start", """from medfl.wire import wire_format
+
+rules = ("best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio", "max_rejections")
+plan_overrides = {
     "aggregator.template": "medfl.aggregator.SelectingAggregator",
-    "aggregator.settings.best_metric": best_metric,
-    "aggregator.settings.best_mode": best_mode,
-    "aggregator.settings.min_envoys": min_envoys,
-    "aggregator.settings.round_timeout": round_timeout,
-    "aggregator.settings.max_update_ratio": max_update_ratio,
-    "aggregator.settings.max_rejections": max_rejections,
-    **({"network.settings.agg_port": aggregator_port} if aggregator_port else {}),
-    **wire_format(wire_dtype),  # float16, bfloat16: OpenFL's delta updates, through medfl.wire's pipeline
+    **{f"aggregator.settings.{name}": run[name] for name in rules},
+    **({"network.settings.agg_port": run["aggregator_port"]} if run["aggregator_port"] else {}),
+    **wire_format(run["wire_dtype"]),  # float16, bfloat16: OpenFL's delta updates, through medfl.wire's pipeline
 }
 record = dict(params={**researcher.training_parameters(globals()), "experiment": experiment_name,
-                      "tls": bool(ca_cert)}, envoys=envoys, data_source=data_source, started=time.time())
-with researcher.submission(api_cert, api_key):
+                      "tls": bool(run["ca_cert"])}, envoys=envoys, data_source=run["data_source"], started=time.time())
+with researcher.submission(run["api_cert"], run["api_key"]):
     experiment = FLExperiment(federation=federation, experiment_name=experiment_name)
     experiment.start(
         model_provider=MI,
         task_keeper=TI,
         data_loader=fed_dataset,
-        rounds_to_train=rounds_to_train + 1,
-        task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=rounds_to_train),
+        rounds_to_train=rounds + 1,
+        task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=rounds),
         opt_treatment="RESET",
         device_assignment_policy="CUDA_PREFERRED",
         override_config=plan_overrides,
@@ -285,18 +264,18 @@ md("""## 7. Follow the training
 
 Metrics stream from the director as the envoys report them: per round, every envoy validates the global model on its `val` split, trains on its shard, and validates its local result; the director averages the weights by sample count. Lines marked `aggregator` are sample-weighted means over the envoys; its `traffic` line says what the round moved: the bytes the director received and sent, and the connections the envoys opened (one each per experiment; `results.json` has each envoy's share).
 
-`experiment.get_best_model()` is called as soon as a model becomes the best, so it survives even a lost director; `experiment.get_last_model()` once the run has ended. The director checks every update before it averages it (`medfl/checks.py`): one that is not finite, has another shape, or lies more than `max_update_ratio` times the round's median distance from the global model is left out of that round (a `REJECTED` line names the envoy and the check). An envoy rejected `max_rejections` rounds in a row, one whose task raises an error (named on its `DROPPED` line), one that stops answering, or one past `round_timeout`, is dropped, and the round ends with the others while `min_envoys` remain; below that the experiment fails. If anything fails, even the director, this cell stops with one line saying why, after saving what arrived."""),
-code("follow", """training = researcher.follow(experiment, rounds_to_train, Best(best_metric, best_mode),
+`experiment.get_best_model()` is called as soon as a model becomes the best, so it survives even a lost director; `experiment.get_last_model()` once the run has ended. The director checks every update before it averages it (`medfl/checks.py`): one that is not finite, has another shape, or lies more than `run["max_update_ratio"]` times the round's median distance from the global model is left out of that round (a `REJECTED` line names the envoy and the check). An envoy rejected `run["max_rejections"]` rounds in a row, one whose task raises an error (named on its `DROPPED` line), one that stops answering, or one past `round_timeout`, is dropped, and the round ends with the others while `min_envoys` remain; below that the experiment fails. If anything fails, even the director, this cell stops with one line saying why, after saving what arrived."""),
+code("follow", """training = researcher.follow(experiment, rounds, Best(run["best_metric"], run["best_mode"]),
                              on_new_best=experiment.get_best_model)
 researcher.stop_if_failed(run_dir, training=training, **record)
 last_model = experiment.get_last_model()
 best_model = training.best_model or last_model  # None only if no global model had a finite validation score
-print(training.best.describe(rounds_to_train))"""),
+print(training.best.describe(rounds))"""),
 md("""## 8. Test the best model
 
 A second, validation-only experiment sends the best model back to every envoy, to be scored on their `test` splits: the test images never leave the nodes either. It reuses the tasks; only the data interface reads another split."""),
 code("test", """test_data = MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test", device=device)
-with researcher.submission(api_cert, api_key):
+with researcher.submission(run["api_cert"], run["api_key"]):
     test_experiment = FLExperiment(federation=federation, experiment_name=f"{experiment_name}-test")
     test_experiment.start(
         model_provider=ModelInterface(model=best_model, optimizer=torch.optim.Adam(best_model.parameters()),
@@ -322,7 +301,7 @@ if results["privacy"]:
     print(f"DP-SGD: {results['privacy']['summary']}")
 pd.DataFrame([{"round": e["round"], **e["aggregated"]} for e in results["rounds"]]).set_index("round")"""),
 code("plots", """display(Image(str(run_dir / "curves.png")), Image(str(run_dir / "partition.png")))"""),
-md("""To use the trained model elsewhere (the `medfl` package's `build_model` makes the same network as the cell above):
+md("""To use the trained model elsewhere, build the network of section 2 and load the weights; with the cell unchanged, the `medfl` package's `build_model` makes the same network:
 
 ```python
 from medfl import build_model

@@ -46,6 +46,10 @@ SERVER_BETAS = (0.9, 0.99)
 SERVER_TAU = 1e-3
 # FedNTD's official settings (Lee et al. 2022, its repository's config/fedntd.json): beta 1, tau 1.
 NTD_BETA, NTD_TAU = 1.0, 1.0
+# The notebook's algorithm_options, with their defaults: FedProx's proximal weight, FedNTD's distillation weight and
+# temperature, and the FedOpt server optimizer's learning rate (None: the paper's for the algorithm), betas and tau.
+OPTIONS = {"mu": 0.01, "ntd_beta": NTD_BETA, "ntd_tau": NTD_TAU, "server_learning_rate": None,
+           "server_beta1": SERVER_BETAS[0], "server_beta2": SERVER_BETAS[1], "server_tau": SERVER_TAU}
 
 
 class _NotSingleton(type(AggregationFunction)):
@@ -229,14 +233,15 @@ class GeometricMedian(AggregationFunction, metaclass=_NotSingleton):
         return median.reshape(first.shape).astype(first.dtype)
 
 
-def aggregation_function(algorithm: str, model, server_learning_rate: float | None = None, betas=SERVER_BETAS,
-                         tau: float = SERVER_TAU) -> AggregationFunction:
-    """How the director combines the envoys' trained weights for `algorithm`; `model` holds the initial weights."""
+def aggregation_function(algorithm: str, model, options: dict | None = None) -> AggregationFunction:
+    """How the director combines the envoys' trained weights for `algorithm`; `model` holds the initial weights,
+    `options` the notebook's algorithm_options (missing ones: OPTIONS)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    o = {**OPTIONS, **(options or {})}
     if algorithm in SERVER_OPTIMIZERS:
-        return ServerOptimizer(SERVER_OPTIMIZERS[algorithm], model, server_lr(algorithm, server_learning_rate),
-                               betas, tau)
+        return ServerOptimizer(SERVER_OPTIMIZERS[algorithm], model, server_lr(algorithm, o["server_learning_rate"]),
+                               (o["server_beta1"], o["server_beta2"]), o["server_tau"])
     if algorithm == "median":
         return Median()  # OpenFL's: the coordinate-wise median, as the papers define it; the envoys' order is moot
     if algorithm == "geomedian":
@@ -249,18 +254,19 @@ def server_lr(algorithm: str, server_learning_rate: float | None) -> float:
     return SERVER_LEARNING_RATES[algorithm] if server_learning_rate is None else server_learning_rate
 
 
-def settings(algorithm: str, mu: float, server_learning_rate: float | None = None, betas=SERVER_BETAS,
-             tau: float = SERVER_TAU, ntd_beta: float = NTD_BETA, ntd_tau: float = NTD_TAU) -> dict:
-    """The algorithm and the settings it uses, as results.json records them."""
+def settings(algorithm: str, options: dict | None = None) -> dict:
+    """The algorithm and the settings of algorithm_options it uses, as results.json records them."""
+    o = {**OPTIONS, **(options or {})}
     chosen: dict = {"name": algorithm}
     if algorithm == "fedprox":
-        chosen["mu"] = mu
+        chosen["mu"] = o["mu"]
     if algorithm == "fedntd":
-        chosen.update(ntd_beta=ntd_beta, ntd_tau=ntd_tau)
+        chosen.update(ntd_beta=o["ntd_beta"], ntd_tau=o["ntd_tau"])
     if algorithm in SERVER_OPTIMIZERS:
-        chosen["server_learning_rate"] = server_lr(algorithm, server_learning_rate)
+        chosen["server_learning_rate"] = server_lr(algorithm, o["server_learning_rate"])
         # FedAdagrad sums squared changes instead of averaging them: it has no beta2.
-        chosen.update({"beta1": betas[0]} if algorithm == "fedadagrad" else {"betas": list(betas)}, tau=tau)
+        betas = [o["server_beta1"], o["server_beta2"]]
+        chosen.update({"beta1": betas[0]} if algorithm == "fedadagrad" else {"betas": betas}, tau=o["server_tau"])
     return chosen
 
 

@@ -46,18 +46,25 @@ class PoissonBatches(torch.utils.data.Sampler):
                 self.on_empty()
 
 
+# The notebook's dp_options, with their defaults: each image's gradient clipping norm, the noise (0: computed to spend
+# target_epsilon over the planned run), the run's privacy budget per envoy, and delta (0: 1 / (10 x the envoy's
+# training-set size)).
+OPTIONS = {"max_grad_norm": 1.0, "noise_multiplier": 0.0, "target_epsilon": 8.0, "delta": 0.0}
+
+
 class DPSGD:
     """One envoy's DP-SGD: the settings, and once training starts, its noise and accountant for the experiment."""
 
     def __init__(self, max_grad_norm: float = 1.0, noise_multiplier: float = 0.0, target_epsilon: float = 8.0,
                  delta: float = 0.0, rounds: int = 1, epochs_per_round: int = 1):
         if not max_grad_norm > 0:
-            raise PrivacyError(f"dp_max_grad_norm={max_grad_norm!r}: give the per-sample clipping norm, e.g. 1.0")
+            raise PrivacyError(f"max_grad_norm={max_grad_norm!r} (dp_options): give the per-sample clipping norm, "
+                               "e.g. 1.0")
         if noise_multiplier < 0 or (noise_multiplier == 0 and not target_epsilon > 0):
-            raise PrivacyError("give dp_noise_multiplier > 0, or dp_noise_multiplier = 0 and a dp_target_epsilon > 0 "
-                               "(the noise is then computed for the whole planned run)")
+            raise PrivacyError("dp_options: give noise_multiplier > 0, or noise_multiplier = 0 and a target_epsilon "
+                               "> 0 (the noise is then computed for the whole planned run)")
         if not 0 <= delta < 1:
-            raise PrivacyError(f"dp_delta={delta!r}: give a probability below 1 over the node's training set "
+            raise PrivacyError(f"delta={delta!r} (dp_options): give a probability below 1 over the node's training set "
                                "size, or 0 for 1 / (10 x that size)")
         self.max_grad_norm, self.noise_multiplier, self.target_epsilon = max_grad_norm, noise_multiplier, target_epsilon
         self.delta, self.rounds, self.epochs_per_round = delta, rounds, epochs_per_round

@@ -12,15 +12,22 @@ except ImportError as exc:  # a kernel from another environment
 from .federation import check_dataset, check_quorum, envoy_table, is_synthetic, show_samples
 from .follow import Followed, follow
 from .logs import log_to
-from .parameters import DEFAULTS, NotebookError, ParameterError, check_algorithm, check_parameters, training_parameters
+from .parameters import (
+    DEFAULTS,
+    RUN,
+    NotebookError,
+    ParameterError,
+    check_algorithm,
+    check_parameters,
+    training_parameters,
+)
 from .report import ExperimentFailed, build_results, save_run, stop_if_failed
 from .submit import submission
 
 client.install()
 
 __all__ = [
-    "DEFAULTS", "ExperimentFailed", "Followed", "NotebookError", "ParameterError", "build_results", "check_algorithm",
-    "check_dataset",
-    "check_parameters", "check_quorum", "envoy_table", "follow", "is_synthetic", "log_to", "save_run", "show_samples",
-    "stop_if_failed", "submission", "training_parameters",
+    "DEFAULTS", "RUN", "ExperimentFailed", "Followed", "NotebookError", "ParameterError", "build_results",
+    "check_algorithm", "check_dataset", "check_parameters", "check_quorum", "envoy_table", "follow", "is_synthetic",
+    "log_to", "save_run", "show_samples", "stop_if_failed", "submission", "training_parameters",
 ]

@@ -1,4 +1,11 @@
-"""The notebook's parameters: their defaults (one home for them) and the checks that refuse impossible ones."""
+"""The notebook's parameters: their defaults (one home for each) and the checks that refuse impossible ones.
+
+The parameters cell holds what a researcher chooses (DEFAULTS) and three dicts: `algorithm_options` (the
+algorithm's settings; defaults in medfl.algorithms.OPTIONS), `dp_options` (DP-SGD's; medfl.privacy.OPTIONS) and
+`run` (how and where this run runs: the director, the certificates, where results go, the federation's rules;
+RUN below). A dict lists only what differs from its defaults; check_parameters returns each one complete.
+make demo and its siblings take every name of these, and docs/settings.md lists them, from here.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,66 +13,57 @@ from pathlib import Path
 import medmnist
 
 from ..aggregator import quorum
-from ..algorithms import ALGORITHMS, NTD_BETA, NTD_TAU, SERVER_BETAS, SERVER_TAU
+from ..algorithms import ALGORITHMS
+from ..algorithms import OPTIONS as ALGORITHM_OPTIONS
 from ..checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, check_settings
 from ..device import REQUESTS
 from ..model import FLAGS, MULTI_LABEL, SIZES, STEMS, task_type
 from ..privacy import DPSGD, PrivacyError
+from ..privacy import OPTIONS as DP_OPTIONS
 from ..wire import WIRE_DTYPES
 
-# The notebook's parameters cell is written from these (tools/notebooks.py); make demo, make baseline and
-# make bench take their training settings from here too.
+# The parameters cell, in its order (tools/notebooks.py writes it from these).
 DEFAULTS = {
     "dataset": "bloodmnist",
     "size": 28,
-    "rounds_to_train": 3,
-    "epochs_per_round": 1,
+    "rounds": 3,
+    "epochs": 1,
     "train_batch_size": 64,
     "eval_batch_size": 256,
     "learning_rate": 1e-3,
     "algorithm": "fedavg",
-    "mu": 0.01,
-    "ntd_beta": NTD_BETA,
-    "ntd_tau": NTD_TAU,
-    "server_learning_rate": None,
-    "server_beta1": SERVER_BETAS[0],
-    "server_beta2": SERVER_BETAS[1],
-    "server_tau": SERVER_TAU,
-    "best_metric": "auc",
-    "best_mode": "max",
-    "min_envoys": 0.5,
-    "round_timeout": 0,
-    "max_update_ratio": MAX_UPDATE_RATIO,
-    "max_rejections": MAX_REJECTIONS,
-    "wire_dtype": "float32",
+    "algorithm_options": {},
     "device": "auto",
     "bf16": False,
-    "stem": "patch",
     "dp": False,
-    "dp_max_grad_norm": 1.0,
-    "dp_noise_multiplier": 0.0,
-    "dp_target_epsilon": 8.0,
-    "dp_delta": 0.0,
+    "dp_options": {},
+    "seed": 0,
+    "run": {},
+}
+# How and where a run runs; a runner (make demo) sets the connection, a researcher may set the rules.
+RUN = {
     "director_host": "localhost",
     "director_port": 50051,
-    "aggregator_port": 0,
-    "ca_cert": "",
-    "api_cert": "",
+    "aggregator_port": 0,  # 0: OpenFL derives one per experiment (49152-60999); fix it for firewalls
+    "ca_cert": "",  # mutual TLS: the CA, and the researcher's certificate and key (which also sign experiments);
+    "api_cert": "",  # all three empty: plaintext, for a director on loopback
     "api_key": "",
-    "experiment_name": "",
-    "output_dir": "../runs",
-    "preview_dir": "../data",
-    "data_source": "",
-    "verbose": False,
-    "seed": 0,
+    "experiment_name": "",  # empty: medmnist-<dataset>-<date>-<time>
+    "output_dir": "../runs",  # outside workspace/, which travels with the experiment
+    "preview_dir": "../data",  # a local copy of the public dataset to show samples from
+    "data_source": "",  # recorded in results.json; empty: "synthetic" or "medmnist" from the envoys
+    "verbose": False,  # True: OpenFL's log on the page too (it always goes to the run's logs/openfl.log)
+    "stem": "patch",  # above 28 px: "patch" embeds patches first (CPU speed); "full": full resolution
+    "best_metric": "auc",  # the best model: the global model with the best aggregated validation AUC...
+    "best_mode": "max",  # ...highest ("min" for loss)
+    "min_envoys": 0.5,  # envoys lost mid-run are dropped; the run goes on while this share or number remain
+    "round_timeout": 0.0,  # seconds; envoys still busy this long into a round are dropped (0: no limit)
+    "max_update_ratio": MAX_UPDATE_RATIO,  # an update this many times farther from the global model than the
+    "max_rejections": MAX_REJECTIONS,  # round's median is left out; rejected this many rounds in a row: dropped
+    "wire_dtype": "float32",  # "float16", "bfloat16": each round's weight changes in half the bytes
 }
-# What results.json records of a run's parameters (with the experiment's name and whether it used TLS).
-TRAINING = ("dataset", "size", "rounds_to_train", "epochs_per_round", "train_batch_size", "eval_batch_size",
-            "learning_rate", "algorithm", "mu", "ntd_beta", "ntd_tau", "server_learning_rate", "server_beta1",
-            "server_beta2", "server_tau", "best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio",
-            "max_rejections", "wire_dtype",
-            "device", "bf16", "stem", "dp", "dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta",
-            "seed")
+# Each dict parameter's defaults.
+DICTS = {"algorithm_options": ALGORITHM_OPTIONS, "dp_options": DP_OPTIONS, "run": RUN}
 
 
 class NotebookError(RuntimeError):
@@ -80,56 +78,55 @@ class ParameterError(NotebookError, ValueError):
 
 
 def training_parameters(namespace: dict) -> dict:
-    """The parameters that shape training, taken from the notebook's variables."""
-    return {name: namespace[name] for name in TRAINING}
+    """What results.json records of a run's parameters: all but the connection and bookkeeping in `run`."""
+    kept = {name: namespace[name] for name in DEFAULTS if name != "run"}
+    rules = ("stem", "best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio", "max_rejections",
+             "wire_dtype")
+    return {**kept, **{name: namespace["run"][name] for name in rules}}
 
 
-def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_batch_size, eval_batch_size,
-                     learning_rate, device, best_metric, best_mode, min_envoys=DEFAULTS["min_envoys"],
-                     round_timeout=DEFAULTS["round_timeout"], wire_dtype=DEFAULTS["wire_dtype"],
-                     max_update_ratio=DEFAULTS["max_update_ratio"], max_rejections=DEFAULTS["max_rejections"],
-                     algorithm=DEFAULTS["algorithm"], mu=DEFAULTS["mu"],
-                     ntd_beta=DEFAULTS["ntd_beta"], ntd_tau=DEFAULTS["ntd_tau"],
-                     server_learning_rate=DEFAULTS["server_learning_rate"], server_beta1=DEFAULTS["server_beta1"],
-                     server_beta2=DEFAULTS["server_beta2"], server_tau=DEFAULTS["server_tau"], ca_cert="",
-                     api_cert="", api_key="", stem=DEFAULTS["stem"], bf16=DEFAULTS["bf16"], dp=DEFAULTS["dp"],
-                     dp_max_grad_norm=DEFAULTS["dp_max_grad_norm"], dp_noise_multiplier=DEFAULTS["dp_noise_multiplier"],
-                     dp_target_epsilon=DEFAULTS["dp_target_epsilon"], dp_delta=DEFAULTS["dp_delta"], **_) -> None:
-    """Refuse impossible parameters before anything is submitted, one clear line each."""
+def completed(name: str, given) -> dict:
+    """Dict parameter `name` with its defaults filled in; ParameterError for a key it does not have."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ParameterError(f"{name}={given!r}: give a dict, e.g. {{}} for the defaults")
+    unknown = sorted(set(given) - set(DICTS[name]))
+    if unknown:
+        raise ParameterError(f"{name} has no {', '.join(map(repr, unknown))}: its keys are "
+                             f"{', '.join(DICTS[name])}")
+    return {**DICTS[name], **given}
+
+
+def _whole(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(f"{name}={value!r}: it must be a whole number of at least 1")
+
+
+def check_parameters(*, dataset, size, rounds, epochs, train_batch_size, eval_batch_size, learning_rate,
+                     algorithm=DEFAULTS["algorithm"], algorithm_options=None, device=DEFAULTS["device"],
+                     bf16=DEFAULTS["bf16"], dp=DEFAULTS["dp"], dp_options=None, seed=DEFAULTS["seed"], run=None,
+                     **_) -> tuple[dict, dict, dict]:
+    """Refuse impossible parameters before anything is submitted, one clear line each; return algorithm_options,
+    dp_options and run, each complete with its defaults."""
+    algorithm_options, dp_options, run = (completed(name, value) for name, value in
+                                          (("algorithm_options", algorithm_options), ("dp_options", dp_options),
+                                           ("run", run)))
     if dataset not in FLAGS:
         raise ParameterError(f"dataset={dataset!r} is not a MedMNIST 2D dataset: use one of {', '.join(FLAGS)}")
     if size not in SIZES:
         raise ParameterError(f"size={size!r} is not a MedMNIST size: use 28, 64, 128 or 224")
-    for name, value in (("rounds_to_train", rounds_to_train), ("epochs_per_round", epochs_per_round),
-                        ("train_batch_size", train_batch_size), ("eval_batch_size", eval_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ParameterError(f"{name}={value!r}: it must be a whole number of at least 1")
+    for name, value in (("rounds", rounds), ("epochs", epochs), ("train_batch_size", train_batch_size),
+                        ("eval_batch_size", eval_batch_size)):
+        _whole(name, value)
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ParameterError(f"learning_rate={learning_rate!r}: it must be a positive number, e.g. 1e-3")
-    check_algorithm(algorithm, mu, server_learning_rate, server_beta1, server_beta2, server_tau, ntd_beta, ntd_tau,
-                    dataset)
+    check_algorithm(algorithm, algorithm_options, dataset)
     if device not in REQUESTS:
         raise ParameterError(f"device={device!r}: use one of {', '.join(REQUESTS)}")
-    if stem not in STEMS:
-        raise ParameterError(f"stem={stem!r}: use \"patch\" (a patch embedding: every size costs about what 28 px "
-                             "costs) or \"full\" (the plain network at full resolution, for accelerators)")
-    if best_metric not in ("auc", "acc", "loss") or best_mode not in ("max", "min"):
-        raise ParameterError(f"best_metric={best_metric!r}, best_mode={best_mode!r}: use auc, acc or loss, "
-                             "with max or min")
-    try:
-        quorum(min_envoys, 1)
-    except ValueError as exc:
-        raise ParameterError(f"min_envoys={min_envoys!r}: {exc}") from None
-    if isinstance(round_timeout, bool) or not isinstance(round_timeout, (int, float)) or not round_timeout >= 0:
-        raise ParameterError(f"round_timeout={round_timeout!r}: give seconds (0 for no limit)")
-    try:
-        check_settings(max_update_ratio, max_rejections)
-    except ValueError as exc:
-        raise ParameterError(str(exc)) from None
-    if wire_dtype not in WIRE_DTYPES:
-        raise ParameterError(f"wire_dtype={wire_dtype!r}: use \"float32\" (the weights, lossless), or \"float16\" or "
-                             "\"bfloat16\" (their change each round, in half the bytes)")
-    check_certificates(ca_cert, api_cert, api_key)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParameterError(f"seed={seed!r}: give a whole number")
+    check_run(run)
     if dp not in (True, False):
         raise ParameterError(f"dp={dp!r}: True (DP-SGD on every envoy) or False")
     if dp:
@@ -137,21 +134,50 @@ def check_parameters(*, dataset, size, rounds_to_train, epochs_per_round, train_
             raise ParameterError("dp=True with bf16=True: DP-SGD's per-sample gradients run in float32; "
                                  "set bf16 = False")
         try:
-            DPSGD(dp_max_grad_norm, dp_noise_multiplier, dp_target_epsilon, dp_delta, rounds_to_train, epochs_per_round)
+            DPSGD(**dp_options, rounds=rounds, epochs_per_round=epochs)
         except (PrivacyError, TypeError) as exc:
             raise ParameterError(str(exc)) from None
+    return algorithm_options, dp_options, run
+
+
+def check_run(run: dict) -> None:
+    """Refuse a `run` entry that cannot work (the dict complete, as completed() returns it)."""
+    if run["stem"] not in STEMS:
+        raise ParameterError(f"stem={run['stem']!r}: use \"patch\" (a patch embedding: every size costs about what "
+                             "28 px costs) or \"full\" (the plain network at full resolution, for accelerators)")
+    if run["best_metric"] not in ("auc", "acc", "loss") or run["best_mode"] not in ("max", "min"):
+        raise ParameterError(f"best_metric={run['best_metric']!r}, best_mode={run['best_mode']!r}: use auc, acc or "
+                             "loss, with max or min")
+    try:
+        quorum(run["min_envoys"], 1)
+    except ValueError as exc:
+        raise ParameterError(f"min_envoys={run['min_envoys']!r}: {exc}") from None
+    timeout = run["round_timeout"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ParameterError(f"round_timeout={timeout!r}: give seconds (0 for no limit)")
+    try:
+        check_settings(run["max_update_ratio"], run["max_rejections"])
+    except ValueError as exc:
+        raise ParameterError(str(exc)) from None
+    if run["wire_dtype"] not in WIRE_DTYPES:
+        raise ParameterError(f"wire_dtype={run['wire_dtype']!r}: use \"float32\" (the weights, lossless), or "
+                             "\"float16\" or \"bfloat16\" (their change each round, in half the bytes)")
+    port = run["director_port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ParameterError(f"director_port={port!r}: give the director's TCP port, e.g. 50051")
+    check_certificates(run["ca_cert"], run["api_cert"], run["api_key"])
 
 
 def _number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
 
 
-def check_algorithm(algorithm, mu=DEFAULTS["mu"], server_learning_rate=None, server_beta1=DEFAULTS["server_beta1"],
-                    server_beta2=DEFAULTS["server_beta2"], server_tau=DEFAULTS["server_tau"],
-                    ntd_beta=DEFAULTS["ntd_beta"], ntd_tau=DEFAULTS["ntd_tau"], dataset=None) -> None:
+def check_algorithm(algorithm, options: dict | None = None, dataset=None) -> None:
     """Refuse an unknown algorithm, settings it cannot run with, or (given) a dataset it cannot train, in one line."""
+    options = completed("algorithm_options", options)
     if algorithm not in ALGORITHMS:
         raise ParameterError(f"algorithm={algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    mu, ntd_beta, ntd_tau = options["mu"], options["ntd_beta"], options["ntd_tau"]
     if not _number(mu) or mu < 0:
         raise ParameterError(f"mu={mu!r}: FedProx's proximal weight must be a number of at least 0 (0 is FedAvg)")
     if not _number(ntd_beta) or ntd_beta < 0:
@@ -165,14 +191,15 @@ def check_algorithm(algorithm, mu=DEFAULTS["mu"], server_learning_rate=None, ser
             raise ParameterError(f"algorithm='fedntd' distils the classes an image is not, so it needs one label of "
                                  f"three or more classes; {dataset} is {task} with {outputs} outputs: use fedavg or "
                                  "fedprox")
+    server_learning_rate = options["server_learning_rate"]
     if server_learning_rate is not None and (not _number(server_learning_rate) or not server_learning_rate > 0):
         raise ParameterError(f"server_learning_rate={server_learning_rate!r}: it must be a positive number, or None "
                              "for the FedOpt paper's choice")
-    for name, value in (("server_beta1", server_beta1), ("server_beta2", server_beta2)):
-        if not _number(value) or not 0 <= value < 1:
-            raise ParameterError(f"{name}={value!r}: it must be at least 0 and below 1, e.g. 0.9")
-    if not _number(server_tau) or not server_tau > 0:
-        raise ParameterError(f"server_tau={server_tau!r}: it must be a positive number, e.g. 1e-3")
+    for name in ("server_beta1", "server_beta2"):
+        if not _number(options[name]) or not 0 <= options[name] < 1:
+            raise ParameterError(f"{name}={options[name]!r}: it must be at least 0 and below 1, e.g. 0.9")
+    if not _number(options["server_tau"]) or not options["server_tau"] > 0:
+        raise ParameterError(f"server_tau={options['server_tau']!r}: it must be a positive number, e.g. 1e-3")
 
 
 def check_certificates(ca_cert: str, api_cert: str, api_key: str) -> None:

@@ -89,11 +89,7 @@ def traffic(metrics: list[dict]) -> list[dict]:
 
 def algorithm_settings(params: dict) -> dict:
     """The run's algorithm and the settings it used, from the notebook's parameters."""
-    return algorithms.settings(params.get("algorithm", "fedavg"), params.get("mu"), params.get("server_learning_rate"),
-                               (params.get("server_beta1", algorithms.SERVER_BETAS[0]),
-                                params.get("server_beta2", algorithms.SERVER_BETAS[1])),
-                               params.get("server_tau", algorithms.SERVER_TAU),
-                               params.get("ntd_beta", algorithms.NTD_BETA), params.get("ntd_tau", algorithms.NTD_TAU))
+    return algorithms.settings(params.get("algorithm", "fedavg"), params.get("algorithm_options"))
 
 
 def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
