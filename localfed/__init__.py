@@ -154,19 +154,22 @@ class LocalFederation:
         The envoys start beside the director rather than after it: their imports and shard checks overlap its own
         start-up, and an envoy that finds no director yet retries (openfl_adjustments.startup)."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        config = yaml.safe_load((ROOT / "director" / "director_config.yaml").read_text())
-        config["settings"].update(sample_shape=[str(d) for d in self.sample_shape],
-                                  target_shape=[str(d) for d in self.target_shape])
-        if self.health_period:
-            config["settings"]["envoy_health_check_period"] = self.health_period
-        path = self.placement.director_config(self, config)
-        director = self._spawn("director", ["bash", "director/start_director.sh"], {"DIRECTOR_CONFIG": str(path)})
+        director = self._start_director()
         deadline = time.monotonic() + timeout
         envoys = [self._start_envoy(name, params) for name, params in self.shard_params.items()]
         self._wait(director, lambda: self.placement.listening(self), deadline, "did not open its port")
         for envoy in envoys:
             self.wait_registered(envoy, deadline)
         return self
+
+    def _start_director(self) -> Component:
+        config = yaml.safe_load((ROOT / "director" / "director_config.yaml").read_text())
+        config["settings"].update(sample_shape=[str(d) for d in self.sample_shape],
+                                  target_shape=[str(d) for d in self.target_shape])
+        if self.health_period:
+            config["settings"]["envoy_health_check_period"] = self.health_period
+        path = self.placement.director_config(self, config)
+        return self._spawn("director", ["bash", "director/start_director.sh"], {"DIRECTOR_CONFIG": str(path)})
 
     def _start_envoy(self, name: str, params: dict) -> Component:
         config = self.placement.envoy_config(self, name, params)
@@ -179,14 +182,25 @@ class LocalFederation:
                    "did not register with the director")
 
     def restart(self, name: str, timeout: float = 60.0) -> Component:
-        """Start envoy `name` again (after it stopped), as its host would; return once it has registered."""
-        old = next(c for c in self.components if c.name == name)
+        """Start node `name` again (after it stopped), as its host would, on the same port for the director; return
+        once it has registered, or for the director once every running envoy has registered with it again."""
+        old = next(c for c in reversed(self.components) if c.name == name)
         if old.process.poll() is None:
             raise FederationError(f"{name} is still running")
         old.log = old.log.rename(old.log.with_suffix(f".{old.process.pid}.log"))  # keep the crashed run's log
-        envoy = self._start_envoy(name, self.shard_params[name])
-        self.wait_registered(envoy, time.monotonic() + timeout)
-        return envoy
+        deadline = time.monotonic() + timeout
+        if name != "director":
+            envoy = self._start_envoy(name, self.shard_params[name])
+            self.wait_registered(envoy, deadline)
+            return envoy
+        envoys = [c for c in self.components if c.name != "director" and c.process.poll() is None]
+        registered = {c.name: c.log.read_text(errors="replace").count(REGISTERED) for c in envoys}
+        director = self._start_director()
+        self._wait(director, lambda: self.placement.listening(self), deadline, "did not open its port")
+        for envoy in envoys:  # each registers again at its next health check
+            self._wait(envoy, lambda e=envoy: e.log.read_text(errors="replace").count(REGISTERED) > registered[e.name],
+                       deadline, "did not register with the restarted director")
+        return director
 
     def _wait(self, component: Component, ready, deadline: float, what: str) -> None:
         while not ready():
@@ -198,7 +212,7 @@ class LocalFederation:
 
     @property
     def director(self) -> Component:
-        return self.components[0]
+        return next(c for c in reversed(self.components) if c.name == "director")
 
     def newly_exited(self) -> list[Component]:
         """The components that have exited since the last call (a restarted envoy counts afresh)."""

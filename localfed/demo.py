@@ -6,10 +6,12 @@ import time
 from pathlib import Path
 
 from medfl.algorithms import describe
+from medfl.researcher.checkpoint import FILE
+from medmnist_shard import DataError
 
 from .data import resolve
 from .run import local_federation, run_notebook, shard_params
-from .settings import Settings
+from .settings import GIVEN_FILE, Settings
 
 
 def demo(settings: Settings) -> int:
@@ -19,7 +21,17 @@ def demo(settings: Settings) -> int:
     data_dir, data_source = resolve(settings.dataset, settings.size, settings.data, settings.data_dir)
     print(f"data: {data_source} ({data_dir})")
     shards = shard_params(settings, data_dir)
-    run_dir = Path(settings.runs) / f"{time.strftime('%Y%m%d-%H%M%S')}-{settings.dataset}-{settings.size}"
+    if settings.resume_from:  # the run's folder, which its first make demo wrote (localfed.settings)
+        run_dir = Path(settings.resume_from)
+        if not (run_dir / FILE).is_file():
+            raise DataError(f"resume_from={run_dir}: no {FILE} there (a run writes one after each round it completes): "
+                            "nothing to resume; start a new run with make demo")
+        print(f"resuming the run in {run_dir} from its checkpoint")
+    else:
+        run_dir = Path(settings.runs) / f"{time.strftime('%Y%m%d-%H%M%S')}-{settings.dataset}-{settings.size}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        given = {name: settings.values[name] for name in sorted(settings.given) if name != "timeout"}
+        (run_dir / GIVEN_FILE).write_text(json.dumps(given, indent=1))
     federation = local_federation(settings, run_dir, shards)
     print(f"run folder: {run_dir}")
     print(f"starting a director and {settings.envoys} envoys on {federation.host}:{federation.port} ...")
@@ -30,6 +42,8 @@ def demo(settings: Settings) -> int:
         memory = federation.peak_rss_mb()
     results = json.loads((run_dir / "results.json").read_text())
     test = results["test"]
+    for restart in results["restarts"]:
+        print(f"resumed after round {restart['after_round']} ({restart['why']})")
     print(f"\ndone in {time.monotonic() - started:.0f} s"
           + (" -- SYNTHETIC data, not MedMNIST" if results["synthetic"] else ""))
     for dropout in results["dropouts"]:

@@ -105,6 +105,8 @@ def notebook_parameters(settings: Settings, federation: LocalFederation, run_dir
     run = {**parameters.get("run", {}), "director_host": federation.host, "director_port": federation.port,
            "aggregator_port": free_port(), "experiment_name": run_dir.name, "output_dir": str(run_dir.parent),
            "data_source": data_source}
+    if settings.resume_from:
+        run["resume_from"] = str(run_dir)
     if federation.certs:
         researcher = federation.certs / RESEARCHER
         run.update(ca_cert=str(federation.certs / "ca.crt"), api_cert=f"{researcher}.crt",
@@ -117,8 +119,10 @@ def run_notebook(run_dir: Path, federation: LocalFederation, settings: Settings,
     """Execute the settings' notebook headless against the federation into run_dir, showing its progress lines live;
     `overrides` replace notebook parameters (make compare's algorithm)."""
     parameters = {**notebook_parameters(settings, federation, run_dir, data_source), **overrides}
-    launch_notebook(federation, Path(settings.notebook), run_dir / "notebook.ipynb", parameters, deadline,
-                    run_dir / "logs" / "notebook.log")
+    attempt = len(list(run_dir.glob("notebook*.ipynb")))  # a resumed run keeps each attempt's notebook and log
+    name = f"notebook-resume{attempt}" if attempt else "notebook"
+    launch_notebook(federation, Path(settings.notebook), run_dir / f"{name}.ipynb", parameters, deadline,
+                    run_dir / "logs" / f"{name}.log")
 
 
 def launch_notebook(federation: LocalFederation, notebook: Path, output: Path, parameters: dict, deadline: float,

@@ -11,6 +11,7 @@ all; tests/test_settings.py keeps that page, this table and the homes of the def
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ COMMANDS = ("demo", "baseline", "bench", "compare", "stems")
 # The keys of the notebook's `run` dict that a user sets; the launcher sets the others (director, certificates,
 # output folder, experiment name, data source).
 RUN_SETTINGS = ("stem", "best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio",
-                "max_rejections", "wire_dtype", "verbose")
+                "max_rejections", "wire_dtype", "verbose", "resume_from")
 # The launcher's own settings and their defaults.
 LAUNCHER = {
     "envoys": 2,
@@ -46,7 +47,10 @@ LAUNCHER = {
 COMMAND_DEFAULTS = {"compare": {"envoys": 3, "partition": "dirichlet", "alpha": 0.3}, "stems": {"size": 224}}
 # The documented make variables whose name is not the setting's in capitals.
 ALIASES = {"ALGO": "algorithm", "ALGOS": "algorithms", "SERVER_LR": "server_learning_rate",
-           "EPSILON": "target_epsilon"}
+           "EPSILON": "target_epsilon", "RESUME": "resume_from"}
+# make demo writes the settings it was given to the run's folder; make demo resume_from=<that folder> starts from
+# them, so that the resumed run has the same data, envoys and parameters (those given again win).
+GIVEN_FILE = "launcher.json"
 # Make's own variables, which reach the launcher with the rest of the command line and mean nothing to it.
 MAKE_ONLY = ("PYTHON", "CI", "DIRECTOR_HOSTS", "RESEARCHERS", "director_hosts", "researchers")
 
@@ -133,5 +137,23 @@ def parse(argv: list[str]) -> Settings:
             raise DataError(f"unknown setting {item.partition('=')[0]!r}: docs/settings.md lists them all")
         values[name] = _parse(name, text, TABLE[name][0])
         given.add(name)
+    if "resume_from" in given:
+        _resumed(command, values, given)
     values["runs"], values["notebook"] = str(Path(values["runs"]).resolve()), str(Path(values["notebook"]).resolve())
     return Settings(command, values, given)
+
+
+def _resumed(command: str, values: dict, given: set) -> None:
+    """resume_from: the run folder, made absolute, and the settings its first make demo was given, for those not
+    given now; DataError for another command or a folder make demo did not write."""
+    if command != "demo":
+        raise DataError(f"resume_from is make demo's: make demo resume_from={values['resume_from']}")
+    folder = Path(values["resume_from"]).resolve()
+    if not (folder / GIVEN_FILE).is_file():
+        raise DataError(f"resume_from={values['resume_from']}: not a run folder of make demo (it has no {GIVEN_FILE}); "
+                        "give runs/<id> of the run to go on with")
+    for name, value in json.loads((folder / GIVEN_FILE).read_text()).items():
+        if name not in given and name in TABLE:
+            values[name] = value
+            given.add(name)
+    values["resume_from"] = str(folder)

@@ -59,8 +59,9 @@ def steady_health_checks(self) -> None:
             if exc.code() == grpc.StatusCode.NOT_FOUND:  # the director forgot this envoy (it restarted)
                 logger.info("The director has lost information about current shard. Resending...")
                 try:
-                    self.director_client.report_shard_info(shard_descriptor=self.shard_descriptor,
-                                                           cuda_devices=self.cuda_devices)
+                    if self.director_client.report_shard_info(shard_descriptor=self.shard_descriptor,
+                                                              cuda_devices=self.cuda_devices):
+                        logger.info("Shard was accepted by director again")  # as OpenFL says it the first time
                 except grpc.RpcError as again:
                     exc = again
             if exc.code() != grpc.StatusCode.NOT_FOUND and outage is None:

@@ -94,8 +94,9 @@ def _print_report(request) -> None:
 
 def _on(fed, host: str, code: str) -> str:
     """Run Python code on a host, in its folder; return what it printed."""
+    env = {**os.environ, "PATH": f"{fed.folder(host) / '.venv' / 'bin'}:{os.environ['PATH']}"}  # activated there
     result = subprocess.run(fed.network.command(host, ["python", "-c", code]), capture_output=True, text=True,
-                            timeout=60, env=fed.environment(host), cwd=fed.folder(host))
+                            timeout=60, env=env, cwd=fed.folder(host))
     assert result.returncode == 0, result.stderr
     return result.stdout
 

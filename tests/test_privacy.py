@@ -80,3 +80,41 @@ def test_batchnorm_and_bad_settings_are_refused_in_one_line(data):
         with pytest.raises(ParameterError, match=message):
             check_parameters(**{**DEFAULTS, "dp": True, **change})
     check_parameters(**{**DEFAULTS, "dp": True})
+
+
+def test_with_a_ledger_each_envoy_adds_up_every_attempt_of_a_run(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFL_ENVOY_STATE", str(tmp_path))  # start_envoy.sh sets it beside the envoy's config
+    torch.manual_seed(0)
+    model = build_model("bloodmnist", 28, norm="group")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    settings = dict(max_grad_norm=1.0, target_epsilon=4.0, rounds=3, epochs_per_round=1)
+    uninterrupted = DPSGD(**settings)
+    expected = [_train(model, data, optimizer, uninterrupted)["epsilon"] for _ in range(3)]
+    # Attempt 1 trains two rounds; its director dies; attempt 2 (the resume, a new object) trains the third.
+    first = DPSGD(**settings, ledger="run-a")
+    assert [_train(model, data, optimizer, first)["epsilon"] for _ in range(2)] == pytest.approx(expected[:2])
+    assert (tmp_path / "privacy" / "run-a.json").is_file()
+    resumed = _train(model, data, optimizer, DPSGD(**settings, ledger="run-a"))
+    assert resumed["epsilon"] == pytest.approx(expected[2], rel=1e-12)  # what the uninterrupted run spent
+    assert resumed["epsilon_before"] == pytest.approx(expected[1], rel=1e-12)
+    # The same run started again from round 0 under its name: the privacy already spent is still counted.
+    again = _train(model, data, optimizer, DPSGD(**settings, ledger="run-a"))
+    assert again["epsilon"] > expected[2] and again["epsilon_before"] == pytest.approx(resumed["epsilon"])
+    # Another run's ledger, or none, starts from zero.
+    assert _train(model, data, optimizer, DPSGD(**settings, ledger="run-b"))["epsilon"] == pytest.approx(expected[0])
+    assert "epsilon_before" not in _train(model, data, optimizer, DPSGD(**settings))
+
+
+def test_a_damaged_or_mismatched_ledger_stops_training_rather_than_forget(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFL_ENVOY_STATE", str(tmp_path))
+    model = build_model("bloodmnist", 28, norm="group")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ledger = tmp_path / "privacy" / "run.json"
+    ledger.parent.mkdir()
+    ledger.write_text('{"history": [[1.0, 0.1')
+    with pytest.raises(PrivacyError, match="is damaged .* cannot add up what the run has spent"):
+        _train(model, data, optimizer, DPSGD(target_epsilon=4.0, ledger="run"))
+    assert ledger.read_text() == '{"history": [[1.0, 0.1'  # left as it was
+    ledger.write_text('{"ledger": "run", "delta": 0.5, "history": [[1.0, 0.1, 3]]}')
+    with pytest.raises(PrivacyError, match="kept at delta=0.5"):
+        _train(model, data, optimizer, DPSGD(target_epsilon=4.0, ledger="run"))

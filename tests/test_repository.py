@@ -104,7 +104,7 @@ def test_the_notebooks_define_what_the_package_runs_elsewhere(tmp_path):
         ns = run_cells(["parameters"], path=path)
         # The imports cell opens the run's OpenFL log under output_dir, which is relative to the notebook's folder.
         ns = run_cells(["imports", "model", "data", "model-interface", "train-task", "validate-task"], ns, path,
-                       dummy_shard_descriptor=DummyShardDescriptor(["28", "28", "3"], ["1"], 4),
+                       dummy_shard_descriptor=DummyShardDescriptor(["28", "28", "3"], ["1"], 4), done=0,
                        run={"output_dir": str(tmp_path / "runs")})
         package = medfl.build_tasks(DEFAULTS["dataset"], DEFAULTS["epochs"], ns["device"], ns["bf16"],
                                     aggregation=medfl.aggregation_function(DEFAULTS["algorithm"], ns["model"]))

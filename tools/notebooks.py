@@ -112,7 +112,10 @@ from medfl import Best, Schedule, researcher
 
 algorithm_options, dp_options, run = researcher.check_parameters(**globals())  # each dict with its defaults
 experiment_name = run["experiment_name"] or f"medmnist-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-run_dir = Path(run["output_dir"]) / experiment_name  # this run's results, models, plots and logs
+run_dir = Path(run["output_dir"]) / experiment_name  # this run's results, models, plots, logs and checkpoint
+if run["resume_from"]:  # go on with an earlier run, in its folder and under its name
+    run_dir = Path(run["resume_from"])
+    experiment_name = run_dir.name
 researcher.log_to(run_dir / "logs" / "openfl.log", run["verbose"])  # OpenFL's log: a file, not this page"""
 
 
@@ -139,6 +142,9 @@ pd.DataFrame(envoys).set_index("envoy")[["online", "text"]]"""),
 md("""The director admits only envoys whose samples and labels have the shapes it was configured with, and those must be what `dataset` and `size` imply. It also hands out a **dummy shard descriptor** of those shapes: random data that lets this notebook try its code without seeing a single image."""),
 code("check", """researcher.check_dataset(federation, dataset, size, envoys)  # stops here, naming envoys, if they serve another
 researcher.check_quorum(envoys, run["min_envoys"])
+# resume_from: the run's last checkpoint, refused here if it is damaged or of another run (parameters, envoys)
+checkpoint = researcher.load_checkpoint(run["resume_from"], researcher.training_parameters(globals()), envoys)
+done = checkpoint.round if checkpoint else 0  # rounds the run has trained already
 dummy_shard_descriptor = federation.get_dummy_shard_descriptor(size=4)
 image, label = dummy_shard_descriptor.get_dataset("train")[0]
 print(f"one sample as the envoys serve it: image {image.shape} {image.dtype}, label {label.shape}; "
@@ -160,14 +166,14 @@ print(f"{dataset}: {meta['n_channels']}-channel {size} px images, {len(meta['lab
 md("""## 3. The data interface (runs on every envoy)
 
 A `DataInterface` subclass says how the tasks get batches. OpenFL builds it here, ships it, and on each envoy sets `shard_descriptor` to that node's own `MedMNISTShardDescriptor` (in `envoy/medmnist_shard/`, which never leaves the node); the tasks then ask for `get_train_loader()` and `get_valid_loader()`, and the data sizes weight each envoy's update in the average. Batches stay uint8 until a task turns them into floats on its device. The last lines try it here on the dummy shard descriptor, as an envoy would on its shard."""),
-code("data", """from medfl.data import batch_loader, loader_settings, to_float_chw
+code("data", """from medfl.data import batch_loader, loader_settings, shuffling, to_float_chw
 
 
 """ + source(data.MedMNISTData) + """
 
 
 fed_dataset = MedMNISTData(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, seed=seed,
-                           device=device)
+                           device=device, first_epoch=done * epochs)
 probe = MedMNISTData(train_batch_size=4, device="cpu")
 probe.shard_descriptor = dummy_shard_descriptor
 images, labels = next(iter(probe.get_train_loader()))
@@ -213,8 +219,8 @@ distill = NotTrueDistillation(*ntd) if algorithm == "fedntd" else None
 print(f"{algorithm}: the envoys train with {type(optimizer).__name__}" + (f" and {distill}" if distill else "")
       + f"; the director aggregates with {type(aggregation).__name__}")
 # With dp, every envoy trains with DP-SGD. This object travels with the task and, on each envoy, keeps that envoy's
-# privacy accountant over all the experiment's rounds.
-privacy = DPSGD(**dp_options, rounds=rounds, epochs_per_round=epochs) if dp else None
+# privacy accountant over the experiment's rounds, and on the envoy's disk under the run's name over every attempt.
+privacy = DPSGD(**dp_options, rounds=rounds, epochs_per_round=epochs, ledger=experiment_name) if dp else None
 
 
 @TI.set_aggregation_function(aggregation)
@@ -231,7 +237,7 @@ md("""## 6. Start the experiment
 
 `FLExperiment` packs everything above and sends it to the director, which starts an aggregator for it and hands it to every envoy. The arguments that are not OpenFL's defaults:
 
-- `rounds_to_train=rounds + 1` with `task_assigner=Schedule(...)`: OpenFL validates each global model at the start of the next round, so one last round only validates the final model; then it too can be chosen as the best.
+- `rounds_to_train=rounds + 1` with `task_assigner=Schedule(...)`: OpenFL validates each global model at the start of the next round, so one last round only validates the final model; then it too can be chosen as the best. A resumed run (`run = {"resume_from": "../runs/<id>"}`) trains only the `rounds - done` that remain, from its checkpoint's model, as a new experiment named after the run and the time (`<run>-resumed-<date>-<time>`); the data interface's `first_epoch` lets each envoy's shuffling go on where it stopped.
 - `opt_treatment="RESET"`: each round's local training starts from a fresh optimizer state, as FedAvg does.
 - `device_assignment_policy="CUDA_PREFERRED"`: an envoy whose config lists `cuda_devices` hands its tasks `cuda:N`.
 - `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric, checks every update, and goes on without lost envoys while `run["min_envoys"]` remain; the aggregator's port, if fixed; and, with `run["wire_dtype"]` `"float16"` or `"bfloat16"`, what travels: each round's *change* of the weights, in half the bytes, which the director adds to the global model it holds and aggregates in float32 (`medfl/wire.py`). For hospitals on slow links; the default, `"float32"`, sends the weights as they are.
@@ -246,16 +252,20 @@ plan_overrides = {
     **({"network.settings.agg_port": run["aggregator_port"]} if run["aggregator_port"] else {}),
     **wire_format(run["wire_dtype"]),  # float16, bfloat16: OpenFL's delta updates, through medfl.wire's pipeline
 }
+if checkpoint:  # resume_from: start from the checkpoint's global model and aggregation state (a server optimizer's)
+    checkpoint.restore(model, aggregation)
+attempt = researcher.attempt_name(experiment_name, checkpoint)  # the run's name; with -resumed-<time> when resumed
 record = dict(params={**researcher.training_parameters(globals()), "experiment": experiment_name,
-                      "tls": bool(run["ca_cert"])}, envoys=envoys, data_source=run["data_source"], started=time.time())
+                      "tls": bool(run["ca_cert"])}, envoys=envoys, data_source=run["data_source"], started=time.time(),
+              restarts=researcher.restarts(run_dir, checkpoint, attempt))
 with researcher.submission(run["api_cert"], run["api_key"]):
-    experiment = FLExperiment(federation=federation, experiment_name=experiment_name)
+    experiment = FLExperiment(federation=federation, experiment_name=attempt)
     experiment.start(
         model_provider=MI,
         task_keeper=TI,
         data_loader=fed_dataset,
-        rounds_to_train=rounds + 1,
-        task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=rounds),
+        rounds_to_train=rounds - done + 1,
+        task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=rounds - done),
         opt_treatment="RESET",
         device_assignment_policy="CUDA_PREFERRED",
         override_config=plan_overrides,
@@ -264,9 +274,12 @@ md("""## 7. Follow the training
 
 Metrics stream from the director as the envoys report them: per round, every envoy validates the global model on its `val` split, trains on its shard, and validates its local result; the director averages the weights by sample count. Lines marked `aggregator` are sample-weighted means over the envoys; its `traffic` line says what the round moved: the bytes the director received and sent, and the connections the envoys opened (one each per experiment; `results.json` has each envoy's share).
 
-`experiment.get_best_model()` is called as soon as a model becomes the best, so it survives even a lost director; `experiment.get_last_model()` once the run has ended. The director checks every update before it averages it (`medfl/checks.py`): one that is not finite, has another shape, or lies more than `run["max_update_ratio"]` times the round's median distance from the global model is left out of that round (a `REJECTED` line names the envoy and the check). An envoy rejected `run["max_rejections"]` rounds in a row, one whose task raises an error (named on its `DROPPED` line), one that stops answering, or one past `round_timeout`, is dropped, and the round ends with the others while `min_envoys` remain; below that the experiment fails. If anything fails, even the director, this cell stops with one line saying why, after saving what arrived."""),
-code("follow", """training = researcher.follow(experiment, rounds, Best(run["best_metric"], run["best_mode"]),
-                             on_new_best=experiment.get_best_model)
+`experiment.get_best_model()` is called as soon as a model becomes the best, so it survives even a lost director; `experiment.get_last_model()` once the run has ended. The director checks every update before it averages it (`medfl/checks.py`): one that is not finite, has another shape, or lies more than `run["max_update_ratio"]` times the round's median distance from the global model is left out of that round (a `REJECTED` line names the envoy and the check). An envoy rejected `run["max_rejections"]` rounds in a row, one whose task raises an error (named on its `DROPPED` line), one that stops answering, or one past `round_timeout`, is dropped, and the round ends with the others while `min_envoys` remain; below that the experiment fails. If anything fails, even the director, this cell stops with one line saying why, after saving what arrived.
+
+**Checkpoints.** At the end of every round `researcher.Checkpointer` fetches the new global model, with the director's aggregation state (a server optimizer's moments), and writes `checkpoint.pt` to the run's folder, atomically, with every metric so far, the best model and the parameters. If the director, its host or this kernel goes down, start the director again (the envoys stay up and register again by themselves) and run this notebook with `run = {"resume_from": "<the run's folder>"}` and the run's parameters (`make demo resume_from=runs/<id>` does it for a local federation): the run goes on from its last complete round, and `results.json` and the plots cover all of it, with the restart marked. Under DP-SGD each envoy also keeps its privacy spent on its own disk, under the run's name, so the epsilon it reports counts every attempt."""),
+code("follow", """checkpoints = researcher.Checkpointer(run_dir, experiment, model, record, resumed=checkpoint)  # each round's end
+training = researcher.follow(experiment, rounds, Best(run["best_metric"], run["best_mode"]),
+                             on_new_best=experiment.get_best_model, checkpoints=checkpoints)
 researcher.stop_if_failed(run_dir, training=training, **record)
 last_model = experiment.get_last_model()
 best_model = training.best_model or last_model  # None only if no global model had a finite validation score
@@ -276,7 +289,7 @@ md("""## 8. Test the best model
 A second, validation-only experiment sends the best model back to every envoy, to be scored on their `test` splits: the test images never leave the nodes either. It reuses the tasks; only the data interface reads another split."""),
 code("test", """test_data = MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test", device=device)
 with researcher.submission(run["api_cert"], run["api_key"]):
-    test_experiment = FLExperiment(federation=federation, experiment_name=f"{experiment_name}-test")
+    test_experiment = FLExperiment(federation=federation, experiment_name=f"{attempt}-test")
     test_experiment.start(
         model_provider=ModelInterface(model=best_model, optimizer=torch.optim.Adam(best_model.parameters()),
                                       framework_plugin=framework_adapter),

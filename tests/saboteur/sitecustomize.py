@@ -1,9 +1,13 @@
-"""A test-only way to make one envoy misbehave: put this folder on PYTHONPATH and set
-MEDFL_TEST_SABOTEUR=ENVOY:KIND:ROUND, or several separated by commas (e.g. envoy_3:nan:2). From that round on
+"""Test-only ways to make a node misbehave, with this folder on PYTHONPATH; no user setting reaches them.
+
+MEDFL_TEST_SABOTEUR=ENVOY:KIND:ROUND, or several separated by commas (e.g. envoy_3:nan:2): from that round on
 (counted from 1), that envoy sends trained weights that are NaN (`nan`), scaled by 1e4 (`scale`), or with its
 first weight one row short (`shape`), after its own checks ran: as a node whose checks are missing, or that
-attacks on purpose, would. Its metrics stay as its real training made them. Every other process ignores it; no
-user setting reaches this.
+attacks on purpose, would. Its metrics stay as its real training made them. Every other process ignores it.
+
+MEDFL_TEST_DIRECTOR_HOLD=EXPERIMENT:ROUNDS: the director hands out no more tasks in experiment EXPERIMENT (`*`:
+in any) once ROUNDS training rounds are done, so that a test can kill it between rounds with no envoy training
+(tests of resuming: what each envoy's privacy ledger holds then does not depend on timing).
 """
 import importlib.abc
 import importlib.util
@@ -31,6 +35,23 @@ def _spoiled(tensor_dict: dict, kind: str) -> dict:
     return spoiled
 
 
+def _hold(aggregator_class, experiment: str, rounds: int) -> None:
+    from pathlib import Path
+
+    init, get_tasks = aggregator_class.__init__, aggregator_class.get_tasks
+
+    def noting_the_experiment(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.test_experiment = Path.cwd().name  # the director builds the aggregator in the experiment's folder
+
+    def holding(self, collaborator_name):
+        if experiment in ("*", self.test_experiment) and self.round_number >= rounds:
+            return None, self.round_number, 1, False  # "sleep, then ask again"
+        return get_tasks(self, collaborator_name)
+
+    aggregator_class.__init__, aggregator_class.get_tasks = noting_the_experiment, holding
+
+
 def _sabotage(collaborator_class, kind: str, from_round: int) -> None:
     send_task_results = collaborator_class.send_task_results
 
@@ -44,13 +65,13 @@ def _sabotage(collaborator_class, kind: str, from_round: int) -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Wraps the collaborator's class once OpenFL imports its module in this process."""
+    """Calls change(module) once module `target` is imported in this process."""
 
-    def __init__(self, kind: str, from_round: int):
-        self.kind, self.from_round = kind, from_round
+    def __init__(self, target: str, change):
+        self.target, self.change = target, change
 
     def find_spec(self, name, path=None, target=None):
-        if name != TARGET:
+        if name != self.target:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -58,7 +79,8 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             execute(module)
-            _sabotage(module.Collaborator, self.kind, self.from_round)
+            self.change(module)
+            sys.meta_path.insert(0, self)  # and again if the module is imported afresh (a later experiment)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -67,4 +89,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 for _spec in filter(None, os.environ.get("MEDFL_TEST_SABOTEUR", "").split(",")):
     _envoy, _kind, _round = _spec.split(":")
     if _envoy == os.environ.get("ENVOY_NAME"):
-        sys.meta_path.insert(0, _AfterImport(_kind, int(_round)))
+        sys.meta_path.insert(0, _AfterImport(TARGET, lambda module, k=_kind, r=int(_round):
+                                             _sabotage(module.Collaborator, k, r)))
+if os.environ.get("MEDFL_TEST_DIRECTOR_HOLD") and not os.environ.get("ENVOY_NAME"):
+    _experiment, _rounds = os.environ["MEDFL_TEST_DIRECTOR_HOLD"].rsplit(":", 1)
+    sys.meta_path.insert(0, _AfterImport("medfl.aggregator", lambda module, e=_experiment, r=int(_rounds):
+                                         _hold(module.SelectingAggregator, e, r)))

@@ -50,6 +50,21 @@ REJECTED = "update_rejected"  # metric_origin is the envoy; metric_name is JSON:
 # data only, and connections, the new connections the envoys opened to the aggregator in the round.
 TRAFFIC = "traffic"
 TRAFFIC_COUNTS = ("received_bytes", "sent_bytes", "connections")
+# A run's checkpoint needs, beside the last global model, the round it is the model after and the aggregation's
+# state (a server optimizer's moments): both come with the last model (get_last_model), the state's float64
+# arrays viewed as float32, so that they cross OpenFL's float32 wire bit for bit (medfl.researcher.checkpoint).
+ROUND_KEY = "__round__"
+STATE_PREFIX = "__aggregation_state__/"
+
+
+def pack(array) -> np.ndarray:
+    """A float64 array as the float32 array of its bytes (flattened), for OpenFL's float32 wire."""
+    return np.ascontiguousarray(array, dtype=np.float64).reshape(-1).view(np.float32)
+
+
+def unpack(array) -> np.ndarray:
+    """pack()'s float64 values back, flattened."""
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(-1).view(np.float64)
 
 
 # Values of the chosen metric this close count as a tie. Validation ACC and AUC over a few hundred to a few thousand
@@ -451,6 +466,20 @@ class SelectingAggregator(Aggregator):
 
     def _time_to_quit(self) -> bool:
         return self.stopped or super()._time_to_quit()
+
+    def _save_model(self, round_number, file_path) -> None:
+        before = self.last_tensor_dict
+        super()._save_model(round_number, file_path)
+        if self.last_tensor_dict is not before:  # a new last model (none after a validation-only round)
+            self.last_tensor_dict = {**self.last_tensor_dict, **self._resumable(round_number)}
+
+    def _resumable(self, round_number: int) -> dict:
+        """The round the last model is after, and the aggregation function's state if it keeps one."""
+        extra = {ROUND_KEY: np.array([round_number], dtype=np.float32)}
+        for function in getattr(self.assigner, "agg_functions_by_task_name", {}).values():
+            if hasattr(function, "state"):
+                extra.update({STATE_PREFIX + name: pack(value) for name, value in function.state().items()})
+        return extra
 
     def _consider(self, metric: dict) -> None:
         if self.best.consider(metric):

@@ -110,6 +110,22 @@ class ServerOptimizer(AggregationFunction, metaclass=_NotSingleton):
         return (f"ServerOptimizer({self.kind!r}, learning_rate={self.learning_rate:g}, betas={self.betas}, "
                 f"tau={self.tau:g})")
 
+    def state(self) -> dict[str, np.ndarray]:
+        """What a checkpoint keeps of this optimizer: x, m and v per parameter (float64), and each one's steps."""
+        names = list(self.x)
+        return {**{f"{part}/{name}": getattr(self, part)[name] for part in ("x", "m", "v") for name in names},
+                "steps": np.array([self.steps.get(name, 0) for name in names], dtype=np.float64)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Go on from a checkpoint's state() (resume_from); the parameters must be the same, shape for shape."""
+        names = list(self.x)
+        for part in ("x", "m", "v"):
+            for name in names:
+                value = np.asarray(state[f"{part}/{name}"], dtype=np.float64).reshape(self.x[name].shape)
+                getattr(self, part)[name] = value.copy()
+        self.steps = {name: int(n) for name, n in zip(names, state["steps"], strict=True) if n}
+        self._answered = {}
+
     def call(self, local_tensors, db_iterator, tensor_name, fl_round, tags) -> np.ndarray:
         """The new global value of one tensor from the envoys' trained values (an OpenFL AggregationFunction)."""
         if tensor_name not in self.x:

@@ -25,6 +25,15 @@ def batch_loader(dataset, batch_size: int, shuffle: bool = False, generator: tor
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
+def shuffling(dataset, seed: int, first_epoch: int = 0) -> torch.Generator:
+    """The generator that orders a node's training batches, epoch after epoch, from `seed`; a resumed run starts at
+    `first_epoch`, past the orders of the epochs it trained before."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(first_epoch):
+        list(RandomSampler(dataset, generator=generator))
+    return generator
+
+
 def loader_settings(device_request: str, training: bool = True) -> dict:
     """DataLoader settings for the device this node resolves `device_request` to.
 
@@ -39,9 +48,10 @@ def loader_settings(device_request: str, training: bool = True) -> dict:
 class MedMNISTData(DataInterface):
     """Each envoy's batches: `train` for training, `val` (or `test`, for the test run) for evaluation."""
 
-    def __init__(self, train_batch_size=64, eval_batch_size=256, eval_split="val", seed=0, device="auto"):
+    def __init__(self, train_batch_size=64, eval_batch_size=256, eval_split="val", seed=0, device="auto",
+                 first_epoch=0):
         super().__init__(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size,
-                         eval_split=eval_split, seed=seed, device=device)
+                         eval_split=eval_split, seed=seed, device=device, first_epoch=first_epoch)
 
     @property
     def shard_descriptor(self):
@@ -53,7 +63,7 @@ class MedMNISTData(DataInterface):
         self._shard_descriptor = shard_descriptor
         self.train_set = shard_descriptor.get_dataset("train")
         self.eval_set = shard_descriptor.get_dataset(self.kwargs["eval_split"])
-        self.shuffle = torch.Generator().manual_seed(self.kwargs["seed"])
+        self.shuffle = shuffling(self.train_set, self.kwargs["seed"], self.kwargs["first_epoch"])
 
     def get_train_loader(self, **kwargs):
         """Shuffled training batches; the generator gives each round a new order, the seed the same ones."""

@@ -6,12 +6,22 @@ each batch is drawn by Poisson sampling, each image's gradient is clipped to `ma
 (`noise_multiplier` x `max_grad_norm`) is added to their sum. An accountant adds up the privacy spent, epsilon at a
 given delta, over every step of every round. The train task gets the same DPSGD object every round of an
 experiment (OpenFL unpickles the task settings once per experiment on each envoy), so it is that object that keeps
-the envoy's accountant: epsilon accumulates over the whole run, and starts from zero in the next experiment.
+the envoy's accountant over the experiment's rounds.
+
+A run can take more than one experiment: one that resumes after its director went down, or one started again
+under the same name. With `ledger` (the notebook passes the run's name) each envoy also keeps the accountant's
+history on its own disk, under MEDFL_ENVOY_STATE (start_envoy.sh sets it beside the envoy's config), and adds it
+up before training: the epsilon it reports is what the run's data has spent over every attempt. A round an envoy
+trained counts even if the director went down before it used the result: the update may have left the node.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -50,13 +60,22 @@ class PoissonBatches(torch.utils.data.Sampler):
 # target_epsilon over the planned run), the run's privacy budget per envoy, and delta (0: 1 / (10 x the envoy's
 # training-set size)).
 OPTIONS = {"max_grad_norm": 1.0, "noise_multiplier": 0.0, "target_epsilon": 8.0, "delta": 0.0}
+# Where an envoy keeps its state across experiments (start_envoy.sh sets it); privacy ledgers go in privacy/.
+STATE_ENV = "MEDFL_ENVOY_STATE"
+
+
+def ledger_path(ledger: str) -> Path:
+    """The file of this envoy's privacy ledger `ledger` (a run's name)."""
+    state = os.environ.get(STATE_ENV) or Path.home() / ".local" / "state" / "medfl" / os.environ.get("ENVOY_NAME",
+                                                                                                     "envoy")
+    return Path(state) / "privacy" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', ledger)}.json"
 
 
 class DPSGD:
     """One envoy's DP-SGD: the settings, and once training starts, its noise and accountant for the experiment."""
 
     def __init__(self, max_grad_norm: float = 1.0, noise_multiplier: float = 0.0, target_epsilon: float = 8.0,
-                 delta: float = 0.0, rounds: int = 1, epochs_per_round: int = 1):
+                 delta: float = 0.0, rounds: int = 1, epochs_per_round: int = 1, ledger: str = ""):
         if not max_grad_norm > 0:
             raise PrivacyError(f"max_grad_norm={max_grad_norm!r} (dp_options): give the per-sample clipping norm, "
                                "e.g. 1.0")
@@ -68,6 +87,7 @@ class DPSGD:
                                "size, or 0 for 1 / (10 x that size)")
         self.max_grad_norm, self.noise_multiplier, self.target_epsilon = max_grad_norm, noise_multiplier, target_epsilon
         self.delta, self.rounds, self.epochs_per_round = delta, rounds, epochs_per_round
+        self.ledger, self.before = ledger, []  # the run's ledger, and its history before this experiment
         self.accountant = self._hooked = self._rate = None
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader):
@@ -91,6 +111,8 @@ class DPSGD:
                     target_epsilon=self.target_epsilon, target_delta=self.delta, sample_rate=rate,
                     steps=steps * self.epochs_per_round * self.rounds, accountant="rdp", alphas=ALPHAS)
             self.accountant = RDPAccountant()
+            self.before = self._read_ledger(self.delta)
+            self.accountant.history = list(self.before)
         generator = getattr(loader.sampler.sampler, "generator", None) or torch.Generator()
         sampler = PoissonBatches(n, rate, steps, generator, on_empty=self._count_empty)
         batches = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=0, pin_memory=loader.pin_memory)
@@ -116,5 +138,41 @@ class DPSGD:
             self._hooked = None
 
     def spent(self) -> dict[str, float]:
-        """The privacy this envoy has spent so far in the experiment: epsilon at delta."""
-        return {"epsilon": self.accountant.get_epsilon(self.delta, alphas=ALPHAS), "delta": self.delta}
+        """The privacy this envoy has spent so far in the run: epsilon at delta, and with a ledger that holds earlier
+        attempts, the part they spent (epsilon_before)."""
+        spent = {"epsilon": self.accountant.get_epsilon(self.delta, alphas=ALPHAS), "delta": self.delta}
+        if self.before:
+            earlier = type(self.accountant)()
+            earlier.history = list(self.before)
+            spent["epsilon_before"] = earlier.get_epsilon(self.delta, alphas=ALPHAS)
+        return spent
+
+    def commit(self) -> dict[str, float]:
+        """After each round's training: write the accountant's history to the ledger (atomically), then spent()."""
+        if self.ledger:
+            path = ledger_path(self.ledger)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}")
+            temporary.write_text(json.dumps({"ledger": self.ledger, "delta": self.delta,
+                                             "history": [list(step) for step in self.accountant.history]}))
+            os.replace(temporary, path)
+        return self.spent()
+
+    def _read_ledger(self, delta: float) -> list[tuple]:
+        """The history of the steps this envoy took in the run before this experiment ([] without a ledger)."""
+        if not self.ledger:
+            return []
+        path = ledger_path(self.ledger)
+        if not path.is_file():
+            return []
+        try:
+            saved = json.loads(path.read_text())
+            history = [(float(noise), float(rate), int(steps)) for noise, rate, steps in saved["history"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            # Forgetting spent privacy would understate it: refuse to train instead.
+            raise PrivacyError(f"the privacy ledger {path} is damaged ({type(exc).__name__}): this envoy cannot "
+                               "add up what the run has spent; restore it, or start the run under a new name") from None
+        if saved.get("delta") != delta:
+            raise PrivacyError(f"the privacy ledger {path} was kept at delta={saved.get('delta')}, this run asks "
+                               f"delta={delta}: resume with the run's dp_options")
+        return history

@@ -65,7 +65,7 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
     spent = {}
     if privacy is not None:
         privacy.detach()
-        spent = privacy.spent()  # epsilon at delta, over every round of this experiment so far
+        spent = privacy.commit()  # epsilon at delta, over every round of the run so far (kept on this envoy)
     return {"train_loss": train_loss, **spent, "train_seconds": time.perf_counter() - started}
 
 

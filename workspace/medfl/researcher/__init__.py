@@ -9,6 +9,7 @@ try:
 except ImportError as exc:  # a kernel from another environment
     raise ImportError("medfl.researcher needs this repository's openfl_adjustments: run the notebook in the "
                       "environment `make venv` makes (it puts the repository on its path)") from exc
+from .checkpoint import Checkpoint, Checkpointer, attempt_name, load_checkpoint, restarts
 from .federation import check_dataset, check_quorum, envoy_table, is_synthetic, show_samples
 from .follow import Followed, follow
 from .logs import log_to
@@ -27,7 +28,8 @@ from .submit import submission
 client.install()
 
 __all__ = [
-    "DEFAULTS", "RUN", "ExperimentFailed", "Followed", "NotebookError", "ParameterError", "build_results",
-    "check_algorithm", "check_dataset", "check_parameters", "check_quorum", "envoy_table", "follow", "is_synthetic",
-    "log_to", "save_run", "show_samples", "stop_if_failed", "submission", "training_parameters",
+    "DEFAULTS", "RUN", "Checkpoint", "Checkpointer", "ExperimentFailed", "Followed", "NotebookError",
+    "ParameterError", "attempt_name", "build_results", "check_algorithm", "check_dataset", "check_parameters",
+    "check_quorum", "envoy_table", "follow", "is_synthetic", "load_checkpoint", "log_to", "restarts", "save_run",
+    "show_samples", "stop_if_failed", "submission", "training_parameters",
 ]

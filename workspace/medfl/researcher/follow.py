@@ -10,7 +10,7 @@ import grpc
 import torch
 from tqdm.auto import tqdm
 
-from ..aggregator import AGGREGATED, DROPPED, FAILED, REJECTED, TRAFFIC, VALIDATE_GLOBAL, Best
+from ..aggregator import AGGREGATED, DROPPED, FAILED, REJECTED, TRAFFIC, TRAFFIC_COUNTS, VALIDATE_GLOBAL, Best
 
 TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val",
               TRAFFIC: "traffic"}
@@ -49,24 +49,38 @@ def round_label(metric: dict, rounds: int) -> str:
 
 
 def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Callable | None = None,
-           label: str = "", echo: Callable[[str], None] | None = None) -> Followed:
+           label: str = "", echo: Callable[[str], None] | None = None, checkpoints=None) -> Followed:
     """Follow an experiment until it ends, fails or its director is lost; never raises for those.
 
     Shows a progress bar over the global models validated, and one line per envoy task as its metrics arrive and
     per envoy dropped. With `best`, calls `on_new_best()` (the experiment's get_best_model) each time a model becomes
     the best, and keeps what it returns. `label` replaces the round label (the test run uses 'test').
+    `checkpoints` (a medfl.researcher.Checkpointer) is called at the end of each round; when it resumes a run, the
+    run's earlier metrics, dropouts, rejections and best model come first, and this experiment's rounds count on
+    from the checkpoint's.
     """
     run, pending = Followed(experiment.experiment_name, best=best), {}
+    resumed = getattr(checkpoints, "resumed", None)
+    offset = resumed.round if resumed else 0  # rounds the run had trained before this experiment
+    if resumed:
+        run.metrics, run.dropouts, run.rejected = list(resumed.metrics), list(resumed.dropouts), list(resumed.rejected)
+        if best is not None:
+            best.pick(run.metrics)
+            run.best_model = checkpoints.best_model()
     if not experiment.experiment_submitted:
         run.error = "the director refused the experiment; its log says why"
         return run
     expected = {task: set(names) for task, names in TASK_METRICS.items()}
     bar, finish = _progress(rounds + 1 if rounds and not label else 1, label or "global models validated")
     echo = echo or bar.write
+    if offset:
+        bar.update(offset)
+        echo(f"resumed: {offset} of {rounds} rounds were trained before; training goes on from the model after "
+             f"{offset}")
     seen_rounds = set()
     try:
         for m in experiment.federation.dir_client.stream_metrics(experiment.experiment_name):
-            m = {**m, "time": time.time()}
+            m = {**m, "round": m["round"] + offset, "time": time.time()}
             if m["task_name"] == DROPPED:
                 _dropped(run, m, label or _round_of(m["round"], rounds), echo)
                 continue
@@ -82,6 +96,8 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
                 bar.update(1)
             if m["task_name"] == TRAFFIC and m["metric_origin"] != AGGREGATED:
                 continue  # each envoy's share of the round's traffic: in results.json, not on the page
+            if m["task_name"] == TRAFFIC and checkpoints is not None and m["metric_name"] == TRAFFIC_COUNTS[-1]:
+                checkpoints(m["round"], run)  # the round is over and its model saved on the director
             key = (m["round"], m["metric_origin"], m["task_name"])
             # One task's metrics arrive together: another task of the same origin means this one's are all in.
             for done in [k for k in pending if k[1] == key[1] and k != key]:

@@ -50,6 +50,7 @@ RUN = {
     "api_key": "",
     "experiment_name": "",  # empty: medmnist-<dataset>-<date>-<time>
     "output_dir": "../runs",  # outside workspace/, which travels with the experiment
+    "resume_from": "",  # a run's folder: go on from its checkpoint, in that folder (its name is the run's)
     "preview_dir": "../data",  # a local copy of the public dataset to show samples from
     "data_source": "",  # recorded in results.json; empty: "synthetic" or "medmnist" from the envoys
     "verbose": False,  # True: OpenFL's log on the page too (it always goes to the run's logs/openfl.log)
@@ -162,6 +163,9 @@ def check_run(run: dict) -> None:
     if run["wire_dtype"] not in WIRE_DTYPES:
         raise ParameterError(f"wire_dtype={run['wire_dtype']!r}: use \"float32\" (the weights, lossless), or "
                              "\"float16\" or \"bfloat16\" (their change each round, in half the bytes)")
+    if not isinstance(run["resume_from"], str):
+        raise ParameterError(f"resume_from={run['resume_from']!r}: give a run's folder, e.g. \"../runs/<id>\", "
+                             "or \"\" to start a new run")
     port = run["director_port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ParameterError(f"director_port={port!r}: give the director's TCP port, e.g. 50051")

@@ -66,12 +66,15 @@ def privacy_block(rounds: list[dict], params: dict) -> dict | None:
     for entry in rounds:
         for name, values in entry["envoys"].items():
             if "epsilon" in values:
-                spent[name] = {"epsilon": values["epsilon"], "delta": values["delta"]}
+                spent[name] = {key: values[key] for key in ("epsilon", "delta", "epsilon_before") if key in values}
     if not spent:
         return {"dp": True, "per_envoy": {}, "epsilon": None, "delta": None, "summary": "no envoy finished a round"}
     epsilon, delta = max(v["epsilon"] for v in spent.values()), max(v["delta"] for v in spent.values())
-    return {"dp": True, "per_envoy": spent, "epsilon": epsilon, "delta": delta,
-            "summary": f"each envoy spent at most epsilon = {epsilon:.2f} at delta = {delta:.2g}"}
+    before = max((v.get("epsilon_before", 0.0) for v in spent.values()), default=0.0)
+    summary = f"each envoy spent at most epsilon = {epsilon:.2f} at delta = {delta:.2g}"
+    if before:  # the envoys' ledgers held an earlier attempt of this run (medfl.privacy)
+        summary += f" over all attempts of this run (up to {before:.2f} before its last experiment)"
+    return {"dp": True, "per_envoy": spent, "epsilon": epsilon, "delta": delta, "summary": summary}
 
 
 def traffic(metrics: list[dict]) -> list[dict]:
@@ -107,9 +110,10 @@ def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
 
 
 def build_results(*, params: dict, envoys: list[dict], training: Followed, testing: Followed | None = None,
-                  started: float, data_source: str) -> dict:
+                  started: float, data_source: str, restarts: list | None = None) -> dict:
     """The run's summary: what was trained on which shards, per-round metrics, the test of the best model,
-    who dropped out, and whether and why the run failed. `started` is the time.time() of submission."""
+    who dropped out, and whether and why the run failed. `started` is the time.time() of submission; `restarts`
+    lists the run's resumes (medfl.researcher.restarts)."""
     synthetic = is_synthetic(envoys)
     first = envoys[0] if envoys else {}
     nodes = [{"name": e["envoy"], **e.get("samples", {}), "label_histogram": e.get("label_histogram", {})}
@@ -119,6 +123,8 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
     return {
         "status": "failed" if failed else "completed",
         "error": failed.error if failed else None,
+        "attempt": training.name,  # OpenFL's experiment of this attempt (a resumed run's: <run>-resumed-<time>)
+        "restarts": list(restarts or []),
         "dataset": params["dataset"], "size": params["size"],
         "data_source": data_source or ("synthetic" if synthetic else "medmnist"), "synthetic": synthetic,
         "partition": {"strategy": first.get("partition"), "alpha": first.get("alpha"), "seed": first.get("seed")},
@@ -153,8 +159,12 @@ def stop_if_failed(run_dir: Path, *, training: Followed, testing: Followed | Non
     results = build_results(training=training, testing=testing, **record)
     save_run(run_dir, results, training, testing, best_model=training.best_model)
     kept = "the best model so far" if training.best_model is not None else "no model (none had arrived)"
+    resume = ""
+    if failed is training and (Path(run_dir) / "checkpoint.pt").is_file():
+        resume = (f"; it can go on from its last checkpoint: run = {{\"resume_from\": \"{run_dir}\"}} (make demo "
+                  f"resume_from={Path(run_dir).resolve()})")
     raise ExperimentFailed(f"experiment {failed.name} failed: {failed.error}. Kept the metrics so far and "
-                           f"{kept} in {Path(run_dir).resolve()}")
+                           f"{kept} in {Path(run_dir).resolve()}{resume}")
 
 
 def write_metrics_csv(path: Path, streams: dict[str, list[dict]]) -> None:
@@ -208,9 +218,12 @@ def plot_curves(path: Path, results: dict) -> None:
         if key.startswith("val") and results["best"]["round"] is not None:
             ax.axvline(results["best"]["round"], color="tab:green", linestyle=":", label="best model")
         for d in results["dropouts"]:
-            if d["experiment"] == results["params"].get("experiment"):  # not the test run's
+            if not d["experiment"].endswith("-test"):  # not the test run's
                 # Lost during training round r: between the models after r - 1 and r rounds.
                 ax.axvline(d["round"] - 0.5, color="tab:red", linestyle="--", label=f"{d['envoy']} dropped out")
+        for restart in results.get("restarts", []):
+            ax.axvline(restart["after_round"], color="tab:purple", linestyle="-.",
+                       label=f"resumed after round {restart['after_round']}")
         for envoy in sorted({r["envoy"] for r in results.get("rejected_updates", [])}):
             rounds = [r["round"] for r in results["rejected_updates"] if r["envoy"] == envoy]
             # Left out of round r's average: the model after r rounds was made without it.

@@ -1,0 +1,180 @@
+"""A run that survives its director: a checkpoint in the run's folder after every round, and resuming from it.
+
+After each round the notebook fetches the last global model, which the director sends with the round it is the
+model after and the aggregation's state (medfl.aggregator: a server optimizer's moments, bit for bit), and writes
+`checkpoint.pt` atomically beside results.json: that model, the rounds done, the aggregation's state, every metric
+so far (the best model's rule replays them), the best model, dropouts and rejected updates, the parameters and the
+envoys. `run = {"resume_from": "runs/<id>"}` (make demo resume_from=runs/<id>) starts a new experiment from it, on
+the same or a restarted director, for the rounds that remain; a checkpoint of another run (dataset, model,
+algorithm, envoys, ...) or a damaged one is refused in one line, and nothing is overwritten.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..aggregator import ROUND_KEY, STATE_PREFIX, unpack
+from .parameters import ParameterError
+
+FILE = "checkpoint.pt"
+FORMAT = 1
+# What a resumed run must share with the run it continues (the training parameters, as results.json records them).
+MUST_MATCH = ("dataset", "size", "epochs", "train_batch_size", "eval_batch_size", "learning_rate", "algorithm",
+              "algorithm_options", "dp", "dp_options", "seed", "stem", "wire_dtype")
+
+
+@dataclass
+class Checkpoint:
+    """What a run's checkpoint.pt holds."""
+
+    round: int  # training rounds done: `model` is the global model after them
+    model: dict  # its state_dict
+    aggregation: dict  # the aggregation function's state (a server optimizer's; float64 tensors), empty for none
+    best_model: dict | None  # the best model so far, as a state_dict
+    metrics: list  # every metric received, with the run's round numbers
+    dropouts: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    envoys: list = field(default_factory=list)  # the envoys' names
+    restarts: list = field(default_factory=list)  # each resume so far (results.json's restarts)
+    experiments: list = field(default_factory=list)  # OpenFL's experiments of the run so far
+    saved: float = 0.0
+
+    def restore(self, model: torch.nn.Module, aggregation=None) -> None:
+        """Give the notebook's model the checkpoint's global weights, and the aggregation function its state (a
+        server optimizer's moments) where it keeps one; ParameterError, in one line, if the model differs."""
+        mine = model.state_dict()
+        differs = [f"{name} {tuple(mine[name].shape) if name in mine else 'missing'} here, "
+                   f"{tuple(value.shape)} in the checkpoint" for name, value in self.model.items()
+                   if name not in mine or mine[name].shape != value.shape]
+        differs += [f"{name} is not in the checkpoint" for name in mine if name not in self.model]
+        if differs:
+            raise ParameterError(f"the checkpoint's model is not this notebook's ({differs[0]}"
+                                 f"{f', and {len(differs) - 1} more' if len(differs) > 1 else ''}): resume with the "
+                                 "model cell the run started with")
+        model.load_state_dict(self.model)
+        if self.aggregation and hasattr(aggregation, "load_state"):
+            aggregation.load_state({name: value.numpy() for name, value in self.aggregation.items()})
+
+
+def attempt_name(run_name: str, checkpoint: Checkpoint | None) -> str:
+    """OpenFL's name for this attempt's experiment: the run's name, or for a resume the run's name and the time (a
+    director that was not restarted still knows the earlier attempts' experiments)."""
+    return run_name if checkpoint is None else f"{run_name}-resumed-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _differences(saved: dict, given: dict) -> list[str]:
+    names = MUST_MATCH + (("rounds",) if saved.get("dp") else ())  # DP's noise was set for the planned rounds
+    return [f"{name}={saved.get(name)!r} (now {given.get(name)!r})" for name in names
+            if saved.get(name) != given.get(name)]
+
+
+def load_checkpoint(resume_from: str, params: dict, envoys: list[dict]) -> Checkpoint | None:
+    """The checkpoint in the run folder `resume_from` (None for ""), checked against these parameters and the
+    envoys online; ParameterError, in one line, for one that is missing, damaged or of another run."""
+    if not resume_from:
+        return None
+    path = Path(resume_from)
+    path = path / FILE if path.is_dir() else path
+    if not path.is_file():
+        raise ParameterError(f"resume_from={resume_from!r}: no {FILE} there; a run writes one in its folder after each "
+                             "round it completes")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise ValueError(f"not a format-{FORMAT} checkpoint")
+        checkpoint = Checkpoint(**{k: v for k, v in saved.items() if k != "format"})
+    except Exception as exc:
+        raise ParameterError(f"resume_from={resume_from!r}: {path.name} is damaged ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); nothing was changed: "
+                             "resume from another copy, or start the run again") from None
+    differences = _differences(checkpoint.params, params)
+    if differences:
+        raise ParameterError(f"resume_from={resume_from!r} is a checkpoint of another run: {'; '.join(differences)}: "
+                             "resume with the run's parameters")
+    if params["rounds"] < checkpoint.round:
+        raise ParameterError(f"resume_from={resume_from!r}: the run has done {checkpoint.round} rounds, more than "
+                             f"rounds={params['rounds']}")
+    online = sorted(e["envoy"] for e in envoys if e.get("online"))
+    dropped = {d["envoy"] for d in checkpoint.dropouts}
+    if online not in (sorted(checkpoint.envoys), sorted(set(checkpoint.envoys) - dropped)):
+        raise ParameterError(f"resume_from={resume_from!r}: the run's envoys are {', '.join(checkpoint.envoys)}"
+                             + (f" ({', '.join(sorted(dropped))} dropped out)" if dropped else "")
+                             + f", online now: {', '.join(online) or 'none'}. An envoy re-registers with a restarted "
+                             "director within its health-check period: wait, or start the missing ones; stop others")
+    return checkpoint
+
+
+def save(path: Path, checkpoint: Checkpoint) -> None:
+    """Write `checkpoint` to path atomically: a reader finds the old one or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.save({"format": FORMAT, **checkpoint.__dict__}, temporary)
+    with open(temporary, "rb") as written:
+        os.fsync(written.fileno())
+    os.replace(temporary, path)
+
+
+class Checkpointer:
+    """follow()'s hand at each round's end: fetch the last global model with the director's state and write the
+    run's checkpoint. `record` is the notebook's (params, envoys, restarts); `resumed` the checkpoint this attempt
+    goes on from, if any."""
+
+    def __init__(self, run_dir: Path, experiment, model: torch.nn.Module, record: dict,
+                 resumed: Checkpoint | None = None):
+        self.path = Path(run_dir) / FILE
+        self.experiment, self.model, self.record, self.resumed = experiment, model, record, resumed
+        self.first_round = resumed.round if resumed else 0
+
+    def best_model(self) -> torch.nn.Module | None:
+        """The resumed run's best model so far, as a model like the notebook's."""
+        if self.resumed is None or self.resumed.best_model is None:
+            return None
+        best = copy.deepcopy(self.model)
+        best.load_state_dict(self.resumed.best_model)
+        return best
+
+    def __call__(self, ended: int, run) -> bool:
+        """Round `ended` (counted in the run, from 0) is over: checkpoint the model after it; False if the director's
+        last model is not that one (it has moved on already, or the round only validated)."""
+        raw = self.experiment.federation.dir_client.get_last_model(self.experiment.experiment_name)
+        if ROUND_KEY not in raw or self.first_round + int(raw[ROUND_KEY][0]) != ended + 1:
+            return False
+        model = {name: torch.from_numpy(np.array(raw[name])).reshape(t.shape).to(t.dtype)
+                 for name, t in self.model.state_dict().items()}
+        aggregation = {name[len(STATE_PREFIX):]: torch.from_numpy(unpack(value)) for name, value in raw.items()
+                       if name.startswith(STATE_PREFIX)}
+        earlier = self.resumed.experiments if self.resumed else []
+        save(self.path, Checkpoint(
+            round=ended + 1, model=model, aggregation=aggregation,
+            best_model=copy.deepcopy(run.best_model.state_dict()) if run.best_model is not None else None,
+            metrics=[m for m in run.metrics if m["round"] <= ended], dropouts=list(run.dropouts),
+            rejected=list(run.rejected), params=self.record["params"],
+            envoys=sorted(e["envoy"] for e in self.record["envoys"] if e.get("online")),
+            restarts=list(self.record.get("restarts", [])),
+            experiments=[*earlier, self.experiment.experiment_name], saved=time.time()))
+        return True
+
+
+def restarts(run_dir: Path, checkpoint: Checkpoint | None, attempt: str) -> list[dict]:
+    """results.json's `restarts`: each resume of the run, this one last, with the rounds trained before it, when,
+    and why the attempt before had stopped (the error its results.json recorded)."""
+    if checkpoint is None:
+        return []
+    previous, why, earlier = Path(run_dir) / "results.json", None, list(checkpoint.restarts)
+    if previous.is_file():  # written by the last attempt that could still write before it stopped
+        stopped = json.loads(previous.read_text())
+        if stopped.get("status") == "failed" and stopped.get("attempt"):
+            why = f"{stopped['attempt']}: {stopped['error']}"
+        known = {r["experiment"] for r in earlier}  # and resumes that stopped before their first checkpoint
+        earlier += [r for r in stopped.get("restarts", []) if r["experiment"] not in known]
+    return [*earlier, {
+        "after_round": checkpoint.round, "experiment": attempt, "time": time.time(),
+        "checkpoint_saved": checkpoint.saved,
+        "why": why or "not recorded: the notebook stopped before it could say (its kernel or host went down)"}]
