@@ -236,7 +236,8 @@ def hosts_run(settings: Settings, data_dir: Path, workdir: Path) -> dict:
             run_dir = fed.notebook("bench", parameters, timeout=settings.timeout)
         finally:
             fed.stop()
-        return {**run_timing(run_dir), **wire_figures(run_dir), "link": network.describe(), "profile": network.profile}
+        return {**run_timing(run_dir), **wire_figures(run_dir), "link": network.describe(), "profile": network.profile,
+                "run_dir": run_dir}
 
 
 # Beyond the same work in a bare process (the limit's workers, CUDA context included): OpenFL, gRPC, the
@@ -296,6 +297,8 @@ def bench(settings: Settings) -> int:
                   test_auc=round(test["auc"], 4))
     print(f"on the wire ({settings.wire_dtype}), {_wire_line(loopback, weights)}")
     print(f"the best model on the envoys' test splits (SYNTHETIC data): ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
+    if settings.secure_aggregation:
+        result["secure_aggregation"] = secure_against_plain(settings, data_dir, workdir, fed, loopback)
     if settings.wan:
         hosts = hosts_run(settings, data_dir, workdir / "hosts")
         limit = physical_limit(hosts, hosts["profile"])
@@ -324,5 +327,38 @@ def bench(settings: Settings) -> int:
               "overlaps its local validation, so a round can beat it")
         print("round overheads across hosts: " + ", ".join(f"{x:.2f} s" for x in hosts["round_overheads_s"]))
         print(f"across hosts, {_wire_line(hosts, weights)}")
+        if settings.secure_aggregation:
+            result["hosts"]["protocol_s"] = round(_protocol_s(hosts["run_dir"]), 3)
+            print(f"across hosts, the secure aggregation protocol took {result['hosts']['protocol_s']:.2f} s a round "
+                  "(median)")
     print(json.dumps(result))
     return 0
+
+
+def _protocol_s(run_dir: Path) -> float:
+    """The median round's secure aggregation protocol, keys to unmasking, as the director timed it."""
+    rounds = json.loads((run_dir / "results.json").read_text())["secure_aggregation"]["rounds"]
+    return statistics.median(r["seconds"] for r in rounds)
+
+
+def secure_against_plain(settings: Settings, data_dir: Path, workdir: Path, secure: dict, wire: dict) -> dict:
+    """SECAGG=1: the same federation once more without secure aggregation, and what secure aggregation cost."""
+    plain = federation_run(settings.replace(secure_aggregation=False), data_dir, workdir / "plain")
+    plain_wire = wire_figures(workdir / "plain")
+    tests = [json.loads((d / "results.json").read_text())["test"] for d in (workdir, workdir / "plain")]
+    figures = {"wall_over_plain": round(secure["wall_s"] / plain["wall_s"], 3),
+               "plain_wall_s": round(plain["wall_s"], 2), "protocol_s": round(_protocol_s(workdir), 3),
+               "up_over_plain": round(wire["up_bytes"] / plain_wire["up_bytes"], 3),
+               "down_over_plain": round(wire["down_bytes"] / plain_wire["down_bytes"], 3),
+               "test_acc_difference": round(tests[0]["acc"] - tests[1]["acc"], 6)}
+    print(f"\nsecure aggregation against plain {settings.algorithm}, on loopback:")
+    print(f"{'':34}{'secure':>12}{'plain':>10}{'ratio':>8}{'target':>10}")
+    print(f"{'wall, submission to trained model':34}{secure['wall_s']:>10.1f} s{plain['wall_s']:>8.1f} s"
+          f"{figures['wall_over_plain']:>8.2f}{'<= 1.2':>10}")
+    print(f"{'up per envoy and round':34}{wire['up_bytes'] / 1e6:>9.3f} MB{plain_wire['up_bytes'] / 1e6:>7.3f} MB"
+          f"{figures['up_over_plain']:>8.2f}")
+    print(f"{'down per envoy and round':34}{wire['down_bytes'] / 1e6:>9.3f} MB{plain_wire['down_bytes'] / 1e6:>7.3f} MB"
+          f"{figures['down_over_plain']:>8.2f}")
+    print(f"{'test ACC':34}{tests[0]['acc']:>12.4f}{tests[1]['acc']:>10.4f}")
+    print(f"the protocol (keys, shares, masked inputs, unmasking) took {figures['protocol_s']:.2f} s a round (median)")
+    return figures

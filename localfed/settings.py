@@ -26,7 +26,7 @@ COMMANDS = ("demo", "baseline", "bench", "compare", "stems")
 # The keys of the notebook's `run` dict that a user sets; the launcher sets the others (director, certificates,
 # output folder, experiment name, data source).
 RUN_SETTINGS = ("stem", "best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio",
-                "max_rejections", "wire_dtype", "verbose", "resume_from")
+                "max_rejections", "wire_dtype", "secure_threshold", "max_update_norm", "verbose", "resume_from")
 # The launcher's own settings and their defaults.
 LAUNCHER = {
     "envoys": 2,
@@ -47,7 +47,7 @@ LAUNCHER = {
 COMMAND_DEFAULTS = {"compare": {"envoys": 3, "partition": "dirichlet", "alpha": 0.3}, "stems": {"size": 224}}
 # The documented make variables whose name is not the setting's in capitals.
 ALIASES = {"ALGO": "algorithm", "ALGOS": "algorithms", "SERVER_LR": "server_learning_rate",
-           "EPSILON": "target_epsilon", "RESUME": "resume_from"}
+           "EPSILON": "target_epsilon", "RESUME": "resume_from", "SECAGG": "secure_aggregation"}
 # make demo writes the settings it was given to the run's folder; make demo resume_from=<that folder> starts from
 # them, so that the resumed run has the same data, envoys and parameters (those given again win).
 GIVEN_FILE = "launcher.json"

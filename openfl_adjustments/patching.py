@@ -4,21 +4,23 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-_REPLACED: list[tuple[object, str, object]] = []  # (owner, attribute, original), in the order applied
+_REPLACED: list[tuple[object, str, object, object]] = []  # (owner, attribute, original, maker), in order applied
 
 
 def replace(owner: object, name: str, make: Callable[[object], object]) -> None:
-    """Set owner.name to make(original), unless this module already replaced it. (A static method is restored as
-    one: what is kept for restore_all is the attribute as the class holds it.)"""
-    original = getattr(owner, name)
-    if any(o is owner and n == name for o, n, _ in _REPLACED):
+    """Set owner.name to make(original), unless this same `make` (the same code) already did: installing twice
+    changes nothing, and two adjustments of one attribute wrap one another. (A static method is restored as one:
+    what is kept for restore_all is the attribute as the class holds it.)"""
+    maker = getattr(make, "__code__", make)
+    if any(o is owner and n == name and m == maker for o, n, _, m in _REPLACED):
         return
-    _REPLACED.append((owner, name, inspect.getattr_static(owner, name)))
+    original = getattr(owner, name)
+    _REPLACED.append((owner, name, inspect.getattr_static(owner, name), maker))
     setattr(owner, name, make(original))
 
 
 def restore_all() -> None:
     """Put back every original that replace() swapped out."""
     while _REPLACED:
-        owner, name, original = _REPLACED.pop()
+        owner, name, original, _ = _REPLACED.pop()
         setattr(owner, name, original)

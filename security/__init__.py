@@ -8,9 +8,11 @@ envoy, which unpickles and runs it beside the hospital's images.
 - signing: a researcher signs each experiment's archive; trust: the director and each envoy check the signature
   before anything is unpacked, and each envoy runs only what the researchers it trusts signed.
 - plaintext: without TLS, a director listens and an envoy connects on loopback only (unless ALLOW_PLAINTEXT=1).
+- secagg: secure aggregation, the director learning the round's sum of the envoys' updates and never one of them:
+  the protocol, and on each envoy the masking of its train task's weights before they leave.
 
-install() puts access and trust in place in a node's process (python -m openfl_adjustments does it); the notebook
-signs with signing.signing().
+install() puts access, trust and the envoy's masking in place in a node's process (python -m openfl_adjustments
+does it); the notebook signs with signing.signing().
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ __all__ = ["install"]
 
 
 def install() -> None:
-    """Gate the director's calls by role, owner and name; have envoys run only what they trust."""
-    from . import access, trust
+    """Gate the director's calls by role, owner and name; have envoys run only what they trust, and mask their
+    updates when an experiment asks for secure aggregation."""
+    from . import access, secagg, trust
 
     access.install()
     trust.install()
+    secagg.install()

@@ -187,7 +187,7 @@ def test_a_checkpoint_is_skipped_when_the_director_has_moved_on(tmp_path):
     last = {**{k: v.numpy() for k, v in model.state_dict().items()}, ROUND_KEY: np.array([3.0], np.float32)}
     experiment = SimpleNamespace(experiment_name="run", federation=SimpleNamespace(dir_client=_Director([], last)))
     checkpoints = Checkpointer(tmp_path, experiment, model, {"params": PARAMS, "envoys": ONLINE})
-    run = SimpleNamespace(best_model=None, metrics=[], dropouts=[], rejected=[])
+    run = SimpleNamespace(best_model=None, metrics=[], dropouts=[], rejected=[], secure=[])
     assert not checkpoints(1, run) and not (tmp_path / FILE).exists()  # the model after 3 is not the one after 2
     assert checkpoints(2, run) and torch.load(tmp_path / FILE, weights_only=True)["round"] == 3
 

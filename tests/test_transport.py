@@ -333,3 +333,26 @@ def test_openfls_delta_of_a_0d_tensor_is_a_scalar_and_the_adjusted_one_an_array(
     finally:
         openfl_adjustments.restore_all()
     assert TensorCodec.apply_delta(key, np.ones(2), np.ones(2))[1].tolist() == [2.0, 2.0]  # a static method again
+
+
+def test_two_adjustments_of_one_attribute_wrap_one_another_and_installing_twice_changes_nothing():
+    from openfl_adjustments.patching import replace, restore_all
+
+    class Owner:
+        def greet(self):
+            return "hello"
+
+    def loud(original):
+        return lambda self: original(self) + "!"
+
+    def polite(original):
+        return lambda self: original(self) + ", please"
+
+    try:
+        for _ in range(2):
+            replace(Owner, "greet", loud)
+            replace(Owner, "greet", polite)
+        assert Owner().greet() == "hello!, please"
+    finally:
+        restore_all()
+    assert Owner().greet() == "hello"

@@ -61,6 +61,7 @@ PARAMETERS = {
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
     "dp": "True: DP-SGD on every envoy (section 5)",
     "dp_options": 'e.g. {"target_epsilon": 4.0}; the rest as in medfl.privacy.OPTIONS',
+    "secure_aggregation": "True: the director sees only the envoys' weighted mean (section 6)",
     "seed": "",
     "run": "where the director is, with which certificates, where results go, and the federation's\n"
            "rules (min_envoys, round_timeout, wire_dtype, ...): make demo sets it; the rest as in\n"
@@ -241,9 +242,11 @@ md("""## 6. Start the experiment
 - `opt_treatment="RESET"`: each round's local training starts from a fresh optimizer state, as FedAvg does.
 - `device_assignment_policy="CUDA_PREFERRED"`: an envoy whose config lists `cuda_devices` hands its tasks `cuda:N`.
 - `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric, checks every update, and goes on without lost envoys while `run["min_envoys"]` remain; the aggregator's port, if fixed; and, with `run["wire_dtype"]` `"float16"` or `"bfloat16"`, what travels: each round's *change* of the weights, in half the bytes, which the director adds to the global model it holds and aggregates in float32 (`medfl/wire.py`). For hospitals on slow links; the default, `"float32"`, sends the weights as they are.
+- with `secure_aggregation = True`, **secure aggregation** (`medfl/secure.py`, `security/secagg.py`): each round every envoy clips its update's norm to `run["max_update_norm"]`, then adds masks to it that cancel only in the sum of all envoys' (SecAgg: keys agreed between the envoys through the director, which relays what it cannot read). The director learns the round's weighted mean and nothing else of any one hospital's weights; it still sees their metrics and sample counts. Envoys that drop out mid-round are unmasked from the others' shares while `run["secure_threshold"]` (default: more than half) remain. It costs twice the bytes up (64-bit ring elements) and a few round trips per round; `median` and `geomedian`, which need each update, are refused.
 
 OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.submission(...)` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels. With mutual TLS it also signs the archive with your key (`run["api_key"]`): the director accepts it only from you, and each envoy runs it only if it trusts you (its config's `trusted_researchers`) and nothing in it changed on the way. Whoever an envoy trusts can run any code there: that is what submitting an experiment means."""),
-code("start", """from medfl.wire import wire_format
+code("start", """from medfl.secure import plan as secure_plan
+from medfl.wire import wire_format
 
 rules = ("best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio", "max_rejections")
 plan_overrides = {
@@ -251,6 +254,8 @@ plan_overrides = {
     **{f"aggregator.settings.{name}": run[name] for name in rules},
     **({"network.settings.agg_port": run["aggregator_port"]} if run["aggregator_port"] else {}),
     **wire_format(run["wire_dtype"]),  # float16, bfloat16: OpenFL's delta updates, through medfl.wire's pipeline
+    # secure_aggregation: every envoy masks its update; the director can unmask their weighted mean, nothing else
+    **secure_plan(secure_aggregation, run["secure_threshold"], run["max_update_norm"]),
 }
 if checkpoint:  # resume_from: start from the checkpoint's global model and aggregation state (a server optimizer's)
     checkpoint.restore(model, aggregation)

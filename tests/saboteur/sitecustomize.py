@@ -5,6 +5,12 @@ MEDFL_TEST_SABOTEUR=ENVOY:KIND:ROUND, or several separated by commas (e.g. envoy
 first weight one row short (`shape`), after its own checks ran: as a node whose checks are missing, or that
 attacks on purpose, would. Its metrics stay as its real training made them. Every other process ignores it.
 
+ENVOY:die_after_masked:ROUND (secure aggregation): that envoy kills itself (SIGKILL) once its masked update of that
+round has reached the director, before it reveals its shares.
+
+MEDFL_TEST_CAPTURE=FOLDER: the director writes every task result it receives, as it arrives, to a pickle in FOLDER
+(envoy, round, task, and each tensor's name, report flag, tags and bytes): what the director's process held.
+
 MEDFL_TEST_DIRECTOR_HOLD=EXPERIMENT:ROUNDS: the director hands out no more tasks in experiment EXPERIMENT (`*`:
 in any) once ROUNDS training rounds are done, so that a test can kill it between rounds with no envoy training
 (tests of resuming: what each envoy's privacy ledger holds then does not depend on timing).
@@ -52,6 +58,36 @@ def _hold(aggregator_class, experiment: str, rounds: int) -> None:
     aggregator_class.__init__, aggregator_class.get_tasks = noting_the_experiment, holding
 
 
+def _die_after_masked(secagg, in_round: int) -> None:
+    send = secagg.Messenger.send
+
+    def sending(self, step, payload):
+        send(self, step, payload)
+        if step == "masked" and self.round + 1 == in_round:
+            print(f"SABOTEUR: {self.name} dies after sending its masked update of round {in_round}", flush=True)
+            os.kill(os.getpid(), 9)
+
+    secagg.Messenger.send = sending
+
+
+def _capture(aggregator_class, folder: str) -> None:
+    import itertools
+    import pickle
+    from pathlib import Path
+
+    receive, counter = aggregator_class.send_local_task_results, itertools.count()
+
+    def capturing(self, collaborator_name, round_number, task_name, data_size, named_tensors):
+        record = {"envoy": collaborator_name, "round": round_number, "task": task_name,
+                  "tensors": [{"name": t.name, "report": t.report, "tags": list(t.tags), "bytes": t.data_bytes}
+                              for t in named_tensors]}
+        path = Path(folder) / f"{os.getpid()}-{next(counter):06d}.pkl"
+        path.write_bytes(pickle.dumps(record))
+        return receive(self, collaborator_name, round_number, task_name, data_size, named_tensors)
+
+    aggregator_class.send_local_task_results = capturing
+
+
 def _sabotage(collaborator_class, kind: str, from_round: int) -> None:
     send_task_results = collaborator_class.send_task_results
 
@@ -88,9 +124,15 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 for _spec in filter(None, os.environ.get("MEDFL_TEST_SABOTEUR", "").split(",")):
     _envoy, _kind, _round = _spec.split(":")
-    if _envoy == os.environ.get("ENVOY_NAME"):
+    if _envoy == os.environ.get("ENVOY_NAME") and _kind == "die_after_masked":
+        sys.meta_path.insert(0, _AfterImport("security.secagg", lambda module, r=int(_round):
+                                             _die_after_masked(module, r)))
+    elif _envoy == os.environ.get("ENVOY_NAME"):
         sys.meta_path.insert(0, _AfterImport(TARGET, lambda module, k=_kind, r=int(_round):
                                              _sabotage(module.Collaborator, k, r)))
+if os.environ.get("MEDFL_TEST_CAPTURE") and not os.environ.get("ENVOY_NAME"):
+    sys.meta_path.insert(0, _AfterImport("medfl.aggregator", lambda module, f=os.environ["MEDFL_TEST_CAPTURE"]:
+                                         _capture(module.SelectingAggregator, f)))
 if os.environ.get("MEDFL_TEST_DIRECTOR_HOLD") and not os.environ.get("ENVOY_NAME"):
     _experiment, _rounds = os.environ["MEDFL_TEST_DIRECTOR_HOLD"].rsplit(":", 1)
     sys.meta_path.insert(0, _AfterImport("medfl.aggregator", lambda module, e=_experiment, r=int(_rounds):

@@ -34,9 +34,9 @@ import time
 
 import numpy as np
 from openfl.component.aggregator.aggregator import Aggregator
-from openfl.utilities import TaskResultKey, TensorKey
+from openfl.utilities import LocalTensor, TaskResultKey, TensorKey
 
-from . import checks
+from . import checks, secure
 from .checks import Rejection
 
 VALIDATE_GLOBAL = "aggregated_model_validate"
@@ -50,6 +50,7 @@ REJECTED = "update_rejected"  # metric_origin is the envoy; metric_name is JSON:
 # data only, and connections, the new connections the envoys opened to the aggregator in the round.
 TRAFFIC = "traffic"
 TRAFFIC_COUNTS = ("received_bytes", "sent_bytes", "connections")
+SECURE_STEP = "secagg/"  # the task and tensor names of secure aggregation's messages (security.secagg.STEP)
 # A run's checkpoint needs, beside the last global model, the round it is the model after and the aggregation's
 # state (a server optimizer's moments): both come with the last model (get_last_model), the state's float64
 # arrays viewed as float32, so that they cross OpenFL's float32 wire bit for bit (medfl.researcher.checkpoint).
@@ -171,9 +172,12 @@ class SelectingAggregator(Aggregator):
 
     def __init__(self, *args, best_metric: str = "auc", best_mode: str = "max", min_envoys=0.5,
                  round_timeout: float = 0, max_update_ratio: float = checks.MAX_UPDATE_RATIO,
-                 max_rejections: int = checks.MAX_REJECTIONS, **kwargs):
+                 max_rejections: int = checks.MAX_REJECTIONS, secure_aggregation: bool = False,
+                 secure_threshold: int = 0, max_update_norm: float = secure.MAX_UPDATE_NORM, **kwargs):
         checks.check_settings(max_update_ratio, max_rejections)
         super().__init__(*args, **kwargs)
+        # medfl.secure: the envoys mask their updates; the director sees only their weighted mean.
+        self._secure = secure.SecureRounds(self, secure_threshold, max_update_norm) if secure_aggregation else None
         self.best = Best(best_metric, best_mode)
         self.best_model_score = _Never()
         # OpenFL puts each aggregated metric on this queue right where it would judge "best".
@@ -217,7 +221,17 @@ class SelectingAggregator(Aggregator):
                                 task_name)
             return
         self._count(round_number, collaborator_name, "received_bytes", sum(len(t.data_bytes) for t in named_tensors))
+        if task_name.startswith(SECURE_STEP):  # a message of secure aggregation's protocol (medfl.secure)
+            if self._secure is not None:
+                self._secure.receive(collaborator_name, round_number, task_name[len(SECURE_STEP):], named_tensors)
+            return
         weights = [t for t in named_tensors if not t.report and "trained" in t.tags]
+        if weights and self._secure is not None:  # a node without secure aggregation: its update is not used
+            self._reject(Rejection(collaborator_name, round_number + 1, "secure", "its update arrived unmasked: "
+                                   "its node does not run this project's secure aggregation (security.secagg)"),
+                         task_name)
+            named_tensors = [t for t in named_tensors if t.report]
+            weights = []
         if weights and round_number == self.round_number:
             self._training_tasks.add(task_name)
             problem = self._structure(weights, round_number)
@@ -227,8 +241,16 @@ class SelectingAggregator(Aggregator):
         super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
 
     def get_aggregated_tensor(self, collaborator_name, tensor_name, round_number, report, tags, require_lossless):
-        named_tensor = super().get_aggregated_tensor(collaborator_name, tensor_name, round_number, report, tags,
-                                                     require_lossless)
+        if tensor_name.startswith(SECURE_STEP):  # a request in secure aggregation's protocol: held until ready
+            from openfl.protocols import base_pb2
+
+            answer = (self._secure.answer(collaborator_name, round_number, tensor_name[len(SECURE_STEP):])
+                      if self._secure is not None else b'{"error": "this experiment has no secure aggregation"}')
+            named_tensor = base_pb2.NamedTensor(name=tensor_name, round_number=round_number, lossless=True,
+                                                data_bytes=answer)
+        else:
+            named_tensor = super().get_aggregated_tensor(collaborator_name, tensor_name, round_number, report, tags,
+                                                         require_lossless)
         self._count(round_number, collaborator_name, "sent_bytes", len(named_tensor.data_bytes))
         return named_tensor
 
@@ -329,6 +351,36 @@ class SelectingAggregator(Aggregator):
                                        f"{self.max_update_ratio:g}", numbers), task)
 
     def _compute_validation_related_task_metrics(self, task_name: str) -> None:
+        self._aggregate_metrics(task_name)
+        if self._secure is not None and "train" in task_name and not self.stopped:
+            self._aggregate_securely(task_name)
+
+    def _aggregate_securely(self, task_name: str) -> None:
+        """The round's new global model from the secure sum (the envoys sent no weights in the clear)."""
+        r = self.round_number
+        try:
+            weights, report = self._secure.mean(r, self._global_model(r))
+        except Exception as exc:  # below the threshold, or inputs of another size
+            self._fail(f"round {r + 1}: {exc}")
+            return
+        self.metric_queue.put({"round": r, "metric_origin": AGGREGATED, "task_name": secure.SECURE,
+                               "metric_name": json.dumps(report), "metric_value": report["seconds"]})
+        if weights is None:  # the sum failed its check: the global model stays as it was
+            self.logger.warning("Round %d: %s; the global model stays as it was", r + 1, report["rejected"])
+            weights = self._global_model(r)
+        function = self.assigner.get_aggregation_type_for_task(task_name)
+        for name, value in weights.items():
+            mean = function.call([LocalTensor(col_name="secure sum", tensor=value, weight=1.0)], None, name, r,
+                                 ("trained",))
+            self._prepare_trained(name, self.uuid, r, False, mean)
+
+    def fail_securely(self, why: str) -> None:
+        """Secure aggregation cannot go on (below its threshold): the experiment fails with that line."""
+        with self.lock:
+            if not self.stopped:
+                self._fail(why)
+
+    def _aggregate_metrics(self, task_name: str) -> None:
         left_out = self._left_out.get(task_name, set())
         if not left_out:
             return super()._compute_validation_related_task_metrics(task_name)
@@ -436,6 +488,8 @@ class SelectingAggregator(Aggregator):
     def _drop(self, name: str, why: str, round_number: int | None = None) -> None:
         """Drop envoy `name`; the event names `round_number` (default: the current round)."""
         self.dropped[name] = why
+        if self._secure is not None:
+            self._secure.notify()  # requests waiting for its protocol messages look again
         self.quit_job_sent_to.append(name)  # the experiment may end without its goodbye
         self.logger.warning("Dropped envoy %s in round %d: %s", name, self.round_number, why)
         if not self._time_to_quit():
@@ -446,6 +500,8 @@ class SelectingAggregator(Aggregator):
         self.logger.error("The experiment stops: %s", why)
         self.metric_queue.put(self._event(AGGREGATED, FAILED, why))
         self.stopped = True
+        if self._secure is not None:
+            self._secure.notify()  # envoys waiting in the protocol hear it
 
     def _event(self, origin: str, kind: str, why: str, round_number: int | None = None) -> dict:
         r = self.round_number if round_number is None else round_number

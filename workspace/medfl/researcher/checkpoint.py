@@ -41,6 +41,7 @@ class Checkpoint:
     metrics: list  # every metric received, with the run's round numbers
     dropouts: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
+    secure: list = field(default_factory=list)  # secure aggregation's rounds so far
     params: dict = field(default_factory=dict)
     envoys: list = field(default_factory=list)  # the envoys' names
     restarts: list = field(default_factory=list)  # each resume so far (results.json's restarts)
@@ -155,7 +156,7 @@ class Checkpointer:
             round=ended + 1, model=model, aggregation=aggregation,
             best_model=copy.deepcopy(run.best_model.state_dict()) if run.best_model is not None else None,
             metrics=[m for m in run.metrics if m["round"] <= ended], dropouts=list(run.dropouts),
-            rejected=list(run.rejected), params=self.record["params"],
+            rejected=list(run.rejected), secure=list(run.secure), params=self.record["params"],
             envoys=sorted(e["envoy"] for e in self.record["envoys"] if e.get("online")),
             restarts=list(self.record.get("restarts", [])),
             experiments=[*earlier, self.experiment.experiment_name], saved=time.time()))

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..aggregator import AGGREGATED, DROPPED, FAILED, REJECTED, TRAFFIC, TRAFFIC_COUNTS, VALIDATE_GLOBAL, Best
+from ..secure import SECURE
 
 TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val",
               TRAFFIC: "traffic"}
@@ -34,6 +35,7 @@ class Followed:
     metrics: list = field(default_factory=list)
     dropouts: list = field(default_factory=list)
     rejected: list = field(default_factory=list)  # updates the director left out of a round's aggregate
+    secure: list = field(default_factory=list)  # secure aggregation: who was summed each round, who dropped out
     error: str | None = None
     best: Best | None = None
     best_model: torch.nn.Module | None = None
@@ -64,6 +66,7 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
     offset = resumed.round if resumed else 0  # rounds the run had trained before this experiment
     if resumed:
         run.metrics, run.dropouts, run.rejected = list(resumed.metrics), list(resumed.dropouts), list(resumed.rejected)
+        run.secure = list(resumed.secure)
         if best is not None:
             best.pick(run.metrics)
             run.best_model = checkpoints.best_model()
@@ -86,6 +89,9 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
                 continue
             if m["task_name"] == REJECTED:
                 _rejected(run, m, label or _round_of(m["round"], rounds), echo)
+                continue
+            if m["task_name"] == SECURE:
+                _secured(run, m, label or _round_of(m["round"], rounds), echo)
                 continue
             if m["task_name"] == FAILED:
                 run.error = m["metric_name"]
@@ -170,6 +176,17 @@ def _rejected(run: Followed, m: dict, where: str, echo) -> None:
     run.rejected.append({"envoy": m["metric_origin"], "experiment": run.name, "round": m["round"] + 1, **what})
     echo(f"{where:<16} {m['metric_origin']:<11} REJECTED: its update failed the {what['check']} check: "
          f"{what['detail']}; left out of this round's average")
+
+
+def _secured(run: Followed, m: dict, where: str, echo) -> None:
+    what = {**json.loads(m["metric_name"]), "round": m["round"] + 1, "experiment": run.name}
+    run.secure.append(what)
+    lost = [f"{', '.join(what[k])} dropped out {k[8:].replace('_', ' ')}" for k in
+            ("dropped_before_sending", "dropped_after_sending") if what[k]]
+    line = (f"{where:<16} {AGGREGATED:<11} secure sum of {len(what['summed'])} of {len(what['envoys'])} envoys' "
+            f"updates (threshold {what['threshold']})" + (f"; {'; '.join(lost)}" if lost else "")
+            + "; the director saw no single update")
+    echo(line if "rejected" not in what else f"{line}. REJECTED: {what['rejected']}; the model stays as it was")
 
 
 def _line(where: str, m: dict, values: dict) -> str:

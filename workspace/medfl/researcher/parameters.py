@@ -20,6 +20,7 @@ from ..device import REQUESTS
 from ..model import FLAGS, MULTI_LABEL, SIZES, STEMS, task_type
 from ..privacy import DPSGD, PrivacyError
 from ..privacy import OPTIONS as DP_OPTIONS
+from ..secure import MAX_UPDATE_NORM
 from ..wire import WIRE_DTYPES
 
 # The parameters cell, in its order (tools/notebooks.py writes it from these).
@@ -37,6 +38,7 @@ DEFAULTS = {
     "bf16": False,
     "dp": False,
     "dp_options": {},
+    "secure_aggregation": False,
     "seed": 0,
     "run": {},
 }
@@ -62,6 +64,8 @@ RUN = {
     "max_update_ratio": MAX_UPDATE_RATIO,  # an update this many times farther from the global model than the
     "max_rejections": MAX_REJECTIONS,  # round's median is left out; rejected this many rounds in a row: dropped
     "wire_dtype": "float32",  # "float16", "bfloat16": each round's weight changes in half the bytes
+    "secure_threshold": 0,  # secure aggregation: shares needed to unmask a round (0: more than half the envoys)
+    "max_update_norm": MAX_UPDATE_NORM,  # ...and the norm each envoy clips its update to, since nobody else sees it
 }
 # Each dict parameter's defaults.
 DICTS = {"algorithm_options": ALGORITHM_OPTIONS, "dp_options": DP_OPTIONS, "run": RUN}
@@ -82,7 +86,7 @@ def training_parameters(namespace: dict) -> dict:
     """What results.json records of a run's parameters: all but the connection and bookkeeping in `run`."""
     kept = {name: namespace[name] for name in DEFAULTS if name != "run"}
     rules = ("stem", "best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio", "max_rejections",
-             "wire_dtype")
+             "wire_dtype", "secure_threshold", "max_update_norm")
     return {**kept, **{name: namespace["run"][name] for name in rules}}
 
 
@@ -106,7 +110,8 @@ def _whole(name: str, value) -> None:
 
 def check_parameters(*, dataset, size, rounds, epochs, train_batch_size, eval_batch_size, learning_rate,
                      algorithm=DEFAULTS["algorithm"], algorithm_options=None, device=DEFAULTS["device"],
-                     bf16=DEFAULTS["bf16"], dp=DEFAULTS["dp"], dp_options=None, seed=DEFAULTS["seed"], run=None,
+                     bf16=DEFAULTS["bf16"], dp=DEFAULTS["dp"], dp_options=None,
+                     secure_aggregation=DEFAULTS["secure_aggregation"], seed=DEFAULTS["seed"], run=None,
                      **_) -> tuple[dict, dict, dict]:
     """Refuse impossible parameters before anything is submitted, one clear line each; return algorithm_options,
     dp_options and run, each complete with its defaults."""
@@ -138,7 +143,33 @@ def check_parameters(*, dataset, size, rounds, epochs, train_batch_size, eval_ba
             DPSGD(**dp_options, rounds=rounds, epochs_per_round=epochs)
         except (PrivacyError, TypeError) as exc:
             raise ParameterError(str(exc)) from None
+    check_secure(secure_aggregation, algorithm, run)
     return algorithm_options, dp_options, run
+
+
+def check_secure(secure_aggregation, algorithm: str, run: dict) -> None:
+    """Refuse secure aggregation where it cannot work, in one line."""
+    from security.secagg import LARGEST_BOUND
+
+    if secure_aggregation not in (True, False):
+        raise ParameterError(f"secure_aggregation={secure_aggregation!r}: True (the director sees only the envoys' "
+                             "sum) or False")
+    threshold, bound = run["secure_threshold"], run["max_update_norm"]
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold == 1 or threshold < 0:
+        raise ParameterError(f"secure_threshold={threshold!r}: give the number of envoys whose shares unmask a "
+                             "round, at least 2 (0: more than half of them)")
+    if not _number(bound) or not 0 < bound <= LARGEST_BOUND:
+        raise ParameterError(f"max_update_norm={bound!r}: give a positive number up to {LARGEST_BOUND:.0f} (the "
+                             "norm each envoy clips its update to under secure aggregation)")
+    if not secure_aggregation:
+        return
+    if algorithm in ("median", "geomedian"):
+        raise ParameterError(f"algorithm={algorithm!r} needs each envoy's update, which secure aggregation hides "
+                             "from the director: use fedavg, fedprox, fedntd or a FedOpt algorithm, or "
+                             "secure_aggregation = False")
+    if run["wire_dtype"] != "float32":
+        raise ParameterError(f"secure_aggregation with wire_dtype={run['wire_dtype']!r}: masked updates travel as "
+                             "64-bit ring elements, not as half-precision changes; use wire_dtype \"float32\"")
 
 
 def check_run(run: dict) -> None:

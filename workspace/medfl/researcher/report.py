@@ -135,6 +135,8 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "privacy": privacy_block(rounds, params),
         "dropouts": training.dropouts + (testing.dropouts if testing else []),
         "rejected_updates": training.rejected + (testing.rejected if testing else []),
+        # What the director learned: with secure aggregation, per round, whose updates it summed without seeing
+        "secure_aggregation": {"rounds": training.secure} if params.get("secure_aggregation") else None,
         "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value, "loss": best.loss,
                  "tie": best.tie},
         "test": {"model": "best", "round": best.round,

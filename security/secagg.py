@@ -1,0 +1,404 @@
+"""Secure aggregation: the director learns the round's weighted mean of the envoys' updates, never one envoy's.
+
+The protocol is SecAgg (Bonawitz et al., CCS 2017) for an honest-but-curious director, run afresh every round:
+
+1. Advertise. Each envoy u makes two X25519 key pairs, c (to encrypt shares) and s (to derive masks), and sends
+   their public halves with its training-set size n_u. The director relays every envoy's to every envoy (U1).
+2. Share. u draws a self-mask seed b_u, splits b_u and its private key s_u into Shamir shares, threshold t of
+   |U1|, and sends each other envoy v its two shares, encrypted with AES-GCM under a key agreed with v (c keys):
+   the director routes ciphertexts it cannot read (U2: the envoys whose shares arrived).
+3. Masked input. u encodes (n_u / sum of n over U1) x its update in fixed point, in the ring of 2^64, and adds
+   PRG(b_u) and, for every other v in U2, +PRG(s_uv) if u comes before v by name, else -PRG(s_uv), where s_uv is
+   agreed from u's s key and v's: the pairwise masks cancel in the sum (U3: the envoys whose input arrived).
+4. Unmask. Each envoy of U3 reveals, to the director, its shares of b_v for every v in U3 and of s_v for every v
+   that dropped out between 2 and 3 (never both for one v). With t shares the director rebuilds each, removes the
+   self-masks and the dropped envoys' pairwise masks, and is left with the sum. Fewer than t: the round fails.
+
+What the director sees of one envoy: its public keys, its training-set size, ciphertexts, its metrics, and a
+masked vector that is uniform in the ring whatever the update. Keys are fresh each round, so what is revealed for
+an envoy that dropped out says nothing about other rounds. Against a director that lies about who dropped out
+(to learn both an envoy's s and b), an honest envoy never reveals both for one envoy; a director that shows
+different envoys different lists, or substitutes keys, is outside this model (SecAgg's malicious variant signs
+every message). Primitives: X25519, HKDF-SHA256, AES-GCM and ChaCha20 from `cryptography`, Shamir's secret
+sharing from PyCryptodome; the protocol logic is this module's.
+
+On the nodes: the envoy's part runs where its collaborator sends the train task's results (install()); the
+director's part, DirectorRound, is driven by medfl.aggregator.SelectingAggregator. Messages ride OpenFL's own
+calls to the aggregator: an envoy sends one as task results of a task named `secagg/<step>`, and fetches one as
+an aggregated tensor of that name, which the aggregator holds until it is ready.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+# Fixed point in the ring of 2^64: 40 fractional bits (a resolution of 9.1e-13), and 23 integer bits for the sum.
+# Each envoy clips its update to MAX_UPDATE_NORM (so no element exceeds it) and weighs it by its share of the
+# samples (the weights add up to 1), so no element of the sum exceeds the bound: up to 2^22 it cannot overflow.
+FRACTION_BITS = 40
+LARGEST_BOUND = 2.0 ** 22
+STEP = "secagg/"  # the prefix of the task and tensor names that carry the protocol's messages
+COUNTERS = ("num_batches_tracked",)  # step counters (BatchNorm's): summed, but not part of an update's norm
+
+
+class SecAggError(RuntimeError):
+    """The protocol cannot go on; the message says why, in one line."""
+
+
+# --- primitives, each from a vetted library ----------------------------------------------------------------------
+def encode(values: np.ndarray) -> np.ndarray:
+    """Real values (|v| < 2^22) as ring elements: fixed point with FRACTION_BITS, two's complement in 2^64."""
+    return np.rint(np.asarray(values, dtype=np.float64) * 2.0 ** FRACTION_BITS).astype(np.int64).view(np.uint64)
+
+
+def decode(ring: np.ndarray) -> np.ndarray:
+    """encode()'s inverse, for a sum of encoded values too."""
+    return np.asarray(ring, dtype=np.uint64).view(np.int64).astype(np.float64) / 2.0 ** FRACTION_BITS
+
+
+def prg(seed: bytes, count: int) -> np.ndarray:
+    """`count` pseudo-random ring elements from a 32-byte seed: ChaCha20's keystream (each seed is used once)."""
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update(bytes(8 * count))
+    return np.frombuffer(stream, dtype=np.uint64)
+
+
+def _derive(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def agree(private: X25519PrivateKey, public: bytes, info: bytes) -> bytes:
+    """A 32-byte key that `private`'s owner and `public`'s owner both derive, for one purpose (`info`)."""
+    return _derive(private.exchange(X25519PublicKey.from_public_bytes(public)), info)
+
+
+def split(secret: bytes, threshold: int, count: int) -> list[tuple[int, bytes]]:
+    """Shamir shares (index from 1, 32 bytes) of a 32-byte secret: any `threshold` of `count` rebuild it."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    halves = [Shamir.split(threshold, count, secret[i:i + 16]) for i in (0, 16)]
+    return [(index, first + second) for (index, first), (_, second) in zip(*halves, strict=True)]
+
+
+def combine(shares: list[tuple[int, bytes]], threshold: int) -> bytes:
+    """The secret of `threshold` or more shares; SecAggError below that (Shamir would return a wrong one)."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    if len({index for index, _ in shares}) < threshold:
+        raise SecAggError(f"{len(shares)} shares, fewer than the threshold {threshold}: the secret stays hidden")
+    shares = sorted(dict(shares).items())[:threshold]
+    return b"".join(Shamir.combine([(index, share[i:i + 16]) for index, share in shares]) for i in (0, 16))
+
+
+def seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, context)
+
+
+def unseal(key: bytes, sealed: bytes, context: bytes) -> bytes:
+    return AESGCM(key).decrypt(sealed[:12], sealed[12:], context)
+
+
+def _raw(private: X25519PrivateKey) -> bytes:
+    return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def _public(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _bytes(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def majority(count: int) -> int:
+    """The default threshold: more than half of the round's envoys."""
+    return count // 2 + 1
+
+
+def sign(u: str, v: str) -> int:
+    """+1 if u adds the pair's mask, -1 if it subtracts it: the envoy first by name adds."""
+    return 1 if u < v else -1
+
+
+# --- one envoy's part of one round ---------------------------------------------------------------------------------
+class EnvoyRound:
+    """Envoy `name`'s side of one round, `context` naming the experiment and round (it binds every key and
+    ciphertext to them)."""
+
+    def __init__(self, name: str, context: str, samples: int):
+        self.name, self.context, self.samples = name, context.encode(), int(samples)
+        self.c, self.s, self.b = X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32)
+        self.peers: dict = {}
+        self.held: dict[str, tuple[tuple[int, bytes], tuple[int, bytes]]] = {}  # v: my shares of (s_v, b_v)
+        self.u2: list[str] = []
+
+    def advertise(self) -> dict:
+        return {"c": _b64(_public(self.c)), "s": _b64(_public(self.s)), "samples": self.samples}
+
+    def share(self, peers: dict, threshold: int) -> dict[str, str]:
+        """Given every envoy's advertisement (U1, this one included): the encrypted shares for each other one."""
+        if self.name not in peers:
+            raise SecAggError(f"the director left {self.name} out of the round's envoys")
+        if not 2 <= threshold <= len(peers):
+            raise SecAggError(f"threshold {threshold} for {len(peers)} envoys: it must be at least 2 and at most "
+                              "their number")
+        self.peers = {v: {"c": _bytes(p["c"]), "s": _bytes(p["s"]), "samples": int(p["samples"])}
+                      for v, p in sorted(peers.items())}
+        self.threshold, names = threshold, list(self.peers)
+        s_shares, b_shares = split(_raw(self.s), threshold, len(names)), split(self.b, threshold, len(names))
+        sealed = {}
+        for v, s_share, b_share in zip(names, s_shares, b_shares, strict=True):
+            if v == self.name:
+                self.held[v] = (s_share, b_share)
+                continue
+            message = json.dumps({"s": [s_share[0], _b64(s_share[1])], "b": [b_share[0], _b64(b_share[1])]})
+            sealed[v] = _b64(seal(self._channel(v), message.encode(), self._about(self.name, v)))
+        return sealed
+
+    def masked(self, update: np.ndarray, inbox: dict[str, str]) -> np.ndarray:
+        """The ring vector to send: this envoy's weighted, encoded update plus its masks; `inbox` holds the
+        shares the other envoys of U2 sent it (their names are U2)."""
+        for u, sealed in inbox.items():
+            if u not in self.peers or u == self.name:
+                raise SecAggError(f"shares from {u}, which is not another envoy of this round")
+            try:
+                message = json.loads(unseal(self._channel(u), _bytes(sealed), self._about(u, self.name)))
+            except Exception as exc:  # a ciphertext the director changed, or one for another round
+                raise SecAggError(f"the shares from {u} do not open ({type(exc).__name__}): they were changed on "
+                                  "the way") from None
+            self.held[u] = ((message["s"][0], _bytes(message["s"][1])), (message["b"][0], _bytes(message["b"][1])))
+        self.u2 = sorted([*inbox, self.name])
+        total = sum(self.peers[v]["samples"] for v in self.peers)
+        y = encode(np.asarray(update, dtype=np.float64) * (self.samples / total))
+        y = y + prg(self.b, y.size)
+        for v in self.u2:
+            if v != self.name:
+                mask = prg(agree(self.s, self.peers[v]["s"], b"mask|" + self.context), y.size)
+                y = y + mask if sign(self.name, v) > 0 else y - mask
+        return y
+
+    def reveal(self, survivors: list[str], dropped: list[str]) -> dict:
+        """This envoy's shares for the unmasking: of b for the survivors, of s for the dropped, never both for one
+        envoy; SecAggError for a request an honest director would not make."""
+        survivors, dropped = set(survivors), set(dropped)
+        if survivors & dropped or not survivors | dropped <= set(self.u2) or self.name not in survivors:
+            raise SecAggError(f"refused to reveal: survivors {sorted(survivors)} and dropped {sorted(dropped)} are "
+                              f"not a split of the round's envoys {self.u2}")
+        return {"b": {v: [self.held[v][1][0], _b64(self.held[v][1][1])] for v in sorted(survivors)},
+                "s": {v: [self.held[v][0][0], _b64(self.held[v][0][1])] for v in sorted(dropped)}}
+
+    def _channel(self, v: str) -> bytes:
+        return agree(self.c, self.peers[v]["c"], b"shares|" + self.context)
+
+    def _about(self, sender: str, receiver: str) -> bytes:
+        return f"{sender}>{receiver}|".encode() + self.context
+
+
+# --- the director's part of one round ------------------------------------------------------------------------------
+class DirectorRound:
+    """What the director keeps of one round: who advertised (U1), whose shares arrived (U2), whose masked input
+    (U3), and the revealed shares; sum() unmasks."""
+
+    def __init__(self, envoys: list[str], threshold: int, context: str):
+        self.envoys, self.threshold, self.context = sorted(envoys), threshold, context.encode()
+        self.advertised: dict[str, dict] = {}
+        self.sealed: dict[str, dict[str, str]] = {}  # sender: {receiver: ciphertext}
+        self.inputs: dict[str, np.ndarray] = {}
+        self.reveals: dict[str, dict] = {}
+        self.dropped: set[str] = set()
+        self.started = time.monotonic()
+
+    def waiting_for(self, step: str) -> list[str]:
+        """The envoys a step still waits for (those dropped wait for nothing)."""
+        have = {"advertise": self.advertised, "share": self.sealed, "masked": self.inputs}[step]
+        expected = {"advertise": self.envoys, "share": self.u1, "masked": self.u2}[step]
+        return [v for v in expected if v not in have and v not in self.dropped]
+
+    @property
+    def u1(self) -> list[str]:
+        return sorted(self.advertised)
+
+    @property
+    def u2(self) -> list[str]:
+        return sorted(self.sealed)
+
+    @property
+    def u3(self) -> list[str]:
+        return sorted(self.inputs)
+
+    def check_quorum(self, step: str) -> None:
+        """SecAggError naming who is missing once fewer than the threshold can still take part."""
+        alive = [v for v in {"advertise": self.envoys, "share": self.u1, "masked": self.u2, "reveal": self.u3}[step]
+                 if v not in self.dropped or (step == "reveal" and v in self.reveals)]
+        if len(alive) < self.threshold:
+            missing = sorted(set(self.envoys) - set(alive))
+            raise SecAggError(f"secure aggregation needs {self.threshold} of the round's {len(self.envoys)} envoys, "
+                              f"{len(alive)} remain ({', '.join(missing)} missing)")
+
+    def _rebuild(self, part: str, v: str, revealed: list[str]) -> bytes:
+        """Envoy v's secret `part` ("b" or "s") from the shares the envoys in `revealed` sent."""
+        return combine([(self.reveals[r][part][v][0], _bytes(self.reveals[r][part][v][1])) for r in revealed
+                        if v in self.reveals[r][part]], self.threshold)
+
+    def inbox(self, receiver: str) -> dict[str, str]:
+        return {sender: sealed[receiver] for sender, sealed in self.sealed.items() if receiver in sealed}
+
+    def sum(self) -> tuple[np.ndarray, float]:
+        """The decoded weighted sum of U3's updates, rescaled to a weighted mean over U3, and U3's share of U1's
+        samples; SecAggError if fewer than the threshold revealed their shares."""
+        revealed = sorted(self.reveals)
+        if not self.inputs:
+            raise SecAggError("no envoy sent its masked update this round")
+        if len(revealed) < self.threshold:
+            raise SecAggError(f"secure aggregation needs shares from {self.threshold} envoys, {len(revealed)} sent "
+                              f"them ({', '.join(v for v in self.u3 if v not in self.reveals) or 'none'} missing)")
+        total = np.zeros_like(next(iter(self.inputs.values())))
+        for y in self.inputs.values():
+            total += y  # uint64: wraps around, as the ring does
+        for v in self.u3:  # self-masks
+            total -= prg(self._rebuild("b", v, revealed), total.size)
+        for v in sorted(set(self.u2) - set(self.u3)):  # the pairwise masks of envoys that dropped out before input
+            s = X25519PrivateKey.from_private_bytes(self._rebuild("s", v, revealed))
+            for w in self.u3:
+                mask = prg(agree(s, _bytes(self.advertised[w]["s"]), b"mask|" + self.context), total.size)
+                total = total - mask if sign(w, v) > 0 else total + mask  # what w added for v, taken back
+        samples = {v: int(self.advertised[v]["samples"]) for v in self.u1}
+        share = sum(samples[v] for v in self.u3) / sum(samples.values())
+        return decode(total) / share, share
+
+
+# --- the envoy's hook: where its collaborator sends the train task's results -------------------------------------
+POLL_S = 10.0  # the aggregator holds a request for a message this long before answering "not yet"
+DEADLINE_S = 3600.0  # an envoy gives up on a round whose protocol has not moved on for this long
+
+
+def flatten(tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, list[tuple[str, tuple]]]:
+    """One float64 vector of the tensors in name order, and the (name, shape) layout to unflatten it."""
+    names = sorted(tensors)
+    layout = [(name, np.shape(tensors[name])) for name in names]
+    return np.concatenate([np.asarray(tensors[n], dtype=np.float64).reshape(-1) for n in names]), layout
+
+
+def unflatten(vector: np.ndarray, layout: list[tuple[str, tuple]]) -> dict[str, np.ndarray]:
+    out, at = {}, 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        out[name] = vector[at:at + size].reshape(shape)
+        at += size
+    return out
+
+
+def clipped(update: dict[str, np.ndarray], bound: float) -> tuple[dict[str, np.ndarray], float]:
+    """The update with its norm (step counters left out) clipped to `bound`, and its norm before; SecAggError if
+    it is not finite (such weights would be masked past any check)."""
+    bad = sorted(name for name, value in update.items() if not np.isfinite(value).all())
+    if bad:
+        raise SecAggError(f"NaN or infinity in {len(bad)} tensors of the trained weights ({bad[0]} first): not sent")
+    norm = float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for name, v in update.items()
+                             if not name.endswith(COUNTERS))))
+    if norm <= bound:
+        return update, norm
+    factor = bound / norm
+    return {name: v if name.endswith(COUNTERS) else v * factor for name, v in update.items()}, norm
+
+
+def _named(payload: bytes, name: str = "payload"):
+    from openfl.protocols import base_pb2
+
+    return base_pb2.NamedTensor(name=name, round_number=0, lossless=True, report=False, data_bytes=payload)
+
+
+class Messenger:
+    """An envoy's messages to and from the aggregator, on its collaborator's client, for one round."""
+
+    def __init__(self, client, name: str, round_number: int, deadline_s: float):
+        self.client, self.name, self.round, self.deadline = client, name, round_number, time.monotonic() + deadline_s
+
+    def send(self, step: str, payload: bytes) -> None:
+        self.client.send_local_task_results(self.name, self.round, STEP + step, 0, [_named(payload)])
+
+    def fetch(self, step: str) -> dict:
+        """The aggregator's answer for this step, once it has one (it holds each request up to POLL_S)."""
+        while True:
+            answer = json.loads(self.client.get_aggregated_tensor(self.name, STEP + step, self.round, False, [],
+                                                                  True).data_bytes)
+            if "error" in answer:
+                raise SecAggError(answer["error"])
+            if not answer.get("pending"):
+                return answer
+            if time.monotonic() > self.deadline:
+                raise SecAggError(f"no answer from the director to {step} in time; still waiting for "
+                                  f"{', '.join(answer.get('waiting_for', [])) or 'nothing it named'}")
+
+
+def mask_and_send(collaborator, tensor_dict: dict, round_number: int, bound: float) -> tuple[dict, float]:
+    """Run this round's protocol for the train task's results: the trained weights leave as one masked vector,
+    their change clipped to norm `bound`; return the results without them, and the change's norm before clipping."""
+    from openfl.utilities import TensorKey
+
+    client = getattr(collaborator.client, "client", collaborator.client)  # the calls themselves, not in background
+    name, origin = collaborator.collaborator_name, collaborator.aggregator_uuid
+    trained = {key: value for key, value in tensor_dict.items() if not key.report and "trained" in key.tags}
+    glob = {key.tensor_name: collaborator.tensor_db.get_tensor_from_cache(
+        TensorKey(key.tensor_name, origin, round_number, False, ("model",))) for key in trained}
+    missing = [n for n, v in glob.items() if v is None]
+    if missing:
+        raise SecAggError(f"the round's global model is not at hand for {missing[0]}: cannot make the update")
+    change = {key.tensor_name: np.asarray(value, np.float64) - np.asarray(glob[key.tensor_name], np.float64)
+              for key, value in trained.items()}
+    update, norm = clipped(change, bound)
+    messenger = Messenger(client, name, round_number, DEADLINE_S)
+    mine = EnvoyRound(name, f"{origin}|{round_number}", collaborator.task_runner.get_train_data_size())
+    messenger.send("advertise", json.dumps(mine.advertise()).encode())
+    peers = messenger.fetch("peers")
+    messenger.send("share", json.dumps(mine.share(peers["advertised"], peers["threshold"])).encode())
+    inbox = messenger.fetch("inbox")
+    messenger.send("masked", mine.masked(flatten(update)[0], inbox["sealed"]).tobytes())
+    request = messenger.fetch("unmask")
+    messenger.send("reveal", json.dumps(mine.reveal(request["survivors"], request["dropped"])).encode())
+    return {key: value for key, value in tensor_dict.items() if key not in trained}, norm
+
+
+def install() -> None:
+    """On an envoy: a collaborator whose plan asks for secure aggregation (its settings' secure_aggregation and
+    max_update_norm) masks its train task's weights, and reports their change's norm (update_norm)."""
+    from openfl.component.collaborator import collaborator as module
+    from openfl.utilities import TensorKey
+
+    from openfl_adjustments.patching import replace
+
+    def taking_the_settings(init):
+        def wrapper(self, *args, secure_aggregation=False, max_update_norm=None, **kwargs):
+            init(self, *args, **kwargs)
+            self.secure_bound = float(max_update_norm) if secure_aggregation else None
+
+        return wrapper
+
+    def masking(send_task_results):
+        def wrapper(self, tensor_dict, round_number, task_name):
+            bound = getattr(self, "secure_bound", None)
+            if bound and any(not k.report and "trained" in k.tags for k in tensor_dict):
+                tensor_dict, norm = mask_and_send(self, tensor_dict, round_number, bound)
+                tags = next((k.tags for k in tensor_dict if k.report), ("trained", "metric"))
+                tensor_dict = {**tensor_dict, TensorKey("update_norm", self.collaborator_name, round_number, True,
+                                                        tags): np.array(norm)}
+            return send_task_results(self, tensor_dict, round_number, task_name)
+
+        return wrapper
+
+    replace(module.Collaborator, "__init__", taking_the_settings)
+    replace(module.Collaborator, "send_task_results", masking)

@@ -1,0 +1,206 @@
+"""Secure aggregation's protocol in one process (security.secagg): masks that cancel, a sum that decodes to the
+weighted mean, envoys that drop out before or after sending, thresholds, and what the director can and cannot
+learn. tests/test_secure_aggregation.py runs it in real federations."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from medfl.researcher import ParameterError, check_parameters
+from security.secagg import (
+    FRACTION_BITS,
+    LARGEST_BOUND,
+    DirectorRound,
+    EnvoyRound,
+    SecAggError,
+    clipped,
+    combine,
+    decode,
+    encode,
+    split,
+)
+
+SAMPLES = {"envoy_1": 600, "envoy_2": 300, "envoy_3": 100}
+CONTEXT = "aggregator-uuid|2"
+# The chi-square test of a vector's bytes against uniform: at this significance a truly uniform vector fails once in
+# a thousand runs (the false-alarm rate); the vectors here are fixed by their seeds, so each test's verdict is too.
+ALPHA = 1e-3
+
+
+def _updates(size: int = 5000, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.normal(scale=1e-2, size=size) for name in SAMPLES}
+
+
+def _run(updates, threshold=2, drop_before_input=(), drop_after_input=(), envoys=None):
+    """The protocol with a director that relays honestly: (director round, envoy rounds)."""
+    envoys = envoys or {name: EnvoyRound(name, CONTEXT, SAMPLES[name]) for name in updates}
+    director = DirectorRound(list(envoys), threshold, CONTEXT)
+    for name, envoy in envoys.items():
+        director.advertised[name] = json.loads(json.dumps(envoy.advertise()))  # as it crosses the wire
+    for name, envoy in envoys.items():
+        director.sealed[name] = envoy.share(director.advertised, threshold)
+    for name, envoy in envoys.items():
+        if name not in drop_before_input:
+            director.inputs[name] = envoy.masked(updates[name], {u: c for u, c in director.inbox(name).items()})
+    survivors, dropped = director.u3, sorted(set(director.u2) - set(director.u3))
+    for name in survivors:
+        if name not in drop_after_input:
+            director.reveals[name] = envoys[name].reveal(survivors, dropped)
+    director.dropped = set(drop_before_input) | set(drop_after_input)
+    return director, envoys
+
+
+def _weighted_mean(updates, names):
+    total = sum(SAMPLES[n] for n in names)
+    return sum(updates[n] * (SAMPLES[n] / total) for n in names)
+
+
+def test_the_masks_cancel_and_the_sum_decodes_to_the_weighted_mean():
+    updates = _updates()
+    director, _ = _run(updates)
+    mean, share = director.sum()
+    assert share == 1.0
+    expected = _weighted_mean(updates, SAMPLES)
+    # Exactly the sum of the encoded, weighted updates: every mask cancelled, in the ring.
+    total = sum(SAMPLES.values())
+    encoded = sum(encode(updates[n] * (SAMPLES[n] / total)) for n in SAMPLES)
+    assert np.array_equal(encode(mean), encoded)
+    # Within the fixed point's rounding: half a unit of 2^-40 per envoy.
+    assert np.max(np.abs(mean - expected)) <= len(SAMPLES) * 2.0 ** -(FRACTION_BITS + 1)
+    assert np.linalg.norm(mean - expected) / np.linalg.norm(expected) < 1e-6
+
+
+def test_the_sum_of_envoys_at_the_bound_cannot_overflow_with_23_integer_bits():
+    # Each envoy's update is clipped to the bound, so no element exceeds it; weights add up to 1: the largest sum
+    # is the bound itself, and 2^22 leaves one bit of the 23 for the rounding.
+    worst = {name: np.array([LARGEST_BOUND, -LARGEST_BOUND, 1.0]) for name in SAMPLES}
+    director, _ = _run(worst)
+    mean, _ = director.sum()
+    assert np.allclose(mean, [LARGEST_BOUND, -LARGEST_BOUND, 1.0], rtol=0, atol=1e-9)
+    assert 63 - FRACTION_BITS == 23
+    assert decode(encode(np.array([2.0 ** 23]))) == -(2.0 ** 23)  # one bit more wraps around: hence the bound
+
+
+def _uniform(vector: np.ndarray) -> float:
+    """The p-value of the vector's bytes against the uniform distribution (chi-square over 256 values)."""
+    counts = np.bincount(np.frombuffer(vector.tobytes(), dtype=np.uint8), minlength=256)
+    return chisquare(counts).pvalue
+
+
+def test_one_masked_update_alone_is_indistinguishable_from_uniform():
+    updates = _updates(size=20_000)
+    updates["envoy_1"] = np.zeros(20_000)  # the most structured update there is
+    director, _ = _run(updates)
+    for name in SAMPLES:
+        assert _uniform(director.inputs[name]) > ALPHA, name
+    # The test has power: the same update encoded without masks is far from uniform.
+    assert _uniform(encode(updates["envoy_2"])) < 1e-100
+
+
+def test_shamir_rebuilds_from_any_threshold_and_refuses_below():
+    secret = bytes(range(32))
+    shares = split(secret, 3, 5)
+    assert {combine([shares[i] for i in pick], 3) for pick in ((0, 1, 2), (1, 3, 4), (0, 2, 4))} == {secret}
+    with pytest.raises(SecAggError, match="fewer than the threshold 3"):
+        combine(shares[:2], 3)
+
+
+def test_an_envoy_lost_after_sharing_but_before_its_input_is_left_out_and_the_round_completes():
+    updates = _updates(seed=1)
+    director, _ = _run(updates, drop_before_input=["envoy_3"])
+    mean, share = director.sum()
+    assert share == pytest.approx(900 / 1000)
+    assert np.max(np.abs(mean - _weighted_mean(updates, ["envoy_1", "envoy_2"]))) < 1e-11
+
+
+def test_an_envoy_lost_after_sending_its_input_is_unmasked_from_the_others_shares():
+    updates = _updates(seed=2)
+    director, _ = _run(updates, drop_after_input=["envoy_3"])  # its reveal never comes
+    assert sorted(director.reveals) == ["envoy_1", "envoy_2"]
+    mean, share = director.sum()
+    assert share == 1.0 and np.max(np.abs(mean - _weighted_mean(updates, SAMPLES))) < 1e-11
+
+
+def test_below_the_threshold_the_round_fails_naming_who_is_missing():
+    updates = _updates(seed=3)
+    director, _ = _run(updates, threshold=3, drop_after_input=["envoy_3"])
+    with pytest.raises(SecAggError, match=r"needs shares from 3 envoys, 2 sent them \(envoy_3 missing\)"):
+        director.sum()
+    director.dropped = {"envoy_2", "envoy_3"}
+    with pytest.raises(SecAggError, match=r"needs 3 of the round's 3 envoys, 1 remain \(envoy_2, envoy_3 missing\)"):
+        director.check_quorum("advertise")
+
+
+def test_the_self_mask_keeps_an_envoy_hidden_when_the_director_falsely_says_it_dropped():
+    updates = _updates(size=20_000, seed=4)
+    envoys = {name: EnvoyRound(name, CONTEXT, SAMPLES[name]) for name in SAMPLES}
+    director, _ = _run(updates, envoys=envoys)
+    # The director received envoy_3's input, then tells the others envoy_3 dropped out, to learn its mask key.
+    lie = {name: envoys[name].reveal(["envoy_1", "envoy_2"], ["envoy_3"]) for name in ("envoy_1", "envoy_2")}
+    director.reveals = lie
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from security.secagg import _bytes, agree, prg, sign
+
+    s3 = X25519PrivateKey.from_private_bytes(director._rebuild("s", "envoy_3", sorted(lie)))
+    y3 = director.inputs["envoy_3"].copy()
+    for w in ("envoy_1", "envoy_2"):  # every pairwise mask of envoy_3, removed
+        mask = prg(agree(s3, _bytes(director.advertised[w]["s"]), b"mask|" + CONTEXT.encode()), y3.size)
+        y3 = y3 - mask if sign("envoy_3", w) > 0 else y3 + mask
+    weighted = encode(updates["envoy_3"] * SAMPLES["envoy_3"] / sum(SAMPLES.values()))
+    assert not np.array_equal(y3, weighted)
+    assert _uniform(y3) > ALPHA  # what is left is still uniform: the self-mask, whose shares were not revealed
+    # And no honest envoy reveals both secrets of one envoy, nor takes part in a split that leaves itself out.
+    with pytest.raises(SecAggError, match="refused to reveal"):
+        envoys["envoy_1"].reveal(["envoy_1", "envoy_3"], ["envoy_3"])
+    with pytest.raises(SecAggError, match="refused to reveal"):
+        envoys["envoy_1"].reveal(["envoy_2"], ["envoy_1"])
+
+
+def test_shares_changed_on_the_way_are_refused():
+    envoys = {name: EnvoyRound(name, CONTEXT, SAMPLES[name]) for name in SAMPLES}
+    advertised = {name: e.advertise() for name, e in envoys.items()}
+    sealed = {name: e.share(advertised, 2) for name, e in envoys.items()}
+    forged = sealed["envoy_2"]["envoy_1"][:-4] + "AAA="
+    with pytest.raises(SecAggError, match="the shares from envoy_2 do not open"):
+        envoys["envoy_1"].masked(np.zeros(10), {"envoy_2": forged, "envoy_3": sealed["envoy_3"]["envoy_1"]})
+    other_round = EnvoyRound("envoy_1", "aggregator-uuid|3", 600)  # a ciphertext replayed into another round
+    other_round.share(advertised | {"envoy_1": other_round.advertise()}, 2)
+    with pytest.raises(SecAggError, match="do not open"):
+        other_round.masked(np.zeros(10), {"envoy_2": sealed["envoy_2"]["envoy_1"]})
+
+
+def test_each_envoy_refuses_to_mask_what_is_not_finite_and_clips_its_update():
+    update = {"conv.weight": np.full(4, 3.0), "bn.num_batches_tracked": np.array(10.0)}
+    same, norm = clipped(update, 100.0)
+    assert norm == 6.0 and same is update  # the step counter is not part of the norm
+    smaller, norm = clipped(update, 3.0)
+    assert norm == 6.0 and np.allclose(smaller["conv.weight"], 1.5) and smaller["bn.num_batches_tracked"] == 10.0
+    with pytest.raises(SecAggError, match="NaN or infinity in 1 tensors"):
+        clipped({"conv.weight": np.array([np.nan])}, 1.0)
+
+
+PARAMETERS = dict(dataset="bloodmnist", size=28, rounds=2, epochs=1, train_batch_size=64, eval_batch_size=256,
+                  learning_rate=1e-3)
+
+
+def test_what_secure_aggregation_cannot_work_with_is_refused_in_one_line():
+    check_parameters(**PARAMETERS, secure_aggregation=True, algorithm="fedadam")
+    check_parameters(**PARAMETERS, secure_aggregation=True, dp=True)
+    for given, message in (
+            (dict(algorithm="median"), "algorithm='median' needs each envoy's update, which secure aggregation "
+                                       "hides from the director"),
+            (dict(algorithm="geomedian"), "algorithm='geomedian' needs each envoy's update"),
+            (dict(run={"wire_dtype": "float16"}), "masked updates travel as 64-bit ring elements"),
+            (dict(run={"secure_threshold": 1}), "secure_threshold=1: give the number of envoys"),
+            (dict(run={"max_update_norm": 2.0 ** 23}), "max_update_norm=8388608.0: give a positive number up to "
+                                                      "4194304"),
+            (dict(secure_aggregation="yes"), "secure_aggregation='yes': True")):
+        with pytest.raises(ParameterError) as refused:
+            check_parameters(**{**PARAMETERS, "secure_aggregation": True, **given})
+        assert message in str(refused.value) and "\n" not in str(refused.value)
+    check_parameters(**PARAMETERS, algorithm="median")  # without secure aggregation, median is fine
