@@ -42,11 +42,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-# Fixed point in the ring of 2^64: 40 fractional bits (a resolution of 9.1e-13), and 23 integer bits for the sum.
-# Each envoy clips its update to MAX_UPDATE_NORM (so no element exceeds it) and weighs it by its share of the
-# samples (the weights add up to 1), so no element of the sum exceeds the bound: up to 2^22 it cannot overflow.
-FRACTION_BITS = 40
-LARGEST_BOUND = 2.0 ** 22
+# Fixed point in the ring of 2^64: 48 fractional bits (a resolution of 3.6e-15, so that the mean rounds to the same
+# float32 weights as the plain mean nearly always) and 15 integer bits for the sum. Each envoy clips its update to
+# max_update_norm (so no element exceeds it) and weighs it by its share of the samples (the weights add up to 1), so
+# no element of the sum exceeds the bound: up to 2^14 it cannot overflow.
+FRACTION_BITS = 48
+LARGEST_BOUND = 2.0 ** 14
 STEP = "secagg/"  # the prefix of the task and tensor names that carry the protocol's messages
 COUNTERS = ("num_batches_tracked",)  # step counters (BatchNorm's): summed, but not part of an update's norm
 
@@ -57,7 +58,7 @@ class SecAggError(RuntimeError):
 
 # --- primitives, each from a vetted library ----------------------------------------------------------------------
 def encode(values: np.ndarray) -> np.ndarray:
-    """Real values (|v| < 2^22) as ring elements: fixed point with FRACTION_BITS, two's complement in 2^64."""
+    """Real values (|v| < 2^14) as ring elements: fixed point with FRACTION_BITS, two's complement in 2^64."""
     return np.rint(np.asarray(values, dtype=np.float64) * 2.0 ** FRACTION_BITS).astype(np.int64).view(np.uint64)
 
 
@@ -220,7 +221,7 @@ class DirectorRound:
         self.inputs: dict[str, np.ndarray] = {}
         self.reveals: dict[str, dict] = {}
         self.dropped: set[str] = set()
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # (medfl.secure restarts it once every envoy has advertised)
 
     def waiting_for(self, step: str) -> list[str]:
         """The envoys a step still waits for (those dropped wait for nothing)."""

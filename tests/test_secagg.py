@@ -74,15 +74,15 @@ def test_the_masks_cancel_and_the_sum_decodes_to_the_weighted_mean():
     assert np.linalg.norm(mean - expected) / np.linalg.norm(expected) < 1e-6
 
 
-def test_the_sum_of_envoys_at_the_bound_cannot_overflow_with_23_integer_bits():
+def test_the_sum_of_envoys_at_the_bound_cannot_overflow_with_15_integer_bits():
     # Each envoy's update is clipped to the bound, so no element exceeds it; weights add up to 1: the largest sum
-    # is the bound itself, and 2^22 leaves one bit of the 23 for the rounding.
+    # is the bound itself, and 2^14 leaves one bit of the 15 for the rounding.
     worst = {name: np.array([LARGEST_BOUND, -LARGEST_BOUND, 1.0]) for name in SAMPLES}
     director, _ = _run(worst)
     mean, _ = director.sum()
     assert np.allclose(mean, [LARGEST_BOUND, -LARGEST_BOUND, 1.0], rtol=0, atol=1e-9)
-    assert 63 - FRACTION_BITS == 23
-    assert decode(encode(np.array([2.0 ** 23]))) == -(2.0 ** 23)  # one bit more wraps around: hence the bound
+    assert 63 - FRACTION_BITS == 15
+    assert decode(encode(np.array([2.0 ** 15]))) == -(2.0 ** 15)  # one bit more wraps around: hence the bound
 
 
 def _uniform(vector: np.ndarray) -> float:
@@ -114,7 +114,7 @@ def test_an_envoy_lost_after_sharing_but_before_its_input_is_left_out_and_the_ro
     director, _ = _run(updates, drop_before_input=["envoy_3"])
     mean, share = director.sum()
     assert share == pytest.approx(900 / 1000)
-    assert np.max(np.abs(mean - _weighted_mean(updates, ["envoy_1", "envoy_2"]))) < 1e-11
+    assert np.max(np.abs(mean - _weighted_mean(updates, ["envoy_1", "envoy_2"]))) < 1e-13
 
 
 def test_an_envoy_lost_after_sending_its_input_is_unmasked_from_the_others_shares():
@@ -122,7 +122,7 @@ def test_an_envoy_lost_after_sending_its_input_is_unmasked_from_the_others_share
     director, _ = _run(updates, drop_after_input=["envoy_3"])  # its reveal never comes
     assert sorted(director.reveals) == ["envoy_1", "envoy_2"]
     mean, share = director.sum()
-    assert share == 1.0 and np.max(np.abs(mean - _weighted_mean(updates, SAMPLES))) < 1e-11
+    assert share == 1.0 and np.max(np.abs(mean - _weighted_mean(updates, SAMPLES))) < 1e-13
 
 
 def test_below_the_threshold_the_round_fails_naming_who_is_missing():
@@ -197,8 +197,8 @@ def test_what_secure_aggregation_cannot_work_with_is_refused_in_one_line():
             (dict(algorithm="geomedian"), "algorithm='geomedian' needs each envoy's update"),
             (dict(run={"wire_dtype": "float16"}), "masked updates travel as 64-bit ring elements"),
             (dict(run={"secure_threshold": 1}), "secure_threshold=1: give the number of envoys"),
-            (dict(run={"max_update_norm": 2.0 ** 23}), "max_update_norm=8388608.0: give a positive number up to "
-                                                      "4194304"),
+            (dict(run={"max_update_norm": 2.0 ** 15}), "max_update_norm=32768.0: give a positive number up to "
+                                                      "16384"),
             (dict(secure_aggregation="yes"), "secure_aggregation='yes': True")):
         with pytest.raises(ParameterError) as refused:
             check_parameters(**{**PARAMETERS, "secure_aggregation": True, **given})

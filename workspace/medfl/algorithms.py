@@ -147,8 +147,9 @@ class ServerOptimizer(AggregationFunction, metaclass=_NotSingleton):
         self.v[tensor_name] = v
         x += self.learning_rate * m / (np.sqrt(v) + self.tau)
         self.steps[tensor_name] = self.steps.get(tensor_name, 0) + 1
-        # The envoys' dtype (float32) on the wire; a copy, so that nobody else's array changes with ours.
-        result = x.astype(np.asarray(local_tensors[0].tensor).dtype)
+        # The weights' dtype on the wire, float32 (the secure sum hands over a float64 mean); a copy, so that nobody
+        # else's array changes with ours.
+        result = x.astype(np.float32)
         self._answered[tensor_name] = (fl_round, result)
         return result.copy()
 

@@ -64,6 +64,8 @@ class SecureRounds:
             rnd = self.round(r)
             if step == "advertise":
                 rnd.advertised[envoy] = json.loads(payload)
+                if not rnd.waiting_for("advertise"):  # every envoy has trained: the protocol itself starts
+                    rnd.started = time.monotonic()
             elif step == "share":
                 rnd.sealed[envoy] = json.loads(payload)
             elif step == "masked":
@@ -129,5 +131,8 @@ class SecureRounds:
             return None, {**report, "rejected": f"the mean update's norm {norm:.4g} exceeds max_update_norm="
                                                 f"{self.bound:g}: an envoy did not clip its update"}
         del self.rounds[r]  # its masked inputs and shares are of no more use
-        return {name: (np.asarray(model[name], np.float64) + change[name]).astype(np.asarray(model[name]).dtype)
+        # The envoys' changes are from the model as they received it, in float32 on the wire (the director may hold
+        # the last mean unrounded): that plus the mean change is the plain mean of their weights, in float64 as
+        # OpenFL's mean gives it (its rounding to float32 then follows the same path).
+        return {name: np.asarray(model[name]).astype(np.float32).astype(np.float64) + change[name]
                 for name in model}, report
