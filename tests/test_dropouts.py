@@ -17,6 +17,7 @@ def policy_aggregator(envoys, min_envoys=0.5, round_timeout=0, silent=None):
     """A SelectingAggregator with only its envoy-handling state; ended rounds are recorded in .ended."""
     aggregator = SelectingAggregator.__new__(SelectingAggregator)
     aggregator._policy(min_envoys, round_timeout)
+    aggregator._secure = None  # a plain experiment: no secure aggregation
     aggregator.round_number, aggregator.rounds_to_train = 0, 3
     aggregator.authorized_cols, aggregator.quit_job_sent_to, aggregator.collaborators_done = list(envoys), [], []
     aggregator.logger, aggregator.metric_queue, aggregator.best = logging.getLogger("test"), queue.Queue(), Best()
