@@ -17,6 +17,9 @@ pytestmark = pytest.mark.slow
 SIZES = {"train": 600, "val": 90, "test": 90}
 ROUNDS = 3
 CHECKS = {"nan": "finite", "scale": "norm", "shape": "structure"}
+CI = os.environ.get("CI") == "true"
+# make test runs the NaN case (a federation, about 25 s); CI runs all three and compares their models.
+RUN = list(CHECKS) if CI else ["nan"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def data_dir(tiny_file):
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     done = {}
-    for kind in CHECKS:
+    for kind in RUN:
         out = tmp_path_factory.mktemp(kind)
         env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "saboteur"),
                "MEDFL_TEST_SABOTEUR": f"envoy_3:{kind}:2"}
@@ -40,7 +43,8 @@ def runs(data_dir, tmp_path_factory):
     return done
 
 
-@pytest.mark.parametrize("kind", list(CHECKS))
+@pytest.mark.parametrize("kind", [k if k in RUN else pytest.param(k, marks=pytest.mark.skip(
+    reason="a federation of its own (about 25 s): runs when CI=true")) for k in CHECKS])
 def test_the_broken_envoy_is_named_left_out_then_dropped_and_the_run_completes(runs, kind):
     results, stdout, run_dir = runs[kind]
     assert results["status"] == "completed" and results["error"] is None
@@ -61,6 +65,7 @@ def test_the_broken_envoy_is_named_left_out_then_dropped_and_the_run_completes(r
     assert aucs[-1] > aucs[0] + 0.05  # and the other two went on learning
 
 
+@pytest.mark.skipif(not CI, reason="compares three federations: runs when CI=true")
 def test_whatever_the_broken_envoy_sent_the_federation_trained_the_same_models(runs):
     def scores(results):  # every metric but the seconds things took
         return [{k: v for k, v in e["aggregated"].items() if "seconds" not in k} for e in results["rounds"]], \

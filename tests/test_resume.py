@@ -187,6 +187,7 @@ def _demo(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.skipif(not CI, reason="two federations of its own (about 45 s): runs when CI=true")
 def test_make_demo_resume_finishes_a_run_whose_director_was_killed(data_dir, same_port, tmp_path):
     reference = same_port["fedavg"][0]
     given = [f"data_dir={data_dir}", f"rounds={ROUNDS}", "tls=0", "health_period=2", "timeout=300"]
