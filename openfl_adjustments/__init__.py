@@ -13,6 +13,8 @@ By concern:
   that a connection a cut cable killed is noticed and made again.
 - transport: one connection per envoy and experiment, the model fetched in one round trip, results sent while the
   next task runs, the optimizer's state kept on the envoy, and requests for tasks held until there are some.
+- local_tensors: tensors an experiment's plan names (FedBN's normalization layers) never leave the envoy, and
+  outlive the experiment on the envoy's disk, for the test of the best model and a resumed run.
 - experiments: code an experiment brought leaves the node's module cache when the experiment ends.
 - startup: an envoy waits for a director that is not up yet; a taken director port is one line; an envoy
   imports torch's compiler front end while idle.
@@ -23,7 +25,7 @@ security package's, beside this one; its rules use contract.py and patching.py f
 """
 from __future__ import annotations
 
-from . import experiments, faults, network, polling, startup, tensor_store, transport
+from . import experiments, faults, local_tensors, network, polling, startup, tensor_store, transport
 from .patching import restore_all
 
 __all__ = ["install", "restore_all"]
@@ -31,5 +33,5 @@ __all__ = ["install", "restore_all"]
 
 def install() -> None:
     """Apply every adjustment (again: a no-op)."""
-    for concern in (polling, tensor_store, faults, network, transport, experiments, startup):
+    for concern in (polling, tensor_store, faults, network, transport, local_tensors, experiments, startup):
         concern.install()

@@ -258,6 +258,7 @@ def test_every_algorithm_has_an_aggregation_and_settings_to_record():
         chosen = aggregation_function(algorithm, Tiny())
         assert isinstance(chosen, (WeightedAverage, Median, GeometricMedian, ServerOptimizer)), algorithm
         assert type(chosen) is {"fedavg": WeightedMean, "fedprox": WeightedMean, "fedntd": WeightedMean,
+                                 "fedbn": WeightedMean,
                                  "median": Median, "geomedian": GeometricMedian}.get(algorithm, ServerOptimizer), \
             algorithm
         recorded = settings(algorithm, {"mu": 0.01})

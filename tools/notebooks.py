@@ -55,7 +55,7 @@ PARAMETERS = {
     "train_batch_size": "",
     "eval_batch_size": "",
     "learning_rate": "Adam, as in the MedMNIST v2 experiments",
-    "algorithm": "fedavg, fedprox, fedntd, fedadam, fedyogi, fedadagrad, median or geomedian",
+    "algorithm": "fedavg, fedprox, fedntd, fedbn, fedadam, fedyogi, fedadagrad, median or geomedian",
     "algorithm_options": 'its settings, e.g. {"mu": 0.1}; the rest as in medfl.algorithms.OPTIONS',
     "device": "{device_comment}",
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
@@ -185,7 +185,7 @@ md("""## 4. The model interface, and the federated algorithm
 
 `ModelInterface` bundles the model, its optimizer and the framework adapter through which OpenFL reads and writes PyTorch weights. Its model holds the initial global weights; the optimizer travels with it to every envoy.
 
-`algorithm` decides how the federation learns, in places you see in code: the optimizer the envoys train with (here), a term added to their loss (`distill`, in section 5) and how the director combines their weights (`TI.set_aggregation_function` on the train task, in section 5). **fedavg**, the default and the yardstick: Adam on every envoy, and the director averages the weights by sample count. **fedprox**: the envoys train with OpenFL's `FedProxAdam`, whose proximal term (weight `algorithm_options["mu"]`; 0 is FedAvg) keeps each envoy near the round's global model; for hospitals whose data differ strongly, especially with several local epochs, where local models drift apart. **fedntd**, made for label skew (hospitals that see some classes much more than others): the envoys train with Adam, and the loss adds a term (weight `"ntd_beta"`) that keeps the local model's view of the classes each image is *not* close to the round's global model, so an envoy learns its own labels without forgetting the classes it rarely sees; each envoy holds one more copy of the model and runs one more forward pass per batch. **fedadam**, **fedyogi**, **fedadagrad** (FedOpt): the envoys train as in FedAvg, and the director treats the averaged change of the weights as a gradient and steps Adam, Yogi or Adagrad with it (`"server_learning_rate"`, `"server_beta1"`, `"server_beta2"`, `"server_tau"` in `algorithm_options`); momentum across rounds and a step sized per weight help when updates are noisy or small, at the cost of two more copies of the model on the director and a server learning rate to choose. **median**, **geomedian**: the coordinate-wise or the geometric median of the envoys' weights, which an envoy sending wildly wrong weights (a broken node, corrupted data) cannot drag far; they give up FedAvg's weighting by sample count (the geometric median keeps it as a weight), and with two envoys the median is the mean. `make compare` trains several on the same data, partition and budget, and shows what each gains and costs."""),
+`algorithm` decides how the federation learns, in places you see in code: the optimizer the envoys train with (here), a term added to their loss (`distill`, in section 5) and how the director combines their weights (`TI.set_aggregation_function` on the train task, in section 5). **fedavg**, the default and the yardstick: Adam on every envoy, and the director averages the weights by sample count. **fedprox**: the envoys train with OpenFL's `FedProxAdam`, whose proximal term (weight `algorithm_options["mu"]`; 0 is FedAvg) keeps each envoy near the round's global model; for hospitals whose data differ strongly, especially with several local epochs, where local models drift apart. **fedntd**, made for label skew (hospitals that see some classes much more than others): the envoys train with Adam, and the loss adds a term (weight `"ntd_beta"`) that keeps the local model's view of the classes each image is *not* close to the round's global model, so an envoy learns its own labels without forgetting the classes it rarely sees; each envoy holds one more copy of the model and runs one more forward pass per batch. **fedbn**, made for hospitals whose images look different (scanner, staining, exposure: `make demo partition=scanner` simulates it): each envoy's BatchNorm layers never leave it, and the rest is averaged as in FedAvg; each envoy validates and tests the shared weights with its own normalization, kept on its disk between experiments (`local_plan` in section 6). The saved models hold the shared weights with the initial normalization; each hospital's own layers stay with it. **fedadam**, **fedyogi**, **fedadagrad** (FedOpt): the envoys train as in FedAvg, and the director treats the averaged change of the weights as a gradient and steps Adam, Yogi or Adagrad with it (`"server_learning_rate"`, `"server_beta1"`, `"server_beta2"`, `"server_tau"` in `algorithm_options`); momentum across rounds and a step sized per weight help when updates are noisy or small, at the cost of two more copies of the model on the director and a server learning rate to choose. **median**, **geomedian**: the coordinate-wise or the geometric median of the envoys' weights, which an envoy sending wildly wrong weights (a broken node, corrupted data) cannot drag far; they give up FedAvg's weighting by sample count (the geometric median keeps it as a weight), and with two envoys the median is the mean. `make compare` trains several on the same data, partition and budget, and shows what each gains and costs."""),
 code("model-interface", """from openfl.utilities.optimizers.torch import FedProxAdam
 
 # The envoys' optimizer: Adam, or for FedProx Adam plus the proximal term (OpenFL's FedProxAdam)
@@ -245,7 +245,8 @@ md("""## 6. Start the experiment
 - with `secure_aggregation = True`, **secure aggregation** (`medfl/secure.py`, `security/secagg.py`): each round every envoy clips its update's norm to `run["max_update_norm"]`, then adds masks to it that cancel only in the sum of all envoys' (SecAgg: keys agreed between the envoys through the director, which relays what it cannot read). The director learns the round's weighted mean and nothing else of any one hospital's weights; it still sees their metrics and sample counts. Envoys that drop out mid-round are unmasked from the others' shares while `run["secure_threshold"]` (default: more than half) remain. It costs twice the bytes up (64-bit ring elements) and a few round trips per round; `median` and `geomedian`, which need each update, are refused.
 
 OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.submission(...)` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels. With mutual TLS it also signs the archive with your key (`run["api_key"]`): the director accepts it only from you, and each envoy runs it only if it trusts you (its config's `trusted_researchers`) and nothing in it changed on the way. Whoever an envoy trusts can run any code there: that is what submitting an experiment means."""),
-code("start", """from medfl.secure import plan as secure_plan
+code("start", """from medfl.algorithms import local_plan
+from medfl.secure import plan as secure_plan
 from medfl.wire import wire_format
 
 rules = ("best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio", "max_rejections")
@@ -257,6 +258,9 @@ plan_overrides = {
     # secure_aggregation: every envoy masks its update; the director can unmask their weighted mean, nothing else
     **secure_plan(secure_aggregation, run["secure_threshold"], run["max_update_norm"]),
 }
+# fedbn: each envoy holds its BatchNorm layers back, and keeps them per round of this run on its own disk
+local_layers = dict(algorithm=algorithm, model=model, run=experiment_name, first_round=done)
+plan_overrides.update(local_plan(**local_layers, start_round=done if checkpoint else None))
 if checkpoint:  # resume_from: start from the checkpoint's global model and aggregation state (a server optimizer's)
     checkpoint.restore(model, aggregation)
 attempt = researcher.attempt_name(experiment_name, checkpoint)  # the run's name; with -resumed-<time> when resumed
@@ -303,7 +307,8 @@ with researcher.submission(run["api_cert"], run["api_key"]):
         rounds_to_train=1,
         task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=0),
         device_assignment_policy="CUDA_PREFERRED",
-        override_config=plan_overrides,
+        # fedbn: every envoy tests with its own BatchNorm layers of the best model's round
+        override_config={**plan_overrides, **local_plan(**local_layers, start_round=training.best.round)},
     )
 testing = researcher.follow(test_experiment, 1, label="test")
 researcher.stop_if_failed(run_dir, training=training, testing=testing, **record)"""),

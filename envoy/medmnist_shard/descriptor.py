@@ -1,6 +1,7 @@
 """OpenFL shard descriptor that serves one node's share of a MedMNIST 2D dataset."""
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from openfl.interface.interactive_api.shard_descriptor import ShardDataset, Shar
 from .cache import cache_path, check_cache_dir, default_cache_dir, is_complete, mapped_images
 from .files import ensure_file, inspect, load_image_rows, load_labels, size_text
 from .partition import label_histogram, make_shards, parse_rank_worldsize
+from .scanner import Acquisition, acquisition
 from .spec import SPLITS, DataError, check_flag, check_size, info, sample_shape, target_shape
 from .synthetic import is_synthetic
 
@@ -23,6 +25,7 @@ logger = logging.getLogger(__name__)
 # in memory. 4 GB in memory is affordable for a training node; a quarter of PathMNIST at 224 px (4.03 GB)
 # stays resident, a third of it (5.4 GB) is mapped.
 MEMORY_MAP_ABOVE_MB = 4096
+SAMPLE_PX = 64  # the scanner partition describes its node with one training image, at most this size
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,13 @@ class ShardSetup:
         """Rank and world size, as cache file names carry them."""
         return f"{self.rank}of{self.world_size}"
 
+    @property
+    def acquisition(self) -> Acquisition | None:
+        """With the scanner partition, this node's own acquisition (scanner.py), which all its images pass."""
+        if self.partition != "scanner":
+            return None
+        return acquisition(self.seed, self.rank, sample_shape(self.flag, self.size)[2])
+
     def cache_files(self) -> dict[str, Path]:
         """split -> the cache file that serves it when the shard is memory-mapped."""
         return {s: cache_path(self.cache_folder, self.path, s, self.indices[s], self.shard_tag) for s in SPLITS}
@@ -70,7 +80,8 @@ class ShardSetup:
     def summary(self) -> dict:
         """What the node serves, in a form the notebook can read back from the director."""
         n_classes = len(info(self.flag)["label"])
-        skew = f", alpha {self.alpha}" if self.partition == "dirichlet" else ""
+        skew = {"dirichlet": f", alpha {self.alpha}", "scanner": f", scanner {self.rank} of seed {self.seed}"}.get(
+            self.partition, "")
         sizes = ", ".join(f"{s} {len(self.indices[s])}" for s in SPLITS)
         origin = "SYNTHETIC data" if self.synthetic else "MedMNIST data"
         mapped = f"; memory-mapped from {self.cache_folder}" if self.memory_mapped else ""
@@ -82,6 +93,7 @@ class ShardSetup:
             "samples": {s: len(self.indices[s]) for s in SPLITS},
             "label_histogram": {s: label_histogram(self.labels[s], n_classes) for s in SPLITS},
             "image_bytes": self.image_bytes, "memory_mapped": self.memory_mapped,
+            **({"acquisition": self.acquisition.describe()} if self.acquisition else {}),
         }
 
 
@@ -137,9 +149,10 @@ def prepare(flag="bloodmnist", size=28, data_dir="data", rank_worldsize="1,1", p
 class MedMNISTShardDataset(ShardDataset):
     """One split of one shard: uint8 images (N, H, W, C) and integer label rows, indexable in batches."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, acquisition: Acquisition | None = None):
         self.images = images
         self.labels = labels
+        self.acquisition = acquisition  # the scanner partition's: every image passes it as it is served
 
     def __len__(self) -> int:
         return len(self.images)
@@ -149,6 +162,8 @@ class MedMNISTShardDataset(ShardDataset):
         images = self.images[index]
         if not images.flags.writeable:
             images = images.copy()  # a view into a read-only memory map: torch wants memory it may write
+        if self.acquisition is not None:
+            images = self.acquisition(images)
         return images, self.labels[index]
 
 
@@ -169,7 +184,7 @@ class MedMNISTShardDescriptor(ShardDescriptor):
                                        self.setup.shard_tag)
             else:
                 images = load_image_rows(self.setup.path, split, indices)
-            self._datasets[split] = MedMNISTShardDataset(images, self.setup.labels[split])
+            self._datasets[split] = MedMNISTShardDataset(images, self.setup.labels[split], self.setup.acquisition)
         logger.info("Serving %s", self.setup.summary()["text"])
 
     def get_dataset(self, dataset_type: str = "train") -> MedMNISTShardDataset:
@@ -188,5 +203,12 @@ class MedMNISTShardDescriptor(ShardDescriptor):
 
     @property
     def dataset_description(self) -> str:
-        """JSON (see ShardSetup.summary): the director shows it, the notebook parses it."""
-        return json.dumps(self.setup.summary())
+        """JSON (see ShardSetup.summary): the director shows it, the notebook parses it. With the scanner partition
+        (a simulation on a public or synthetic file) it also carries one training image as this node sees it."""
+        summary = self.setup.summary()
+        if self.setup.acquisition is not None and len(self._datasets["train"]):
+            image = self._datasets["train"][0][0]
+            step = max(1, image.shape[0] // SAMPLE_PX)
+            image = np.ascontiguousarray(image[::step, ::step])
+            summary["sample"] = {"shape": list(image.shape), "uint8": base64.b64encode(image.tobytes()).decode()}
+        return json.dumps(summary)

@@ -2,7 +2,8 @@
 
 `iid` deals samples out at random. `dirichlet` skews labels the way hospitals differ: each class is
 spread over the nodes in proportions drawn from Dirichlet(alpha), the same proportions for train,
-val and test, so a node's val and test look like its train. Small alpha means strong skew.
+val and test, so a node's val and test look like its train. Small alpha means strong skew. `scanner` deals samples
+out as `iid` does; the shift is in the images instead (scanner.py: each node's own acquisition).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from .spec import DataError
 
-STRATEGIES = ("iid", "dirichlet")
+STRATEGIES = ("iid", "dirichlet", "scanner")
 DRAWS = 100  # dirichlet: proportions are redrawn (deterministically) until every node gets data
 
 
@@ -48,7 +49,7 @@ def make_shards(labels: dict[str, np.ndarray], world_size: int, strategy: str = 
                             "use fewer nodes or more data")
     # Every node draws from the same seed, so all compute the same partition and shards never overlap.
     rng = np.random.default_rng(seed)
-    if strategy == "iid":
+    if strategy in ("iid", "scanner"):
         return {split: [np.sort(s) for s in np.array_split(rng.permutation(len(y)), world_size)]
                 for split, y in labels.items()}
     if not alpha > 0:

@@ -170,10 +170,13 @@ class SelectingAggregator(Aggregator):
     """OpenFL's Aggregator, keeping as best the global model with the best `best_metric`, and going on
     without envoys that are lost or too slow while at least `min_envoys` remain."""
 
+    _local_names: frozenset = frozenset()  # the tensors that stay on the envoys (FedBN); see __init__
+
     def __init__(self, *args, best_metric: str = "auc", best_mode: str = "max", min_envoys=0.5,
                  round_timeout: float = 0, max_update_ratio: float = checks.MAX_UPDATE_RATIO,
                  max_rejections: int = checks.MAX_REJECTIONS, secure_aggregation: bool = False,
-                 secure_threshold: int = 0, max_update_norm: float = secure.MAX_UPDATE_NORM, **kwargs):
+                 secure_threshold: int = 0, max_update_norm: float = secure.MAX_UPDATE_NORM, local_tensors=(),
+                 **kwargs):
         checks.check_settings(max_update_ratio, max_rejections)
         super().__init__(*args, **kwargs)
         # medfl.secure: the envoys mask their updates; the director sees only their weighted mean.
@@ -186,7 +189,10 @@ class SelectingAggregator(Aggregator):
         self._peers: dict[str, set[str]] = {}  # envoy: the connections it called on
         self._traffic_lock = threading.Lock()
         self._policy(min_envoys, round_timeout, max_update_ratio, max_rejections)
-        self._model_names = [tensor.name for tensor in self.model.tensors]
+        # FedBN's normalization layers (medfl.algorithms.local_layers) stay on the envoys: no update carries them, and
+        # the global model keeps their initial values, round after round, so that it stays a whole model.
+        self._local_names = set(local_tensors or ())
+        self._model_names = [tensor.name for tensor in self.model.tensors if tensor.name not in self._local_names]
         threading.Thread(target=self._watch, name="envoy-watch", daemon=True).start()
 
     def _policy(self, min_envoys, round_timeout: float, max_update_ratio: float = checks.MAX_UPDATE_RATIO,
@@ -354,6 +360,16 @@ class SelectingAggregator(Aggregator):
         self._aggregate_metrics(task_name)
         if self._secure is not None and "train" in task_name and not self.stopped:
             self._aggregate_securely(task_name)
+        if self._local_names and "train" in task_name:
+            self._carry_local_tensors(self.round_number)
+
+    def _carry_local_tensors(self, r: int) -> None:
+        """The tensors that stay on the envoys keep their values in the next round's global model."""
+        for name in sorted(self._local_names):
+            key = TensorKey(name, self.uuid, r, False, ("model",))
+            value = self.tensor_db.get_tensor_from_cache(key)
+            if value is not None and self.tensor_db.get_tensor_from_cache(key._replace(round_number=r + 1)) is None:
+                self._prepare_trained(name, self.uuid, r, False, value)
 
     def _aggregate_securely(self, task_name: str) -> None:
         """The round's new global model from the secure sum (the envoys sent no weights in the clear)."""

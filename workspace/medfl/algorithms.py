@@ -7,6 +7,10 @@
   model (Lee et al. 2022; NotTrueDistillation below), made for label skew; the director averages as in FedAvg.
 - fedadam, fedyogi, fedadagrad: the envoys train as in FedAvg; the director treats the averaged change of the weights
   as a gradient and steps a server optimizer with it (Reddi et al. 2021, "Adaptive Federated Optimization", FedOpt).
+- fedbn: for hospitals whose images differ (scanner, staining): each envoy's normalization layers (BatchNorm's weight,
+  bias and running statistics) never leave it, and the rest is averaged as in FedAvg (Li et al. 2021). The layers
+  stay by OpenFL's own mechanism for tensors an envoy keeps (openfl_adjustments.local_tensors, named in the plan by
+  local_plan below); each envoy validates and tests the shared weights with its own normalization.
 - median, geomedian: robust aggregation: the coordinate-wise median (OpenFL's Median) or the geometric median of the
   envoys' weights, which a minority of wildly wrong envoys cannot drag far.
 
@@ -37,7 +41,7 @@ from torch.nn import functional as F
 
 from .checks import OPTIMIZER_STATE
 
-ALGORITHMS = ("fedavg", "fedprox", "fedntd", "fedadam", "fedyogi", "fedadagrad", "median", "geomedian")
+ALGORITHMS = ("fedavg", "fedprox", "fedntd", "fedbn", "fedadam", "fedyogi", "fedadagrad", "median", "geomedian")
 SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 # Reddi et al. 2021 fix beta1 = 0.9, beta2 = 0.99 and the adaptivity tau = 1e-3; their tuned server learning rates on
 # CIFAR-10, the image task nearest this one, are 1e-2 for FedAdam and FedYogi and 1e-1 for FedAdagrad.
@@ -263,7 +267,33 @@ def aggregation_function(algorithm: str, model, options: dict | None = None) -> 
         return Median()  # OpenFL's: the coordinate-wise median, as the papers define it; the envoys' order is moot
     if algorithm == "geomedian":
         return GeometricMedian()
-    return WeightedMean()  # fedavg, and fedprox and fedntd, which change only how the envoys train
+    return WeightedMean()  # fedavg; fedprox and fedntd change only how the envoys train, fedbn what they send
+
+
+def local_layers(model: torch.nn.Module) -> list[str]:
+    """The state-dict names of the model's BatchNorm layers (weights, biases, running statistics, counters): what
+    FedBN keeps on each envoy."""
+    return [f"{prefix}.{name}" for prefix, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+
+
+def local_plan(algorithm: str, model: torch.nn.Module, run: str, first_round: int = 0,
+               start_round: int | None = None) -> dict:
+    """FLExperiment.start's override_config entries that keep FedBN's normalization layers on the envoys (none for
+    other algorithms): each envoy holds them back and keeps them per round of `run` on its disk; an experiment that
+    does not start from the beginning (a resumed run from round `first_round`, the test of round `start_round`'s
+    model) starts each envoy from its own of that round."""
+    if algorithm != "fedbn":
+        return {}
+    names = local_layers(model)
+    if not names:
+        raise ValueError("fedbn keeps each envoy's BatchNorm layers at home, and this model has none (DP-SGD's "
+                         "GroupNorm is not one): choose another algorithm")
+    return {"task_runner.settings.local_tensors": names, "task_runner.settings.local_run": run,
+            "task_runner.settings.local_first_round": int(first_round),
+            "task_runner.settings.local_start_round": start_round,
+            "aggregator.settings.local_tensors": names}
 
 
 def server_lr(algorithm: str, server_learning_rate: float | None) -> float:
@@ -290,7 +320,7 @@ def settings(algorithm: str, options: dict | None = None) -> dict:
 def describe(chosen: dict) -> str:
     """A short label of an algorithm and its settings, for titles and tables."""
     names = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedntd": "FedNTD", "fedadam": "FedAdam", "fedyogi": "FedYogi",
-             "fedadagrad": "FedAdagrad", "median": "median", "geomedian": "geometric median"}
+             "fedadagrad": "FedAdagrad", "fedbn": "FedBN", "median": "median", "geomedian": "geometric median"}
     label = names.get(chosen["name"], chosen["name"])
     if "mu" in chosen:
         label += f" (mu {chosen['mu']:g})"

@@ -136,6 +136,10 @@ def check_parameters(*, dataset, size, rounds, epochs, train_batch_size, eval_ba
     if dp not in (True, False):
         raise ParameterError(f"dp={dp!r}: True (DP-SGD on every envoy) or False")
     if dp:
+        if algorithm == "fedbn":
+            raise ParameterError("algorithm='fedbn' with dp=True: FedBN keeps each envoy's BatchNorm layers, and "
+                                 "DP-SGD's network has GroupNorm instead (BatchNorm mixes the images of a batch): "
+                                 "use fedavg or fedprox with dp")
         if bf16:
             raise ParameterError("dp=True with bf16=True: DP-SGD's per-sample gradients run in float32; "
                                  "set bf16 = False")

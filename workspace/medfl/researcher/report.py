@@ -1,6 +1,7 @@
 """What a run leaves behind: results.json, metrics.csv, plots, TensorBoard logs and the models."""
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import medmnist
+import numpy as np
 import torch
 
 from .. import algorithms
@@ -116,8 +118,8 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
     lists the run's resumes (medfl.researcher.restarts)."""
     synthetic = is_synthetic(envoys)
     first = envoys[0] if envoys else {}
-    nodes = [{"name": e["envoy"], **e.get("samples", {}), "label_histogram": e.get("label_histogram", {})}
-             for e in envoys]
+    nodes = [{"name": e["envoy"], **e.get("samples", {}), "label_histogram": e.get("label_histogram", {}),
+              **{k: e[k] for k in ("acquisition", "sample") if k in e}} for e in envoys]
     best = training.best
     failed = _failed(training, testing)
     return {
@@ -244,7 +246,8 @@ def plot_curves(path: Path, results: dict) -> None:
 
 
 def plot_partition(path: Path, results: dict) -> None:
-    """Training labels per envoy: how the data is spread over the nodes."""
+    """Training labels per envoy: how the data is spread over the nodes; with the scanner partition, under them one
+    training image per envoy as that envoy sees it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,7 +255,11 @@ def plot_partition(path: Path, results: dict) -> None:
 
     labels = medmnist.INFO[results["dataset"]]["label"]
     envoys = [e for e in results["envoys"] if e["label_histogram"].get("train")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(envoys) + 4), 4))
+    samples = [e for e in envoys if e.get("sample")]
+    width = max(6, 1.2 * len(envoys) + 4)
+    fig = plt.figure(figsize=(width, 6.5 if samples else 4))
+    grid = fig.add_gridspec(2 if samples else 1, max(1, len(samples)), height_ratios=[2, 1.3] if samples else [1])
+    ax = fig.add_subplot(grid[0, :])
     bottom = [0] * len(envoys)
     colors = plt.get_cmap("tab20")
     for k in range(len(labels)):
@@ -266,6 +273,15 @@ def plot_partition(path: Path, results: dict) -> None:
     skew = f", alpha {partition['alpha']}" if partition["strategy"] == "dirichlet" else ""
     ax.set_title(f"{_headline(results)}\npartition: {partition['strategy']}{skew}")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    for i, envoy in enumerate(samples):
+        shown = fig.add_subplot(grid[1, i])
+        image = np.frombuffer(base64.b64decode(envoy["sample"]["uint8"]), dtype=np.uint8)
+        image = image.reshape(envoy["sample"]["shape"])
+        shown.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+        a = envoy.get("acquisition", {})
+        shown.set_title(f"{envoy['name']}\ncontrast {a.get('contrast', 1):.2f}, gamma {a.get('gamma', 1):.2f}\n"
+                        f"blur {a.get('blur', 0):.2f}, noise {a.get('noise', 0):.3f}", fontsize=7)
+        shown.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,77 @@
+"""Scanner shift: each hospital's images look their own way, whatever they show.
+
+Hospitals differ first by how they acquire images: scanner vendor, staining, exposure, resolution. The `scanner`
+partition simulates that on one public file. Labels are dealt out as in `iid`; then every image a node serves, in
+all three splits, passes through that node's own fixed acquisition, drawn from the partition's seed and the node's
+rank:
+
+- colour: a gain per channel (RGB datasets only), as a stain or a camera's white balance shifts it;
+- gamma, then contrast and brightness about mid-grey, as exposure and display curves differ;
+- blur, a Gaussian of up to BLUR_MAX pixels (at 28 px; scaled with the image), as optics and resolution differ;
+- noise, one fixed pattern per node (a detector's), added to every image.
+
+The same seed and rank always give the same acquisition, so every node's images stay fixed from run to run.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+CONTRAST = (0.6, 1.5)  # multiplies the distance from mid-grey (log-uniform)
+BRIGHTNESS = (-0.12, 0.12)  # added, as a share of the full range
+GAMMA = (0.6, 1.6)  # intensity ** gamma (log-uniform)
+BLUR_MAX = 1.2  # the Gaussian's sigma, in pixels at 28 px
+NOISE_MAX = 0.05  # the fixed pattern's standard deviation, as a share of the full range
+COLOUR = (0.8, 1.2)  # each RGB channel's gain
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """One node's acquisition: what its images pass through before anyone, the node's own training included, sees
+    them. Call it on uint8 images (N, H, W, C)."""
+
+    seed: int
+    rank: int
+    contrast: float
+    brightness: float
+    gamma: float
+    blur: float
+    noise: float
+    colour: tuple[float, ...]
+
+    def describe(self) -> dict:
+        """Its settings, rounded, as the node's description carries them."""
+        return {k: (round(v, 3) if isinstance(v, float) else [round(c, 3) for c in v] if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
+
+    def _pattern(self, shape: tuple[int, int, int]) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.rank, *shape])
+        return (rng.standard_normal(shape) * self.noise).astype(np.float32)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        single = images.ndim == 3
+        x = (images[None] if single else images).astype(np.float32) / 255.0
+        x *= np.asarray(self.colour, dtype=np.float32)
+        np.power(x, self.gamma, out=x)
+        x = (x - 0.5) * self.contrast + 0.5 + self.brightness
+        if self.blur > 0:
+            x = gaussian_filter(x, sigma=(0, self.blur * x.shape[1] / 28, self.blur * x.shape[2] / 28, 0),
+                                mode="reflect")
+        x += self._pattern(x.shape[1:])
+        out = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return out[0] if single else out
+
+
+def acquisition(seed: int, rank: int, channels: int) -> Acquisition:
+    """Node `rank`'s acquisition for images of `channels` channels (colour gains only for RGB), from `seed`."""
+    rng = np.random.default_rng([int(seed), int(rank), 0x5CA])
+
+    def log_uniform(low: float, high: float) -> float:
+        return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+    contrast, brightness = log_uniform(*CONTRAST), float(rng.uniform(*BRIGHTNESS))
+    gamma, blur, noise = log_uniform(*GAMMA), float(rng.uniform(0, BLUR_MAX)), float(rng.uniform(0, NOISE_MAX))
+    colour = tuple(float(g) for g in rng.uniform(*COLOUR, size=3)) if channels == 3 else (1.0,) * channels
+    return Acquisition(int(seed), int(rank), contrast, brightness, gamma, blur, noise, colour)
