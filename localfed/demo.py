@@ -10,7 +10,7 @@ from medfl.researcher.checkpoint import FILE
 from medmnist_shard import DataError
 
 from .data import resolve
-from .run import local_federation, run_notebook, shard_params
+from .run import local_federation, own_folders, run_notebook, shard_params
 from .settings import GIVEN_FILE, Settings
 
 
@@ -18,8 +18,13 @@ def demo(settings: Settings) -> int:
     """Bring up a director and its envoys, run the notebook, stop everything; 0 on success."""
     started = time.monotonic()
     deadline = started + settings.timeout
-    data_dir, data_source = resolve(settings.dataset, settings.size, settings.data, settings.data_dir)
-    print(f"data: {data_source} ({data_dir})")
+    if settings.data_dirs:  # each envoy's own file, as hospitals have
+        settings = settings.replace(envoys=len(own_folders(settings)))
+        data_dir, data_source = None, "own files"
+        print(f"data: each envoy's own file ({settings.data_dirs})")
+    else:
+        data_dir, data_source = resolve(settings.dataset, settings.size, settings.data, settings.data_dir)
+        print(f"data: {data_source} ({data_dir})")
     shards = shard_params(settings, data_dir)
     if settings.resume_from:  # the run's folder, which its first make demo wrote (localfed.settings)
         run_dir = Path(settings.resume_from)

@@ -47,6 +47,14 @@ def check(settings: Settings) -> None:
         raise DataError(f"notebook={settings.notebook} does not exist")
     if settings.envoys < 1:
         raise DataError(f"envoys={settings.envoys}: must be at least 1")
+    if settings.data_dirs:
+        folders = own_folders(settings)
+        if "envoys" in settings.given and settings.envoys != len(folders):
+            raise DataError(f"envoys={settings.envoys} but data_dirs names {len(folders)} folders: one envoy per "
+                            "folder (leave envoys out)")
+        if settings.data_dir or "partition" in settings.given:
+            raise DataError("data_dirs gives each envoy its own whole file: leave data_dir and partition out (they "
+                            "cut one shared file into shards)")
     if settings.partition not in STRATEGIES:
         raise DataError(f"partition={settings.partition}: use {' or '.join(STRATEGIES)}")
     if settings.partition == "dirichlet" and not settings.alpha > 0:
@@ -73,8 +81,16 @@ def check(settings: Settings) -> None:
         raise DataError(f"min_envoys={settings.min_envoys} is more than envoys={settings.envoys}")
 
 
-def shard_params(settings: Settings, data_dir: Path) -> dict[str, dict]:
-    """Every envoy's shard descriptor params, each checked (and its samples chosen) up front."""
+def own_folders(settings: Settings) -> list[Path]:
+    """data_dirs=a,b,c: the folders of each envoy's own file, in envoy order."""
+    return [Path(d.strip()).expanduser().resolve() for d in settings.data_dirs.split(",") if d.strip()]
+
+
+def shard_params(settings: Settings, data_dir: Path | None) -> dict[str, dict]:
+    """Every envoy's shard descriptor params, each checked (and its samples chosen) up front: shards of the file in
+    data_dir, or with data_dirs each envoy's own whole file, read where it is and never written to."""
+    if settings.data_dirs:
+        return own_files(settings)
     shards = {}
     for rank in range(1, settings.envoys + 1):
         params = {"flag": settings.dataset, "size": int(settings.size), "data_dir": str(data_dir),
@@ -83,6 +99,21 @@ def shard_params(settings: Settings, data_dir: Path) -> dict[str, dict]:
         setup = prepare(**params)
         print(f"  envoy_{rank}: {setup.summary()['text']}")
         shards[f"envoy_{rank}"] = params
+    return shards
+
+
+def own_files(settings: Settings) -> dict[str, dict]:
+    """envoy_i serves the whole file in data_dirs' folder i, as a hospital serves its own; checked up front."""
+    shards = {}
+    for rank, folder in enumerate(own_folders(settings), 1):
+        name = f"envoy_{rank}"
+        params = {"flag": settings.dataset, "size": int(settings.size), "data_dir": str(folder), "download": False}
+        try:
+            setup = prepare(**params)
+        except DataError as exc:
+            raise DataError(f"{name}'s folder {folder} (data_dirs entry {rank}): {exc}") from None
+        print(f"  {name}: {setup.summary()['text']}")
+        shards[name] = params
     return shards
 
 

@@ -34,6 +34,7 @@ LAUNCHER = {
     "alpha": 0.5,
     "data": "download",
     "data_dir": "",
+    "data_dirs": "",
     "notebook": str(ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"),
     "tls": True,
     "health_period": 0,

@@ -15,6 +15,8 @@ By concern:
   next task runs, the optimizer's state kept on the envoy, and requests for tasks held until there are some.
 - local_tensors: tensors an experiment's plan names (FedBN's normalization layers) never leave the envoy, and
   outlive the experiment on the envoy's disk, for the test of the best model and a resumed run.
+- registration: the director refuses an envoy that serves other data (dataset, size, classes) than the envoys
+  already registered, naming it; the envoy says why it may have been refused.
 - experiments: code an experiment brought leaves the node's module cache when the experiment ends.
 - startup: an envoy waits for a director that is not up yet; a taken director port is one line; an envoy
   imports torch's compiler front end while idle.
@@ -25,7 +27,7 @@ security package's, beside this one; its rules use contract.py and patching.py f
 """
 from __future__ import annotations
 
-from . import experiments, faults, local_tensors, network, polling, startup, tensor_store, transport
+from . import experiments, faults, local_tensors, network, polling, registration, startup, tensor_store, transport
 from .patching import restore_all
 
 __all__ = ["install", "restore_all"]
@@ -33,5 +35,6 @@ __all__ = ["install", "restore_all"]
 
 def install() -> None:
     """Apply every adjustment (again: a no-op)."""
-    for concern in (polling, tensor_store, faults, network, transport, local_tensors, experiments, startup):
+    for concern in (polling, tensor_store, faults, network, transport, local_tensors, registration, experiments,
+                    startup):
         concern.install()

@@ -41,8 +41,8 @@ def test_offline_download_fails_with_the_url_and_the_synthetic_option(tmp_path, 
     (["min_envoys=0"], "min_envoys=0: give a number of envoys (an int of at least 1) or a share of them"),
     (["min_envoys=3"], "min_envoys=3 is more than envoys=2"),
     (["round_timeout=-5"], "round_timeout=-5.0: give seconds (0 for no limit)"),
-    (["algorithm=fedsgd"], "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedadam"),
-    (["ALGO=fedsgd"], "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedadam"),  # the documented alias
+    (["algorithm=fedsgd"], "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedbn, fedadam"),
+    (["ALGO=fedsgd"], "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedbn, fedadam"),  # the documented alias
     (["algorithm=fedntd", "ntd_beta=-1"], "ntd_beta=-1.0: FedNTD's distillation weight must be a number of"),
     (["algorithm=fedntd", "dataset=pneumoniamnist"], "algorithm='fedntd' distils the classes an image is not, so it "
      "needs one label of three or more classes; pneumoniamnist is binary-class with 2 outputs: use fedavg or fedprox"),
@@ -64,7 +64,7 @@ def test_bad_settings_are_refused_up_front_in_one_line(tmp_path, capsys, args, m
 
 
 @pytest.mark.parametrize("args,message", [
-    (["algorithms=fedavg,fedsgd"], "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedadam"),
+    (["algorithms=fedavg,fedsgd"], "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedbn, fedadam"),
     (["ALGOS= , "], "algorithms is empty"),
     (["server_learning_rate=-0.1"], "server_learning_rate=-0.1: it must be a positive number"),
 ])

@@ -67,9 +67,10 @@ def test_unknown_split(tiny_file):
     ({"rank_worldsize": "3,2"}, "rank must be between 1 and 2"),
     ({"rank_worldsize": "13,13"}, "cannot cut 12 val samples into 13 shards"),
     ({"size": 64}, "missing .*bloodmnist_64.npz"),
-    ({"partition": "dirichlet-ish"}, "unknown partition"),
+    ({"partition": "dirichlet-ish", "rank_worldsize": "1,2"}, "unknown partition"),
+    ({"partition": "dirichlet"}, "without rank_worldsize: a node's own file is served whole"),
     ({"seed": "x"}, "seed .x. must be an integer"),
-    ({"partition": "dirichlet", "alpha": 0}, "alpha must be positive"),
+    ({"partition": "dirichlet", "alpha": 0, "rank_worldsize": "1,2"}, "alpha must be positive"),
 ])
 def test_bad_configuration_is_refused(tiny_file, params, message):
     settings = {"flag": "bloodmnist", "size": 28, "data_dir": tiny_file("bloodmnist").parent, "download": False}
@@ -157,3 +158,16 @@ def test_start_director_says_when_its_port_is_taken(tmp_path):
     assert result.returncode == 1
     assert f"error: cannot listen on localhost:{port} (Address already in use)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_node_s_own_file_is_served_whole(tiny_file):
+    path = tiny_file("dermamnist", 28, FEW)
+    own = MedMNISTShardDescriptor("dermamnist", 28, path.parent, download=False)  # no rank_worldsize
+    with np.load(path) as data:
+        for split in ("train", "val", "test"):
+            served = own.get_dataset(split)
+            np.testing.assert_array_equal(served.images, data[f"{split}_images"])
+            np.testing.assert_array_equal(served.labels, data[f"{split}_labels"])
+    described = json.loads(own.dataset_description)
+    assert described["partition"] == "own" and (described["rank"], described["world_size"]) == (1, 1)
+    assert "dermamnist 28px, its own file: train 4, val 2, test 2; SYNTHETIC" in described["text"]

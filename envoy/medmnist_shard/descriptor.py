@@ -83,11 +83,13 @@ class ShardSetup:
         skew = {"dirichlet": f", alpha {self.alpha}", "scanner": f", scanner {self.rank} of seed {self.seed}"}.get(
             self.partition, "")
         sizes = ", ".join(f"{s} {len(self.indices[s])}" for s in SPLITS)
-        origin = "SYNTHETIC data" if self.synthetic else "MedMNIST data"
+        own = self.partition == "own"
+        origin = "SYNTHETIC data" if self.synthetic else "its own data" if own else "MedMNIST data"
         mapped = f"; memory-mapped from {self.cache_folder}" if self.memory_mapped else ""
+        served = "its own file" if own else f"shard {self.rank}/{self.world_size} ({self.partition}{skew})"
         return {
-            "text": (f"{self.flag} {self.size}px, shard {self.rank}/{self.world_size} ({self.partition}{skew}): "
-                     f"{sizes}; {origin} from {self.path.name}; {size_text(self.image_bytes)} of images{mapped}"),
+            "text": (f"{self.flag} {self.size}px, {served}: {sizes}; {origin} from {self.path.name}; "
+                     f"{size_text(self.image_bytes)} of images{mapped}"),
             "flag": self.flag, "size": self.size, "rank": self.rank, "world_size": self.world_size,
             "partition": self.partition, "alpha": self.alpha, "seed": self.seed, "synthetic": self.synthetic,
             "samples": {s: len(self.indices[s]) for s in SPLITS},
@@ -117,15 +119,24 @@ def _folder(value) -> Path | None:
     raise DataError(f"cache_dir {value!r} must be a folder path, or left out for {default_cache_dir()}")
 
 
-def prepare(flag="bloodmnist", size=28, data_dir="data", rank_worldsize="1,1", partition="iid", alpha=0.5,
+def prepare(flag="bloodmnist", size=28, data_dir="data", rank_worldsize=None, partition="iid", alpha=0.5,
             seed=0, download=True, memory_map_above_mb=MEMORY_MAP_ABOVE_MB, cache_dir=None) -> ShardSetup:
     """Check a shard configuration and choose its samples, reading labels but no pixels.
+
+    Without rank_worldsize the file is the node's own (a hospital's data, not a shard of a public file): every row
+    is served, and there is nothing to partition.
 
     Downloads the file first if it is missing and `download` is true. A shard above
     memory_map_above_mb also has its cache folder checked: writable, with room for what is not cached yet.
     """
     flag, size = check_flag(flag), check_size(size)
-    rank, world_size = parse_rank_worldsize(rank_worldsize)
+    if rank_worldsize is None:
+        if partition not in ("iid", "own"):
+            raise DataError(f"partition {partition!r} without rank_worldsize: a node's own file is served whole; "
+                            "a partition cuts one shared file into shards (give rank_worldsize, e.g. '1,3')")
+        rank, world_size, partition = 1, 1, "own"
+    else:
+        rank, world_size = parse_rank_worldsize(rank_worldsize)
     try:
         seed, alpha = int(seed), float(alpha)
     except (TypeError, ValueError):
@@ -135,7 +146,7 @@ def prepare(flag="bloodmnist", size=28, data_dir="data", rank_worldsize="1,1", p
     inspect(path, flag, size)
     labels = {split: load_labels(path, split, flag) for split in SPLITS}
     mine = {split: shards[rank - 1] for split, shards in
-            make_shards(labels, world_size, partition, alpha, seed).items()}
+            make_shards(labels, world_size, "iid" if partition == "own" else partition, alpha, seed).items()}
     setup = ShardSetup(flag, size, path, rank, world_size, partition, alpha, seed, is_synthetic(path), mine,
                        {split: labels[split][mine[split]] for split in SPLITS}, memory_map_above_mb, cache_dir)
     if setup.memory_mapped:
@@ -170,7 +181,7 @@ class MedMNISTShardDataset(ShardDataset):
 class MedMNISTShardDescriptor(ShardDescriptor):
     """Serves `train`, `val` and `test`: this node's share of each of MedMNIST's own splits."""
 
-    def __init__(self, flag="bloodmnist", size=28, data_dir="data", rank_worldsize="1,1",
+    def __init__(self, flag="bloodmnist", size=28, data_dir="data", rank_worldsize=None,
                  partition="iid", alpha=0.5, seed=0, download=True, memory_map_above_mb=MEMORY_MAP_ABOVE_MB,
                  cache_dir=None):
         self.setup = prepare(flag, size, data_dir, rank_worldsize, partition, alpha, seed, download,
