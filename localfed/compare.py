@@ -1,8 +1,8 @@
 """`make compare`: which algorithm for non-IID hospitals, and at what cost.
 
 The same data, partition, seed, model and budget (rounds x epochs), trained once per algorithm of `algorithms`
-through the notebook, then once centrally (make baseline, with the notebook's model), one after another on this
-machine. One director and its envoys
+through the notebook, then once centrally (make baseline, with the notebook's model) and once per envoy on its own
+data alone (make baseline local=1), one after another on this machine. One director and its envoys
 serve every algorithm's experiments in turn, so their start-up is paid once. It writes runs/compare-<id>/: one
 folder per algorithm (the notebook's run folder), centralized/ (make baseline's), compare.json, compare.png, and
 prints one table.
@@ -18,11 +18,11 @@ from pathlib import Path
 from medfl.algorithms import describe
 
 from .baseline import baseline
-from .data import resolve
-from .run import RunError, compared, local_federation, run_notebook, shard_params
+from .run import RunError, compared, data_for, local_federation, own_folders, run_notebook, shard_params
 from .settings import Settings
 
 CENTRALIZED = "centralized"
+ALONE = "each envoy alone"
 
 
 def compare(settings: Settings) -> int:
@@ -32,8 +32,10 @@ def compare(settings: Settings) -> int:
     started = time.monotonic()
     deadline = started + settings.timeout
     algorithms = compared(settings)
-    data_dir, data_source = resolve(s.dataset, s.size, s.data, s.data_dir, command="compare")
-    print(f"data: {data_source} ({data_dir})")
+    if s.data_dirs:  # one envoy per folder
+        settings = s = s.replace(envoys=len(own_folders(s)))
+    data_dir, data_source = data_for(s)
+    print(f"data: {data_source} ({data_dir or s.data_dirs})")
     shards = shard_params(settings, data_dir)
     out = Path(settings.runs) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     federation = local_federation(settings, out, shards)
@@ -57,8 +59,8 @@ def compare(settings: Settings) -> int:
                 runs[algorithm] = {"status": "failed", "error": str(exc).splitlines()[0], "run": str(run_dir)}
             runs[algorithm]["notebook_seconds"] = round(time.monotonic() - began, 1)
     (out / "latest").unlink(missing_ok=True)  # the notebook's link to its newest run; compare.json names them all
-    print(f"\n[{steps}/{steps}] centralized baseline", flush=True)
-    baseline(settings, run_dir=out / CENTRALIZED)
+    print(f"\n[{steps}/{steps}] centralized baseline, and each envoy alone", flush=True)
+    baseline(settings.replace(local=True), run_dir=out / CENTRALIZED)  # and each envoy alone
     central = summarize(json.loads((out / CENTRALIZED / "results.json").read_text()), out / CENTRALIZED)
     report = build(settings, algorithms, runs, central, data_source, out)
     (out / "compare.json").write_text(json.dumps(report, indent=1))
@@ -81,9 +83,15 @@ def summarize(results: dict, run_dir: Path) -> dict:
         "test": {"acc": test["acc"], "auc": test["auc"],
                  "per_envoy": {name: {"acc": e["acc"], "auc": e["auc"], "samples": e.get("samples")}
                                for name, e in sorted(test["per_envoy"].items())}},
+        **({"personalized": {"epochs": test["personalized"]["epochs"], "acc": test["personalized"]["acc"],
+                             "auc": test["personalized"]["auc"],
+                             "per_envoy": {name: {"acc": e["acc"], "auc": e["auc"], "samples": e.get("samples")}
+                                           for name, e in sorted(test["personalized"]["per_envoy"].items())}}}
+           if test.get("personalized") else {}),
         "best": {k: results["best"].get(k) for k in ("metric", "round", "value", "loss")},
         "val_auc": [e["aggregated"].get("val_auc") for e in rounds],
         "wall_seconds": results["wall_seconds"],
+        **({"local": results["local"]} if results.get("local") else {}),
         "bytes_per_round": {
             "envoys_to_director": _mean([t.get("received_bytes", 0) for t in training]),
             "director_to_envoys": _mean([t.get("sent_bytes", 0) for t in training]),
@@ -152,6 +160,15 @@ def table(report: dict) -> str:
             if traffic else (f"{'-':>11}", f"{'-':>6}")
         lines.append(f"{label:<28} {run['test']['acc']:8.4f} {run['test']['auc']:8.4f}  {per:<{7 * len(envoys)}}"
                      f" {run['best']['round']:>4} {run['wall_seconds']:7.1f} {up} {down}")
+        personal = run.get("personalized")
+        if personal:  # each envoy's own fine-tuned model
+            per = " ".join(f"{personal['per_envoy'][e]['acc']:6.3f}" for e in envoys)
+            lines.append(f"{'  + ' + str(personal['epochs']) + ' epochs on each envoy':<28} {personal['acc']:8.4f} "
+                         f"{personal['auc']:8.4f}  {per:<{7 * len(envoys)}}")
+    alone = report[CENTRALIZED].get("local")
+    if alone:  # each envoy's own model on its own test split; overall: over every envoy's test images
+        per = " ".join(f"{alone['per_envoy'][e]['acc']:6.3f}" for e in envoys)
+        lines.append(f"{ALONE:<28} {alone['acc']:8.4f} {alone['auc']:8.4f}  {per:<{7 * len(envoys)}}")
     found = report.get("gap")
     if found and found["closed"] is not None:
         lines.append(f"FedAvg's test ACC gap to centralized: {found[CENTRALIZED] - found['fedavg']:.4f}; the best, "
@@ -186,11 +203,13 @@ def plot(path: Path, report: dict) -> None:
     curves.legend(fontsize=8)
     envoys = sorted(central["test"]["per_envoy"])
     series = [(_label(name, run), run) for name, run in done.items()] + [(CENTRALIZED, central)]
+    if central.get("local"):
+        series.append((ALONE, {"test": central["local"]}))
     width = 0.8 / len(series)
     for i, (label, run) in enumerate(series):
         values = [run["test"]["per_envoy"][e]["acc"] for e in envoys]
         bars.bar(np.arange(len(envoys)) + (i - (len(series) - 1) / 2) * width, values, width, label=label,
-                 color="black" if label == CENTRALIZED else None)
+                 color={CENTRALIZED: "black", ALONE: "grey"}.get(label))
     bars.set_xticks(np.arange(len(envoys)), envoys)
     bars.set(title="test ACC of the chosen model, per envoy", ylabel="ACC", ylim=(0, 1))
     bars.grid(alpha=0.3, axis="y")

@@ -9,8 +9,7 @@ from medfl.algorithms import describe
 from medfl.researcher.checkpoint import FILE
 from medmnist_shard import DataError
 
-from .data import resolve
-from .run import local_federation, own_folders, run_notebook, shard_params
+from .run import data_for, local_federation, own_folders, run_notebook, shard_params
 from .settings import GIVEN_FILE, Settings
 
 
@@ -18,13 +17,10 @@ def demo(settings: Settings) -> int:
     """Bring up a director and its envoys, run the notebook, stop everything; 0 on success."""
     started = time.monotonic()
     deadline = started + settings.timeout
-    if settings.data_dirs:  # each envoy's own file, as hospitals have
+    if settings.data_dirs:  # one envoy per folder
         settings = settings.replace(envoys=len(own_folders(settings)))
-        data_dir, data_source = None, "own files"
-        print(f"data: each envoy's own file ({settings.data_dirs})")
-    else:
-        data_dir, data_source = resolve(settings.dataset, settings.size, settings.data, settings.data_dir)
-        print(f"data: {data_source} ({data_dir})")
+    data_dir, data_source = data_for(settings)
+    print(f"data: {data_source} ({data_dir or settings.data_dirs})")
     shards = shard_params(settings, data_dir)
     if settings.resume_from:  # the run's folder, which its first make demo wrote (localfed.settings)
         run_dir = Path(settings.resume_from)
@@ -57,6 +53,11 @@ def demo(settings: Settings) -> int:
     print(f"algorithm: {describe(results['algorithm'])}")
     print(f"best model: after {results['best']['round']} rounds (val {results['best']['metric']} "
           f"{results['best']['value']:.4f}); test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
+    personal = test.get("personalized")
+    if personal:
+        print(f"each envoy's model, fine-tuned {personal['epochs']} epochs on its own data: test ACC "
+              + ", ".join(f"{name} {e['acc']:.4f} (federated {test['per_envoy'][name]['acc']:.4f})"
+                          for name, e in sorted(personal["per_envoy"].items())))
     if results["privacy"]:
         print(f"DP-SGD: {results['privacy']['summary']}")
     print("peak memory (MB): " + ", ".join(f"{name} {mb:.0f}" for name, mb in memory.items()))

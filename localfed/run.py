@@ -21,6 +21,7 @@ from security.certs import DEFAULT_RESEARCHERS
 from security.certs import make as make_certs
 
 from . import ROOT, LocalFederation, free_port, kill_tree, signals_deferred, tail
+from .data import resolve
 from .settings import Settings
 from .wire import Profile
 
@@ -79,6 +80,13 @@ def check(settings: Settings) -> None:
         raise DataError(str(exc)) from None
     if quorum(settings.min_envoys, settings.envoys) > settings.envoys:
         raise DataError(f"min_envoys={settings.min_envoys} is more than envoys={settings.envoys}")
+
+
+def data_for(settings: Settings) -> tuple[Path | None, str]:
+    """(the folder of the file the envoys' shards are cut from, or None for data_dirs; data_source)."""
+    if settings.data_dirs:  # each envoy's own file, as hospitals have
+        return None, "own files"
+    return resolve(settings.dataset, settings.size, settings.data, settings.data_dir, command=settings.command)
 
 
 def own_folders(settings: Settings) -> list[Path]:

@@ -35,6 +35,7 @@ LAUNCHER = {
     "data": "download",
     "data_dir": "",
     "data_dirs": "",
+    "local": False,
     "notebook": str(ROOT / "workspace" / "Pytorch_MedMNIST_2D.ipynb"),
     "tls": True,
     "health_period": 0,

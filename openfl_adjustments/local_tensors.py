@@ -8,7 +8,7 @@ test of the best model, a resumed run) starts from the global model's. Here an e
 - `task_runner.settings.local_tensors`: tensor names held back on every envoy, as OpenFL holds back its own;
 - `task_runner.settings.local_run` and `local_first_round`: each round, the envoy writes the held-back tensors it
   trained to `$MEDFL_ENVOY_STATE/<local_run>/local-tensors/round-<n>.npz`, n counting the run's training rounds
-  (a resumed run's experiment starts at `local_first_round`);
+  (a resumed run's experiment starts at `local_first_round`; None: it writes nothing);
 - `task_runner.settings.local_start_round`: a new experiment starts from those of round n (or the latest before
   it: an envoy absent then uses what it last trained), instead of the global model's.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,10 @@ def holding_back(init):
         if names:
             held = self.tensor_dict_split_fn_kwargs.setdefault("holdout_tensor_names", [])
             self.tensor_dict_split_fn_kwargs["holdout_tensor_names"] = [*held, *names]
+        first_round = kwargs.get("local_first_round")
         self.local_tensors = {"names": set(names), "run": kwargs.get("local_run"),
-                              "first_round": int(kwargs.get("local_first_round") or 0),
-                              "start_round": kwargs.get("local_start_round")}
+                              "first_round": None if first_round is None else int(first_round),
+                              "start_round": kwargs.get("local_start_round"), "lock": threading.Lock()}
 
     return wrapper
 
@@ -87,7 +89,7 @@ def keeping_on_disk(prepare):
     def wrapper(self, metric_dict, validation_flag, col_name, round_num):
         to_send, local = prepare(self, metric_dict, validation_flag, col_name, round_num)
         kept = getattr(self, "local_tensors", None)
-        if kept and kept["names"] and kept["run"] and not validation_flag:
+        if kept and kept["names"] and kept["run"] and kept["first_round"] is not None and not validation_flag:
             tensors = {k.tensor_name: v for k, v in local.items()
                        if k.tensor_name in kept["names"] and k.round_number == round_num and "trained" in k.tags}
             save(kept["run"], kept["first_round"] + round_num + 1, tensors)
@@ -107,15 +109,16 @@ def starting_from_disk(get_data_for_tensorkey):
                 and origin == self.collaborator_name and tags == ("model",)
                 and not any(self.tensor_db.get_tensor_from_cache(tensor_key._replace(round_number=r)) is not None
                             for r in range(round_number, -1, -1))):
-            if "loaded" not in kept:  # once per experiment: every held-back tensor comes from one file
-                kept["loaded"] = load(kept["run"], int(kept["start_round"]))
-                if kept["loaded"] is None:
-                    logger.warning("%s has no held-back tensors of run %s up to round %s on its disk: it starts "
-                                   "them from the global model's", self.collaborator_name, kept["run"],
-                                   kept["start_round"])
-                else:
-                    logger.info("%s starts its held-back tensors from its own, of round %d of run %s",
-                                self.collaborator_name, kept["loaded"][0], kept["run"])
+            with kept["lock"]:  # the model's tensors are fetched on many threads at once
+                if "loaded" not in kept:  # once per experiment: every held-back tensor comes from one file
+                    kept["loaded"] = load(kept["run"], int(kept["start_round"]))
+                    if kept["loaded"] is None:
+                        logger.warning("%s has no held-back tensors of run %s up to round %s on its disk: it starts "
+                                       "them from the global model's", self.collaborator_name, kept["run"],
+                                       kept["start_round"])
+                    else:
+                        logger.info("%s starts its held-back tensors from its own, of round %d of run %s",
+                                    self.collaborator_name, kept["loaded"][0], kept["run"])
             if kept["loaded"] is not None and name in kept["loaded"][1]:
                 return kept["loaded"][1][name]
         return get_data_for_tensorkey(self, tensor_key)

@@ -57,6 +57,7 @@ PARAMETERS = {
     "learning_rate": "Adam, as in the MedMNIST v2 experiments",
     "algorithm": "fedavg, fedprox, fedntd, fedbn, fedadam, fedyogi, fedadagrad, median or geomedian",
     "algorithm_options": 'its settings, e.g. {"mu": 0.1}; the rest as in medfl.algorithms.OPTIONS',
+    "personalize_epochs": "k > 0: each envoy also fine-tunes the final model k epochs on its own data (section 8)",
     "device": "{device_comment}",
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
     "dp": "True: DP-SGD on every envoy (section 5)",
@@ -295,20 +296,31 @@ best_model = training.best_model or last_model  # None only if no global model h
 print(training.best.describe(rounds))"""),
 md("""## 8. Test the best model
 
-A second, validation-only experiment sends the best model back to every envoy, to be scored on their `test` splits: the test images never leave the nodes either. It reuses the tasks; only the data interface reads another split."""),
-code("test", """test_data = MedMNISTData(eval_batch_size=eval_batch_size, eval_split="test", device=device)
+A second, validation-only experiment sends the best model back to every envoy, to be scored on their `test` splits: the test images never leave the nodes either. It reuses the tasks; only the data interface reads another split. With `fedbn`, each envoy scores the shared weights with its own BatchNorm layers of that round.
+
+**A model per hospital** (`personalize_epochs = k`, any algorithm): the same experiment then also has each envoy fine-tune the best model for `k` epochs on its own train split (plain Adam, no DP-SGD or distillation) and score that on its test split. The fine-tuned weights never leave the envoy: every tensor is held back, and only the scores travel. `results.json`'s `test` has both, per envoy: `per_envoy` (the federated model) and `personalized` (each hospital's own); `make compare` adds what each envoy gets on its own data alone."""),
+code("test", """test_data = MedMNISTData(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, eval_split="test",
+                         seed=seed, device=device)
+# personalize_epochs: each envoy also fine-tunes the best model on its own train split, then tests that; every tensor
+# stays on the envoy (only scores leave), so there is nothing for secure aggregation to sum
+tests = researcher.personalizing(TI, personalize_epochs) if personalize_epochs else TI
+# fedbn: every envoy tests with its own BatchNorm layers of the best model's round
+test_plan = {**plan_overrides, **local_plan(**{**local_layers, "first_round": None}, start_round=training.best.round,
+                                            personalize=personalize_epochs > 0)}
+if personalize_epochs:
+    test_plan.update({"aggregator.settings.secure_aggregation": False, "collaborator.settings.secure_aggregation": False})
 with researcher.submission(run["api_cert"], run["api_key"]):
     test_experiment = FLExperiment(federation=federation, experiment_name=f"{attempt}-test")
     test_experiment.start(
-        model_provider=ModelInterface(model=best_model, optimizer=torch.optim.Adam(best_model.parameters()),
+        model_provider=ModelInterface(model=best_model, optimizer=torch.optim.Adam(best_model.parameters(),
+                                                                                   lr=learning_rate),
                                       framework_plugin=framework_adapter),
-        task_keeper=TI,
+        task_keeper=tests,
         data_loader=test_data,
         rounds_to_train=1,
-        task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=0),
+        task_assigner=Schedule(tests.get_registered_tasks(), train_rounds=1 if personalize_epochs else 0),
         device_assignment_policy="CUDA_PREFERRED",
-        # fedbn: every envoy tests with its own BatchNorm layers of the best model's round
-        override_config={**plan_overrides, **local_plan(**local_layers, start_round=training.best.round)},
+        override_config=test_plan,
     )
 testing = researcher.follow(test_experiment, 1, label="test")
 researcher.stop_if_failed(run_dir, training=training, testing=testing, **record)"""),

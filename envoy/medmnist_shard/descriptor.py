@@ -80,7 +80,7 @@ class ShardSetup:
     def summary(self) -> dict:
         """What the node serves, in a form the notebook can read back from the director."""
         n_classes = len(info(self.flag)["label"])
-        skew = {"dirichlet": f", alpha {self.alpha}", "scanner": f", scanner {self.rank} of seed {self.seed}"}.get(
+        skew = {"dirichlet": f", alpha {self.alpha}", "scanner": f", seed {self.seed}"}.get(
             self.partition, "")
         sizes = ", ".join(f"{s} {len(self.indices[s])}" for s in SPLITS)
         own = self.partition == "own"

@@ -73,6 +73,7 @@ def _die_after_masked(secagg, in_round: int) -> None:
 def _capture(aggregator_class, folder: str) -> None:
     import itertools
     import pickle
+    import time
     from pathlib import Path
 
     receive, counter = aggregator_class.send_local_task_results, itertools.count()
@@ -81,7 +82,8 @@ def _capture(aggregator_class, folder: str) -> None:
         record = {"envoy": collaborator_name, "round": round_number, "task": task_name,
                   "tensors": [{"name": t.name, "report": t.report, "tags": list(t.tags), "bytes": t.data_bytes}
                               for t in named_tensors]}
-        path = Path(folder) / f"{os.getpid()}-{next(counter):06d}.pkl"
+        # Named by the time, in order: each experiment imports medfl.aggregator afresh, with a fresh counter.
+        path = Path(folder) / f"{time.time_ns()}-{os.getpid()}-{next(counter):06d}.pkl"
         path.write_bytes(pickle.dumps(record))
         return receive(self, collaborator_name, round_number, task_name, data_size, named_tensors)
 

@@ -40,6 +40,7 @@ from . import checks, secure
 from .checks import Rejection
 
 VALIDATE_GLOBAL = "aggregated_model_validate"
+VALIDATE_LOCAL = "locally_tuned_model_validate"
 AGGREGATED = "aggregator"
 # Events streamed with the metrics; metric_name carries the reason, metric_value the seconds into the round.
 DROPPED = "envoy_dropped"  # metric_origin is the envoy
@@ -575,5 +576,5 @@ class Schedule:
     def __call__(self, collaborators, round_number, **kwargs):
         names = [VALIDATE_GLOBAL]
         if round_number < self.train_rounds:
-            names += ["train", "locally_tuned_model_validate"]
+            names += ["train", VALIDATE_LOCAL]
         return {c: [self.tasks[n] for n in names] for c in collaborators}

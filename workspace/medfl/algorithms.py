@@ -278,22 +278,26 @@ def local_layers(model: torch.nn.Module) -> list[str]:
             for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
 
 
-def local_plan(algorithm: str, model: torch.nn.Module, run: str, first_round: int = 0,
-               start_round: int | None = None) -> dict:
-    """FLExperiment.start's override_config entries that keep FedBN's normalization layers on the envoys (none for
-    other algorithms): each envoy holds them back and keeps them per round of `run` on its disk; an experiment that
-    does not start from the beginning (a resumed run from round `first_round`, the test of round `start_round`'s
-    model) starts each envoy from its own of that round."""
-    if algorithm != "fedbn":
-        return {}
-    names = local_layers(model)
-    if not names:
+def local_plan(algorithm: str, model: torch.nn.Module, run: str, first_round: int | None = 0,
+               start_round: int | None = None, personalize: bool = False) -> dict:
+    """FLExperiment.start's override_config entries for tensors that stay on the envoys (none if nothing stays):
+
+    - fedbn: each envoy holds back its normalization layers and keeps them per round of `run` on its own disk, the
+      rounds counted from `first_round` (a resumed run's; None: keep nothing, e.g. the test); an experiment that does
+      not start from the beginning (a resumed run from round `start_round`, the test of round `start_round`'s model)
+      starts each envoy from its own of that round;
+    - personalize: every tensor stays: each envoy fine-tunes the model for itself and sends only metrics.
+    """
+    names = local_layers(model) if algorithm == "fedbn" else []
+    if algorithm == "fedbn" and not names:
         raise ValueError("fedbn keeps each envoy's BatchNorm layers at home, and this model has none (DP-SGD's "
                          "GroupNorm is not one): choose another algorithm")
-    return {"task_runner.settings.local_tensors": names, "task_runner.settings.local_run": run,
-            "task_runner.settings.local_first_round": int(first_round),
-            "task_runner.settings.local_start_round": start_round,
-            "aggregator.settings.local_tensors": names}
+    held = list(model.state_dict()) if personalize else names
+    if not held:
+        return {}
+    return {"task_runner.settings.local_tensors": held, "aggregator.settings.local_tensors": held,
+            **({"task_runner.settings.local_run": run, "task_runner.settings.local_first_round": first_round,
+                "task_runner.settings.local_start_round": start_round} if names else {})}
 
 
 def server_lr(algorithm: str, server_learning_rate: float | None) -> float:

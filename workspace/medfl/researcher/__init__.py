@@ -23,13 +23,13 @@ from .parameters import (
     training_parameters,
 )
 from .report import ExperimentFailed, build_results, save_run, stop_if_failed
-from .submit import submission
+from .submit import personalizing, submission
 
 client.install()
 
 __all__ = [
     "DEFAULTS", "RUN", "Checkpoint", "Checkpointer", "ExperimentFailed", "Followed", "NotebookError",
     "ParameterError", "attempt_name", "build_results", "check_algorithm", "check_dataset", "check_parameters",
-    "check_quorum", "envoy_table", "follow", "is_synthetic", "load_checkpoint", "log_to", "restarts", "save_run",
-    "show_samples", "stop_if_failed", "submission", "training_parameters",
+    "check_quorum", "envoy_table", "follow", "is_synthetic", "load_checkpoint", "log_to", "personalizing", "restarts",
+    "save_run", "show_samples", "stop_if_failed", "submission", "training_parameters",
 ]

@@ -34,6 +34,7 @@ DEFAULTS = {
     "learning_rate": 1e-3,
     "algorithm": "fedavg",
     "algorithm_options": {},
+    "personalize_epochs": 0,
     "device": "auto",
     "bf16": False,
     "dp": False,
@@ -109,7 +110,8 @@ def _whole(name: str, value) -> None:
 
 
 def check_parameters(*, dataset, size, rounds, epochs, train_batch_size, eval_batch_size, learning_rate,
-                     algorithm=DEFAULTS["algorithm"], algorithm_options=None, device=DEFAULTS["device"],
+                     algorithm=DEFAULTS["algorithm"], algorithm_options=None,
+                     personalize_epochs=DEFAULTS["personalize_epochs"], device=DEFAULTS["device"],
                      bf16=DEFAULTS["bf16"], dp=DEFAULTS["dp"], dp_options=None,
                      secure_aggregation=DEFAULTS["secure_aggregation"], seed=DEFAULTS["seed"], run=None,
                      **_) -> tuple[dict, dict, dict]:
@@ -128,6 +130,9 @@ def check_parameters(*, dataset, size, rounds, epochs, train_batch_size, eval_ba
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ParameterError(f"learning_rate={learning_rate!r}: it must be a positive number, e.g. 1e-3")
     check_algorithm(algorithm, algorithm_options, dataset)
+    if isinstance(personalize_epochs, bool) or not isinstance(personalize_epochs, int) or personalize_epochs < 0:
+        raise ParameterError(f"personalize_epochs={personalize_epochs!r}: give a whole number of epochs, 0 (no "
+                             "per-hospital model) or more")
     if device not in REQUESTS:
         raise ParameterError(f"device={device!r}: use one of {', '.join(REQUESTS)}")
     if not isinstance(seed, int) or isinstance(seed, bool):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import algorithms
-from ..aggregator import AGGREGATED, TRAFFIC, VALIDATE_GLOBAL
+from ..aggregator import AGGREGATED, TRAFFIC, VALIDATE_GLOBAL, VALIDATE_LOCAL
 from .federation import is_synthetic
 from .follow import Followed
 from .parameters import NotebookError
@@ -97,11 +97,12 @@ def algorithm_settings(params: dict) -> dict:
     return algorithms.settings(params.get("algorithm", "fedavg"), params.get("algorithm_options"))
 
 
-def test_block(metrics: list[dict], samples: dict[str, int]) -> dict:
-    """Sample-weighted overall test ACC, AUC and loss, and each envoy's, from a test run's metrics."""
+def test_block(metrics: list[dict], samples: dict[str, int], task: str = VALIDATE_GLOBAL) -> dict:
+    """Sample-weighted overall test ACC, AUC and loss, and each envoy's, from a test run's metrics: of the model the
+    envoys were sent (VALIDATE_GLOBAL), or of each envoy's fine-tuned one (VALIDATE_LOCAL, personalize_epochs)."""
     block: dict = {"per_envoy": {}}
     for m in metrics:
-        if m["task_name"] != VALIDATE_GLOBAL:
+        if m["task_name"] != task:
             continue
         if m["metric_origin"] == AGGREGATED:
             block[m["metric_name"]] = m["metric_value"]
@@ -142,7 +143,12 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value, "loss": best.loss,
                  "tie": best.tie},
         "test": {"model": "best", "round": best.round,
-                 **test_block(testing.metrics if testing else [], {n["name"]: n.get("test") for n in nodes})},
+                 **test_block(testing.metrics if testing else [], {n["name"]: n.get("test") for n in nodes}),
+                 # personalize_epochs: each envoy's own model, the best one fine-tuned on its own train split
+                 "personalized": ({"epochs": params["personalize_epochs"],
+                                   **test_block(testing.metrics, {n["name"]: n.get("test") for n in nodes},
+                                                VALIDATE_LOCAL)}
+                                  if testing and params.get("personalize_epochs") else None)},
         "wall_seconds": round(time.time() - started, 2),
         "timing": {"submitted": started, "trained": training.ended, "tested": testing.ended if testing else None,
                    "notebook_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},

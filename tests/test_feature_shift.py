@@ -1,8 +1,10 @@
-"""FedBN: each envoy's BatchNorm layers never leave it (openfl_adjustments.local_tensors), the rest is averaged.
+"""Hospitals that differ by scanner: FedBN (each envoy's BatchNorm layers never leave it, openfl_adjustments.
+local_tensors; the rest is averaged) and a model per hospital (personalize_epochs: fine-tuned on each envoy, never
+sent).
 
 The unit tests hold OpenFL to what the adjustment relies on (its task runner's holdouts, its collaborator's search
-of earlier rounds); the end-to-end test runs a real federation on the scanner partition, with what the director's
-process received captured as it arrived (tests/saboteur)."""
+of earlier rounds); the end-to-end test runs a real federation on the scanner partition with FedBN and
+personalize_epochs=1, with what the director's process received captured as it arrived (tests/saboteur)."""
 from __future__ import annotations
 
 import inspect
@@ -20,7 +22,8 @@ from openfl.federated.task.task_runner import CoreTaskRunner
 from conftest import ROOT
 from medfl.algorithms import local_layers, local_plan
 from medfl.model import build_model
-from medfl.researcher import ParameterError, check_parameters
+from medfl.researcher import ParameterError, check_parameters, personalizing
+from medfl.tasks import build_tasks
 from openfl_adjustments import local_tensors
 from openfl_adjustments.patching import restore_all
 
@@ -40,16 +43,35 @@ def test_fedbn_keeps_every_batchnorm_tensor_and_nothing_else():
     assert (plan["task_runner.settings.local_run"], plan["task_runner.settings.local_first_round"],
             plan["task_runner.settings.local_start_round"]) == ("run-1", 2, 2)
     assert local_plan("fedavg", model, "run-1") == {}
+    everything = local_plan("fedavg", model, "run-1", personalize=True)  # a model per hospital: nothing is sent
+    assert everything == {"task_runner.settings.local_tensors": list(model.state_dict()),
+                          "aggregator.settings.local_tensors": list(model.state_dict())}
+    both = local_plan("fedbn", model, "run-1", first_round=None, start_round=3, personalize=True)
+    assert both["task_runner.settings.local_tensors"] == list(model.state_dict())
+    assert (both["task_runner.settings.local_first_round"], both["task_runner.settings.local_start_round"]) == (None, 3)
     with pytest.raises(ValueError, match="this model has none"):
         local_plan("fedbn", build_model("bloodmnist", 28, norm="group"), "run-1")
 
 
-def test_fedbn_with_dp_is_refused_in_one_line():
+def test_fedbn_with_dp_and_a_personalization_that_is_no_number_of_epochs_are_refused_in_one_line():
     given = dict(dataset="bloodmnist", size=28, rounds=2, epochs=1, train_batch_size=64, eval_batch_size=256,
                  learning_rate=1e-3)
-    check_parameters(**given, algorithm="fedbn")
+    check_parameters(**given, algorithm="fedbn", personalize_epochs=2)
     with pytest.raises(ParameterError, match="algorithm='fedbn' with dp=True: .* GroupNorm"):
         check_parameters(**given, algorithm="fedbn", dp=True)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ParameterError, match="personalize_epochs=.*: give a whole number of epochs"):
+            check_parameters(**given, personalize_epochs=bad)
+
+
+def test_personalizing_fine_tunes_on_the_plain_loss_and_leaves_the_notebook_s_tasks_as_they_were():
+    tasks = build_tasks("bloodmnist", epochs_per_round=3, distill=object(), privacy=object())
+    tuned = personalizing(tasks, 2)
+    assert tuned.task_settings["train"]["epochs"] == 2
+    assert tuned.task_settings["train"]["privacy"] is None and tuned.task_settings["train"]["distill"] is None
+    assert tasks.task_settings["train"]["epochs"] == 3 and tasks.task_settings["train"]["privacy"] is not None
+    assert tuned.task_settings["validate"] == tasks.task_settings["validate"]
+    assert tuned.get_registered_tasks() == tasks.get_registered_tasks()
 
 
 def test_openfl_holds_back_what_its_task_runner_names_and_finds_it_in_earlier_rounds():
@@ -100,7 +122,7 @@ def fedbn_run(tiny_file, tmp_path_factory):
     os.environ.update(env)
     try:
         settings = parse(["demo", f"data_dir={data_dir}", "envoys=3", "tls=0", f"runs={out}", "partition=scanner",
-                          "algorithm=fedbn", f"rounds={ROUNDS}"])
+                          "algorithm=fedbn", f"rounds={ROUNDS}", "personalize_epochs=1"])
         with local_federation(settings, out, shard_params(settings, data_dir)) as federation:
             run_notebook(out / "run", federation, settings, "synthetic", time.monotonic() + 400)
     finally:
@@ -119,6 +141,9 @@ def test_fedbn_s_normalization_layers_never_reach_the_director(fedbn_run):
     sent = {t["name"] for r in captured for t in r["tensors"] if not t["report"] and "trained" in t["tags"]}
     assert len(sent) == 41 - len(kept)  # the rest of the model went up, every round
     assert not sent & kept
+    # Each training round's update from every envoy; the test's fine-tuning (personalize_epochs) sent no weights.
+    trains = [[t for t in r["tensors"] if not t["report"]] for r in captured if r["task"] == "train"]
+    assert len(trains) == 3 * (ROUNDS + 1) and sum(1 for weights in trains if weights) == 3 * ROUNDS
     # The director's models are whole (its normalization layers stay the initial ones).
     for model in (results["best_model"], results["last_model"]):
         assert set(torch.load(model)) == set(build_model("bloodmnist", 28).state_dict())
@@ -134,5 +159,9 @@ def test_each_envoy_tests_with_its_own_normalization_of_the_best_round(fedbn_run
         assert kept == [f"round-{r}.npz" for r in range(1, ROUNDS + 1)], envoy
         log = next(out.glob(f"**/logs/{envoy}.log")).read_text()
         assert f"starts its held-back tensors from its own, of round {best} of run" in log, envoy
+    personal = results["test"]["personalized"]  # the best model fine-tuned 1 epoch on each envoy, tested there
+    assert personal["epochs"] == 1 and sorted(personal["per_envoy"]) == ["envoy_1", "envoy_2", "envoy_3"]
+    assert all(0 <= e["acc"] <= 1 and e["samples"] for e in personal["per_envoy"].values())
+    assert personal["per_envoy"] != results["test"]["per_envoy"]
     scanners = [e["acquisition"] for e in results["envoys"]]
     assert [a["rank"] for a in scanners] == [1, 2, 3] and results["partition"]["strategy"] == "scanner"
