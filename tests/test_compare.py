@@ -10,7 +10,7 @@ import pytest
 from test_end_to_end import leftovers
 
 from conftest import ROOT
-from localfed.compare import gap
+from localfed.compare import gap, table
 
 SIZES = {"train": 512, "val": 64, "test": 64}
 ENVOYS = ["envoy_1", "envoy_2"]
@@ -52,6 +52,8 @@ def test_compare_json_holds_every_algorithm_and_the_centralized_baseline(compare
         # Every envoy fetches the model and sends back the trained one (with Adam's moments: OpenFL sends them).
         assert traffic["envoys_to_director"] > traffic["director_to_envoys"] > 2 * 4 * 100_000
     assert report["centralized"]["bytes_per_round"] is None
+    alone = report["centralized"]["local"]  # each envoy's model trained on its own data alone
+    assert sorted(alone["per_envoy"]) == ENVOYS and all(0 <= e["acc"] <= 1 for e in alone["per_envoy"].values())
     assert report["gap"] is None  # no FedAvg run to measure a gap from
     # The runs differ: each algorithm's global model is its own.
     assert report["algorithms"]["fedntd"]["val_auc"][1] != report["algorithms"]["fedadam"]["val_auc"][1]
@@ -69,8 +71,29 @@ def test_the_plot_and_the_table_show_the_comparison(compared):
                  "SYNTHETIC data: bloodmnist 28px, 2 envoys, dirichlet alpha 0.3, 1 rounds x 1 epochs, seed 0"):
         assert line in stdout, line
     table = stdout[stdout.index("SYNTHETIC data: bloodmnist"):]
-    for label in ("FedNTD (beta 1, tau 1)", "FedAdam (server lr 0.01)", "\ncentralized "):
+    for label in ("FedNTD (beta 1, tau 1)", "FedAdam (server lr 0.01)", "\ncentralized ", "\neach envoy alone "):
         assert label in table, label
+
+
+def test_the_table_shows_each_envoy_s_own_models_beside_the_federated_ones():
+    def run(per_envoy, **extra):
+        test = {"acc": 0.5, "auc": 0.9, "per_envoy": {n: {"acc": a, "auc": 0.9, "samples": 10}
+                                                      for n, a in per_envoy.items()}}
+        return {"status": "completed", "settings": {"name": "fedbn"}, "test": test, "best": {"round": 2},
+                "wall_seconds": 1.0, "bytes_per_round": None, **extra}
+
+    personal = {"epochs": 2, "acc": 0.8, "auc": 0.95, "per_envoy": {"envoy_1": {"acc": 0.75}, "envoy_2": {"acc": 0.85}}}
+    report = {"synthetic": True, "dataset": "bloodmnist", "size": 28, "envoys": 2, "rounds": 2, "epochs": 1, "seed": 0,
+              "partition": {"strategy": "scanner", "alpha": 0.5, "seed": 0},
+              "algorithms": {"fedbn": run({"envoy_1": 0.6, "envoy_2": 0.7}, personalized=personal)},
+              "centralized": run({"envoy_1": 0.9, "envoy_2": 0.95},
+                                 local={"acc": 0.55, "auc": 0.8, "per_envoy": {"envoy_1": {"acc": 0.5},
+                                                                                "envoy_2": {"acc": 0.6}}})}
+    lines = table(report).splitlines()
+    assert lines[0] == "SYNTHETIC data: bloodmnist 28px, 2 envoys, scanner, 2 rounds x 1 epochs, seed 0"
+    assert lines[2].split()[:4] == ["FedBN", "0.5000", "0.9000", "0.600"]
+    assert lines[3].split() == ["+", "2", "epochs", "on", "each", "envoy", "0.8000", "0.9500", "0.750", "0.850"]
+    assert lines[5].split() == ["each", "envoy", "alone", "0.5500", "0.8000", "0.500", "0.600"]
 
 
 def test_the_gap_is_measured_from_fedavg_to_the_centralized_model():

@@ -117,6 +117,25 @@ def test_baseline_reports_the_same_test_block(tiny_file, tmp_path, capsys):
     for block in [test, *test["per_envoy"].values()]:
         assert 0 <= block["acc"] <= 1 and 0 <= block["auc"] <= 1
     assert "centralized baseline on SYNTHETIC data" in capsys.readouterr().out
+    assert results["local"] is None  # each envoy alone only with local=1
+
+
+def test_baseline_local_trains_each_envoy_alone_on_the_data_as_it_serves_it(tiny_file, tmp_path, capsys):
+    data_dir = tiny_file("bloodmnist", 28, {"train": 128, "val": 32, "test": 32}).parent
+    assert main(["baseline", f"data_dir={data_dir}", "rounds=2", "LOCAL=1", "partition=scanner", "envoys=2",
+                 f"runs={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(next(tmp_path.glob("*-baseline/results.json")).read_text())
+    local, test = results["local"], results["test"]
+    assert sorted(local["per_envoy"]) == ["envoy_1", "envoy_2"] and results["partition"]["strategy"] == "scanner"
+    for name, alone in local["per_envoy"].items():
+        assert alone["samples"] == test["per_envoy"][name]["samples"] and 0 <= alone["best_round"] <= 2
+        assert f"{name} alone, after 2/2 rounds' worth" in out
+        assert alone["acc"] != test["per_envoy"][name]["acc"] or alone["loss"] != test["per_envoy"][name]["loss"]
+    total = sum(e["samples"] for e in local["per_envoy"].values())
+    assert local["acc"] == pytest.approx(sum(e["acc"] * e["samples"] for e in local["per_envoy"].values()) / total)
+    assert "pooled: train 128, val 32, test 32" in out  # both envoys' images, as each serves them
+    assert "each envoy alone: test ACC envoy_1" in out
 
 
 @pytest.mark.slow
