@@ -83,7 +83,8 @@ def same_port(data_dir, tmp_path_factory):
     from localfed.run import RunError, local_federation, run_notebook, shard_params
     from localfed.settings import parse
 
-    algorithms = {"fedavg": [], "fedadam": [], "dp": ["dp=1", "target_epsilon=8"]}
+    algorithms = {"fedavg": [], "fedadam": [], "dp": ["dp=1", "target_epsilon=8"],
+                  "fedbn": ["algorithm=fedbn", "partition=scanner"]}
     done = {}
     for name, extra in algorithms.items():
         if name != "fedavg" and not CI:
@@ -133,6 +134,19 @@ def test_killed_after_round_2_the_run_resumes_on_the_restarted_director_and_trai
     # The checkpoint went on with the resumed run; each attempt's notebook is kept.
     assert _checkpoint_round(run_dir) == ROUNDS
     assert (run_dir / "notebook.ipynb").is_file() and (run_dir / "notebook-resume1.ipynb").is_file()
+
+
+@pytest.mark.skipif(not CI, reason="a federation of its own (about a minute): runs when CI=true")
+def test_fedbn_s_normalization_layers_survive_the_restart_on_each_envoy_s_disk(same_port):
+    reference, resumed, run_dir, _ = same_port["fedbn"]
+    assert resumed["status"] == "completed" and resumed["restarts"][0]["after_round"] == KILL_AFTER
+    # Each envoy started the resumed experiment from its own layers of round 2, kept on its disk.
+    for envoy in ("envoy_1", "envoy_2"):
+        log = next(run_dir.parent.glob(f"**/logs/{envoy}.log")).read_text()
+        assert f"starts its held-back tensors from its own, of round {KILL_AFTER} of run killed" in log, envoy
+    assert _same_model(Path(resumed["last_model"]), Path(reference["last_model"]))
+    assert _scores(resumed) == _scores(reference)
+    assert {k: resumed["test"][k] for k in ("acc", "auc")} == {k: reference["test"][k] for k in ("acc", "auc")}
 
 
 @pytest.mark.skipif(not CI, reason="a federation of its own (about a minute): runs when CI=true")

@@ -130,7 +130,7 @@ md("""OpenFL's interactive API and PyTorch; the cells below import the `medfl` h
 code("imports", IMPORTS),
 md("""## 1. Connect to the federation (runs here)
 
-`Federation` is this notebook's connection to the director. The director keeps a **shard registry**: every envoy that registered, whether it is online, and what its shard descriptor says it serves. Shards are disjoint: each envoy's config names its rank (`1,2` and `2,2` for two nodes) and how the data is spread (`iid`, or `dirichlet` label skew)."""),
+`Federation` is this notebook's connection to the director. The director keeps a **shard registry**: every envoy that registered, whether it is online, and what its shard descriptor says it serves. Shards are disjoint: each envoy's config names its rank (`1,2` and `2,2` for two nodes) and how the data is spread (`iid`, `dirichlet` label skew, or `scanner`: each envoy's images through its own acquisition); a hospital's own file is served whole, without a rank."""),
 code("connect", """federation = Federation(client_id="frontend", director_node_fqdn=run["director_host"],
                         director_port=run["director_port"], tls=bool(run["ca_cert"]),
                         cert_chain=run["ca_cert"] or None, api_cert=run["api_cert"] or None,
