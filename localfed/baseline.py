@@ -3,8 +3,8 @@
 It answers "what does federation cost?": rounds x epochs epochs over all nodes' training data in one process, the
 best model chosen by the same rule on the pooled val split, then tested on the pooled test split and on each node's
 test shard, as `make demo` reports them; with `local=1` (LOCAL=1) also each envoy's own model, trained on its data
-alone with the same budget: what a hospital gets without the federation. The model, the data interface and the tasks are the notebook's own
-(localfed.notebook): a model cell changed in the notebook trains here too.
+alone with the same budget: what a hospital gets without the federation. The model, the data interface and the
+tasks are the notebook's own (localfed.notebook): a model cell changed in the notebook trains here too.
 """
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ def test_a_folder_whose_file_does_not_fit_is_refused_up_front_naming_its_envoy(f
     dirs = ",".join(map(str, [*folders[:2], other]))
     assert main(["demo", f"data_dirs={dirs}", f"runs={tmp_path / 'runs'}"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: envoy_3's folder {other} (data_dirs entry 3): ") and "expected uint8 (N, 28, 28, 3)" in err
+    assert err.startswith(f"error: envoy_3's folder {other} (data_dirs entry 3): ")
+    assert "expected uint8 (N, 28, 28, 3)" in err
     assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
     assert main(["demo", f"data_dirs={folders[0]},{tmp_path / 'nowhere'}", f"runs={tmp_path / 'runs'}"]) == 1
     assert "envoy_2's folder" in capsys.readouterr().err

@@ -56,8 +56,8 @@ def test_good_parameters_pass_and_each_dict_comes_back_complete():
     ({"wire_dtype": "int8"}, "wire_dtype='int8': use \"float32\""),
     ({"max_rejections": 0}, "max_rejections=0: give a whole number of rounds of at least 1"),
     ({"director_port": 0}, "director_port=0: give the director's TCP port"),
-    ({"algorithm": "fedsgd"}, "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedbn, fedadam, fedyogi, fedadagrad, "
-                              "median, geomedian"),
+    ({"algorithm": "fedsgd"}, "algorithm='fedsgd': use one of fedavg, fedprox, fedntd, fedbn, fedadam, fedyogi, "
+                              "fedadagrad, median, geomedian"),
     ({"ntd_beta": -1}, "ntd_beta=-1: FedNTD's distillation weight must be a number of at least 0 (0 is FedAvg)"),
     ({"ntd_tau": 0}, "ntd_tau=0: FedNTD's temperature must be a positive number"),
     ({"algorithm": "fedntd", "dataset": "chestmnist"}, "algorithm='fedntd' distils the classes an image is not, so "

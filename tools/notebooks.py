@@ -308,7 +308,7 @@ tests = researcher.personalizing(TI, personalize_epochs) if personalize_epochs e
 test_plan = {**plan_overrides, **local_plan(**{**local_layers, "first_round": None}, start_round=training.best.round,
                                             personalize=personalize_epochs > 0)}
 if personalize_epochs:
-    test_plan.update({"aggregator.settings.secure_aggregation": False, "collaborator.settings.secure_aggregation": False})
+    test_plan.update({f"{node}.settings.secure_aggregation": False for node in ("aggregator", "collaborator")})
 with researcher.submission(run["api_cert"], run["api_key"]):
     test_experiment = FLExperiment(federation=federation, experiment_name=f"{attempt}-test")
     test_experiment.start(
