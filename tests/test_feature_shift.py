@@ -20,7 +20,7 @@ from openfl.component.collaborator.collaborator import Collaborator
 from openfl.federated.task.task_runner import CoreTaskRunner
 
 from conftest import ROOT
-from medfl.algorithms import local_layers, local_plan
+from medfl.algorithms import describe, local_layers, local_plan, settings
 from medfl.model import build_model
 from medfl.researcher import ParameterError, check_parameters, personalizing
 from medfl.tasks import build_tasks
@@ -51,6 +51,11 @@ def test_fedbn_keeps_every_batchnorm_tensor_and_nothing_else():
     assert (both["task_runner.settings.local_first_round"], both["task_runner.settings.local_start_round"]) == (None, 3)
     with pytest.raises(ValueError, match="this model has none"):
         local_plan("fedbn", build_model("bloodmnist", 28, norm="group"), "run-1")
+    # FedBN's idea with another algorithm: FedProx's proximal term on the rest
+    assert local_plan("fedprox", model, "run-1", local_norms=True) == local_plan("fedbn", model, "run-1")
+    assert settings("fedprox", {"local_norms": True}) == {"name": "fedprox", "mu": 0.01, "local_norms": True}
+    assert describe(settings("fedprox", {"local_norms": True})) == "FedProx (mu 0.01) + local norms"
+    assert settings("fedbn", {"local_norms": True}) == {"name": "fedbn"}
 
 
 def test_fedbn_with_dp_and_a_personalization_that_is_no_number_of_epochs_are_refused_in_one_line():
@@ -59,6 +64,11 @@ def test_fedbn_with_dp_and_a_personalization_that_is_no_number_of_epochs_are_ref
     check_parameters(**given, algorithm="fedbn", personalize_epochs=2)
     with pytest.raises(ParameterError, match="algorithm='fedbn' with dp=True: .* GroupNorm"):
         check_parameters(**given, algorithm="fedbn", dp=True)
+    check_parameters(**given, algorithm="fedprox", algorithm_options={"local_norms": True})
+    with pytest.raises(ParameterError, match="local_norms=True with dp=True"):
+        check_parameters(**given, algorithm="fedprox", algorithm_options={"local_norms": True}, dp=True)
+    with pytest.raises(ParameterError, match="local_norms='yes': True"):
+        check_parameters(**given, algorithm_options={"local_norms": "yes"})
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ParameterError, match="personalize_epochs=.*: give a whole number of epochs"):
             check_parameters(**given, personalize_epochs=bad)

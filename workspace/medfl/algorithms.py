@@ -51,9 +51,11 @@ SERVER_TAU = 1e-3
 # FedNTD's official settings (Lee et al. 2022, its repository's config/fedntd.json): beta 1, tau 1.
 NTD_BETA, NTD_TAU = 1.0, 1.0
 # The notebook's algorithm_options, with their defaults: FedProx's proximal weight, FedNTD's distillation weight and
-# temperature, and the FedOpt server optimizer's learning rate (None: the paper's for the algorithm), betas and tau.
+# temperature, the FedOpt server optimizer's learning rate (None: the paper's for the algorithm), betas and tau, and
+# local_norms: FedBN's idea with any algorithm (each envoy keeps its BatchNorm layers; fedbn is fedavg with it).
 OPTIONS = {"mu": 0.01, "ntd_beta": NTD_BETA, "ntd_tau": NTD_TAU, "server_learning_rate": None,
-           "server_beta1": SERVER_BETAS[0], "server_beta2": SERVER_BETAS[1], "server_tau": SERVER_TAU}
+           "server_beta1": SERVER_BETAS[0], "server_beta2": SERVER_BETAS[1], "server_tau": SERVER_TAU,
+           "local_norms": False}
 
 
 class _NotSingleton(type(AggregationFunction)):
@@ -279,19 +281,21 @@ def local_layers(model: torch.nn.Module) -> list[str]:
 
 
 def local_plan(algorithm: str, model: torch.nn.Module, run: str, first_round: int | None = 0,
-               start_round: int | None = None, personalize: bool = False) -> dict:
+               start_round: int | None = None, personalize: bool = False, local_norms: bool = False) -> dict:
     """FLExperiment.start's override_config entries for tensors that stay on the envoys (none if nothing stays):
 
-    - fedbn: each envoy holds back its normalization layers and keeps them per round of `run` on its own disk, the
-      rounds counted from `first_round` (a resumed run's; None: keep nothing, e.g. the test); an experiment that does
-      not start from the beginning (a resumed run from round `start_round`, the test of round `start_round`'s model)
-      starts each envoy from its own of that round;
+    - fedbn, or any algorithm with `local_norms` (algorithm_options): each envoy holds back its normalization
+      layers and keeps them per round of `run` on its own disk, the rounds counted from `first_round` (a resumed
+      run's; None: keep nothing, e.g. the test); an experiment that does not start from the beginning (a resumed run
+      from round `start_round`, the test of round `start_round`'s model) starts each envoy from its own of that
+      round;
     - personalize: every tensor stays: each envoy fine-tunes the model for itself and sends only metrics.
     """
-    names = local_layers(model) if algorithm == "fedbn" else []
-    if algorithm == "fedbn" and not names:
-        raise ValueError("fedbn keeps each envoy's BatchNorm layers at home, and this model has none (DP-SGD's "
-                         "GroupNorm is not one): choose another algorithm")
+    keeps_norms = algorithm == "fedbn" or local_norms
+    names = local_layers(model) if keeps_norms else []
+    if keeps_norms and not names:
+        raise ValueError("fedbn and local_norms keep each envoy's BatchNorm layers at home, and this model has none "
+                         "(DP-SGD's GroupNorm is not one): choose another algorithm, or local_norms False")
     held = list(model.state_dict()) if personalize else names
     if not held:
         return {}
@@ -313,6 +317,8 @@ def settings(algorithm: str, options: dict | None = None) -> dict:
         chosen["mu"] = o["mu"]
     if algorithm == "fedntd":
         chosen.update(ntd_beta=o["ntd_beta"], ntd_tau=o["ntd_tau"])
+    if o["local_norms"] and algorithm != "fedbn":
+        chosen["local_norms"] = True
     if algorithm in SERVER_OPTIMIZERS:
         chosen["server_learning_rate"] = server_lr(algorithm, o["server_learning_rate"])
         # FedAdagrad sums squared changes instead of averaging them: it has no beta2.
@@ -332,4 +338,6 @@ def describe(chosen: dict) -> str:
         label += f" (beta {chosen['ntd_beta']:g}, tau {chosen['ntd_tau']:g})"
     if "server_learning_rate" in chosen:
         label += f" (server lr {chosen['server_learning_rate']:g})"
+    if chosen.get("local_norms"):
+        label += " + local norms"
     return label

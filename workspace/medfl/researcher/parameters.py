@@ -141,10 +141,11 @@ def check_parameters(*, dataset, size, rounds, epochs, train_batch_size, eval_ba
     if dp not in (True, False):
         raise ParameterError(f"dp={dp!r}: True (DP-SGD on every envoy) or False")
     if dp:
-        if algorithm == "fedbn":
-            raise ParameterError("algorithm='fedbn' with dp=True: FedBN keeps each envoy's BatchNorm layers, and "
-                                 "DP-SGD's network has GroupNorm instead (BatchNorm mixes the images of a batch): "
-                                 "use fedavg or fedprox with dp")
+        if algorithm == "fedbn" or algorithm_options["local_norms"]:
+            what = "algorithm='fedbn'" if algorithm == "fedbn" else "local_norms=True"
+            raise ParameterError(f"{what} with dp=True: FedBN keeps each envoy's BatchNorm layers, and DP-SGD's "
+                                 "network has GroupNorm instead (BatchNorm mixes the images of a batch): use fedavg "
+                                 "or fedprox with dp, without local_norms")
         if bf16:
             raise ParameterError("dp=True with bf16=True: DP-SGD's per-sample gradients run in float32; "
                                  "set bf16 = False")
@@ -235,6 +236,9 @@ def check_algorithm(algorithm, options: dict | None = None, dataset=None) -> Non
             raise ParameterError(f"algorithm='fedntd' distils the classes an image is not, so it needs one label of "
                                  f"three or more classes; {dataset} is {task} with {outputs} outputs: use fedavg or "
                                  "fedprox")
+    if options["local_norms"] not in (True, False):
+        raise ParameterError(f"local_norms={options['local_norms']!r}: True (each envoy keeps its BatchNorm layers, "
+                             "as FedBN does) or False")
     server_learning_rate = options["server_learning_rate"]
     if server_learning_rate is not None and (not _number(server_learning_rate) or not server_learning_rate > 0):
         raise ParameterError(f"server_learning_rate={server_learning_rate!r}: it must be a positive number, or None "
