@@ -171,7 +171,7 @@ class SelectingAggregator(Aggregator):
     """OpenFL's Aggregator, keeping as best the global model with the best `best_metric`, and going on
     without envoys that are lost or too slow while at least `min_envoys` remain."""
 
-    _local_names: frozenset = frozenset()  # the tensors that stay on the envoys (FedBN); see __init__
+    _local_names: frozenset = frozenset()  # the tensors that stay on the envoys; see __init__
 
     def __init__(self, *args, best_metric: str = "auc", best_mode: str = "max", min_envoys=0.5,
                  round_timeout: float = 0, max_update_ratio: float = checks.MAX_UPDATE_RATIO,
@@ -190,8 +190,9 @@ class SelectingAggregator(Aggregator):
         self._peers: dict[str, set[str]] = {}  # envoy: the connections it called on
         self._traffic_lock = threading.Lock()
         self._policy(min_envoys, round_timeout, max_update_ratio, max_rejections)
-        # FedBN's normalization layers (medfl.algorithms.local_layers) stay on the envoys: no update carries them, and
-        # the global model keeps their initial values, round after round, so that it stays a whole model.
+        # Tensors the envoys keep (medfl.algorithms.local_plan: FedBN's normalization layers; every tensor when each
+        # envoy fine-tunes its own model): no update carries them, and the global model keeps the values it has, round
+        # after round, so that it stays a whole model.
         self._local_names = set(local_tensors or ())
         self._model_names = [tensor.name for tensor in self.model.tensors if tensor.name not in self._local_names]
         threading.Thread(target=self._watch, name="envoy-watch", daemon=True).start()
