@@ -45,7 +45,8 @@ def mismatch(name: str, what: dict | None, registry: dict) -> str | None:
             others.setdefault(_text(theirs), []).append(other)
     if not others:
         return None
-    listed = "; ".join(f"{', '.join(names)} serve {text}" for text, names in others.items())
+    listed = "; ".join(f"{', '.join(names)} serve{'s' if len(names) == 1 else ''} {text}"
+                       for text, names in others.items())
     return (f"refused {name}: it serves {_text(what)}, but {listed}: give every envoy the same dataset and size "
             "(its config's flag and size, and a file of that dataset)")
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from cryptography import x509
 
 from conftest import ROOT
@@ -142,3 +143,23 @@ def test_a_plaintext_notebook_client_is_refused_quickly(tls_federation):
     result = subprocess.run([sys.executable, "-c", code, str(tls_federation.port)], capture_output=True, text=True,
                             timeout=90)
     assert result.returncode == 3 and "UNAVAILABLE" in result.stdout and time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_the_director_refuses_an_envoy_serving_other_data_naming_it(tls_federation, pki, tiny_file, tmp_path):
+    # PathMNIST at 28 px has BloodMNIST's shapes ([28, 28, 3], one label): only what the envoy says it serves differs.
+    data_dir = tiny_file("pathmnist").parent
+    config = {"params": {"cuda_devices": [], "install_requirements": False},
+              "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor",
+                                   "params": {"flag": "pathmnist", "size": 28, "data_dir": str(data_dir),
+                                              "download": False}}}
+    (tmp_path / "envoy_config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'envoy'}:{ROOT}"}
+    result = subprocess.run([sys.executable, "-m", "openfl_adjustments", "envoy", "start", "--shard-name", "envoy_2",
+                             *_tls(pki / "good", "envoy_2"), "--director-port", str(tls_federation.port), *ENVOY],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "The director refused this envoy" in output
+    assert ("refused envoy_2: it serves pathmnist at 28 px with 9 classes, but envoy_1 serves bloodmnist at 28 px "
+            "with 8 classes") in tail(tls_federation.components[0].log, 80)
+    assert tls_federation.components[0].process.poll() is None  # the director carries on
