@@ -18,7 +18,7 @@ from pathlib import Path
 from medfl.algorithms import describe
 
 from .baseline import baseline
-from .run import RunError, compared, data_for, local_federation, own_folders, run_notebook, shard_params
+from .run import RunError, compared, data_for, local_federation, run_notebook, shard_params
 from .settings import Settings
 
 CENTRALIZED = "centralized"
@@ -32,8 +32,6 @@ def compare(settings: Settings) -> int:
     started = time.monotonic()
     deadline = started + settings.timeout
     algorithms = compared(settings)
-    if s.data_dirs:  # one envoy per folder
-        settings = s = s.replace(envoys=len(own_folders(s)))
     data_dir, data_source = data_for(s)
     print(f"data: {data_source} ({data_dir or s.data_dirs})")
     shards = shard_params(settings, data_dir)

@@ -9,7 +9,7 @@ from medfl.algorithms import describe
 from medfl.researcher.checkpoint import FILE
 from medmnist_shard import DataError
 
-from .run import data_for, local_federation, own_folders, run_notebook, shard_params
+from .run import data_for, local_federation, run_notebook, shard_params
 from .settings import GIVEN_FILE, Settings
 
 
@@ -17,8 +17,6 @@ def demo(settings: Settings) -> int:
     """Bring up a director and its envoys, run the notebook, stop everything; 0 on success."""
     started = time.monotonic()
     deadline = started + settings.timeout
-    if settings.data_dirs:  # one envoy per folder
-        settings = settings.replace(envoys=len(own_folders(settings)))
     data_dir, data_source = data_for(settings)
     print(f"data: {data_source} ({data_dir or settings.data_dirs})")
     shards = shard_params(settings, data_dir)

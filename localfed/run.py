@@ -22,7 +22,7 @@ from security.certs import make as make_certs
 
 from . import ROOT, LocalFederation, free_port, kill_tree, signals_deferred, tail
 from .data import resolve
-from .settings import Settings
+from .settings import Settings, own_folders
 from .wire import Profile
 
 # Lines of the notebook's output worth showing live: its progress lines (medfl.researcher.follow) and summary.
@@ -49,7 +49,7 @@ def check(settings: Settings) -> None:
     if settings.envoys < 1:
         raise DataError(f"envoys={settings.envoys}: must be at least 1")
     if settings.data_dirs:
-        folders = own_folders(settings)
+        folders = own_folders(settings.data_dirs)
         if "envoys" in settings.given and settings.envoys != len(folders):
             raise DataError(f"envoys={settings.envoys} but data_dirs names {len(folders)} folders: one envoy per "
                             "folder (leave envoys out)")
@@ -89,11 +89,6 @@ def data_for(settings: Settings) -> tuple[Path | None, str]:
     return resolve(settings.dataset, settings.size, settings.data, settings.data_dir, command=settings.command)
 
 
-def own_folders(settings: Settings) -> list[Path]:
-    """data_dirs=a,b,c: the folders of each envoy's own file, in envoy order."""
-    return [Path(d.strip()).expanduser().resolve() for d in settings.data_dirs.split(",") if d.strip()]
-
-
 def shard_params(settings: Settings, data_dir: Path | None) -> dict[str, dict]:
     """Every envoy's shard descriptor params, each checked (and its samples chosen) up front: shards of the file in
     data_dir, or with data_dirs each envoy's own whole file, read where it is and never written to."""
@@ -113,7 +108,7 @@ def shard_params(settings: Settings, data_dir: Path | None) -> dict[str, dict]:
 def own_files(settings: Settings) -> dict[str, dict]:
     """envoy_i serves the whole file in data_dirs' folder i, as a hospital serves its own; checked up front."""
     shards = {}
-    for rank, folder in enumerate(own_folders(settings), 1):
+    for rank, folder in enumerate(own_folders(settings.data_dirs), 1):
         name = f"envoy_{rank}"
         params = {"flag": settings.dataset, "size": int(settings.size), "data_dir": str(folder), "download": False}
         try:

@@ -141,8 +141,15 @@ def parse(argv: list[str]) -> Settings:
         given.add(name)
     if "resume_from" in given:
         _resumed(command, values, given)
+    if values["data_dirs"] and "envoys" not in given:  # one envoy per folder
+        values["envoys"] = len(own_folders(values["data_dirs"]))
     values["runs"], values["notebook"] = str(Path(values["runs"]).resolve()), str(Path(values["notebook"]).resolve())
     return Settings(command, values, given)
+
+
+def own_folders(data_dirs: str) -> list[Path]:
+    """data_dirs=a,b,c: the folders of each envoy's own file, in envoy order."""
+    return [Path(d.strip()).expanduser().resolve() for d in data_dirs.split(",") if d.strip()]
 
 
 def _resumed(command: str, values: dict, given: set) -> None:

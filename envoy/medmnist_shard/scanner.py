@@ -14,6 +14,7 @@ The same seed and rank always give the same acquisition, so every node's images 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -47,8 +48,7 @@ class Acquisition:
                 for k, v in asdict(self).items()}
 
     def _pattern(self, shape: tuple[int, int, int]) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.rank, *shape])
-        return (rng.standard_normal(shape) * self.noise).astype(np.float32)
+        return _fixed_pattern(self.seed, self.rank, self.noise, shape)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         single = images.ndim == 3
@@ -62,6 +62,14 @@ class Acquisition:
         x += self._pattern(x.shape[1:])
         out = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
         return out[0] if single else out
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_pattern(seed: int, rank: int, noise: float, shape: tuple[int, int, int]) -> np.ndarray:
+    """A node's noise pattern for images of `shape`: drawn once, added to every batch (read-only, shared)."""
+    pattern = (np.random.default_rng([seed, rank, *shape]).standard_normal(shape) * noise).astype(np.float32)
+    pattern.flags.writeable = False
+    return pattern
 
 
 def acquisition(seed: int, rank: int, channels: int) -> Acquisition:

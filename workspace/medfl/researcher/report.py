@@ -121,6 +121,7 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
     first = envoys[0] if envoys else {}
     nodes = [{"name": e["envoy"], **e.get("samples", {}), "label_histogram": e.get("label_histogram", {}),
               **{k: e[k] for k in ("acquisition", "sample") if k in e}} for e in envoys]
+    test_samples = {n["name"]: n.get("test") for n in nodes}
     best = training.best
     failed = _failed(training, testing)
     return {
@@ -143,11 +144,10 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value, "loss": best.loss,
                  "tie": best.tie},
         "test": {"model": "best", "round": best.round,
-                 **test_block(testing.metrics if testing else [], {n["name"]: n.get("test") for n in nodes}),
+                 **test_block(testing.metrics if testing else [], test_samples),
                  # personalize_epochs: each envoy's own model, the best one fine-tuned on its own train split
                  "personalized": ({"epochs": params["personalize_epochs"],
-                                   **test_block(testing.metrics, {n["name"]: n.get("test") for n in nodes},
-                                                VALIDATE_LOCAL)}
+                                   **test_block(testing.metrics, test_samples, VALIDATE_LOCAL)}
                                   if testing and params.get("personalize_epochs") else None)},
         "wall_seconds": round(time.time() - started, 2),
         "timing": {"submitted": started, "trained": training.ended, "tested": testing.ended if testing else None,
