@@ -22,6 +22,7 @@ from localfed.bench import run_timing
 from localfed.hosts import AGGREGATOR_PORT, DIRECTOR_PORT, HostsFederation
 from localfed.netns import HOSPITALS, Network
 from medmnist_shard.synthetic import make_synthetic, split_sizes
+from openfl_adjustments.network import KEEPALIVE_S
 
 if os.environ.get("CI") != "true" and os.environ.get("HOSTS_TEST") != "1":
     pytest.skip("multi-host test: runs when CI=true or HOSTS_TEST=1 (make test-hosts; about 3 minutes, as root)",
@@ -224,6 +225,10 @@ def after_restore(cut_run, federation):
     """The cable plugged back in; once the director sees hospital-b again, the next experiment needs both
     envoys (min_envoys=2) for 2 rounds."""
     fed = federation
+    # Keep the cable out until keepalive has certainly closed hospital-b's connection to the director (a ping is
+    # due within KEEPALIVE_S and gets KEEPALIVE_S to answer). Plugged back sooner, the same TCP connection would
+    # simply carry on, and there would be no reconnect to count.
+    time.sleep(max(0.0, cut_run[3] + 2 * KEEPALIVE_S + 5 - time.time()))
     fed.network.restore(CUT)
     restored = time.monotonic()
     online = fed.wait_online(list(HOSPITALS.values()), timeout=90)
