@@ -82,7 +82,8 @@ def test_the_sum_of_envoys_at_the_bound_cannot_overflow_with_15_integer_bits():
     mean, _ = director.sum()
     assert np.allclose(mean, [LARGEST_BOUND, -LARGEST_BOUND, 1.0], rtol=0, atol=1e-9)
     assert 63 - FRACTION_BITS == 15
-    assert decode(encode(np.array([2.0 ** 15]))) == -(2.0 ** 15)  # one bit more wraps around: hence the bound
+    # A sum one bit past that wraps around in the ring (two envoys' 2^14 add up to -2^15): hence the bound.
+    assert decode(encode(np.array([2.0 ** 14])) + encode(np.array([2.0 ** 14]))) == -(2.0 ** 15)
 
 
 def _uniform(vector: np.ndarray) -> float:
