@@ -54,3 +54,33 @@ def test_scanner_shards_are_the_iid_shards(tiny_file):
         iid, scanner = (prepare("dermamnist", 28, folder, f"{rank},2", partition=p, seed=1) for p in ("iid", "scanner"))
         assert all(np.array_equal(iid.indices[s], scanner.indices[s]) for s in ("train", "val", "test"))
         assert iid.acquisition is None and scanner.acquisition == acquisition(1, rank, 3)
+
+
+def test_each_image_is_transformed_once_as_the_shard_loads_and_a_memory_mapped_shard_caches_it(tiny_file, tmp_path,
+                                                                                               monkeypatch):
+    from medmnist_shard import scanner as scanner_module
+
+    folder = tiny_file("bloodmnist", 28, SIZES).parent
+    calls = []
+    block = scanner_module.Acquisition._block
+    monkeypatch.setattr(scanner_module.Acquisition, "_block", lambda self, x: calls.append(len(x)) or block(self, x))
+    in_memory = MedMNISTShardDescriptor("bloodmnist", 28, folder, "2,3", partition="scanner", seed=4)
+    loaded = sum(calls)
+    assert loaded == sum(len(in_memory.get_dataset(s)) for s in ("train", "val", "test"))  # every image, once...
+    for split in ("train", "val", "test"):
+        data = in_memory.get_dataset(split)
+        data[list(range(len(data)))], data[0]
+    assert sum(calls) == loaded  # ...and none again as batches are served
+    # Memory-mapped: the cache holds the transformed images, named apart from the iid shard's, and is only read after.
+    mapped = {p: MedMNISTShardDescriptor("bloodmnist", 28, folder, "2,3", partition=p, seed=4, memory_map_above_mb=0,
+                                         cache_dir=tmp_path) for p in ("iid", "scanner")}
+    assert set(mapped["iid"].setup.cache_files().values()).isdisjoint(mapped["scanner"].setup.cache_files().values())
+    calls.clear()
+    again = MedMNISTShardDescriptor("bloodmnist", 28, folder, "2,3", partition="scanner", seed=4,
+                                    memory_map_above_mb=0, cache_dir=tmp_path)
+    assert calls == [] and all(f.exists() for f in again.setup.cache_files().values())
+    for split in ("train", "val", "test"):
+        n = len(in_memory.get_dataset(split))
+        np.testing.assert_array_equal(again.get_dataset(split)[list(range(n))][0],
+                                      in_memory.get_dataset(split)[list(range(n))][0])
+        assert isinstance(again.get_dataset(split).images, np.memmap)

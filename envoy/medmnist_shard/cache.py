@@ -2,7 +2,8 @@
 
 A cache file holds exactly one node's rows of one split of one data file. Its name carries a hash
 of everything that decides those rows (the data file's path, size, modification time and inode,
-the split and the row indices), so a changed file, partition or seed never reuses an old cache.
+the split, the row indices and the scanner partition's acquisition, if any), so a changed file,
+partition or seed never reuses an old cache.
 Files appear only complete (written beside the target, then renamed), and making one deletes the
 older caches of the same data file, split and shard.
 """
@@ -31,12 +32,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medmnist_shard"
 
 
-def cache_path(cache_dir: Path, data_path: Path, split: str, indices: np.ndarray, shard: str) -> Path:
-    """The cache file for these rows of this split of this exact data file."""
+def cache_path(cache_dir: Path, data_path: Path, split: str, indices: np.ndarray, shard: str,
+               transform: str = "") -> Path:
+    """The cache file for these rows of this split of this exact data file, as `transform` (a key naming what the
+    rows pass through before they are written; empty: nothing) leaves them."""
     data_path = Path(data_path).resolve()
     stat = data_path.stat()
     where = hashlib.sha256(str(data_path).encode()).hexdigest()[:8]
-    identity = json.dumps([FORMAT, str(data_path), stat.st_size, stat.st_mtime_ns, stat.st_ino, split])
+    identity = json.dumps([FORMAT, str(data_path), stat.st_size, stat.st_mtime_ns, stat.st_ino, split, transform])
     key = hashlib.sha256(identity.encode() + np.asarray(indices, "<i8").tobytes()).hexdigest()[:16]
     # Everything before the key names the caches that a new one of the same file and shard replaces.
     return Path(cache_dir) / f"{data_path.stem}-{where}-{split}-{shard}-{key}.npy"
@@ -73,18 +76,19 @@ def check_cache_dir(cache_dir: Path, need_bytes: int) -> Path:
     return cache_dir
 
 
-def mapped_images(data_path: Path, split: str, indices, cache_dir: Path, shard: str) -> np.ndarray:
-    """The split's images at `indices` as a read-only memory map, written to cache_dir once and then reused."""
+def mapped_images(data_path: Path, split: str, indices, cache_dir: Path, shard: str, transform=None) -> np.ndarray:
+    """The split's images at `indices` as a read-only memory map, written to cache_dir once and then reused;
+    `transform` (scanner.Acquisition, or None), if given, is applied to them before they are written."""
     indices = np.asarray(indices, np.int64)
-    target = cache_path(cache_dir, data_path, split, indices, shard)
+    target = cache_path(cache_dir, data_path, split, indices, shard, transform.cache_key if transform else "")
     shape, dtype = image_header(data_path, split)
     if not is_complete(target, len(indices), shape[1:]):
-        _write(target, data_path, split, indices, (len(indices), *shape[1:]), dtype)
+        _write(target, data_path, split, indices, (len(indices), *shape[1:]), dtype, transform)
     _remove_stale(target)
     return np.load(target, mmap_mode="r")
 
 
-def _write(target: Path, data_path: Path, split: str, indices: np.ndarray, shape: tuple, dtype: np.dtype):
+def _write(target: Path, data_path: Path, split: str, indices: np.ndarray, shape: tuple, dtype: np.dtype, transform):
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
@@ -97,7 +101,7 @@ def _write(target: Path, data_path: Path, split: str, indices: np.ndarray, shape
         os.write(fd, header.getvalue())
         # Plain writes rather than writing through a map: mapped pages would count as this process's memory.
         for positions, rows in iter_image_rows(data_path, split, indices):
-            rows = np.ascontiguousarray(rows)
+            rows = np.ascontiguousarray(transform(rows) if transform else rows)
             if positions[-1] - positions[0] == len(positions) - 1 and np.all(np.diff(positions) == 1):
                 _write_all(fd, memoryview(rows).cast("B"), start + int(positions[0]) * row_bytes)
             else:

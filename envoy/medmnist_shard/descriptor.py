@@ -75,7 +75,8 @@ class ShardSetup:
 
     def cache_files(self) -> dict[str, Path]:
         """split -> the cache file that serves it when the shard is memory-mapped."""
-        return {s: cache_path(self.cache_folder, self.path, s, self.indices[s], self.shard_tag) for s in SPLITS}
+        key = self.acquisition.cache_key if self.acquisition else ""
+        return {s: cache_path(self.cache_folder, self.path, s, self.indices[s], self.shard_tag, key) for s in SPLITS}
 
     def summary(self) -> dict:
         """What the node serves, in a form the notebook can read back from the director."""
@@ -160,10 +161,9 @@ def prepare(flag="bloodmnist", size=28, data_dir="data", rank_worldsize=None, pa
 class MedMNISTShardDataset(ShardDataset):
     """One split of one shard: uint8 images (N, H, W, C) and integer label rows, indexable in batches."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, acquisition: Acquisition | None = None):
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
         self.images = images
         self.labels = labels
-        self.acquisition = acquisition  # the scanner partition's: every image passes it as it is served
 
     def __len__(self) -> int:
         return len(self.images)
@@ -173,8 +173,6 @@ class MedMNISTShardDataset(ShardDataset):
         images = self.images[index]
         if not images.flags.writeable:
             images = images.copy()  # a view into a read-only memory map: torch wants memory it may write
-        if self.acquisition is not None:
-            images = self.acquisition(images)
         return images, self.labels[index]
 
 
@@ -188,14 +186,15 @@ class MedMNISTShardDescriptor(ShardDescriptor):
                              memory_map_above_mb, cache_dir)
         self._datasets = {}
         for split in SPLITS:
-            # Either way the split is streamed once and only this node's rows are kept.
-            indices = self.setup.indices[split]
+            # Either way the split is streamed once and only this node's rows are kept, each image through the
+            # scanner partition's acquisition once (not every time a batch is served: it is the same every time).
+            indices, scanner = self.setup.indices[split], self.setup.acquisition
             if self.setup.memory_mapped:
                 images = mapped_images(self.setup.path, split, indices, self.setup.cache_folder,
-                                       self.setup.shard_tag)
+                                       self.setup.shard_tag, scanner)
             else:
-                images = load_image_rows(self.setup.path, split, indices)
-            self._datasets[split] = MedMNISTShardDataset(images, self.setup.labels[split], self.setup.acquisition)
+                images = load_image_rows(self.setup.path, split, indices, scanner)
+            self._datasets[split] = MedMNISTShardDataset(images, self.setup.labels[split])
         logger.info("Serving %s", self.setup.summary()["text"])
 
     def get_dataset(self, dataset_type: str = "train") -> MedMNISTShardDataset:

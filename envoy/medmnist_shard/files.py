@@ -380,10 +380,11 @@ def iter_image_rows(path: Path, split: str, indices):
         raise _corrupt(path, exc) from None
 
 
-def load_image_rows(path: Path, split: str, indices) -> np.ndarray:
-    """The split's images at `indices` (uint8 (len, H, W, C)); memory: those rows plus a bounded constant."""
+def load_image_rows(path: Path, split: str, indices, transform=None) -> np.ndarray:
+    """The split's images at `indices` (uint8 (len, H, W, C)), through `transform` if given (uint8 images in, the
+    same shape out; scanner.Acquisition); memory: those rows plus a bounded constant."""
     shape, dtype = image_header(path, split)
     out = np.empty((len(indices), *shape[1:]), dtype)
     for positions, rows in iter_image_rows(path, split, indices):
-        out[positions] = rows
+        out[positions] = transform(rows) if transform else rows
     return out
