@@ -53,7 +53,8 @@ def demo(settings: Settings) -> int:
           f"{results['best']['value']:.4f}); test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
     personal = test.get("personalized")
     if personal:
-        print(f"each envoy's model, fine-tuned {personal['epochs']} epochs on its own data: test ACC "
+        epochs = f"{personal['epochs']} epoch{'s' if personal['epochs'] != 1 else ''}"
+        print(f"each envoy's model, fine-tuned {epochs} on its own data: test ACC "
               + ", ".join(f"{name} {e['acc']:.4f} (federated {test['per_envoy'][name]['acc']:.4f})"
                           for name, e in sorted(personal["per_envoy"].items())))
     if results["privacy"]:
