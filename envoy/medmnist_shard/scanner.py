@@ -82,7 +82,7 @@ class Acquisition:
 
 @functools.lru_cache(maxsize=8)
 def _fixed_pattern(seed: int, rank: int, noise: float, shape: tuple[int, int, int]) -> np.ndarray:
-    """A node's noise pattern for images of `shape`: drawn once, added to every batch (read-only, shared)."""
+    """A node's noise pattern for images of `shape`: drawn once, added to every image it transforms (read-only)."""
     pattern = (np.random.default_rng([seed, rank, *shape]).standard_normal(shape) * noise).astype(np.float32)
     pattern.flags.writeable = False
     return pattern
