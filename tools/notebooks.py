@@ -303,13 +303,11 @@ A second, validation-only experiment sends the best model back to every envoy, t
 code("test", """test_data = MedMNISTData(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, eval_split="test",
                          seed=seed, device=device)
 # personalize_epochs: each envoy also fine-tunes the best model on its own train split, then tests that; every tensor
-# stays on the envoy (only scores leave), so there is nothing for secure aggregation to sum
+# stays on the envoy (only scores leave), so secure aggregation has nothing to sum
 tests = researcher.personalizing(TI, personalize_epochs) if personalize_epochs else TI
 # fedbn: every envoy tests with its own BatchNorm layers of the best model's round
 test_plan = {**plan_overrides, **local_plan(**{**local_layers, "first_round": None}, start_round=training.best.round,
                                             personalize=personalize_epochs > 0)}
-if personalize_epochs:
-    test_plan.update({f"{node}.settings.secure_aggregation": False for node in ("aggregator", "collaborator")})
 with researcher.submission(run["api_cert"], run["api_key"]):
     test_experiment = FLExperiment(federation=federation, experiment_name=f"{attempt}-test")
     test_experiment.start(

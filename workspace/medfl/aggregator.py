@@ -180,8 +180,15 @@ class SelectingAggregator(Aggregator):
                  **kwargs):
         checks.check_settings(max_update_ratio, max_rejections)
         super().__init__(*args, **kwargs)
-        # medfl.secure: the envoys mask their updates; the director sees only their weighted mean.
-        self._secure = secure.SecureRounds(self, secure_threshold, max_update_norm) if secure_aggregation else None
+        # Tensors the envoys keep (medfl.algorithms.local_plan: FedBN's normalization layers; every tensor when each
+        # envoy fine-tunes its own model): no update carries them, and the global model keeps the values it has, round
+        # after round, so that it stays a whole model.
+        self._local_names = set(local_tensors or ())
+        self._model_names = [tensor.name for tensor in self.model.tensors if tensor.name not in self._local_names]
+        # medfl.secure: the envoys mask their updates; the director sees only their weighted mean. When the envoys
+        # keep every tensor, nothing is sent, and there is nothing to sum.
+        self._secure = (secure.SecureRounds(self, secure_threshold, max_update_norm)
+                        if secure_aggregation and self._model_names else None)
         self.best = Best(best_metric, best_mode)
         self.best_model_score = _Never()
         # OpenFL puts each aggregated metric on this queue right where it would judge "best".
@@ -190,11 +197,6 @@ class SelectingAggregator(Aggregator):
         self._peers: dict[str, set[str]] = {}  # envoy: the connections it called on
         self._traffic_lock = threading.Lock()
         self._policy(min_envoys, round_timeout, max_update_ratio, max_rejections)
-        # Tensors the envoys keep (medfl.algorithms.local_plan: FedBN's normalization layers; every tensor when each
-        # envoy fine-tunes its own model): no update carries them, and the global model keeps the values it has, round
-        # after round, so that it stays a whole model.
-        self._local_names = set(local_tensors or ())
-        self._model_names = [tensor.name for tensor in self.model.tensors if tensor.name not in self._local_names]
         threading.Thread(target=self._watch, name="envoy-watch", daemon=True).start()
 
     def _policy(self, min_envoys, round_timeout: float, max_update_ratio: float = checks.MAX_UPDATE_RATIO,
