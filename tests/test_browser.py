@@ -73,6 +73,16 @@ return {
   wide: outputs.filter(o => o.scrollWidth > o.clientWidth + 1).map(o => o.innerText.slice(0, 120)),
 };
 """
+# Counts each code cell's progress widgets at every change of the page, so that a bar shown for less than a polling
+# interval (the test experiment's, on tiny data) is still seen: window.medflBars[cell index] = the most it showed.
+WATCH_BARS = """
+window.medflBars = {};
+const count = () => document.querySelectorAll('.jp-Notebook .jp-CodeCell').forEach((cell, i) => {
+  const n = cell.querySelectorAll('.jp-OutputArea-output .widget-hprogress').length;
+  if (n > (window.medflBars[i] || 0)) window.medflBars[i] = n;
+});
+new MutationObserver(count).observe(document.querySelector('.jp-Notebook'), {childList: true, subtree: true});
+"""
 
 
 def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
@@ -277,15 +287,12 @@ def page(driver, lab, federation, lab_dir):
             return len(state["cells"]) == len(tags) and state["kernel"] == "idle" and _kernel_idle(lab)
 
         _wait(f"{NOTEBOOK} to open with its {len(tags)} code cells and an idle kernel", opened, started + 90)
+        driver.execute_script(WATCH_BARS)
         clicked = time.monotonic()
         _run_all(driver)
 
-        bars = {}  # cell index: the most progress widgets it showed while running
-
         def no_failure():
             state = driver.execute_script(PAGE)
-            for i, cell in enumerate(state["cells"]):
-                bars[i] = max(bars.get(i, 0), cell["bars"])
             assert not state["errors"], "a cell failed:\n" + "\n".join(state["errors"])
             for component in federation.components:
                 assert component.process.poll() is None, f"{component.name} exited"
@@ -298,8 +305,9 @@ def page(driver, lab, federation, lab_dir):
 
         state = _wait("Run All to finish", finished, clicked + RUN_S, also=no_failure)
         state["seconds"] = {"open": clicked - started, "run": time.monotonic() - clicked}
+        bars = driver.execute_script("return window.medflBars")  # cell index: the most progress widgets it showed
         for i, cell in enumerate(state["cells"]):
-            cell["bars_while_running"] = bars.get(i, 0)
+            cell["bars_while_running"] = bars.get(str(i), 0)
         state["tags"] = dict(zip(tags, state["cells"], strict=True))
         _screenshots(driver, tags)
         return state
