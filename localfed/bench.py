@@ -214,12 +214,13 @@ def _wire_line(figures: dict, weights: int) -> str:
 def hosts_run(settings: Settings, data_dir: Path, workdir: Path) -> dict:
     """The same notebook run across hosts (localfed.hosts): two hospitals whose links carry the WAN profile."""
     from .hosts import HOSPITALS, HostsFederation
-    from .netns import Network, unavailable
+    from .netns import Network, install_nftables, unavailable
     from .wire import Profile
 
     wan = settings.wan
     if settings.envoys != len(HOSPITALS):
         raise DataError(f"wan={wan} runs {len(HOSPITALS)} envoys, one per hospital host: envoys={len(HOSPITALS)}")
+    install_nftables(lambda line: print(f"across hosts: {line}", flush=True))
     reason = unavailable()
     if reason:
         raise DataError(f"wan={wan}: {reason}")

@@ -109,6 +109,14 @@ class OnHosts(Placement):
         return self.network.listening("director", DIRECTOR_PORT)
 
 
+def researcher_run(researcher: str = "researcher") -> dict:
+    """The notebook's `run` on the researcher's host: docs/across-hosts.md's papermill line (a test keeps them the
+    same), with the director's host name and the certificates of that host's certs/ folder."""
+    return {"director_host": "director", "director_port": DIRECTOR_PORT, "aggregator_port": AGGREGATOR_PORT,
+            "ca_cert": "../certs/ca.crt", "api_cert": f"../certs/{researcher}.crt",
+            "api_key": f"../certs/{researcher}.key"}
+
+
 class HostsFederation(LocalFederation):
     """A director, two hospitals' envoys and a researcher's notebook on a Network, each in its own folder under
     `workdir/hosts/`, with certificates made on a separate `workdir/ca-machine/`."""
@@ -154,10 +162,7 @@ class HostsFederation(LocalFederation):
         across-hosts parameters); `on_line` sees each line it prints. Return its run folder; RunError if it failed."""
         root = self.folder("researcher")
         (root / "runs").mkdir(exist_ok=True)
-        run = {"director_host": "director", "director_port": DIRECTOR_PORT, "aggregator_port": AGGREGATOR_PORT,
-               "ca_cert": "../certs/ca.crt", "api_cert": "../certs/researcher.crt",
-               "api_key": "../certs/researcher.key", "experiment_name": experiment, "output_dir": "../runs",
-               **parameters.get("run", {})}
+        run = {**researcher_run(), "experiment_name": experiment, "output_dir": "../runs", **parameters.get("run", {})}
         launch_notebook(self, root / "workspace" / "Pytorch_MedMNIST_2D.ipynb", root / "runs" / f"{experiment}.ipynb",
                         {**parameters, "run": run}, time.monotonic() + timeout,
                         self.workdir / "logs" / f"notebook-{experiment}.log", on_line=on_line or (lambda line: None))

@@ -45,6 +45,19 @@ def _run(*command: str, stdin: str | None = None, check: bool = True) -> subproc
     return result
 
 
+def install_nftables(say=print) -> None:
+    """nftables, for the firewalls, installed with apt-get when nft is missing and this runs as root (as make
+    test-hosts and make bench wan= do); otherwise nothing, and unavailable() says what is missing."""
+    if shutil.which("nft") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    say("installing nftables with apt-get (running as root)")
+    install = ["apt-get", "install", "-y", "-q", "nftables"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}  # no debconf questions without a terminal
+    if subprocess.run(install, capture_output=True, env=env).returncode != 0:  # a fresh image may lack package lists
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        subprocess.run(install, capture_output=True, env=env)
+
+
 def unavailable() -> str:
     """Why namespaces cannot be made here, in one line; empty if they can."""
     if sys.platform != "linux":
@@ -53,7 +66,7 @@ def unavailable() -> str:
         return "making network namespaces needs root"
     for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
-            return f"`{tool}` not found: install {package}"
+            return f"`{tool}` not found: install {package} (apt-get install {package})"
     probe = f"{PREFIX}{os.getpid()}-probe{secrets.token_hex(2)}"
     made = _run("ip", "netns", "add", probe, check=False)
     if made.returncode != 0:

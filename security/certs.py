@@ -1,19 +1,19 @@
 """Certificates for mutual TLS, made offline (OpenFL's `fx pki` downloads step-ca, which fails offline).
 
-    python -m security.certs make [--out certs] [--director-host NAME_OR_IP ...] [--envoy NAME ...]
+    python -m security.certs make [--out DIR] [--director-host NAME_OR_IP ...] [--envoy NAME ...]
                             [--researcher NAME ...] [--force]
     python -m security.certs check [--name NAME] [--role ROLE] --cert FILE --key FILE --ca FILE
 
-`make` writes a local CA (ca.crt, ca.key); director.crt/.key, valid for the director's host names
-and addresses (localhost and 127.0.0.1 unless others are given); one certificate per envoy whose
-common name is the envoy's name, which OpenFL's aggregator checks; and one per researcher (default:
-one called "researcher"), for the notebook's API client and for signing experiments. Each certificate
-carries its role, director, envoy or researcher, as its subject's organizational unit (OU): the
-director serves its researcher API to researcher certificates only, and envoys run experiments signed
-by researcher certificates only. Private keys are written with mode 0600, and existing files are kept
-unless --force (or unless they lack the role they must carry). `check` prints a certificate's name and
-role, or tells in one line why a node would refuse it, before the node starts: wrong CA, expired,
-another name or role, or a key that does not match.
+`make` writes to certs/ at the repository's root (or --out) a local CA (ca.crt, ca.key); director.crt/.key,
+valid for the director's host names and addresses (localhost and 127.0.0.1 unless others are given); one
+certificate per envoy whose common name is the envoy's name, which OpenFL's aggregator checks; and one per
+researcher (default: one called "researcher"), for the notebook's API client and for signing experiments. Each
+certificate carries its role, director, envoy or researcher, as its subject's organizational unit (OU): the
+director serves its researcher API to researcher certificates only, and envoys run experiments signed by
+researcher certificates only. Private keys are written with mode 0600, and existing files are kept unless
+--force (or unless they lack the role they must carry). `check` prints a certificate's name and role, or tells
+in one line why a node would refuse it, before the node starts: wrong CA, expired, another name or role, or a
+key that does not match.
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_RESEARCHERS = ("researcher",)
+# certs/ at the repository's root, where make demo and the docs look for them: git-ignored, and outside workspace/,
+# which travels with every experiment.
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "certs"
 ROLES = ("director", "envoy", "researcher")
 
 
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make")
-    mk.add_argument("--out", default=str(Path(__file__).resolve().parent / "certs"))
+    mk.add_argument("--out", default=str(DEFAULT_OUT), help=f"the folder to write to (default {DEFAULT_OUT})")
     mk.add_argument("--director-host", action="append", help="a name or address envoys use to reach the director")
     mk.add_argument("--envoy", action="append", help="an envoy's name (repeat); default envoy_1 and envoy_2")
     mk.add_argument("--researcher", action="append",

@@ -2,14 +2,13 @@
 name, files and certificates, on a bridge of their own; a firewall on the director that admits two ports; a
 wide-area profile on the hospitals' links; one hospital's cable cut in the middle of a round, then plugged back.
 
-Runs when CI=true or HOSTS_TEST=1 (`make test-hosts`; about 3 minutes here). Needs root and iproute2, and installs
+Runs when CI=true or HOSTS_TEST=1 (`make test-hosts`). Needs root and iproute2, and installs
 nftables with apt-get when it runs as root and nft is missing; skips in one line where namespaces cannot be made.
 """
 import contextlib
 import csv
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import threading
@@ -25,9 +24,9 @@ from medmnist_shard.synthetic import make_synthetic, split_sizes
 from openfl_adjustments.network import KEEPALIVE_S
 
 if os.environ.get("CI") != "true" and os.environ.get("HOSTS_TEST") != "1":
-    pytest.skip("multi-host test: runs when CI=true or HOSTS_TEST=1 (make test-hosts; about 3 minutes, as root)",
+    pytest.skip("multi-host test: runs when CI=true or HOSTS_TEST=1 (make test-hosts, as root)",
                 allow_module_level=True)
-pytestmark = pytest.mark.slow  # make test-pythons leaves it to the default Python (3 minutes a version)
+pytestmark = pytest.mark.slow  # make test-pythons leaves it to the default Python
 
 CUT = "hospital-b"  # whose cable is cut
 CUT_ENVOY = HOSPITALS[CUT]
@@ -38,17 +37,13 @@ BEFORE: dict[str, int] = {}  # the director's firewall counters before the first
 
 
 def _install_nftables(request) -> None:
-    """nftables, for the firewalls: installed with apt-get as root (as in CI) when nft is missing."""
-    if shutil.which("nft") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return  # present, or hosts.unavailable() says why not
+    """nftables, for the firewalls (localfed.netns installs it as root, as in CI), said on the terminal."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\ninstalling nftables with apt-get (running as root, as in CI)")
-    install = ["apt-get", "install", "-y", "-q", "nftables"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}  # no debconf questions without a terminal
-    if subprocess.run(install, capture_output=True, env=env).returncode != 0:  # a fresh image may lack package lists
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-        subprocess.run(install, capture_output=True, env=env)
+
+    def say(line):
+        with capture.global_and_fixture_disabled():
+            print(f"\n{line}")
+    hosts.install_nftables(say)
 
 
 @pytest.fixture(scope="module")

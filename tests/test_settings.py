@@ -11,9 +11,11 @@ from medfl.privacy import OPTIONS as DP_OPTIONS
 from medfl.researcher import DEFAULTS, RUN
 
 
-def _documented() -> dict[str, str]:
+def _documented(section: int = 0) -> dict[str, str]:
+    """The rows of the page's first table (section 0), or of its table of the run's connection (1)."""
+    page = (ROOT / "docs" / "settings.md").read_text().split("## The run's connection")
     rows = {}
-    for line in (ROOT / "docs" / "settings.md").read_text().splitlines():
+    for line in page[section].splitlines():
         cells = [c.strip() for c in line.split("|")]
         if len(cells) > 3 and re.fullmatch(r"`[a-z0-9_]+`", cells[1]):
             rows[cells[1].strip("`")] = cells[2].strip("`")
@@ -30,6 +32,16 @@ def test_the_settings_page_lists_every_setting_with_its_default():
             assert documented[name] == "", name
         else:
             assert documented[name] == str(default), name
+
+
+def test_the_settings_page_lists_the_rest_of_the_run_dict_and_every_alias():
+    documented = _documented(1)
+    assert list(documented) == [name for name in RUN if name not in TABLE]
+    for name, default in documented.items():
+        assert default == ("" if RUN[name] in ("", None) else str(RUN[name])), name
+    others = (ROOT / "docs" / "settings.md").read_text().split("## Other names", 1)[1]
+    for alias, name in ALIASES.items():
+        assert f"`{alias}` is `{name}`" in others, alias
 
 
 def test_each_default_has_one_home_and_the_rest_read_it():

@@ -29,7 +29,7 @@ def code(tag: str, text: str) -> nbf.NotebookNode:
 
 CPU_INTRO = """# Federated MedMNIST 2D with OpenFL's interactive API
 
-Hospitals cannot pool patient images, so the model goes to the data. In this notebook you, the researcher, define a federated experiment and submit it to a **director**; every hospital's **envoy** trains it on its own shard of a MedMNIST 2D dataset, and only weights and metrics come back. A director and envoys must be running: `make demo` starts them and runs this notebook for you; the README shows how to start them by hand.
+Hospitals cannot pool patient images, so the model goes to the data. In this notebook you, the researcher, define a federated experiment and submit it to a **director**; every hospital's **envoy** trains it on its own shard of a MedMNIST 2D dataset, and only weights and metrics come back. A director and envoys must be running: `make demo` starts them and runs this notebook for you; docs/running-by-hand.md shows how to start them by hand.
 
 Each section below makes one object of OpenFL's interactive API and says where its code runs: here, on the director, or on every envoy. Change the model, the data interface or the tasks in their cells and run again: the envoys run what these cells define. What you would not edit (metrics, device handling, checks, reporting) lives in the `medfl` package beside this notebook, which OpenFL ships to the nodes with the experiment.
 
@@ -57,7 +57,7 @@ PARAMETERS = {
     "learning_rate": "Adam, as in the MedMNIST v2 experiments",
     "algorithm": "fedavg, fedprox, fedntd, fedbn, fedadam, fedyogi, fedadagrad, median or geomedian",
     "algorithm_options": 'its settings, e.g. {"mu": 0.1}; the rest as in medfl.algorithms.OPTIONS',
-    "personalize_epochs": "k > 0: each envoy also fine-tunes the final model k epochs on its own data (section 8)",
+    "personalize_epochs": "k > 0: each envoy also fine-tunes the best model k epochs on its own data (section 8)",
     "device": "{device_comment}",
     "bf16": "bfloat16 autocast on HPU and CUDA envoys",
     "dp": "True: DP-SGD on every envoy (section 5)",
