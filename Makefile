@@ -62,7 +62,8 @@ test-pythons: venv
 	bash tools/test_pythons.sh
 
 # A federation of separate hosts on this machine, made of network namespaces: docs/across-hosts.md's path with
-# a firewall, a wide-area link and a cable cut mid-round (tests/test_hosts.py; make test runs it in CI). Needs root and iproute2; installs nftables with apt-get if missing.
+# a firewall, a wide-area link and a cable cut mid-round (tests/test_hosts.py; make test runs it in CI). Needs
+# root and iproute2; installs nftables with apt-get if missing.
 test-hosts: venv
 	HOSTS_TEST=1 $(PY) -m pytest tests/test_hosts.py
 

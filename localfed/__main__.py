@@ -13,13 +13,16 @@ from .settings import parse
 
 
 def _interrupt(signum, frame):
-    # SIGTERM (a CI runner, `kill`) stops the run as Ctrl-C does: every process we started ends.
+    # SIGTERM (a CI runner, `kill`) stops the run as Ctrl-C does: every process we started ends. SIGINT is handled
+    # explicitly too, as the nodes do: a launcher started as a script's background job inherits SIGINT ignored
+    # (bash does that), and a Ctrl-C would otherwise leave the run going.
     raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
     """Run a command; a failure prints one clear message (and the failing log) and exits non-zero."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _interrupt)
     try:
         settings = parse(sys.argv[1:] if argv is None else argv)
         if settings.command == "stems":

@@ -198,9 +198,11 @@ def test_a_half_precision_wire_halves_the_bytes_and_the_envoys_hold_the_director
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process(data_dir, tmp_path):
-    # Many rounds, so that the interrupt surely lands in the middle of training.
+    # Many rounds, so that the interrupt surely lands in the middle of training. Started with SIGINT ignored, as a
+    # script's background job (`make demo &`) inherits it from bash: Ctrl-C still stops the run.
     demo = subprocess.Popen(demo_command(data_dir, tmp_path, "rounds=100"), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         for line in demo.stdout:  # wait until the envoys are training
             if "round 1/100" in line:

@@ -121,7 +121,9 @@ def test_baseline_reports_the_same_test_block(tiny_file, tmp_path, capsys):
 
 
 def test_baseline_local_trains_each_envoy_alone_on_the_data_as_it_serves_it(tiny_file, tmp_path, capsys):
-    data_dir = tiny_file("bloodmnist", 28, {"train": 128, "val": 32, "test": 32}).parent
+    # 512 training images: enough that every model, pooled or alone, trains past its initial weights whatever seed
+    # the session gives this file (with 128, a pooled and an envoy's model could both stay at round 0, the same)
+    data_dir = tiny_file("bloodmnist", 28, {"train": 512, "val": 32, "test": 32}).parent
     assert main(["baseline", f"data_dir={data_dir}", "rounds=2", "LOCAL=1", "partition=scanner", "envoys=2",
                  f"runs={tmp_path}"]) == 0
     out = capsys.readouterr().out
@@ -134,7 +136,7 @@ def test_baseline_local_trains_each_envoy_alone_on_the_data_as_it_serves_it(tiny
         assert alone["acc"] != test["per_envoy"][name]["acc"] or alone["loss"] != test["per_envoy"][name]["loss"]
     total = sum(e["samples"] for e in local["per_envoy"].values())
     assert local["acc"] == pytest.approx(sum(e["acc"] * e["samples"] for e in local["per_envoy"].values()) / total)
-    assert "pooled: train 128, val 32, test 32" in out  # both envoys' images, as each serves them
+    assert "pooled: train 512, val 32, test 32" in out  # both envoys' images, as each serves them
     assert "each envoy alone: test ACC envoy_1" in out
 
 
