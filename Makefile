@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 # docs/settings.md lists them, and the capitalised names the README documented before (ROUNDS=5, ALGO=...) still work.
 RUN = $(PY) -m localfed
 
-.PHONY: venv demo baseline bench stems compare certs test test-pythons test-hosts lint clean hpu-deps
+.PHONY: venv demo baseline bench stems compare certs audit test test-pythons test-hosts lint clean hpu-deps
 
 # Reinstalls when requirements.txt is newer than $(VENV)/.installed; recreates for another PYTHON.
 venv:
@@ -47,6 +47,13 @@ envoys ?= $(or $(ENVOYS),2)
 certs: venv
 	$(PY) -m security.certs make $(foreach h,$(director_hosts),--director-host $(h)) \
 		$(foreach i,$(shell seq 1 $(envoys)),--envoy envoy_$(i)) $(foreach r,$(researchers),--researcher $(r))
+
+# Every node's audit log checked (each line's hash chain; each envoy's payloads sent against the director's
+# received), and what ran, who sent it, what left and the epsilon spent, per node. state=DIR: a node's state
+# folder, or a folder of them (an envoy_state); default the latest run's. Exits 1 naming the node and the line.
+state ?= runs/latest
+audit: venv
+	@$(PY) -m security.audit $(state)
 
 # With CI=true (as CI sets it), also every other tested Python this machine has: make test-pythons.
 test: venv

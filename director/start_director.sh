@@ -2,7 +2,8 @@
 # Start the director. Environment: DIRECTOR_HOST, DIRECTOR_PORT (override the config),
 # DIRECTOR_CONFIG (default: director_config.yaml beside this script),
 # CERTS (a folder from `make certs`: mutual TLS with ca.crt and director.crt/.key; unset: no TLS, which is allowed
-# on a loopback address only, unless ALLOW_PLAINTEXT=1).
+# on a loopback address only, unless ALLOW_PLAINTEXT=1),
+# MEDFL_DIRECTOR_STATE (default: state/director beside the config; it holds the director's audit log).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 config="$(realpath -m "${DIRECTOR_CONFIG:-$here/director_config.yaml}")"
@@ -18,6 +19,8 @@ if [[ ! -x "$bin/fx" ]]; then
 fi
 # This project's adjustments to OpenFL (openfl_adjustments/) and its certificate tool.
 export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
+# What the director keeps across experiments: its audit log of every experiment and payload received.
+export MEDFL_DIRECTOR_STATE="${MEDFL_DIRECTOR_STATE:-$(dirname "$config")/state/director}"
 # OpenFL reads the config with dynaconf, which takes DYNACONF_SETTINGS__* variables as overrides.
 if [[ -n "${DIRECTOR_HOST:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_HOST="$DIRECTOR_HOST"; fi
 if [[ -n "${DIRECTOR_PORT:-}" ]]; then export DYNACONF_SETTINGS__LISTEN_PORT="$DIRECTOR_PORT"; fi

@@ -5,7 +5,8 @@
 # HPU_LAZY_MODE=1 (Intel Gaudi's legacy lazy execution; eager is the default since Gaudi 1.21),
 # CERTS (a folder from `make certs`: mutual TLS with ca.crt and NAME.crt/.key; unset: no TLS, which is allowed
 # with a director on a loopback address only, unless ALLOW_PLAINTEXT=1),
-# MEDFL_ENVOY_STATE (default: state/NAME beside CONFIG; keep it: it holds the privacy each run has spent).
+# MEDFL_ENVOY_STATE (default: state/NAME beside CONFIG; keep it and back it up: it holds the node's privacy
+# ledger, the privacy each run has spent, and its audit log).
 set -euo pipefail
 if [[ $# -ne 2 ]]; then
   echo "usage: $0 NAME CONFIG   e.g. $0 envoy_1 envoy_config_1.yaml" >&2
@@ -27,7 +28,7 @@ fi
 # The shard descriptor's package, this project's adjustments to OpenFL (openfl_adjustments/) and security/.
 export PYTHONPATH="$here:$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
 export ENVOY_NAME="$name"  # the tasks name the node in their errors
-# What this envoy keeps across experiments (under DP-SGD, the privacy each run has spent): beside its config.
+# What this envoy keeps across experiments (its privacy ledger, its audit log): beside its config.
 export MEDFL_ENVOY_STATE="${MEDFL_ENVOY_STATE:-$(dirname "$config")/state/$name}"
 director="${DIRECTOR_HOST:-localhost}"
 # Habana reads PT_HPU_LAZY_MODE when torch is imported, so it must be set before Python starts.

@@ -107,7 +107,7 @@ class Placement:
         folder.mkdir(parents=True, exist_ok=True)
         config = {"params": {"cuda_devices": [], "install_requirements": False},
                   "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor", "params": params},
-                  **({"trusted_researchers": federation.trusted[name]} if name in federation.trusted else {})}
+                  **({"policy": federation.policies[name]} if federation.policies.get(name) else {})}
         (folder / "envoy_config.yaml").write_text(yaml.safe_dump(config))
         return folder / "envoy_config.yaml"
 
@@ -126,7 +126,8 @@ class LocalFederation:
     target_shape: list
     certs: Path | None = None  # a folder from security.certs make: mutual TLS; None: plaintext
     health_period: int | None = None  # seconds between envoys' health checks; None: the director config's
-    trusted: dict[str, list[str]] = field(default_factory=dict)  # envoy: its trusted_researchers (default: all)
+    policies: dict[str, dict] = field(default_factory=dict)  # envoy: its config's policy section (default: none)
+    state: Path | None = None  # the nodes' state folders: state/<node>/; None: beside each node's config
     host: str = "localhost"
     port: int = field(default_factory=free_port)
     placement: Placement = field(default_factory=Placement)
@@ -169,12 +170,18 @@ class LocalFederation:
         if self.health_period:
             config["settings"]["envoy_health_check_period"] = self.health_period
         path = self.placement.director_config(self, config)
-        return self._spawn("director", ["bash", "director/start_director.sh"], {"DIRECTOR_CONFIG": str(path)})
+        return self._spawn("director", ["bash", "director/start_director.sh"],
+                           {"DIRECTOR_CONFIG": str(path), **self._state_env("director", "MEDFL_DIRECTOR_STATE")})
 
     def _start_envoy(self, name: str, params: dict) -> Component:
         config = self.placement.envoy_config(self, name, params)
         threads = str(max(1, (os.cpu_count() or 1) // len(self.shard_params)))
-        return self._spawn(name, ["bash", "envoy/start_envoy.sh", name, str(config)], {"OMP_NUM_THREADS": threads})
+        return self._spawn(name, ["bash", "envoy/start_envoy.sh", name, str(config)],
+                           {"OMP_NUM_THREADS": threads, **self._state_env(name, "MEDFL_ENVOY_STATE")})
+
+    def _state_env(self, node: str, variable: str) -> dict:
+        # Given a state folder, each node keeps its ledger and audit log in its own subfolder, across runs.
+        return {variable: str(Path(self.state) / node)} if self.state else {}
 
     def wait_registered(self, envoy: Component, deadline: float) -> None:
         """Return once `envoy` has registered with the director (its log says so)."""

@@ -17,6 +17,7 @@ from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
 from medmnist_shard.spec import sample_shape, target_shape
+from security import policy as policy_rules
 from security.certs import DEFAULT_RESEARCHERS
 from security.certs import make as make_certs
 
@@ -60,6 +61,9 @@ def check(settings: Settings) -> None:
         raise DataError(f"partition={settings.partition}: use {' or '.join(STRATEGIES)}")
     if settings.partition == "dirichlet" and not settings.alpha > 0:
         raise DataError(f"alpha={settings.alpha}: the Dirichlet concentration must be positive")
+    if settings.envoy_policy and "researchers" in envoy_policy(settings.envoy_policy) and not settings.tls:
+        raise DataError(f"envoy_policy={settings.envoy_policy} names researchers, whom only mutual TLS identifies: "
+                        "leave tls=0 out")
     if settings.wan:
         try:
             Profile.parse(settings.wan)
@@ -128,8 +132,26 @@ def local_federation(settings: Settings, run_dir: Path, shards: dict[str, dict])
         certs = ROOT / "certs"
         written = make_certs(certs, envoys=list(shards))
         print(f"mutual TLS with certificates in {certs}" + (f" ({len(written)} files made)" if written else ""))
+    policy = envoy_policy(settings.envoy_policy) if settings.envoy_policy else None
     return LocalFederation(run_dir, shards, sample_shape(settings.dataset, settings.size),
-                           target_shape(settings.dataset), certs, health_period=settings.health_period or None)
+                           target_shape(settings.dataset), certs, health_period=settings.health_period or None,
+                           policies=dict.fromkeys(shards, policy) if policy else {},
+                           state=Path(settings.envoy_state).resolve() if settings.envoy_state else None)
+
+
+def envoy_policy(path: str) -> dict:
+    """envoy_policy=FILE: the policy every envoy gets (YAML, the keys of an envoy config's policy section, or a
+    whole envoy config); DataError in one line if it cannot be read or its policy is wrong."""
+    try:
+        text = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DataError(f"envoy_policy={path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    section = text.get("policy", text) if isinstance(text, dict) else text
+    try:
+        policy_rules.parse(section, f"envoy_policy={path}")
+    except policy_rules.PolicyError as exc:
+        raise DataError(str(exc)) from None
+    return section
 
 
 def notebook_parameters(settings: Settings, federation: LocalFederation, run_dir: Path, data_source: str) -> dict:

@@ -43,6 +43,8 @@ LAUNCHER = {
     "runs": str(ROOT / "runs"),
     "wan": "",
     "algorithms": "fedavg fedprox fedadam median",
+    "envoy_policy": "",
+    "envoy_state": "",
 }
 # Where one command's defaults differ: make compare is about non-IID hospitals, and a median needs more than two
 # envoys to differ from the mean; make stems measures at full resolution.
@@ -144,6 +146,9 @@ def parse(argv: list[str]) -> Settings:
     if values["data_dirs"] and "envoys" not in given:  # one envoy per folder
         values["envoys"] = len(own_folders(values["data_dirs"]))
     values["runs"], values["notebook"] = str(Path(values["runs"]).resolve()), str(Path(values["notebook"]).resolve())
+    for name in ("envoy_policy", "envoy_state"):  # kept in launcher.json: make audit and resume_from read them
+        if values[name]:
+            values[name] = str(Path(values[name]).expanduser().resolve())
     return Settings(command, values, given)
 
 

@@ -14,6 +14,11 @@ from typing import Protocol, runtime_checkable
 REFUSED = "refused: "
 
 
+class Refusal(RuntimeError):
+    """Raised on an envoy by a rule of its own node (security.guard) while it runs an experiment: reported as a
+    refusal (REFUSED and the message), so the experiment goes on without the envoy, or fails by min_envoys."""
+
+
 @runtime_checkable
 class EnvoyAwareAggregator(Protocol):
     """What the director asks of an aggregator that goes on without lost envoys."""

@@ -28,7 +28,7 @@ from collections import namedtuple
 
 import grpc
 
-from .contract import REFUSED, EnvoyAwareAggregator
+from .contract import REFUSED, EnvoyAwareAggregator, Refusal
 from .patching import replace
 
 logger = logging.getLogger("openfl_adjustments")
@@ -209,7 +209,9 @@ def saying_unreachable(set_experiment_failed):
     def wrapper(self, experiment_name: str, *args, **kwargs):
         raised = sys.exc_info()[1]  # the envoy reports from the except block around its collaborator
         description = kwargs.get("error_description", "")
-        if raised is not None and not description.startswith(REFUSED):
+        if isinstance(raised, Refusal):
+            kwargs["error_description"] = f"{REFUSED}{raised}"
+        elif raised is not None and not description.startswith(REFUSED):
             kwargs["error_description"] = f"{summary(raised)}\n{description}"
         try:
             return set_experiment_failed(self, experiment_name, *args, **kwargs)

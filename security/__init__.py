@@ -8,6 +8,9 @@ envoy, which unpickles and runs it beside the hospital's images.
 - signing: a researcher signs each experiment's archive; trust: the director and each envoy check the signature
   before anything is unpacked, and each envoy runs only what the researchers it trusts signed.
 - plaintext: without TLS, a director listens and an envoy connects on loopback only (unless ALLOW_PLAINTEXT=1).
+- policy, guard, budget, audit: each envoy's policy (which researchers, DP-SGD, a privacy budget over every
+  experiment, secure aggregation, rounds, federation size), enforced by the node's own code; its privacy ledger;
+  and every node's audit log of what arrived and what left (python -m security.audit checks them).
 - secagg: secure aggregation, the director learning the round's sum of the envoys' updates and never one of them:
   the protocol, and on each envoy the masking of its train task's weights before they leave.
 
@@ -22,8 +25,9 @@ __all__ = ["install"]
 def install() -> None:
     """Gate the director's calls by role, owner and name; have envoys run only what they trust, and mask their
     updates when an experiment asks for secure aggregation."""
-    from . import access, secagg, trust
+    from . import access, guard, secagg, trust
 
     access.install()
     trust.install()
+    guard.install()
     secagg.install()

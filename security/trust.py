@@ -2,14 +2,15 @@
 unpickles it and runs it beside the node's data. Under mutual TLS:
 
 - The director accepts an experiment only if its archive is signed (signing.py) by the researcher who submits it.
-- Each envoy accepts an experiment only if its archive is signed by a researcher of the federation's CA whom the
-  envoy trusts (`trusted_researchers: [alice, ...]` in its config; without that list, every researcher of its CA),
-  for that experiment's name, and unaltered. It checks this before any file is unpacked, then unpacks exactly the
-  bytes it checked. It logs what it accepted (sender, archive SHA-256 and size), or whom it refused and why; a
+- Each envoy accepts an experiment only if its archive is signed by a researcher of the federation's CA, for that
+  experiment's name, and unaltered, and if its policy admits it (policy.py: which researchers, DP-SGD, budget...).
+  It checks this before any file is unpacked, then unpacks exactly the bytes it checked. It logs what it accepted
+  (sender, archive SHA-256 and size), or whom it refused and why, in its log and its audit log (guard.py); a
   refusal is reported to the director (contract.REFUSED), which goes on without the envoy, and the notebook shows
   which envoy refused and why. A compromised director can thus withhold experiments, but not run its own code on
   the envoys.
-Without TLS (allowed on loopback only, see plaintext.py) nobody is identified, and nothing is checked.
+Without TLS (allowed on loopback only, see plaintext.py) nobody is identified and no signature is checked; the
+policy's other rules still apply.
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from cryptography import x509
 
 from openfl_adjustments.contract import REFUSED
 from openfl_adjustments.patching import replace
 
+from . import guard
 from .certs import identity
+from .policy import PolicyError
 from .signing import Refused, verify
 
 logger = logging.getLogger("openfl_adjustments")
@@ -34,50 +36,30 @@ CHUNK = 2 * 1024 * 1024  # as OpenFL's director streams archives
 
 
 @dataclass(frozen=True)
-class Policy:
-    """An envoy's rule: the CA whose researchers may sign, and which of them it trusts (None: all)."""
+class Signatures:
+    """An envoy's rule on signatures: the CA whose researchers may sign."""
 
     envoy: str
     ca: x509.Certificate
-    trusted: tuple[str, ...] | None = None
 
     def check(self, archive: Path, experiment: str) -> str:
-        """The sender's name, if this envoy runs the archive; raise Refused otherwise."""
+        """The signer's name, if a researcher of the CA signed exactly this archive for this experiment; raise
+        Refused otherwise."""
         sender, _ = identity(verify(archive, experiment, self.ca))
-        if self.trusted is not None and sender not in self.trusted:
-            raise Refused(f"it is signed by {sender!r}, whom {self.envoy} does not trust (its trusted_researchers: "
-                          f"{', '.join(self.trusted) or 'none'})")
         return sender
 
 
-_POLICY: list[Policy] = []  # this envoy's, once configured
-
-
-class ConfigError(ValueError):
-    """An envoy config whose trust settings cannot work; the message says what to change."""
-
-
-def trusted_researchers(config_path: Path) -> tuple[str, ...] | None:
-    """The names an envoy config lists under trusted_researchers, or None if it lists none."""
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
-    names = config.get("trusted_researchers")
-    if names is None:
-        return None
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"{config_path}: trusted_researchers must be a list of researcher names, e.g. [alice, bob]")
-    return tuple(names)
+_SIGNATURES: list[Signatures] = []  # this envoy's, once configured under TLS
+ConfigError = PolicyError  # what configure raises for a config that cannot work
 
 
 def configure(envoy: str, ca_path: Path | None, config_path: Path) -> None:
-    """Set this envoy's policy from its CA (None: plaintext) and its config."""
-    trusted = trusted_researchers(config_path)
+    """Set this envoy's rules from its CA (None: plaintext) and its config's policy (guard.configure_envoy)."""
+    rules = guard.configure_envoy(envoy, Path(config_path), tls=ca_path is not None)
     if ca_path is None:
-        if trusted is not None:
-            raise ConfigError(f"{config_path} lists trusted_researchers, but without mutual TLS nobody can be "
-                              "identified: start the envoy with CERTS=... (make certs)")
         return
-    _POLICY[:] = [Policy(envoy, x509.load_pem_x509_certificate(Path(ca_path).read_bytes()), trusted)]
-    who = ", ".join(trusted) if trusted is not None else "every researcher of its CA"
+    _SIGNATURES[:] = [Signatures(envoy, x509.load_pem_x509_certificate(Path(ca_path).read_bytes()))]
+    who = ", ".join(rules.researchers) if rules.researchers is not None else "every researcher of its CA"
     print(f"envoy {envoy} runs experiments signed by: {who}", file=sys.stderr, flush=True)
 
 
@@ -103,19 +85,24 @@ def checking_wait(wait_experiment):
     def wrapper(self):
         while True:
             experiment = wait_experiment(self)
-            if not _POLICY:
+            if not _SIGNATURES and not guard.watching():
                 return experiment
             archive, sha256, size = _received(self.get_experiment_data(experiment))
+            sender = verified = problem = None
+            if _SIGNATURES:
+                try:
+                    sender, verified = _SIGNATURES[0].check(archive, experiment), True
+                except Refused as why:
+                    verified, problem = False, str(why)
             try:
-                sender = _POLICY[0].check(archive, experiment)
+                guard.admit(experiment, archive, sha256, sender, verified, problem)
             except Refused as why:
                 archive.unlink()
-                logger.error("Refused experiment %s: %s. Nothing of it was unpacked.", experiment, why)
-                self.set_experiment_failed(experiment, error_description=f"{REFUSED}{_POLICY[0].envoy} refused "
-                                                                         f"experiment {experiment}: {why}")
+                logger.error("Refused experiment %s, unpacking nothing of it: %s", experiment, why)
+                self.set_experiment_failed(experiment, error_description=f"{REFUSED}{why}")
                 continue
-            logger.info("Accepted experiment %s from %s: archive SHA-256 %s, %d bytes", experiment, sender, sha256,
-                        size)
+            logger.info("Accepted experiment %s from %s: archive SHA-256 %s, %d bytes", experiment,
+                        sender or "an unidentified researcher (plaintext)", sha256, size)
             self.checked_archives = {**getattr(self, "checked_archives", {}), experiment: archive}
             return experiment
 

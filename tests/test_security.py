@@ -1,6 +1,7 @@
 """Who can make a node run code: roles in certificates, the director's gates, signed experiments, each envoy's
 trusted researchers, and plaintext only on loopback. Every refusal ends in one clear line, never a hang."""
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -170,7 +171,7 @@ def federation(pki, tmp_path_factory, tiny_file):
     shards = {name: {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},3",
                      "download": False} for r, name in enumerate(ENVOYS, 1)}
     with LocalFederation(tmp_path_factory.mktemp("secure"), shards, [28, 28, 3], [1], pki / "good",
-                         trusted={"envoy_3": ["bob"]}) as fed:
+                         policies={"envoy_3": {"researchers": ["bob"]}}) as fed:
         yield fed
 
 
@@ -210,12 +211,12 @@ def test_an_envoy_refuses_a_researcher_it_does_not_trust_before_unpacking_anythi
     _, run = alice_run
     (dropout,) = run.dropouts
     assert dropout["envoy"] == "envoy_3"
-    assert "envoy_3 refused experiment alice-exp: it is signed by 'alice', whom envoy_3 does not trust " \
-           "(its trusted_researchers: bob)" in dropout["reason"]
+    assert dropout["reason"] == "refused: envoy_3 refuses experiment alice-exp: it is signed by 'alice', and its " \
+                                "policy admits only bob"
     envoy_3 = next(c for c in federation.components if c.name == "envoy_3")
     assert "Refused experiment alice-exp" in envoy_3.log.read_text() and envoy_3.process.poll() is None
     leftovers = [p.name for p in envoy_3.log.parent.parent.joinpath("nodes", "envoy_3").iterdir()
-                 if p.name != "envoy_config.yaml"]
+                 if p.name not in ("envoy_config.yaml", "state")]
     assert leftovers == [], "envoy_3 kept or unpacked some of the refused experiment"
 
 
@@ -342,9 +343,12 @@ def test_envoys_refuse_what_a_compromised_director_rewrote(pki, tiny_file, tmp_p
         run = follow(start_experiment(cells, f"rewritten-{mode}", rounds=1), 1, echo=lambda line: None)
         assert time.monotonic() - started < 60
         assert run.error.startswith("only 0 of 1 envoys remain") and message in run.error
-        _wait_for(tmp_path / "envoy.log", "Nothing of it was unpacked", envoy)
+        _wait_for(tmp_path / "envoy.log", f"Refused experiment rewritten-{mode}, unpacking nothing of it", envoy)
         assert not (envoy_dir / "COMPROMISED").exists()
-        assert [p.name for p in envoy_dir.iterdir() if p.name not in ("envoy_config.yaml",)] == []
+        # Only its config, and its state: the audit log that records the refusal.
+        assert [p.name for p in envoy_dir.iterdir() if p.name not in ("envoy_config.yaml", "state")] == []
+        (arrived,) = [json.loads(line) for line in (envoy_dir / "state" / "envoy_1" / "audit.jsonl").open()]
+        assert (arrived["decision"], arrived["rule"], arrived["signature"]) == ("refused", "signature", False)
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGKILL)

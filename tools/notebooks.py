@@ -245,8 +245,11 @@ md("""## 6. Start the experiment
 - `override_config`: this project's aggregator, `medfl.aggregator.SelectingAggregator` (it runs on the director), which keeps the best model by one metric, checks every update, and goes on without lost envoys while `run["min_envoys"]` remain; the aggregator's port, if fixed; and, with `run["wire_dtype"]` `"float16"` or `"bfloat16"`, what travels: each round's *change* of the weights, in half the bytes, which the director adds to the global model it holds and aggregates in float32 (`medfl/wire.py`). For hospitals on slow links; the default, `"float32"`, sends the weights as they are.
 - with `secure_aggregation = True`, **secure aggregation** (`medfl/secure.py`, `security/secagg.py`): each round every envoy clips its update's norm to `run["max_update_norm"]`, then adds masks to it that cancel only in the sum of all envoys' (SecAgg: keys agreed between the envoys through the director, which relays what it cannot read). The director learns the round's weighted mean and nothing else of any one hospital's weights; it still sees their metrics and sample counts. Envoys that drop out mid-round are unmasked from the others' shares while `run["secure_threshold"]` (default: more than half) remain. It costs twice the bytes up (64-bit ring elements) and a few round trips per round; `median` and `geomedian`, which need each update, are refused.
 
-OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.submission(...)` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels. With mutual TLS it also signs the archive with your key (`run["api_key"]`): the director accepts it only from you, and each envoy runs it only if it trusts you (its config's `trusted_researchers`) and nothing in it changed on the way. Whoever an envoy trusts can run any code there: that is what submitting an experiment means."""),
+OpenFL writes its plan and pickled objects into the current folder and zips that folder for the nodes; `researcher.submission(...)` lets it do so in a temporary copy of this folder's code, so this folder stays as it is and no notebook travels. With mutual TLS it also signs the archive with your key (`run["api_key"]`): the director accepts it only from you, and each envoy runs it only if nothing in it changed on the way and its hospital's policy admits it.
+
+**Each hospital decides.** `declared(...)` writes into the plan what the experiment will do on the envoys: its training rounds, DP-SGD's settings and the envoys it federates. Each envoy reads that before it unpacks anything and holds it against its own `policy:` (in its config, enforced by the node's code, not this notebook's): which researchers may run experiments there, whether DP-SGD is required, a privacy budget over every experiment ever run on its data, secure aggregation, at most so many rounds, at least so many envoys. An envoy that refuses says so in one `REFUSED` line with the rule and the numbers (`results.json`'s `refusals`), and the run goes on without it while `min_envoys` allow. Every node keeps an audit log of what arrived and what left it (`make audit`). Whoever an envoy admits can run any code there: that is what submitting an experiment means."""),
 code("start", """from medfl.algorithms import local_plan
+from medfl.privacy import declared
 from medfl.secure import plan as secure_plan
 from medfl.wire import wire_format
 
@@ -258,6 +261,8 @@ plan_overrides = {
     **wire_format(run["wire_dtype"]),  # float16, bfloat16: OpenFL's delta updates, through medfl.wire's pipeline
     # secure_aggregation: every envoy masks its update; the director can unmask their weighted mean, nothing else
     **secure_plan(secure_aggregation, run["secure_threshold"], run["max_update_norm"]),
+    # what each hospital's own policy checks before its envoy unpacks anything: rounds, DP-SGD, the envoys
+    **declared(rounds - done, privacy, envoys),
 }
 # fedbn: each envoy holds its BatchNorm layers back, and keeps them per round of this run on its own disk
 local_layers = dict(algorithm=algorithm, model=model, run=experiment_name, first_round=done,
@@ -307,7 +312,8 @@ code("test", """test_data = MedMNISTData(train_batch_size=train_batch_size, eval
 tests = researcher.personalizing(TI, personalize_epochs) if personalize_epochs else TI
 # fedbn: every envoy tests with its own BatchNorm layers of the best model's round
 test_plan = {**plan_overrides, **local_plan(**{**local_layers, "first_round": None}, start_round=training.best.round,
-                                            personalize=personalize_epochs > 0)}
+                                            personalize=personalize_epochs > 0),
+             **declared(1 if personalize_epochs else 0, None, envoys)}  # trains only to personalize, without DP
 with researcher.submission(run["api_cert"], run["api_key"]):
     test_experiment = FLExperiment(federation=federation, experiment_name=f"{attempt}-test")
     test_experiment.start(

@@ -44,6 +44,9 @@ VALIDATE_LOCAL = "locally_tuned_model_validate"
 AGGREGATED = "aggregator"
 # Events streamed with the metrics; metric_name carries the reason, metric_value the seconds into the round.
 DROPPED = "envoy_dropped"  # metric_origin is the envoy
+# A dropped envoy's reason begins with this when its own policy refused or stopped the experiment
+# (openfl_adjustments.contract.REFUSED, on the nodes; tests/test_policy.py keeps the two equal).
+REFUSED = "refused: "
 FAILED = "experiment_failed"  # metric_origin is the aggregator
 REJECTED = "update_rejected"  # metric_origin is the envoy; metric_name is JSON: check, detail, numbers
 # What a round cost on the wire, streamed by the aggregator when the round ends, for all envoys (metric_origin is the
@@ -499,7 +502,8 @@ class SelectingAggregator(Aggregator):
         needed = quorum(self.min_envoys, len(self.authorized_cols))
         remaining = self._remaining()
         if len(remaining) < needed:
-            lost = "; ".join(f"{name}: {why}" for name, why in self.dropped.items())
+            lost = "; ".join(why[len(REFUSED):] if why.startswith(REFUSED) else f"{name}: {why}"
+                             for name, why in self.dropped.items())
             self._fail(f"only {len(remaining)} of {len(self.authorized_cols)} envoys remain, fewer than the {needed} "
                        f"that min_envoys={self.min_envoys!r} requires. Lost: {lost}")
         elif self.dropped:

@@ -176,3 +176,15 @@ class DPSGD:
             raise PrivacyError(f"the privacy ledger {path} was kept at delta={saved.get('delta')}, this run asks "
                                f"delta={delta}: resume with the run's dp_options")
         return history
+
+
+def declared(train_rounds: int, privacy: DPSGD | None, envoys: list[dict]) -> dict:
+    """FLExperiment.start's override_config entries that declare what the experiment will do on each envoy: its
+    training rounds, DP-SGD's settings (`enabled` false without), and the envoys it federates (the online ones of
+    `envoys`, medfl.researcher.envoy_table's rows). Each envoy's own policy (security.policy, on the node) reads them
+    from the plan before it unpacks anything, and holds the experiment to them while it runs."""
+    settings = {name: getattr(privacy, name, None) for name in (*OPTIONS, "rounds", "epochs_per_round")}
+    return {"declared.settings.train_rounds": int(train_rounds),
+            "declared.settings.envoys": sorted(e["envoy"] for e in envoys if e["online"]),
+            "declared.settings.dp.enabled": privacy is not None,
+            **{f"declared.settings.dp.{name}": value for name, value in settings.items()}}

@@ -10,7 +10,7 @@ import grpc
 import torch
 from tqdm.auto import tqdm
 
-from ..aggregator import AGGREGATED, DROPPED, FAILED, REJECTED, TRAFFIC, TRAFFIC_COUNTS, VALIDATE_GLOBAL, Best
+from ..aggregator import AGGREGATED, DROPPED, FAILED, REFUSED, REJECTED, TRAFFIC, TRAFFIC_COUNTS, VALIDATE_GLOBAL, Best
 from ..secure import SECURE
 
 TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val",
@@ -168,7 +168,9 @@ def _round_of(r: int, rounds: int) -> str:
 def _dropped(run: Followed, m: dict, where: str, echo) -> None:
     run.dropouts.append({"envoy": m["metric_origin"], "experiment": run.name, "round": m["round"] + 1,
                          "time": round(m["time"], 3), "reason": m["metric_name"]})
-    echo(f"{where:<16} {m['metric_origin']:<11} DROPPED: {m['metric_name']}; the experiment goes on without it")
+    refused = m["metric_name"].startswith(REFUSED)
+    echo(f"{where:<16} {m['metric_origin']:<11} {'REFUSED' if refused else 'DROPPED'}: "
+         f"{m['metric_name'][len(REFUSED):] if refused else m['metric_name']}; the experiment goes on without it")
 
 
 def _rejected(run: Followed, m: dict, where: str, echo) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import algorithms
-from ..aggregator import AGGREGATED, TRAFFIC, VALIDATE_GLOBAL, VALIDATE_LOCAL
+from ..aggregator import AGGREGATED, REFUSED, TRAFFIC, VALIDATE_GLOBAL, VALIDATE_LOCAL
 from .federation import is_synthetic
 from .follow import Followed
 from .parameters import NotebookError
@@ -137,7 +137,9 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "rounds": (rounds := rounds_entries(training.metrics)),
         "traffic": traffic(training.metrics),
         "privacy": privacy_block(rounds, params),
-        "dropouts": training.dropouts + (testing.dropouts if testing else []),
+        "dropouts": (dropouts := training.dropouts + (testing.dropouts if testing else [])),
+        # Envoys whose own policy refused the experiment, or stopped their part in it (security.policy)
+        "refusals": [{**d, "reason": d["reason"][len(REFUSED):]} for d in dropouts if d["reason"].startswith(REFUSED)],
         "rejected_updates": training.rejected + (testing.rejected if testing else []),
         # What the director learned: with secure aggregation, per round, whose updates it summed without seeing
         "secure_aggregation": {"rounds": training.secure} if params.get("secure_aggregation") else None,
