@@ -42,6 +42,12 @@ class Running:
     name: str
     declared: policy.Declaration
     trained: int = 0
+    step: tuple | None = None  # one round's DP-SGD (noise, rate, steps) on this node: computed once, it takes seconds
+
+    def round_step(self, train_size: int) -> tuple:
+        if self.step is None:
+            self.step = budget.round_step(self.declared.dp, self.declared.batch_size or 1, train_size or 1)
+        return self.step
 
 
 @dataclass
@@ -133,7 +139,7 @@ def admit(experiment: str, archive: Path, sha256: str, sender: str | None, verif
             raise Refused(problem)
         return
     node = _ENVOY[0]
-    rule, why, declared = None, None, None
+    rule = why = None
     try:
         if problem:
             raise Refused(problem)
@@ -143,8 +149,8 @@ def admit(experiment: str, archive: Path, sha256: str, sender: str | None, verif
             if node.rules != policy.NodePolicy():
                 raise
             plan = {}  # without a policy nothing needs it; OpenFL says what it misses
-        declared = policy.Declaration.of(plan)
-        decision = policy.decide(node.rules, declared, node.name, sender, lambda: _spend(node, declared))
+        running = Running(experiment, policy.Declaration.of(plan))
+        decision = policy.decide(node.rules, running.declared, node.name, sender, lambda: _spend(node, running))
         if decision:
             rule, why = decision
     except Refused as exc:
@@ -156,20 +162,19 @@ def admit(experiment: str, archive: Path, sha256: str, sender: str | None, verif
                         archive_sha256=sha256, decision="refused" if rule else "accepted", rule=rule, detail=why)
     if rule:
         raise Refused(f"{node.name} refuses experiment {experiment}: {why}")
-    node.running = Running(experiment, declared)
+    node.running = running
 
 
-def _spend(node: Envoy, declared: policy.Declaration) -> tuple[float, float]:
+def _spend(node: Envoy, running: Running) -> tuple[float, float]:
     """(epsilon spent on the node's data so far, epsilon after the experiment's declared rounds), at the budget's
     delta."""
     ledger = node.ledger()
     if ledger.unbounded:
         raise budget.LedgerError(f"its data was trained on without DP-SGD ({', '.join(ledger.unbounded)}), whose "
                                  "privacy loss is unbounded: its privacy budget cannot be kept")
-    step = budget.round_step(declared.dp, declared.batch_size or 1, node.train_size or 1)
-    delta = node.rules.budget[1]
+    step, delta = running.round_step(node.train_size), node.rules.budget[1]
     return (budget.epsilon(ledger.history, delta),
-            budget.epsilon(ledger.history + [step] * int(declared.train_rounds), delta))
+            budget.epsilon(ledger.history + [step] * int(running.declared.train_rounds), delta))
 
 
 def before_task(node: Envoy, collaborator, task, round_number: int) -> None:
@@ -195,7 +200,7 @@ def before_task(node: Envoy, collaborator, task, round_number: int) -> None:
         ledger = None  # no budget to keep: the round trains, and the audit log says the ledger was unreadable
         entry["ledger"] = str(exc)
     if declared.dp and ledger is not None:
-        step = budget.round_step(declared.dp, declared.batch_size or 1, node.train_size or 1)
+        step = running.round_step(node.train_size)
         before, after = node.spent(), budget.epsilon(ledger.history + [step], node.delta)
         if node.rules.budget and (before is None or after > node.rules.budget[0]):
             left = "none" if before is None else f"{max(0.0, node.rules.budget[0] - before):.2f}"
@@ -203,6 +208,7 @@ def before_task(node: Envoy, collaborator, task, round_number: int) -> None:
                           f"(epsilon {node.rules.budget[0]:g}) has {left} left, and this round would take the "
                           f"total to {after:.2f}")
         ledger.add(step)
+        node._spent = (len(ledger.history), after)
         entry.update(noise=step[0], rate=step[1], steps=step[2], epsilon=after, delta=node.delta)
     elif ledger is not None:
         ledger.mark_unbounded(running.name)

@@ -501,3 +501,37 @@ def test_the_docs_show_a_policy_an_envoy_accepts():
     for page in ("across-hosts.md", "security.md"):
         assert "policy:" in (ROOT / "docs" / page).read_text()
     assert Path(ROOT / "envoy" / "envoy_config_1.yaml").read_text().count("policy") >= 1
+
+
+def test_an_arrived_experiment_is_decided_from_its_archive_and_logged_either_way(tmp_path, monkeypatch):
+    import zipfile
+
+    import yaml
+
+    def archive(name, **plan):
+        path = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("plan/plan.yaml", yaml.safe_dump(_plan(**plan)))
+        return path
+
+    node = guard.Envoy("envoy_1", policy.parse({"require_dp": True, "privacy_budget": BUDGET}),
+                       audit.AuditLog(tmp_path / "state" / audit.FILE, "envoy_1"), "bloodmnist-28", train_size=200)
+    monkeypatch.setattr(guard, "_ENVOY", [node])
+    with pytest.raises(Refused, match="^envoy_1 refuses experiment plain: it trains without DP-SGD"):
+        guard.admit("plain", archive("plain"), "ab" * 32, "alice", True)
+    with pytest.raises(Refused, match="^envoy_1 refuses experiment forged: its signature by 'alice' does not match"):
+        guard.admit("forged", archive("forged"), "cd" * 32, None, False, "its signature by 'alice' does not match")
+    guard.admit("private", archive("private", privacy=DPSGD(noise_multiplier=2.0, rounds=2)), "ef" * 32, "alice",
+                True)
+    assert node.running.name == "private" and node.running.declared.train_rounds == 2
+    arrived = node.log.entries("arrived")
+    assert [(e["experiment"], e["decision"], e["rule"], e["signature"]) for e in arrived] == [
+        ("plain", "refused", "require_dp", True), ("forged", "refused", "signature", False),
+        ("private", "accepted", None, True)]
+    # Data once trained on without DP-SGD can keep no budget.
+    budget.Ledger.load(budget.Ledger.of(tmp_path / "state", "bloodmnist-28"), False).mark_unbounded("long-ago")
+    node._ledger = None
+    with pytest.raises(Refused, match="its data was trained on without DP-SGD \\(long-ago\\), whose privacy loss is "
+                                      "unbounded: its privacy budget cannot be kept"):
+        guard.admit("again", archive("again", privacy=DPSGD(noise_multiplier=2.0, rounds=2)), "01" * 32, "alice",
+                    True)
