@@ -6,6 +6,7 @@ often it is sent) and wants more from the node's data than its policy allows: tr
 rounds or privacy than it declared, a fresh budget under a new name. And anyone who edits a node's audit log
 afterwards. The end-to-end tests play both against real processes."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -356,6 +357,7 @@ def _demo(data_dir, runs, *extra, timeout=400):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="make demo of its own (about 20 s): runs when CI=true")
 def test_make_demo_without_dp_is_refused_by_every_envoy_before_it_unpacks_anything(tiny_file, tmp_path):
     data_dir = tiny_file("bloodmnist", 28, {"train": 200, "val": 20, "test": 20}).parent
     (tmp_path / "policy.yaml").write_text("require_dp: true\nprivacy_budget: {epsilon: 6, delta: 1.0e-5}\n")
@@ -418,6 +420,23 @@ def _submit(fed, tmp_path, name, rounds, **parameters):
                           output_dir=str(tmp_path / "runs"), preview_dir=str(tmp_path), train_batch_size=32,
                           rounds=rounds, **parameters)
         return follow(start_experiment(cells, name, rounds=rounds), rounds, echo=lambda line: None)
+
+
+@pytest.mark.slow
+def test_an_experiment_without_dp_is_refused_by_each_envoy_before_anything_of_it_is_unpickled(hospitals, tmp_path):
+    fed, _ = hospitals
+    run = _submit(fed, tmp_path, "no-dp", 1)
+    assert run.error.startswith("only 0 of 2 envoys remain")
+    assert sorted((d["envoy"], d["reason"]) for d in run.dropouts) == [
+        (e, f"refused: {e} refuses experiment no-dp: it trains without DP-SGD, and its policy requires DP-SGD "
+            "(require_dp: true)") for e in ("envoy_1", "envoy_2")]
+    for envoy in ("envoy_1", "envoy_2"):
+        component = next(c for c in fed.components if c.name == envoy)
+        log = component.log.read_text()
+        assert "Refused experiment no-dp, unpacking nothing of it" in log
+        if "Starting the Collaborator Service" in log:  # another test of this module ran first
+            assert log.index("Refused experiment no-dp") > log.rindex("Starting the Collaborator Service")
+        assert not list(component.log.parent.parent.rglob(f"{envoy}_no-dp"))  # never unpacked
 
 
 @pytest.mark.slow
