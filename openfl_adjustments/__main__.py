@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from security import install as install_security
-from security import trust
+from security import policy, trust
 
 from . import install, startup
 
@@ -28,7 +28,7 @@ if __name__ == "__main__":
         try:
             trust.configure(_option("--shard-name"), _option("--root-cert-path"),
                             Path(_option("--envoy-config-path")))
-        except trust.ConfigError as exc:
+        except policy.PolicyError as exc:
             sys.exit(f"error: {exc}")
     install()
     install_security()

@@ -28,7 +28,6 @@ from openfl_adjustments.patching import replace
 
 from . import guard
 from .certs import identity
-from .policy import PolicyError
 from .signing import Refused, verify
 
 logger = logging.getLogger("openfl_adjustments")
@@ -39,7 +38,6 @@ CHUNK = 2 * 1024 * 1024  # as OpenFL's director streams archives
 class Signatures:
     """An envoy's rule on signatures: the CA whose researchers may sign."""
 
-    envoy: str
     ca: x509.Certificate
 
     def check(self, archive: Path, experiment: str) -> str:
@@ -50,15 +48,15 @@ class Signatures:
 
 
 _SIGNATURES: list[Signatures] = []  # this envoy's, once configured under TLS
-ConfigError = PolicyError  # what configure raises for a config that cannot work
 
 
 def configure(envoy: str, ca_path: Path | None, config_path: Path) -> None:
-    """Set this envoy's rules from its CA (None: plaintext) and its config's policy (guard.configure_envoy)."""
+    """Set this envoy's rules from its CA (None: plaintext) and its config's policy (guard.configure_envoy; a
+    policy.PolicyError says what to change in the config)."""
     rules = guard.configure_envoy(envoy, Path(config_path), tls=ca_path is not None)
     if ca_path is None:
         return
-    _SIGNATURES[:] = [Signatures(envoy, x509.load_pem_x509_certificate(Path(ca_path).read_bytes()))]
+    _SIGNATURES[:] = [Signatures(x509.load_pem_x509_certificate(Path(ca_path).read_bytes()))]
     who = ", ".join(rules.researchers) if rules.researchers is not None else "every researcher of its CA"
     print(f"envoy {envoy} runs experiments signed by: {who}", file=sys.stderr, flush=True)
 
