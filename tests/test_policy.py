@@ -6,7 +6,6 @@ often it is sent) and wants more from the node's data than its policy allows: tr
 rounds or privacy than it declared, a fresh budget under a new name. And anyone who edits a node's audit log
 afterwards. The end-to-end tests play both against real processes."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -349,44 +348,31 @@ def test_the_launcher_checks_envoy_policy_before_anything_starts(tmp_path):
         check(parse(["demo", f"envoy_policy={file}", "tls=0"]))
 
 
-# --- end to end, real processes ---------------------------------------------------------------------------------
-def _demo(data_dir, runs, *extra, timeout=400):
-    return subprocess.run([sys.executable, "-m", "localfed", "demo", f"data_dir={data_dir}", f"runs={runs}",
-                           "rounds=1", "envoys=2", "tls=0", "timeout=300", *extra], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def test_make_demo_gives_every_envoy_the_policy_and_keeps_the_nodes_state_where_asked(tmp_path):
+    """envoy_policy= and envoy_state= reach each node (the federation tests below run such nodes), and make audit of
+    the run's folder finds the state through the run's launcher.json."""
+    from localfed.run import local_federation
+    from localfed.settings import parse
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CI") != "true", reason="make demo of its own (about 20 s): runs when CI=true")
-def test_make_demo_without_dp_is_refused_by_every_envoy_before_it_unpacks_anything(tiny_file, tmp_path):
-    data_dir = tiny_file("bloodmnist", 28, {"train": 200, "val": 20, "test": 20}).parent
-    (tmp_path / "policy.yaml").write_text("require_dp: true\nprivacy_budget: {epsilon: 6, delta: 1.0e-5}\n")
-    result = _demo(data_dir, tmp_path / "runs", f"envoy_policy={tmp_path / 'policy.yaml'}",
-                   f"envoy_state={tmp_path / 'state'}")
-    assert result.returncode == 1
-    run_dir = (tmp_path / "runs" / "latest").resolve()
-    lines = [line.strip() for line in result.stdout.splitlines() if "REFUSED" in line]
-    assert sorted(lines) == [f"round 1/1        {e}     REFUSED: {e} refuses experiment {run_dir.name}: it trains "
-                             "without DP-SGD, and its policy requires DP-SGD (require_dp: true); the experiment goes "
-                             "on without it" for e in ("envoy_1", "envoy_2")]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert sorted(r["envoy"] for r in results["refusals"]) == ["envoy_1", "envoy_2"]
-    for envoy in ("envoy_1", "envoy_2"):
-        log = (run_dir / "logs" / f"{envoy}.log").read_text()
-        assert f"Refused experiment {run_dir.name}, unpacking nothing of it" in log
-        assert "Starting the Collaborator Service" not in log  # nothing unpickled
-        (arrived,) = audit.AuditLog(tmp_path / "state" / envoy / audit.FILE, envoy).entries("arrived")
-        assert (arrived["decision"], arrived["rule"], arrived["researcher"]) == ("refused", "require_dp", None)
-    # The state is the nodes', outside the run folder.
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["director", "envoy_1", "envoy_2"]
-    # make audit of the run's folder finds its nodes' state through the run's settings.
-    audited = subprocess.run([sys.executable, "-m", "security.audit", str(run_dir)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
+    (tmp_path / "policy.yaml").write_text("require_dp: true\n")
+    settings = parse(["demo", f"envoy_policy={tmp_path / 'policy.yaml'}", f"envoy_state={tmp_path / 'state'}", "tls=0"])
+    fed = local_federation(settings, tmp_path / "run", {"envoy_1": {}, "envoy_2": {}})
+    assert fed.policies == {"envoy_1": {"require_dp": True}, "envoy_2": {"require_dp": True}}
+    assert fed._state_env("envoy_2", guard.ENVOY_STATE) == {guard.ENVOY_STATE: str(tmp_path / "state" / "envoy_2")}
+    assert fed._state_env("director", guard.DIRECTOR_STATE) == {guard.DIRECTOR_STATE: str(tmp_path / "state" /
+                                                                                         "director")}
+    run_dir = tmp_path / "runs" / "20261206-120000-bloodmnist-28"
+    run_dir.mkdir(parents=True)
+    (run_dir / "launcher.json").write_text(json.dumps({"envoy_state": str(tmp_path / "state")}))
+    _log(tmp_path / "state")
+    audited = subprocess.run([sys.executable, "-m", "security.audit", str(run_dir)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
     assert audited.returncode == 0, audited.stdout + audited.stderr
-    assert f"ran with envoy_state={tmp_path / 'state'}" in audited.stdout
-    assert f"{run_dir.name}: from unidentified (plaintext), refused (require_dp)" in audited.stdout
+    assert f"ran with envoy_state={tmp_path / 'state'}: checking that folder" in audited.stdout
+    assert "envoy_1: 5 entries" in audited.stdout
 
 
+# --- end to end, real processes ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hospitals(tiny_file, tmp_path_factory):
     """Two envoys under one policy (DP-SGD required, a budget with room for two rounds of the tests' DP-SGD), each
@@ -408,7 +394,7 @@ def hospitals(tiny_file, tmp_path_factory):
         yield fed, rules["privacy_budget"]["epsilon"]
 
 
-def _submit(fed, tmp_path, name, rounds, **parameters):
+def _submit(fed, tmp_path, name, rounds, echo=lambda line: None, **parameters):
     """The notebook's cells submit a `rounds`-round experiment named `name`; follow it to its end."""
     from notebook_cells import run_until, start_experiment
 
@@ -419,14 +405,18 @@ def _submit(fed, tmp_path, name, rounds, **parameters):
         cells = run_until("validate-task", director_host=fed.host, director_port=fed.port, device="cpu",
                           output_dir=str(tmp_path / "runs"), preview_dir=str(tmp_path), train_batch_size=32,
                           rounds=rounds, **parameters)
-        return follow(start_experiment(cells, name, rounds=rounds), rounds, echo=lambda line: None)
+        return follow(start_experiment(cells, name, rounds=rounds), rounds, echo=echo)
 
 
 @pytest.mark.slow
 def test_an_experiment_without_dp_is_refused_by_each_envoy_before_anything_of_it_is_unpickled(hospitals, tmp_path):
     fed, _ = hospitals
-    run = _submit(fed, tmp_path, "no-dp", 1)
+    lines = []
+    run = _submit(fed, tmp_path, "no-dp", 1, echo=lines.append)
     assert run.error.startswith("only 0 of 2 envoys remain")
+    assert sorted(line for line in lines if "REFUSED" in line) == [  # what the notebook and make demo show
+        f"round 1/1        {e}     REFUSED: {e} refuses experiment no-dp: it trains without DP-SGD, and its policy "
+        "requires DP-SGD (require_dp: true); the experiment goes on without it" for e in ("envoy_1", "envoy_2")]
     assert sorted((d["envoy"], d["reason"]) for d in run.dropouts) == [
         (e, f"refused: {e} refuses experiment no-dp: it trains without DP-SGD, and its policy requires DP-SGD "
             "(require_dp: true)") for e in ("envoy_1", "envoy_2")]
