@@ -42,7 +42,7 @@ class Running:
     name: str
     declared: policy.Declaration
     trained: int = 0
-    step: tuple | None = None  # one round's DP-SGD (noise, rate, steps) on this node: computed once, it takes seconds
+    step: tuple | None = None  # one round's DP-SGD (noise, rate, steps) here: computed once (up to a second)
 
     def round_step(self, train_size: int) -> tuple:
         if self.step is None:
@@ -131,13 +131,9 @@ def watching() -> bool:
 
 def admit(experiment: str, archive: Path, sha256: str, sender: str | None, verified: bool | None,
           problem: str | None = None) -> None:
-    """Decide on an arrived experiment before anything of it is unpacked; raise Refused (one line: the envoy, the
-    rule, the numbers) if this node does not run it. `verified`: whether its signature verified (None: plaintext,
-    nothing checked), and if not, the `problem`. Either way, the decision goes to the audit log."""
-    if not _ENVOY:
-        if problem:
-            raise Refused(problem)
-        return
+    """On a configured envoy, decide on an arrived experiment before anything of it is unpacked; raise Refused (one
+    line: the envoy, the rule, the numbers) if this node does not run it. `verified`: whether its signature verified
+    (None: plaintext, nothing checked), and if not, the `problem`. Either way, the decision goes to the audit log."""
     node = _ENVOY[0]
     rule = why = None
     try:
@@ -150,7 +146,7 @@ def admit(experiment: str, archive: Path, sha256: str, sender: str | None, verif
                 raise
             plan = {}  # without a policy nothing needs it; OpenFL says what it misses
         running = Running(experiment, policy.Declaration.of(plan))
-        decision = policy.decide(node.rules, running.declared, node.name, sender, lambda: _spend(node, running))
+        decision = policy.decide(node.rules, running.declared, sender, lambda: _spend(node, running))
         if decision:
             rule, why = decision
     except Refused as exc:
@@ -233,12 +229,9 @@ def director_log() -> audit.AuditLog | None:
     return _DIRECTOR[0] if _DIRECTOR else None
 
 
-def _sha256(path: Path) -> str:
-    content = hashlib.sha256()
+def _sha256(path) -> str:
     with open(path, "rb") as source:
-        while chunk := source.read(1 << 20):
-            content.update(chunk)
-    return content.hexdigest()
+        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 # --- hooks ------------------------------------------------------------------------------------------------------
@@ -248,9 +241,7 @@ def install() -> None:
     from openfl.component.director.director import Director
     from openfl.component.director.experiment import Experiment
     from openfl.component.envoy.envoy import Envoy as OpenFLEnvoy
-    from openfl.protocols import aggregator_pb2, utils
     from openfl.transport.grpc.aggregator_client import AggregatorGRPCClient
-    from openfl.transport.grpc.aggregator_server import AggregatorGRPCServer
 
     def knowing_the_shard(init):
         def wrapper(self, *args, **kwargs):
@@ -302,33 +293,29 @@ def install() -> None:
                           **kwargs):
             if log := director_log():
                 log.append("arrived", experiment=experiment_name, researcher=sender_name,
-                           archive_sha256=_sha256(Path(experiment_archive_path)), envoys=list(collaborator_names))
+                           archive_sha256=_sha256(experiment_archive_path), envoys=list(collaborator_names))
             return await set_new_experiment(self, experiment_name=experiment_name, sender_name=sender_name,
                                             experiment_archive_path=experiment_archive_path,
                                             collaborator_names=collaborator_names, **kwargs)
 
         return wrapper
 
-    def naming_the_server(create):
+    def logging_received(create):
+        # The aggregator's server has parsed and checked each request by the time it hands it to the aggregator.
         def wrapper(self, **kwargs):
             server = create(self, **kwargs)
-            server.experiment_name = self.name
+            receive, experiment = server.aggregator.send_local_task_results, self.name
+
+            def logged(collaborator_name, round_number, task_name, data_size, named_tensors):
+                if log := director_log():
+                    what = audit.payload(named_tensors)
+                    log.append("received", experiment=experiment, envoy=collaborator_name, round=round_number + 1,
+                               task=task_name, samples=int(data_size),
+                               **{k: what[k] for k in ("payload_sha256", "bytes", "metrics")})
+                return receive(collaborator_name, round_number, task_name, data_size, named_tensors)
+
+            server.aggregator.send_local_task_results = logged
             return server
-
-        return wrapper
-
-    def logging_received(send_local_task_results):
-        def wrapper(self, request, context):
-            log = director_log()
-            if log is None:
-                return send_local_task_results(self, request, context)
-            chunks = list(request)
-            proto = utils.datastream_to_proto(aggregator_pb2.TaskResults(), iter(chunks))
-            what = audit.payload(proto.tensors)
-            log.append("received", experiment=getattr(self, "experiment_name", None), envoy=proto.header.sender,
-                       round=proto.round_number + 1, task=proto.task_name, samples=int(proto.data_size),
-                       **{k: what[k] for k in ("payload_sha256", "bytes", "metrics")})
-            return send_local_task_results(self, iter(chunks), context)
 
         return wrapper
 
@@ -347,6 +334,5 @@ def install() -> None:
     replace(Collaborator, "do_task", guarding)
     replace(AggregatorGRPCClient, "send_local_task_results", logging_sent)
     replace(Director, "set_new_experiment", logging_submissions)
-    replace(Experiment, "_create_aggregator_grpc_server", naming_the_server)
-    replace(AggregatorGRPCServer, "SendLocalTaskResults", logging_received)
+    replace(Experiment, "_create_aggregator_grpc_server", logging_received)
     replace(Experiment, "start", logging_ends)

@@ -136,9 +136,13 @@ class Declaration:
                    min_envoys=settings("aggregator").get("min_envoys"))
 
     def federation_floor(self) -> int:
-        """The fewest envoys the experiment's aggregator goes on with (its min_envoys, resolved as medfl does)."""
+        """The fewest envoys the experiment's aggregator goes on with: its min_envoys, a number of envoys (an int)
+        or a share of them (a float), resolved as medfl.aggregator.quorum does (tests/test_policy.py keeps them
+        the same; the node does not import the experiment's code)."""
         n, floor = len(self.envoys or ()), self.min_envoys or 1
-        return int(floor) if floor >= 1 else max(1, math.ceil(floor * n))
+        if isinstance(floor, float) and floor <= 1:
+            return max(1, math.ceil(floor * n - 1e-9))
+        return int(floor)
 
 
 def read_plan(archive: Path) -> dict:
@@ -150,9 +154,8 @@ def read_plan(archive: Path) -> dict:
         raise Refused(f"its archive holds no readable {PLAN} ({type(exc).__name__})") from None
 
 
-def decide(policy: NodePolicy, declared: Declaration, envoy: str, sender: str | None,
-           spend: callable) -> tuple[str, str] | None:
-    """None if `envoy` runs the experiment; else (rule, why), why a sentence with the numbers.
+def decide(policy: NodePolicy, declared: Declaration, sender: str | None, spend: callable) -> tuple[str, str] | None:
+    """None if the envoy runs the experiment; else (rule, why), why a sentence with the numbers.
 
     `spend()` gives (epsilon spent so far, epsilon after the declared rounds), both at the budget's delta; it is
     only called when the budget applies, and may raise (a damaged ledger)."""

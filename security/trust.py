@@ -18,7 +18,6 @@ import hashlib
 import logging
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -34,20 +33,7 @@ logger = logging.getLogger("openfl_adjustments")
 CHUNK = 2 * 1024 * 1024  # as OpenFL's director streams archives
 
 
-@dataclass(frozen=True)
-class Signatures:
-    """An envoy's rule on signatures: the CA whose researchers may sign."""
-
-    ca: x509.Certificate
-
-    def check(self, archive: Path, experiment: str) -> str:
-        """The signer's name, if a researcher of the CA signed exactly this archive for this experiment; raise
-        Refused otherwise."""
-        sender, _ = identity(verify(archive, experiment, self.ca))
-        return sender
-
-
-_SIGNATURES: list[Signatures] = []  # this envoy's, once configured under TLS
+_CA: list[x509.Certificate] = []  # this envoy's, once configured under TLS: whose researchers may sign
 
 
 def configure(envoy: str, ca_path: Path | None, config_path: Path) -> None:
@@ -56,7 +42,7 @@ def configure(envoy: str, ca_path: Path | None, config_path: Path) -> None:
     rules = guard.configure_envoy(envoy, Path(config_path), tls=ca_path is not None)
     if ca_path is None:
         return
-    _SIGNATURES[:] = [Signatures(x509.load_pem_x509_certificate(Path(ca_path).read_bytes()))]
+    _CA[:] = [x509.load_pem_x509_certificate(Path(ca_path).read_bytes())]
     who = ", ".join(rules.researchers) if rules.researchers is not None else "every researcher of its CA"
     print(f"envoy {envoy} runs experiments signed by: {who}", file=sys.stderr, flush=True)
 
@@ -83,13 +69,13 @@ def checking_wait(wait_experiment):
     def wrapper(self):
         while True:
             experiment = wait_experiment(self)
-            if not _SIGNATURES and not guard.watching():
+            if not guard.watching():  # not an envoy started by python -m openfl_adjustments
                 return experiment
             archive, sha256, size = _received(self.get_experiment_data(experiment))
             sender = verified = problem = None
-            if _SIGNATURES:
+            if _CA:
                 try:
-                    sender, verified = _SIGNATURES[0].check(archive, experiment), True
+                    sender, verified = identity(verify(archive, experiment, _CA[0]))[0], True
                 except Refused as why:
                     verified, problem = False, str(why)
             try:

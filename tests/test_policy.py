@@ -115,15 +115,28 @@ def test_the_plan_declares_what_each_node_checks():
 ])
 def test_each_rule_refuses_in_one_sentence_with_its_numbers(rules, plan, rule, why):
     declaration = policy.Declaration.of(_plan(**plan))
-    assert policy.decide(policy.parse(rules), declaration, "envoy_1", "alice", lambda: (5.0, 14.0)) == (rule, why)
-    assert policy.decide(policy.NodePolicy(), declaration, "envoy_1", "alice", lambda: (5.0, 14.0)) is None
+    assert policy.decide(policy.parse(rules), declaration, "alice", lambda: (5.0, 14.0)) == (rule, why)
+    assert policy.decide(policy.NodePolicy(), declaration, "alice", lambda: (5.0, 14.0)) is None
 
 
 def test_what_trains_nothing_passes_the_dp_rules_and_what_declares_nothing_is_refused():
     strict = policy.parse({"require_dp": True, "privacy_budget": BUDGET, "require_secure_aggregation": True})
-    assert policy.decide(strict, policy.Declaration.of(_plan(0)), "envoy_1", None, lambda: 1 / 0) is None
-    assert policy.decide(strict, policy.Declaration.of({}), "envoy_1", None, lambda: 1 / 0)[0] == "declaration"
-    assert policy.decide(policy.NodePolicy(), policy.Declaration.of({}), "envoy_1", None, lambda: 1 / 0) is None
+    assert policy.decide(strict, policy.Declaration.of(_plan(0)), None, lambda: 1 / 0) is None
+    assert policy.decide(strict, policy.Declaration.of({}), None, lambda: 1 / 0)[0] == "declaration"
+    assert policy.decide(policy.NodePolicy(), policy.Declaration.of({}), None, lambda: 1 / 0) is None
+
+
+def test_the_node_resolves_min_envoys_as_the_experiments_aggregator_does():
+    from medfl.aggregator import quorum
+
+    envoys = [f"envoy_{i}" for i in range(1, 8)]
+    for n in range(1, 8):
+        for min_envoys in (1, 2, 3, 0.1, 0.5, 0.51, 2 / 3, 1.0):
+            declared = policy.Declaration.of(_plan(min_envoys=min_envoys, envoys=envoys[:n]))
+            assert declared.federation_floor() == quorum(min_envoys, n), (min_envoys, n)
+    # A plan that keeps every envoy (1.0, a share) satisfies a node that wants all three.
+    assert policy.decide(policy.parse({"min_envoys": 3}), policy.Declaration.of(_plan(min_envoys=1.0)), "alice",
+                         lambda: 1 / 0) is None
 
 
 def test_the_plan_is_read_from_the_archive_without_unpacking(tmp_path):
@@ -229,6 +242,16 @@ def test_the_node_spends_each_round_before_it_trains_and_stops_the_round_that_wo
     trained = node.log.entries("trained")
     assert [(e["round"], e["steps"], e["epsilon"] <= limit) for e in trained] == [(1, step[2], True),
                                                                                    (2, step[2], True)]
+
+
+def test_an_experiment_that_declares_no_training_to_pass_require_dp_cannot_train(tmp_path):
+    node = _node(tmp_path, {"require_dp": True, "privacy_budget": BUDGET}, train_rounds=0)
+    assert policy.decide(node.rules, node.running.declared, "alice", lambda: 1 / 0) is None  # it trains nothing
+    guard.before_task(node, _collaborator(), _task("validate"), 0)
+    with pytest.raises(guard.Refusal, match="envoy_1 stops experiment exp before round 1: it asks for training round "
+                                            "1, but its plan declared 0"):
+        guard.before_task(node, _collaborator(), _task("train"), 0)
+    assert not budget.Ledger.of(tmp_path, "bloodmnist-28").exists()  # nothing spent, nothing marked
 
 
 def test_the_node_holds_an_experiment_to_its_declared_rounds_and_max_rounds(tmp_path):
