@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 # docs/settings.md lists them, and the capitalised names the README documented before (ROUNDS=5, ALGO=...) still work.
 RUN = $(PY) -m localfed
 
-.PHONY: venv demo baseline bench stems compare certs audit test test-pythons test-hosts lint clean hpu-deps
+.PHONY: venv demo baseline bench stems compare certs audit review approve refuse test test-pythons test-hosts lint clean hpu-deps
 
 # Reinstalls when requirements.txt is newer than $(VENV)/.installed; recreates for another PYTHON.
 venv:
@@ -54,6 +54,16 @@ certs: venv
 state ?= runs/latest
 audit: venv
 	@$(PY) -m security.audit $(state)
+
+# An envoy with approval: manual runs only code its operator approved. make review shows every code the nodes under
+# state=DIR hold (default the latest run's): who sent it, its source, the plan, the diff against the nearest
+# approved code; make approve code=CODE lets it run; make refuse code=CODE why="..." refuses it with that reason.
+review: venv
+	@$(PY) -m security.review --state $(or $(envoy_state),$(state)) show
+approve: venv
+	@$(PY) -m security.review --state $(or $(envoy_state),$(state)) approve $(code)
+refuse: venv
+	@$(PY) -m security.review --state $(or $(envoy_state),$(state)) refuse $(code) --why "$(why)"
 
 # With CI=true (as CI sets it), also every other tested Python this machine has: make test-pythons.
 test: venv

@@ -9,7 +9,7 @@ from medfl.algorithms import describe
 from medfl.researcher.checkpoint import FILE
 from medmnist_shard import DataError
 
-from .run import data_for, local_federation, run_notebook, shard_params
+from .run import data_for, envoy_policy, local_federation, run_notebook, shard_params
 from .settings import GIVEN_FILE, Settings
 
 
@@ -17,6 +17,11 @@ def demo(settings: Settings) -> int:
     """Bring up a director and its envoys, run the notebook, stop everything; 0 on success."""
     started = time.monotonic()
     deadline = started + settings.timeout
+    if settings.envoy_policy and not settings.envoy_state and \
+            (envoy_policy(settings.envoy_policy) or {}).get("approval") == "manual":
+        # The nodes keep what their operators approved across runs, as a hospital's envoy does
+        settings = settings.replace(envoy_state=str(Path(settings.runs) / "node-state"))
+        print(f"approval: manual: the envoys keep their approvals in {settings.envoy_state} (envoy_state=)")
     data_dir, data_source = data_for(settings)
     print(f"data: {data_source} ({data_dir or settings.data_dirs})")
     shards = shard_params(settings, data_dir)

@@ -12,6 +12,9 @@ from typing import Protocol, runtime_checkable
 # An envoy that refuses an experiment (trust.py) reports it as a failure whose description starts with this; the
 # director then drops the envoy from the experiment (EnvoyAwareAggregator.drop) instead of failing it.
 REFUSED = "refused: "
+# An envoy that holds an experiment for its operator's review (security.review) says so in a report that begins with
+# this; the experiment waits for it (EnvoyAwareAggregator.hold) until it joins, or refuses.
+HELD = "held: "
 
 
 class Refusal(RuntimeError):
@@ -28,6 +31,9 @@ class EnvoyAwareAggregator(Protocol):
 
     def drop(self, name: str, why: str) -> None:
         """Go on without envoy `name` at once (the director saw it register again after a restart)."""
+
+    def hold(self, name: str, why: str) -> None:
+        """Envoy `name` waits for its operator's approval: tell the notebook `why`; round_timeout waits for it."""
 
     def has_dropped(self, name: str) -> bool:
         """True if envoy `name` left this experiment; the director then hands it the next one instead."""

@@ -34,7 +34,7 @@ from .patching import replace
 logger = logging.getLogger("openfl_adjustments")
 AGGREGATOR_PATIENCE_S = float(os.environ.get("FX_AGGREGATOR_PATIENCE_S", "60"))
 _DIRECTOR: list = []  # the director of this process, once made
-_EARLY_DROPS: dict[str, list[tuple[str, str]]] = {}  # experiment: envoys that left before its aggregator existed
+_EARLY: dict[str, list[tuple[str, str, str]]] = {}  # experiment: (drop or hold, envoy, why) before its aggregator
 
 
 class AggregatorGone(RuntimeError):
@@ -56,10 +56,19 @@ def silent_envoys(director) -> dict:
 def drop(experiment, envoy: str, why: str) -> None:
     """Have `experiment` go on without `envoy`: now, or as soon as its aggregator exists (envoys receive an
     experiment while the director may still be building its aggregator)."""
+    _tell(experiment, "drop", envoy, why)
+
+
+def hold(experiment, envoy: str, why: str) -> None:
+    """Tell `experiment` that `envoy` waits for its operator's review (security.review), now or once it exists."""
+    _tell(experiment, "hold", envoy, why)
+
+
+def _tell(experiment, what: str, envoy: str, why: str) -> None:
     if aggregator := aware(experiment.aggregator):
-        aggregator.drop(envoy, why)
+        getattr(aggregator, what)(envoy, why)
     else:
-        _EARLY_DROPS.setdefault(experiment.name, []).append((envoy, why))
+        _EARLY.setdefault(experiment.name, []).append((what, envoy, why))
 
 
 def remembered(init):
@@ -87,8 +96,8 @@ def telling_lost_envoys(start):
             if aggregator := aware(server.aggregator):
                 if director is not None:
                     aggregator.watch_envoys(lambda: silent_envoys(director))
-                for envoy, why in _EARLY_DROPS.pop(self.name, []):
-                    aggregator.drop(envoy, why)
+                for what, envoy, why in _EARLY.pop(self.name, []):
+                    getattr(aggregator, what)(envoy, why)
             return server
 
         self._create_aggregator_grpc_server = creating

@@ -10,7 +10,8 @@
   any name and checked the common name only later, in the aggregator, once an experiment ran.
 - Failure reports. Under TLS, OpenFL's director ignores an envoy's report that its task failed (it hears only
   callers without a certificate name), so the experiment would wait forever; here an envoy may report its own
-  failure, which faults.envoy_failed handles. A report that begins with contract.REFUSED is an envoy refusing the
+  failure, which faults.envoy_failed handles. A report that begins with contract.HELD is an envoy holding the
+  experiment for its operator's review; one that begins with contract.REFUSED is an envoy refusing the
   experiment (trust.py): the experiment goes on without it, as without a lost envoy.
 Refusals end the call with PERMISSION_DENIED and one line saying why, and one line in the director's log.
 """
@@ -24,7 +25,7 @@ import grpc
 from cryptography import x509
 
 from openfl_adjustments import faults
-from openfl_adjustments.contract import REFUSED
+from openfl_adjustments.contract import HELD, REFUSED
 from openfl_adjustments.patching import replace
 
 from .certs import identity
@@ -144,7 +145,11 @@ def hearing_envoys(set_experiment_failed):
         if caller == (request.collaborator_name if self.tls else CLIENT_ID_DEFAULT):
             envoy, why = request.collaborator_name, request.error_description
             experiment = self.director.experiments_registry.get(request.experiment_name)
-            if why.startswith(REFUSED):
+            if why.startswith(HELD):
+                logger.warning("Envoy %s holds experiment %s: %s", envoy, request.experiment_name, why[len(HELD):])
+                if experiment is not None:
+                    faults.hold(experiment, envoy, why[len(HELD):])
+            elif why.startswith(REFUSED):
                 logger.warning("Envoy %s refused experiment %s: %s", envoy, request.experiment_name, why)
                 if experiment is not None:
                     faults.drop(experiment, envoy, why)

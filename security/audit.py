@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -42,15 +43,22 @@ class AuditLog:
     def __init__(self, path: Path, node: str):
         self.path, self.node = Path(path), node
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.seq, self.prev = 0, GENESIS
-        lines = self.path.read_bytes().splitlines() if self.path.is_file() else []
-        if lines:
-            try:
-                last = json.loads(lines[-1])
-                self.seq, self.prev = int(last["seq"]), str(last["hash"])
-            except (ValueError, KeyError, TypeError):
-                # A torn last line (a crash while writing): carry on after it; the check names it.
-                self.seq, self.prev = len(lines), hashlib.sha256(lines[-1]).hexdigest()
+
+    @staticmethod
+    def _last(descriptor: int) -> tuple[int, str]:
+        """(seq, hash) of the log's last line; a torn last line (a crash while writing) is carried on after, and
+        the check names it."""
+        end = os.lseek(descriptor, 0, os.SEEK_END)
+        if end == 0:
+            return 0, GENESIS
+        tail = os.pread(descriptor, min(end, 1 << 16), max(0, end - (1 << 16)))
+        lines = tail.rstrip(b"\n").rsplit(b"\n", 1)
+        try:
+            last = json.loads(lines[-1])
+            return int(last["seq"]), str(last["hash"])
+        except (ValueError, KeyError, TypeError):
+            count = len(os.pread(descriptor, end, 0).splitlines())
+            return count, hashlib.sha256(lines[-1]).hexdigest()
 
     def entries(self, event: str | None = None) -> list[dict]:
         """The log's readable lines (of one event, if given)."""
@@ -59,19 +67,20 @@ class AuditLog:
         return [e for e in _read(self.path)[0] if event is None or e.get("event") == event]
 
     def append(self, event: str, **fields) -> None:
-        """Add one line, on disk before this returns."""
+        """Add one line, on disk before this returns. Several processes may write one node's log (the envoy, and
+        its operator's review commands): each holds the file's lock from reading the last line to writing."""
         with _LOCK:
-            entry = {"seq": self.seq + 1, "time": datetime.datetime.now(datetime.UTC).isoformat(
-                timespec="milliseconds"), "node": self.node, "event": event, **fields, "prev": self.prev}
-            entry["hash"] = _digest(entry)
-            line = json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             try:
-                os.write(descriptor, line.encode())
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+                seq, prev = self._last(descriptor)
+                entry = {"seq": seq + 1, "time": datetime.datetime.now(datetime.UTC).isoformat(
+                    timespec="milliseconds"), "node": self.node, "event": event, **fields, "prev": prev}
+                entry["hash"] = _digest(entry)
+                os.write(descriptor, (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode())
                 os.fsync(descriptor)
             finally:
-                os.close(descriptor)
-            self.seq, self.prev = entry["seq"], entry["hash"]
+                os.close(descriptor)  # and with it the lock
 
 
 def payload(named_tensors) -> dict:

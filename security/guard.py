@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import yaml
 from openfl_adjustments.contract import Refusal
 from openfl_adjustments.patching import replace
 
-from . import audit, budget, policy
+from . import audit, budget, pickles, policy, review
 from .signing import Refused
 
 logger = logging.getLogger("openfl_adjustments")
@@ -43,6 +44,7 @@ class Running:
     declared: policy.Declaration
     trained: int = 0
     step: tuple | None = None  # one round's DP-SGD (noise, rate, steps) here: computed once (up to a second)
+    code: review.Code | None = None  # under approval: manual, the approved code its objects are loaded from
 
     def round_step(self, train_size: int) -> tuple:
         if self.step is None:
@@ -58,6 +60,7 @@ class Envoy:
     rules: policy.NodePolicy
     log: audit.AuditLog | None
     dataset: str
+    state: Path | None = None  # the node's state folder
     train_size: int | None = None  # set once the shard is loaded
     running: Running | None = None
     _ledger: budget.Ledger | None = field(default=None, repr=False)
@@ -102,11 +105,19 @@ def configure_envoy(name: str, config_path: Path, tls: bool) -> policy.NodePolic
                                  "identified: start the envoy with CERTS=... (make certs)")
     params = ((yaml.safe_load(Path(config_path).read_text()) or {}).get("shard_descriptor") or {}).get("params") or {}
     state = os.environ.get(ENVOY_STATE)
-    if rules.budget and not state:
-        raise policy.PolicyError(f"{config_path}: its policy has a privacy_budget, which the node keeps in its state "
-                                 f"folder: set {ENVOY_STATE} (start_envoy.sh does)")
+    for needed, what in ((rules.budget, "a privacy_budget, which the node keeps"),
+                         (rules.approval == "manual", "approval: manual, whose approvals the node keeps")):
+        if needed and not state:
+            raise policy.PolicyError(f"{config_path}: its policy has {what} in its state folder: set {ENVOY_STATE} "
+                                     "(start_envoy.sh does)")
+    if rules != policy.NodePolicy() and (((yaml.safe_load(Path(config_path).read_text()) or {}).get("params") or {})
+                                         .get("install_requirements")):
+        raise policy.PolicyError(f"{config_path}: params.install_requirements is true, but a node with a policy "
+                                 "installs nothing an experiment asks for: remove it, and install what the node's "
+                                 "experiments need yourself")
     log = audit.AuditLog(Path(state) / audit.FILE, name) if state else None
-    _ENVOY[:] = [Envoy(name, rules, log, f"{params.get('flag', 'data')}-{params.get('size', 28)}")]
+    _ENVOY[:] = [Envoy(name, rules, log, f"{params.get('flag', 'data')}-{params.get('size', 28)}",
+                       Path(state) if state else None)]
     if rules != policy.NodePolicy():
         print(f"envoy {name} enforces its policy: {describe(rules)}", file=sys.stderr, flush=True)
     return rules
@@ -119,7 +130,9 @@ def describe(rules: policy.NodePolicy) -> str:
              f"privacy budget epsilon {rules.budget[0]:g} at delta {rules.budget[1]:g}" if rules.budget else "",
              "secure aggregation required" if rules.require_secure_aggregation else "",
              f"at most {rules.max_rounds} rounds" if rules.max_rounds else "",
-             f"at least {rules.min_envoys} envoys" if rules.min_envoys else ""]
+             f"at least {rules.min_envoys} envoys" if rules.min_envoys else "",
+             f"only code its operator approved (waits {rules.approval_timeout:g} s)" if rules.approval == "manual"
+             else ""]
     return "; ".join(p for p in parts if p)
 
 
@@ -130,12 +143,14 @@ def watching() -> bool:
 
 
 def admit(experiment: str, archive: Path, sha256: str, sender: str | None, verified: bool | None,
-          problem: str | None = None) -> None:
+          problem: str | None = None, certificate: str | None = None) -> review.Code | None:
     """On a configured envoy, decide on an arrived experiment before anything of it is unpacked; raise Refused (one
     line: the envoy, the rule, the numbers) if this node does not run it. `verified`: whether its signature verified
-    (None: plaintext, nothing checked), and if not, the `problem`. Either way, the decision goes to the audit log."""
+    (None: plaintext, nothing checked), and if not, the `problem`. Either way, the decision goes to the audit log.
+    Under approval: manual, return its Code if it must wait for its operator (held: saved under pending/)."""
     node = _ENVOY[0]
-    rule = why = None
+    rule = why = code = None
+    held = False
     try:
         if problem:
             raise Refused(problem)
@@ -147,6 +162,12 @@ def admit(experiment: str, archive: Path, sha256: str, sender: str | None, verif
             plan = {}  # without a policy nothing needs it; OpenFL says what it misses
         running = Running(experiment, policy.Declaration.of(plan))
         decision = policy.decide(node.rules, running.declared, sender, lambda: _spend(node, running))
+        if decision is None and node.rules != policy.NodePolicy():
+            code = review.Code.of(archive)
+            decision = _code_rules(node, code)
+            held = decision is None and node.rules.approval == "manual" and \
+                review.status(node.state, code.hash)[0] != review.APPROVED
+            running.code = code if node.rules.approval == "manual" else None
         if decision:
             rule, why = decision
     except Refused as exc:
@@ -155,10 +176,81 @@ def admit(experiment: str, archive: Path, sha256: str, sender: str | None, verif
         rule, why = "privacy_budget", str(exc)
     if node.log is not None:
         node.log.append("arrived", experiment=experiment, researcher=sender, signature=verified,
-                        archive_sha256=sha256, decision="refused" if rule else "accepted", rule=rule, detail=why)
+                        archive_sha256=sha256, code=code.hash if code else None,
+                        decision="refused" if rule else "held" if held else "accepted", rule=rule, detail=why)
     if rule:
         raise Refused(f"{node.name} refuses experiment {experiment}: {why}")
+    if held:
+        review.hold(node.state, code, archive, {"experiment": experiment, "researcher": sender, "time": review._now(),
+                                                "signature": "verified" if verified else None,
+                                                "certificate": certificate, "archive_sha256": sha256})
     node.running = running
+    return code if held else None
+
+
+def _code_rules(node: Envoy, code: review.Code) -> tuple[str, str] | None:
+    """What a node with a policy checks of an experiment's code before anything of it runs."""
+    if missing := code.missing_packages():
+        return "packages", (f"it needs {', '.join(missing)}, which this node does not have, and a node with a policy "
+                            "installs nothing an experiment asks for: its operator installs them, or the "
+                            "experiment does without")
+    if node.rules.approval != "manual":
+        return None
+    if outside := review.templates_outside(code):
+        return "approval", (f"its plan builds {', '.join(outside)}, which is neither OpenFL's nor its own reviewed "
+                            "code")
+    kind, record = review.status(node.state, code.hash)
+    if kind == review.REFUSED:
+        return "approval", (f"its operator refused its code {code.hash[:review.SHORT]}: "
+                            f"{record.get('why') or 'no reason given'}")
+    return None
+
+
+def held_line(experiment: str, code: review.Code) -> str:
+    """The line the notebook shows for a held experiment."""
+    return (f"{_ENVOY[0].name} holds experiment {experiment} for review (code {code.hash[:review.SHORT]}...): its "
+            "operator runs make review on that node")
+
+
+def wait_for_review(experiment: str, code: review.Code, poll: float = 0.5) -> None:
+    """Wait up to approval_timeout for the operator to approve a held experiment's code; Refused if it is refused
+    or not decided in time (it stays pending for the operator)."""
+    node = _ENVOY[0]
+    deadline = time.monotonic() + node.rules.approval_timeout
+    while True:
+        kind, record = review.status(node.state, code.hash)
+        if kind == review.APPROVED:
+            if node.log is not None:
+                node.log.append("released", experiment=experiment, code=code.hash, by=record.get("by"))
+            return
+        why = None
+        if kind == review.REFUSED:
+            why = f"its operator refused its code {code.hash[:review.SHORT]}: {record.get('why') or 'no reason given'}"
+        elif time.monotonic() > deadline:
+            why = (f"its operator did not approve its code {code.hash[:review.SHORT]} within approval_timeout "
+                   f"{node.rules.approval_timeout:g} s; it stays pending on the node (make review)")
+        if why:
+            node.running = None
+            if node.log is not None:
+                node.log.append("released", experiment=experiment, code=code.hash, decision="refused", detail=why)
+            raise Refused(f"{node.name} refuses experiment {experiment}: {why}")
+        time.sleep(poll)
+
+
+def restore(original):
+    """Plan.restore_object that, for an experiment this node approved by its code, loads its pickles so that only
+    reviewed source runs (security.pickles)."""
+
+    def wrapper(self, filename):
+        running = _ENVOY[0].running if _ENVOY else None
+        if running is None or running.code is None:
+            return original(self, filename)
+        if "/" in str(filename) or not str(filename).endswith(".pkl"):
+            raise Refused(f"its plan names {filename} as a pickle, which its review did not read")
+        code = running.code
+        return pickles.load(Path(filename), pickles.Source(code.cells(), Path.cwd(), code.uses, code.imports))
+
+    return wrapper
 
 
 def _spend(node: Envoy, running: Running) -> tuple[float, float]:
@@ -241,6 +333,7 @@ def install() -> None:
     from openfl.component.director.director import Director
     from openfl.component.director.experiment import Experiment
     from openfl.component.envoy.envoy import Envoy as OpenFLEnvoy
+    from openfl.federated.plan.plan import Plan
     from openfl.transport.grpc.aggregator_client import AggregatorGRPCClient
 
     def knowing_the_shard(init):
@@ -248,6 +341,8 @@ def install() -> None:
             init(self, *args, **kwargs)
             if _ENVOY:
                 _ENVOY[0].train_size = len(self.shard_descriptor.get_dataset("train"))
+                if _ENVOY[0].rules != policy.NodePolicy():
+                    self.install_requirements = False  # a node with a policy installs nothing an experiment asks for
 
         return wrapper
 
@@ -330,6 +425,7 @@ def install() -> None:
         return wrapper
 
     replace(OpenFLEnvoy, "__init__", knowing_the_shard)
+    replace(Plan, "restore_object", restore)
     replace(OpenFLEnvoy, "_run_collaborator", logging_the_end)
     replace(Collaborator, "do_task", guarding)
     replace(AggregatorGRPCClient, "send_local_task_results", logging_sent)

@@ -10,7 +10,8 @@ before):
       require_secure_aggregation: true
       max_rounds: 20                # training rounds per experiment
       min_envoys: 3                 # no part in a federation of fewer envoys
-      approval: auto                # reserved: manual review of the code comes with code approval
+      approval: manual              # run only code its operator approved (review.py); default auto
+      approval_timeout: 600         # seconds a held experiment waits for the operator
 
 The envoy decides on each experiment from its signature (trust.py) and what its plan declares
 (medfl.privacy.declared writes it: training rounds, epochs, batch size, DP-SGD's settings, the envoys), read from
@@ -30,7 +31,7 @@ import yaml
 from .signing import Refused
 
 KEYS = ("researchers", "require_dp", "privacy_budget", "require_secure_aggregation", "max_rounds", "min_envoys",
-        "approval")
+        "approval", "approval_timeout")
 PLAN = "plan/plan.yaml"
 DECLARED = "declared"  # the plan's section that medfl.privacy.declared writes
 
@@ -49,7 +50,8 @@ class NodePolicy:
     require_secure_aggregation: bool = False
     max_rounds: int | None = None
     min_envoys: int | None = None
-    approval: str = "auto"
+    approval: str = "auto"  # or "manual": only code its operator approved (review.py)
+    approval_timeout: float = 600.0
 
     @property
     def needs_declaration(self) -> bool:
@@ -106,8 +108,15 @@ def parse(section, where: str = "policy") -> NodePolicy:
             fail("privacy_budget", "an epsilon above 0 and a delta between 0 and 1, e.g. {epsilon: 6, delta: 1.0e-5}")
         rules["budget"] = (epsilon, delta)
     if "approval" in section:
-        if section["approval"] != "auto":
-            fail("approval", "auto (manual review of an experiment's code is not built yet)")
+        if section["approval"] not in ("auto", "manual"):
+            fail("approval", "auto (the node runs what its other rules admit) or manual (only code its operator "
+                             "approved: make review)")
+        rules["approval"] = section["approval"]
+    if "approval_timeout" in section:
+        timeout = section["approval_timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            fail("approval_timeout", "the seconds a held experiment waits for its operator, e.g. 600")
+        rules["approval_timeout"] = float(timeout)
     return NodePolicy(**rules)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from openfl_adjustments.contract import REFUSED
+from openfl_adjustments.contract import HELD, REFUSED
 from openfl_adjustments.patching import replace
 
 from . import guard
@@ -72,14 +72,22 @@ def checking_wait(wait_experiment):
             if not guard.watching():  # not an envoy started by python -m openfl_adjustments
                 return experiment
             archive, sha256, size = _received(self.get_experiment_data(experiment))
-            sender = verified = problem = None
+            sender = verified = problem = certificate = None
             if _CA:
                 try:
-                    sender, verified = identity(verify(archive, experiment, _CA[0]))[0], True
+                    signer = verify(archive, experiment, _CA[0])
+                    sender, verified = identity(signer)[0], True
+                    certificate = (f"{signer.subject.rfc4514_string()}, issued by {signer.issuer.rfc4514_string()}, "
+                                   f"serial {signer.serial_number:x}")
                 except Refused as why:
                     verified, problem = False, str(why)
             try:
-                guard.admit(experiment, archive, sha256, sender, verified, problem)
+                held = guard.admit(experiment, archive, sha256, sender, verified, problem, certificate)
+                if held is not None:  # approval: manual, and its operator has not approved its code yet
+                    line = guard.held_line(experiment, held)
+                    logger.warning("%s", line)
+                    self.set_experiment_failed(experiment, error_description=f"{HELD}{line}")
+                    guard.wait_for_review(experiment, held)
             except Refused as why:
                 archive.unlink()
                 logger.error("Refused experiment %s, unpacking nothing of it: %s", experiment, why)

@@ -45,7 +45,7 @@ def test_a_policy_reads_every_key_and_none_is_no_rule():
     ({"privacy_budget": {"epsilon": 6}}, "give {epsilon: E, delta: D}"),
     ({"privacy_budget": {"epsilon": -1, "delta": 1e-5}}, "an epsilon above 0 and a delta between 0 and 1"),
     ({"privacy_budget": {"epsilon": 6, "delta": 2}}, "an epsilon above 0 and a delta between 0 and 1"),
-    ({"approval": "manual"}, "policy approval='manual': give auto"),
+    ({"approval": "manual", "approval_timeout": "soon"}, "policy approval_timeout=.soon.: give the seconds"),
     (["require_dp"], "policy must be a mapping of rules"),
 ])
 def test_a_wrong_policy_says_which_key_and_what_to_write(section, message):

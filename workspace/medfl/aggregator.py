@@ -48,6 +48,7 @@ DROPPED = "envoy_dropped"  # metric_origin is the envoy
 # (openfl_adjustments.contract.REFUSED, on the nodes; tests/test_policy.py keeps the two equal).
 REFUSED = "refused: "
 FAILED = "experiment_failed"  # metric_origin is the aggregator
+HELD = "envoy_held"  # metric_origin is the envoy, waiting for its operator to approve the experiment's code
 REJECTED = "update_rejected"  # metric_origin is the envoy; metric_name is JSON: check, detail, numbers
 # What a round cost on the wire, streamed by the aggregator when the round ends, for all envoys (metric_origin is the
 # aggregator) and for each: received_bytes (the envoys' results) and sent_bytes (the tensors they fetched), tensor
@@ -217,12 +218,14 @@ class SelectingAggregator(Aggregator):
         self.stopped = False
         self._silent = None  # see watch_envoys
         self._round_started: dict[int, float] = {}
+        self._held: set[str] = set()  # envoys waiting for their operator's approval: round_timeout waits for them
 
     # --- tasks and results: a dropped envoy gets no more work and its late results are ignored ----------
     def get_tasks(self, collaborator_name):
         if collaborator_name in self.dropped:
             self.quit_job_sent_to.append(collaborator_name)
             return None, self.round_number, 0, True
+        self._held.discard(collaborator_name)  # approved: it runs
         tasks, round_number, sleep_time, time_to_quit = super().get_tasks(collaborator_name)
         if tasks:
             self._round_started.setdefault(round_number, time.monotonic())
@@ -470,6 +473,14 @@ class SelectingAggregator(Aggregator):
         """Why this aggregator stopped the experiment, or None."""
         return self._failure
 
+    def hold(self, name: str, why: str) -> None:
+        """Envoy `name` waits for its operator to approve the experiment's code: the notebook is told `why`, and
+        round_timeout does not count for it until it asks for its first task (it refuses, if not approved)."""
+        with self.lock:
+            if name in self.authorized_cols and name not in self.dropped:
+                self._held.add(name)
+                self.metric_queue.put(self._event(name, HELD, why))
+
     def drop(self, name: str, why: str) -> None:
         """Drop envoy `name` now, for a reason the director knows (it registered again after a restart)."""
         with self.lock:
@@ -496,7 +507,7 @@ class SelectingAggregator(Aggregator):
         started = self._round_started.get(self.round_number)
         if self.round_timeout and started and time.monotonic() - started > self.round_timeout:
             for name in self._remaining():
-                if name not in self.collaborators_done:
+                if name not in self.collaborators_done and name not in self._held:
                     self._drop(name, f"it had not finished the round {self.round_timeout:g} s after it began "
                                      "(round_timeout)")
         needed = quorum(self.min_envoys, len(self.authorized_cols))

@@ -10,7 +10,18 @@ import grpc
 import torch
 from tqdm.auto import tqdm
 
-from ..aggregator import AGGREGATED, DROPPED, FAILED, REFUSED, REJECTED, TRAFFIC, TRAFFIC_COUNTS, VALIDATE_GLOBAL, Best
+from ..aggregator import (
+    AGGREGATED,
+    DROPPED,
+    FAILED,
+    HELD,
+    REFUSED,
+    REJECTED,
+    TRAFFIC,
+    TRAFFIC_COUNTS,
+    VALIDATE_GLOBAL,
+    Best,
+)
 from ..secure import SECURE
 
 TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val",
@@ -36,6 +47,7 @@ class Followed:
     dropouts: list = field(default_factory=list)
     rejected: list = field(default_factory=list)  # updates the director left out of a round's aggregate
     secure: list = field(default_factory=list)  # secure aggregation: who was summed each round, who dropped out
+    held: list = field(default_factory=list)  # envoys that held the experiment for their operator's review
     error: str | None = None
     best: Best | None = None
     best_model: torch.nn.Module | None = None
@@ -89,6 +101,10 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
                 continue
             if m["task_name"] == REJECTED:
                 _rejected(run, m, label or _round_of(m["round"], rounds), echo)
+                continue
+            if m["task_name"] == HELD:  # an envoy waits for its operator to approve the experiment's code
+                run.held.append({"envoy": m["metric_origin"], "experiment": run.name, "line": m["metric_name"]})
+                echo(f"{label or 'waiting':<16} {m['metric_origin']:<11} HELD: {m['metric_name']}")
                 continue
             if m["task_name"] == SECURE:
                 _secured(run, m, label or _round_of(m["round"], rounds), echo)

@@ -1,20 +1,30 @@
 """Where and how OpenFL submits: from a temporary copy of the notebook's folder (so that folder stays as it is),
-and signed with the researcher's key (so the director and the envoys can tell who sent the code)."""
+with the notebook's code as source (so a hospital's operator can read what will run: security.review), and signed
+with the researcher's key (so the director and the envoys can tell who sent the code)."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
+import io
+import linecache
 import os
 import shutil
+import sys
 import tempfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import cloudpickle
+
+from security.pickles import CELL_MODULES, _bind
+from security.review import BINDINGS, CELLS, UNSHOWN
 from security.signing import signing
 
 # Never shipped: notebooks (with their outputs), editor and Python caches, and what OpenFL itself writes.
 LEFT_OUT = ("*.ipynb", ".ipynb_checkpoints", "__pycache__", "plan", "save", "logs", "*.pkl", "requirements.txt",
-            "*.zip", "data", "cert", "*.crt", "*.key", "*.pem")
+            "*.zip", "data", "cert", "*.crt", "*.key", "*.pem", "review")
 
 
 def personalizing(tasks, epochs: int):
@@ -26,6 +36,97 @@ def personalizing(tasks, epochs: int):
     copied.task_settings["train"] = {**tasks.task_settings["train"], "epochs": epochs, "privacy": None,
                                      "distill": None}
     return copied
+
+
+class _Finder(cloudpickle.Pickler):
+    """A pickling that keeps every function it meets (by value or by reference) and writes nothing."""
+
+    def __init__(self):
+        super().__init__(io.BytesIO())
+        self.functions: list[types.FunctionType] = []
+
+    def reducer_override(self, obj):
+        if isinstance(obj, types.FunctionType):
+            self.functions.append(obj)
+        return super().reducer_override(obj)
+
+
+def _read(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _read(const)
+    return names
+
+
+def review_files(objects) -> dict[str, str]:
+    """The notebook's code that `objects` carry by value, as source: each cell that defines one of their functions
+    or classes (review/cells/NN.py, in the order met), what those functions read from other cells
+    (review/cells/bindings.py: imports, or values) and what has no source here (review/unshown.txt)."""
+    finder = _Finder()
+    for obj in objects:
+        finder.dump(obj)
+    cells, functions, unshown = {}, [], []
+    for function in finder.functions:
+        module = function.__module__ or ""
+        if module not in CELL_MODULES and module in sys.modules:
+            continue  # installed or shipped code: the node reads it where it is
+        filename = function.__code__.co_filename
+        text = "".join(linecache.getlines(filename))
+        if not text:
+            unshown.append(f"function {function.__qualname__} (from {filename}): its source is not available")
+            continue
+        cells.setdefault(filename, text)
+        functions.append(function)
+    bound, classes = {}, {}
+    for text in cells.values():
+        _bind(ast.parse(text).body, bound, classes, prefix="")
+    # The names the functions read, and those the class statements' bases start from, in the notebook's namespace
+    needed = [(name, function.__globals__) for function in functions for name in sorted(_read(function.__code__))]
+    needed += [(base.id, functions[0].__globals__) for statement in classes.values() for base in
+               ast.walk(ast.Module(body=[ast.Expr(b) for b in statement.bases], type_ignores=[]))
+               if isinstance(base, ast.Name)]
+    bindings = {}
+    for name, namespace in needed:
+        if name in bound or name in bindings or name not in namespace or name.startswith("__"):
+            continue
+        value = namespace[name]
+        if isinstance(value, types.ModuleType):
+            bindings[name] = f"import {value.__name__}" + (f" as {name}" if value.__name__ != name else "")
+        elif callable(value) and getattr(value, "__module__", None) in sys.modules and \
+                value.__module__ not in CELL_MODULES and "." not in value.__qualname__:
+            bindings[name] = f"from {value.__module__} import {value.__qualname__}" + (
+                f" as {name}" if value.__qualname__ != name else "")
+        else:
+            bindings[name] = f"{name} = ...  # a {type(value).__name__} that another cell makes"
+    files = {f"{CELLS}{n:02d}.py": text for n, text in enumerate(cells.values(), start=1)}
+    files[BINDINGS] = ("# What the functions of these cells read that other cells of the notebook bind; the node "
+                       "checks\n# every one against what it finds in the experiment's objects.\n"
+                       + "".join(f"{line}\n" for line in bindings.values()))
+    if unshown:
+        files[UNSHOWN] = "".join(f"{line}\n" for line in unshown)
+    return files
+
+
+@contextlib.contextmanager
+def _with_source() -> Iterator[None]:
+    """Have every experiment packed in the block carry its notebook code as source (review_files)."""
+    from openfl.interface.interactive_api.experiment import FLExperiment
+
+    original = FLExperiment._serialize_interface_objects
+
+    def serialize(self, model_provider, task_keeper, data_loader, task_assigner):
+        original(self, model_provider, task_keeper, data_loader, task_assigner)
+        objects = (model_provider, task_keeper, data_loader, task_keeper.aggregation_functions, task_assigner)
+        for name, text in review_files(objects).items():
+            Path(name).parent.mkdir(parents=True, exist_ok=True)
+            Path(name).write_text(text)
+
+    FLExperiment._serialize_interface_objects = serialize
+    try:
+        yield
+    finally:
+        FLExperiment._serialize_interface_objects = original
 
 
 @contextlib.contextmanager
@@ -46,7 +147,7 @@ def submission(api_cert: str = "", api_key: str = "", folder: str | Path = ".") 
         previous = os.getcwd()
         os.chdir(staged)
         try:
-            with signing(api_cert, api_key) if api_cert else contextlib.nullcontext():
+            with _with_source(), signing(api_cert, api_key) if api_cert else contextlib.nullcontext():
                 yield staged
         finally:
             os.chdir(previous)
