@@ -56,14 +56,20 @@ audit: venv
 	@$(PY) -m security.audit $(state)
 
 # An envoy with approval: manual runs only code its operator approved. make review shows every code the nodes under
-# state=DIR hold (default the latest run's): who sent it, its source, the plan, the diff against the nearest
-# approved code; make approve code=CODE lets it run; make refuse code=CODE why="..." refuses it with that reason.
+# envoy_state=DIR (or state=DIR) hold, by default make demo's envoys (runs/node-state): who sent it, its source,
+# the plan, the diff against the nearest approved code; make approve code=CODE lets it run; make refuse code=CODE
+# why="..." refuses it with that reason.
+review_state = $(or $(envoy_state),$(if $(filter command line,$(origin state)),$(state)),runs/node-state)
+code ?=
+why ?=
 review: venv
-	@$(PY) -m security.review --state $(or $(envoy_state),$(state)) show
+	@$(PY) -m security.review --state $(review_state) show
 approve: venv
-	@$(PY) -m security.review --state $(or $(envoy_state),$(state)) approve $(code)
+	@test -n "$(code)" || { echo "error: give the code: make approve code=CODE (make review shows it)" >&2; exit 2; }
+	@$(PY) -m security.review --state $(review_state) approve $(code)
 refuse: venv
-	@$(PY) -m security.review --state $(or $(envoy_state),$(state)) refuse $(code) --why "$(why)"
+	@test -n "$(code)" -a -n "$(why)" || { echo 'error: give the code and the reason the researcher reads: make refuse code=CODE why="..."' >&2; exit 2; }
+	@$(PY) -m security.review --state $(review_state) refuse $(code) --why "$(why)"
 
 # With CI=true (as CI sets it), also every other tested Python this machine has: make test-pythons.
 test: venv

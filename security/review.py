@@ -19,8 +19,8 @@ time, and a changed one is shown as a diff against the nearest approved code.
 
     python -m security.review [--state DIR] list | show [CODE] | approve CODE | refuse CODE --why TEXT
 
-DIR: a node's state folder, or a folder of them, or a run's folder (make demo's; default runs/latest); each
-command acts on every node found there that has the code. make review shows what waits; make approve
+DIR: a node's state folder, or a folder of them, or a run's folder; default runs/node-state, where make demo's
+envoys keep their state under approval: manual. Each command acts on every node found there that has the code. make review shows what waits; make approve
 code=CODE and make refuse code=CODE why=TEXT decide.
 """
 from __future__ import annotations
@@ -59,6 +59,7 @@ CODE_PATH = (("collaborator", "secure_aggregation"), ("aggregator", "secure_aggr
 SHORT = 12  # hex digits of a code shown in lines and accepted as a prefix (at least MIN_PREFIX)
 MIN_PREFIX = 6
 PENDING, APPROVED, REFUSED = "pending", "approved", "refused"
+OBJECTS = "(what its objects use, and the plan's code path)"
 
 
 @dataclass
@@ -262,12 +263,20 @@ def source_files(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def reviewed(folder: Path) -> dict[str, str]:
+    """What a diff compares: the source files, and what the objects use and the plan's code path (the manifest's
+    lines other than the files')."""
+    manifest = (folder / "manifest.txt").read_text().splitlines() if (folder / "manifest.txt").is_file() else []
+    return {**source_files(folder), OBJECTS: "".join(f"{line}\n" for line in manifest
+                                                     if line.startswith(("uses ", "imports ", "plan ")))}
+
+
 def nearest_approved(state: Path, files: dict[str, str]) -> tuple[str, list[str]] | None:
-    """(the approved code whose source differs least from `files`, the unified diff), or None."""
+    """(the approved code whose source differs least from `files` (reviewed()), the unified diff), or None."""
     best = None
     for folder in sorted((Path(state) / APPROVED).glob("*")):
         diff = []
-        other = source_files(folder)
+        other = reviewed(folder)
         for name in sorted(set(files) | set(other)):
             if files.get(name) != other.get(name):
                 diff += difflib.unified_diff((other.get(name) or "").splitlines(keepends=True),
@@ -278,38 +287,57 @@ def nearest_approved(state: Path, files: dict[str, str]) -> tuple[str, list[str]
     return best
 
 
-def screen(state: Path, code: str, node: str) -> str:
-    """What the operator reads before deciding: who sent it, what it is, its source, and what changed."""
+def screen(state: Path, code: str, node: str, shown: bool = False) -> str:
+    """What the operator reads before deciding: who sent it, what changed since the nearest approved code, the
+    notebook's cells, every file it brings, what its objects are made of, the plan's code path, and what cannot be
+    shown as source. `shown`: the same code was shown above for another node (only who sent it, then)."""
     kind, record = status(state, code)
     folder = Path(state) / kind / code
     arrivals = [json.loads(line) for line in (folder / "arrivals.jsonl").read_text().splitlines()] \
         if (folder / "arrivals.jsonl").is_file() else []
-    files = source_files(folder)
-    manifest = (folder / "manifest.txt").read_text().splitlines()
-    out = [f"== {node}: code {code} ({kind}" + (f" by {record['by']} at {record['time']}: {record['why']}"
-                                                  if record else "") + ")"]
+    decided = f" by {record['by']} at {record['time']}" + (f": {record['why']}" if record.get("why") else "") \
+        if record else ""
+    out = [f"== {node}: code {code} ({kind}{decided})"]
     for a in arrivals:
         out.append(f"experiment {a['experiment']} from {a.get('researcher') or 'an unidentified researcher'} at "
                    f"{a['time']}; signature {a.get('signature') or 'none (plaintext)'}; certificate "
                    f"{a.get('certificate') or '-'}; archive SHA-256 {a['archive_sha256']}")
-    out.append("\n-- what runs on this node: the notebook's cells and every file it brings, as source --")
-    for name, text in files.items():
-        out.append(f"\n--- {name} ({len(text.splitlines())} lines)\n{text.rstrip()}")
+    if shown:
+        return "\n".join(out + ["the same code as shown above"])
+    files = source_files(folder)
+    cells = {n: t for n, t in files.items() if n.startswith(CELLS)}
+    package = {n: t for n, t in files.items() if n not in cells}
+    manifest = (folder / "manifest.txt").read_text().splitlines()
+    unshown = (folder / "unshown.txt").read_text().splitlines() if (folder / "unshown.txt").is_file() else []
+    near = nearest_approved(state, reviewed(folder)) if kind != APPROVED else None
+    if near is None:
+        out.append("against approved code: this node has approved none yet" if kind != APPROVED else "")
+    else:
+        out.append(f"against the nearest approved code {near[0][:SHORT]}: " +
+                   (f"{len(near[1])} lines of diff, at the end" if near[1] else "the same source"))
+
+    def lines(texts):
+        return sum(len(t.splitlines()) for t in texts.values())
+
+    out.append(f"contents: {len(cells)} notebook cells ({lines(cells)} lines), {len(package)} files it brings "
+               f"({lines(package)} lines), {sum(m.startswith(('uses ', 'imports ')) for m in manifest)} installed or "
+               f"shipped names its objects use, {sum(m.startswith('plan ') for m in manifest)} plan settings that "
+               f"choose code; cannot be shown as source: {len(unshown) or 'nothing'}")
+    for title, group in (("the notebook's cells: the model, the data interface and the tasks as the researcher "
+                          "wrote them (bindings.py: what they read from other cells)", cells),
+                         ("every file it brings (the travelling package)", package)):
+        out.append(f"\n-- {title} --")
+        out += [f"\n--- {name} ({len(text.splitlines())} lines)\n{text.rstrip()}" for name, text in group.items()]
     out.append("\n-- what its pickled objects are made of (installed or shipped code they name) --")
     out += ["  " + line for line in manifest if line.startswith(("uses ", "imports "))]
     out.append("\n-- the plan's settings that choose code --")
     out += ["  " + line[5:] for line in manifest if line.startswith("plan ")]
-    unshown = (folder / "unshown.txt").read_text().splitlines() if (folder / "unshown.txt").is_file() else []
     out.append("\n-- cannot be shown as source --")
     out += [f"  {line}" for line in unshown] or ["  nothing"]
-    near = nearest_approved(state, files) if kind != APPROVED else None
-    out.append("\n-- against the nearest approved code --")
-    if near is None:
-        out.append("  this node has approved no code yet")
-    else:
-        out.append(f"  approved {near[0][:SHORT]}: " + (f"{len(near[1])} diff lines" if near[1] else "same source"))
+    if near is not None and near[1]:
+        out.append(f"\n-- what changed since the approved code {near[0][:SHORT]} --")
         out += [line.rstrip("\n") for line in near[1]]
-    return "\n".join(out)
+    return "\n".join(line for line in out if line != "")
 
 
 # --- the command line --------------------------------------------------------------------------------------
@@ -344,8 +372,9 @@ def _match(state: Path, prefix: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m security.review", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--state", default="runs/latest",
-                        help="a node's state folder, a folder of them, or a run's folder (default runs/latest)")
+    parser.add_argument("--state", default="runs/node-state",
+                        help="a node's state folder, a folder of them, or a run's folder (default runs/node-state: "
+                             "make demo's envoys under approval: manual)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every code each node holds, approved or refused")
     show = commands.add_parser("show", help="what the operator reads: source, sender, plan, diff")
@@ -364,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "code", None) is not None and len(args.code) < MIN_PREFIX:
         print(f"error: give at least {MIN_PREFIX} digits of the code", file=sys.stderr)
         return 2
-    acted = 0
+    acted, seen = 0, set()
     for node, state in found.items():
         try:
             code = _match(state, args.code) if getattr(args, "code", None) else None
@@ -381,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "show":
             for c in [code] if code else [c for k, c in _codes(state, (PENDING,))]:
                 if c:
-                    print(screen(state, c, node) + "\n")
+                    print(screen(state, c, node, shown=c in seen) + "\n")
+                    seen.add(c)
                     acted += 1
         elif code:
             decision = APPROVED if args.command == "approve" else REFUSED

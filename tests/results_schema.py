@@ -5,10 +5,12 @@ import math
 def check_results(results: dict, *, envoys: list[str], rounds: int) -> None:
     """Assert the documented schema and that every metric lies in its range."""
     for key in ("status", "error", "dataset", "size", "data_source", "partition", "envoys", "rounds", "dropouts",
-                "test", "wall_seconds", "best_model", "last_model", "best", "tls", "attempt", "restarts", "refusals"):
+                "test", "wall_seconds", "best_model", "last_model", "best", "tls", "attempt", "restarts", "refusals",
+                "held"):
         assert key in results, key
-    assert (results["status"], results["error"], results["dropouts"], results["restarts"], results["refusals"]) == \
-        ("completed", None, [], [], [])
+    assert (results["status"], results["error"], results["dropouts"], results["restarts"], results["refusals"],
+            results["held"]) == \
+        ("completed", None, [], [], [], [])
     assert results["data_source"] in ("download", "file", "synthetic", "medmnist")
     assert [e["name"] for e in results["envoys"]] == envoys
     for e in results["envoys"]:

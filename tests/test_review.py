@@ -363,7 +363,7 @@ def test_review_commands_list_show_and_refuse_clearly(tmp_path):
     assert cli("list") == (0, f"envoy_1 ({state}):\n  pending   {code.hash[:12]}\n")
     returned, shown = cli("show")
     assert returned == 0 and "experiment exp from alice" in shown and "--- review/cells/01.py (1 lines)\nx = 1" in shown
-    assert "uses torch.nn Linear" in shown and "this node has approved no code yet" in shown
+    assert "uses torch.nn Linear" in shown and "this node has approved none yet" in shown
     assert cli("approve", "abc") == (2, "error: give at least 6 digits of the code\n")
     assert cli("approve", "ffffff")[0] == 1
     returned, said = cli("refuse", code.hash[:8], "--why", "not this")

@@ -140,6 +140,8 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         "dropouts": (dropouts := training.dropouts + (testing.dropouts if testing else [])),
         # Envoys whose own policy refused the experiment, or stopped their part in it (security.policy)
         "refusals": [{**d, "reason": d["reason"][len(REFUSED):]} for d in dropouts if d["reason"].startswith(REFUSED)],
+        # Envoys that held an experiment until their operator approved its code (security.review)
+        "held": training.held + (testing.held if testing else []),
         "rejected_updates": training.rejected + (testing.rejected if testing else []),
         # What the director learned: with secure aggregation, per round, whose updates it summed without seeing
         "secure_aggregation": {"rounds": training.secure} if params.get("secure_aggregation") else None,
