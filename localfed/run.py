@@ -27,8 +27,8 @@ from .settings import Settings, own_folders
 from .wire import Profile
 
 # Lines of the notebook's output worth showing live: its progress lines (medfl.researcher.follow) and summary.
-PROGRESS = re.compile(r"^(initial model|model after|round \d|final validation|test |best model|no global model|NOTE|waiting|"
-                      r"FAILED)")
+PROGRESS = re.compile(r"^(initial model|model after|round \d|final validation|test |best model|no global model|NOTE|"
+                      r"waiting|FAILED)")
 RESEARCHER = DEFAULT_RESEARCHERS[0]  # whose certificate the local notebook uses and signs with
 # Once the director has gone, the notebook gets this long to save what it received and stop.
 DIRECTOR_GONE_GRACE_S = 60

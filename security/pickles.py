@@ -28,6 +28,7 @@ import builtins
 import importlib
 import importlib.util
 import io
+import itertools
 import pickle
 import sys
 import types
@@ -48,14 +49,19 @@ HELPERS = {
     "torch.storage": {"_load_from_bytes"},
     "collections": {"OrderedDict", "defaultdict"},
     "builtins": {"type", "object", "dict", "list", "set", "frozenset", "tuple", "property", "staticmethod", "int",
-                 "float", "str", "bool", "bytes",
-                 "classmethod", "getattr", "slice", "complex", "bytearray"},
+                 "float", "str", "bool", "bytes", "classmethod", "slice", "complex", "bytearray"},
     "abc": {"ABCMeta"},
     "numpy": {"dtype", "ndarray"},
     "numpy.core.multiarray": {"_reconstruct", "scalar"},
     "numpy._core.multiarray": {"_reconstruct", "scalar"},
 }
-BUILTIN_TYPES = {"CodeType", "FunctionType", "MethodType", "CellType", "MappingProxyType", "SimpleNamespace"}
+# Not FunctionType: a function is made only by _make_function, whose code is checked first.
+BUILTIN_TYPES = {"CodeType", "MethodType", "CellType", "MappingProxyType", "SimpleNamespace"}
+# What cloudpickle's _function_setstate may set of a rebuilt function: never its code.
+FUNCTION_STATE = {"__name__", "__qualname__", "__annotations__", "__kwdefaults__", "__defaults__", "__module__",
+                  "__doc__", "__closure__", "__globals__", "_cloudpickle_submodules", "__type_params__"}
+# What a rebuilt class may hold before its state is set (cloudpickle's _class_getnewargs gives these at most).
+SKELETON_KEYS = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__slots__"}
 # Classes whose construction only builds a model, an optimizer, an OpenFL interface or a torch value.
 CLASS_FAMILIES = ("torch.nn.", "torch.optim.", "torch.autograd.grad_mode.", "torch.utils._contextlib.",
                   "openfl.interface.", "openfl.component.assigner.tasks", "openfl.utilities.optimizers.")
@@ -230,21 +236,28 @@ def _name(module: str, name: str) -> str:
     return f"{module}.{name}"
 
 
-class _Loader(pickle.Unpickler):
-    """pickle's loader that resolves only reviewed, allowed globals and keeps what it rebuilds for the checks."""
+class _Loader(pickle._Unpickler):
+    """pickle's own loader (in Python, so that each step can be checked) that resolves only reviewed, allowed
+    globals, calls only those (never a function the pickle made), and keeps what it rebuilds for the checks."""
 
     def __init__(self, file, source: Source, made: dict):
         super().__init__(file)
         self.source, self.made = source, made
+        self.resolved: set[int] = set()  # what find_class gave: the only things a call may call
 
     def persistent_load(self, pid):
         raise Refused("a pickle of it refers to objects outside itself (persistent ids)")
 
     def find_class(self, module, name):
+        obj = self._find(module, name)
+        self.resolved.add(id(obj))
+        return obj
+
+    def _find(self, module, name):
         if (module, name) not in self.source.uses:
             raise Refused(f"a pickle of it names {_name(module, name)}, which its review does not list")
         if module == CLOUDPICKLE and name in HELPERS[CLOUDPICKLE]:
-            return _checked_helper(name, self.source, self.made)
+            return _checked_helper(name, self.source, self.made, self.resolved)
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _weights_only
         if name in HELPERS.get(module, ()):
@@ -255,6 +268,40 @@ class _Loader(pickle.Unpickler):
         raise Refused(f"a pickle of it calls or names {_name(module, name)}, which this node does not let an "
                       "experiment's objects reach (only the model, optimizer and interface classes, and what its "
                       "reviewed source imports)")
+
+    def _callable(self, obj, how: str):
+        if id(obj) not in self.resolved and obj not in self.made["classes"]:
+            raise Refused(f"a pickle of it {how} {getattr(obj, '__qualname__', type(obj).__name__)} while it loads, "
+                          "which is none of the globals its review lists")
+
+    def load_reduce(self):
+        self._callable(self.stack[-2], "calls")
+        super().load_reduce()
+
+    def load_newobj(self):
+        self._callable(self.stack[-2], "builds a")
+        super().load_newobj()
+
+    def load_newobj_ex(self):
+        self._callable(self.stack[-3], "builds a")
+        super().load_newobj_ex()
+
+    def load_build(self):
+        if isinstance(self.stack[-2], (types.FunctionType, type)):
+            raise Refused("a pickle of it sets a function's or a class's attributes directly")
+        super().load_build()
+
+    def load_inst(self):
+        raise Refused("a pickle of it uses protocol 0's INST, which this node does not load")
+
+    load_obj = load_inst
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.INST[0]] = load_inst
+    dispatch[pickle.OBJ[0]] = load_obj
 
 
 def _resolve(module: str, name: str):
@@ -322,15 +369,18 @@ def _weights_only(data: bytes):
     return _torch().load(io.BytesIO(data), weights_only=True)
 
 
-def _checked_helper(name: str, source: Source, made: dict):
-    """cloudpickle's rebuilding helper `name`, keeping what it rebuilds for the checks after loading."""
+def _checked_helper(name: str, source: Source, made: dict, resolved: set):
+    """cloudpickle's rebuilding helper `name`, checking what it rebuilds as it does: a function's code when it is
+    made, a class's methods and attributes when its state is set."""
     import cloudpickle.cloudpickle as cp
 
     if name == "_builtin_type":
         def builtin_type(type_name):
             if type_name not in BUILTIN_TYPES:
                 raise Refused(f"a pickle of it builds a types.{type_name}, which this node does not allow")
-            return getattr(types, type_name)
+            found = getattr(types, type_name)
+            resolved.add(id(found))
+            return found
 
         return builtin_type
     if name == "subimport":
@@ -342,7 +392,10 @@ def _checked_helper(name: str, source: Source, made: dict):
         return subimport
     if name == "_make_function":
         def make_function(code, globals_, name_, argdefs, closure):
-            function = cp._make_function(code, globals_, name_, argdefs, closure)
+            if not isinstance(code, types.CodeType) or not isinstance(globals_, dict):
+                raise Refused(f"a pickle of it makes function {name_} from something other than code")
+            trusted, _ = _reviewed_code(code, str(globals_.get("__name__") or ""), code.co_qualname, source)
+            function = cp._make_function(trusted, globals_, name_, argdefs, closure)
             made["functions"].append(function)
             return function
 
@@ -351,6 +404,8 @@ def _checked_helper(name: str, source: Source, made: dict):
         def make_class(type_constructor, name_, bases, type_kwargs, class_tracker_id, extra):
             if type_constructor not in (type, _abc_meta()):
                 raise Refused(f"a pickle of it builds class {name_} with metaclass {type_constructor!r}")
+            if not set(type_kwargs) <= SKELETON_KEYS:
+                raise Refused(f"a pickle of it builds class {name_} with {sorted(set(type_kwargs) - SKELETON_KEYS)}")
             # Built fresh, never looked up by its tracker id: a class an earlier experiment left in this process
             # must not stand in for this one's.
             cls = types.new_class(name_, bases, {"metaclass": type_constructor},
@@ -359,6 +414,23 @@ def _checked_helper(name: str, source: Source, made: dict):
             return cls
 
         return make_class
+    if name == "_function_setstate":
+        def function_setstate(obj, state):
+            if obj not in made["functions"] or not isinstance(state, tuple) or len(state) != 2 or \
+                    not set(state[1]) <= FUNCTION_STATE:
+                raise Refused("a pickle of it sets what a function is made of, not only its names and values")
+            return cp._function_setstate(obj, state)
+
+        return function_setstate
+    if name == "_class_setstate":
+        def class_setstate(obj, state):
+            if obj not in made["classes"]:
+                raise Refused("a pickle of it sets the attributes of a class it did not build")
+            result = cp._class_setstate(obj, state)
+            _check_class(obj, source, made["functions"])  # before any instance of it is built with these
+            return result
+
+        return class_setstate
     return getattr(cp, name)
 
 
@@ -392,22 +464,28 @@ def _origin(module: str, source: Source) -> str:
     return module
 
 
-def _check_function(function: types.FunctionType, source: Source) -> None:
-    """The function's code must be what its reviewed source compiles to here, and its globals what that source
-    binds them to; it then runs the code compiled here. A wrapper (functools.wraps: a decorator's function under
-    the name of the one it wraps) is found in the modules the review lists."""
-    module, qualname, code = function.__module__ or "", function.__qualname__, function.__code__
+def _reviewed_code(code: types.CodeType, module: str, qualname: str, source: Source) -> tuple[types.CodeType, str]:
+    """(the code compiled on this node from the reviewed source that equals `code`, where: "cells" or a module):
+    found under its module, or for a wrapper (functools.wraps' function under another's name) in the modules the
+    review lists; Refused if there is none."""
     claimed = _origin(module, source)
     listed = sorted({m for m, _ in source.uses} | source.imports)
-    for origin in [claimed] + [m for m in listed if m != claimed and _may_define(source, m, code.co_name)]:
+    for origin in itertools.chain([claimed], (m for m in listed if m != claimed and
+                                              _may_define(source, m, code.co_name))):
         matches = [c for c in source.codes(origin).get(code.co_qualname, []) if c == code]
         if matches:
-            break
-    else:
-        where = "the notebook's reviewed cells" if claimed == "cells" else f"module {claimed}"
-        raise Refused(f"its function {qualname} is not the code that {where} define for it on this node's Python "
-                      f"{sys.version_info.major}.{sys.version_info.minor}: it was changed, or compiled elsewhere")
-    function.__code__ = matches[0]
+            return matches[0], origin
+    where = "the notebook's reviewed cells" if claimed == "cells" else f"module {claimed}"
+    raise Refused(f"its function {qualname} is not the code that {where} define for it on this node's Python "
+                  f"{sys.version_info.major}.{sys.version_info.minor}: it was changed, or compiled elsewhere")
+
+
+def _check_function(function: types.FunctionType, source: Source) -> None:
+    """A rebuilt function, once loaded: its code compiled here from its reviewed source (checked when it was
+    made, and again), and its globals what that source binds them to."""
+    qualname = function.__qualname__
+    function.__code__, origin = _reviewed_code(function.__code__, function.__module__ or "", qualname, source)
+    code = function.__code__
     if function.__globals__.get("__builtins__") not in (builtins, builtins.__dict__):
         raise Refused(f"its function {qualname} comes with builtins of its own")
     for name in set(code.co_names) | set(_names(code)):

@@ -20,8 +20,8 @@ time, and a changed one is shown as a diff against the nearest approved code.
     python -m security.review [--state DIR] list | show [CODE] | approve CODE | refuse CODE --why TEXT
 
 DIR: a node's state folder, or a folder of them, or a run's folder; default runs/node-state, where make demo's
-envoys keep their state under approval: manual. Each command acts on every node found there that has the code. make review shows what waits; make approve
-code=CODE and make refuse code=CODE why=TEXT decide.
+envoys keep their state under approval: manual. Each command acts on every node found there that has the code.
+make review shows what waits; make approve code=CODE and make refuse code=CODE why=TEXT decide.
 """
 from __future__ import annotations
 

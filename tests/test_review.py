@@ -397,3 +397,48 @@ def test_a_package_the_node_lacks_is_named(tmp_path):
                         "medfl/lazy.py": "def f():\n    import habana_frameworks\n"},
                        {}, {("medfl.a", "f")}, set(), {})
     assert code.missing_packages() == ["alsomissing", "notinstalled_pkg"]
+
+
+CELL = "def leave(path):\n    open(path, 'w').close()\n    return len(path)\n"
+
+
+def notebook_function(text: str = CELL, **namespace):
+    """`leave` as a notebook cell defines it (pickled by value, as the notebook's functions are)."""
+    namespace = {"__name__": "__notebook__", **namespace}
+    exec(compile(text, "<cell>", "exec", dont_inherit=True), namespace)
+    return namespace["leave"]
+
+
+def test_a_pickle_cannot_call_a_function_it_made_while_it_loads_even_reviewed_code(tmp_path):
+    trace = tmp_path / "ran"
+
+    class Calls:
+        def __reduce__(self):
+            return notebook_function(), (str(trace),)
+
+    data = cloudpickle.dumps(Calls())
+    uses, imports = pickles.references(data)
+    (tmp_path / "x.pkl").write_bytes(data)
+    with pytest.raises(Refused, match="calls leave while it loads"):
+        pickles.load(tmp_path / "x.pkl", pickles.Source([CELL], tmp_path, uses, imports))
+    assert not trace.exists()
+    # Its bytecode must be its source's, too
+    other = CELL.replace("open(path, 'w').close()", "pass")
+    with pytest.raises(Refused, match="its function leave is not the code that the notebook's reviewed cells"):
+        pickles.load(tmp_path / "x.pkl", pickles.Source([other], tmp_path, uses, imports))
+
+
+def test_a_function_may_not_see_a_built_in_rebound_nor_a_name_its_cells_do_not_bind(tmp_path):
+    import torch
+
+    for namespace, message in (({"len": torch.nn.Linear}, "sees the built-in len rebound"),
+                               ({"open": torch.nn.Linear}, "sees the built-in open rebound")):
+        path = tmp_path / "f.pkl"
+        path.write_bytes(cloudpickle.dumps(notebook_function(**namespace)))
+        uses, imports = pickles.references(path.read_bytes())
+        with pytest.raises(Refused, match=message):
+            pickles.load(path, pickles.Source([CELL], tmp_path, uses, imports))
+    path.write_bytes(cloudpickle.dumps(notebook_function()))
+    uses, imports = pickles.references(path.read_bytes())
+    leave = pickles.load(path, pickles.Source([CELL], tmp_path, uses, imports))
+    assert leave.__code__.co_filename == "<reviewed cell 1>"  # the code compiled on the node from the review
