@@ -227,6 +227,8 @@ def hold(state: Path, code: Code, archive: Path, arrival: dict) -> Path:
         _write_source(staging, code)
         staging.rename(folder)
     shutil.copyfile(archive, folder / f"{arrival['experiment']}.zip")
+    with zipfile.ZipFile(archive) as zipped:
+        (folder / "plan.yaml").write_bytes(zipped.read(PLAN))  # the latest arrival's values
     with open(folder / "arrivals.jsonl", "a") as out:
         out.write(json.dumps(arrival, sort_keys=True) + "\n")
     return folder
@@ -334,6 +336,10 @@ def screen(state: Path, code: str, node: str, shown: bool = False) -> str:
     out += ["  " + line[5:] for line in manifest if line.startswith("plan ")]
     out.append("\n-- cannot be shown as source --")
     out += [f"  {line}" for line in unshown] or ["  nothing"]
+    if (folder / "plan.yaml").is_file():
+        out.append("\n-- the plan of its latest experiment (its values are not in the code hash; the policy checks "
+                   "the rounds, DP-SGD and envoys it declares) --")
+        out.append((folder / "plan.yaml").read_text().rstrip())
     if near is not None and near[1]:
         out.append(f"\n-- what changed since the approved code {near[0][:SHORT]} --")
         out += [line.rstrip("\n") for line in near[1]]

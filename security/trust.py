@@ -18,6 +18,7 @@ import hashlib
 import logging
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 
 from cryptography import x509
@@ -27,7 +28,7 @@ from openfl_adjustments.patching import replace
 
 from . import guard
 from .certs import identity
-from .signing import Refused, verify
+from .signing import SIGNATURE, Refused, verify
 
 logger = logging.getLogger("openfl_adjustments")
 CHUNK = 2 * 1024 * 1024  # as OpenFL's director streams archives
@@ -77,8 +78,10 @@ def checking_wait(wait_experiment):
                 try:
                     signer = verify(archive, experiment, _CA[0])
                     sender, verified = identity(signer)[0], True
+                    with zipfile.ZipFile(archive) as zipped:
+                        signature = zipped.read(SIGNATURE).hex()
                     certificate = (f"{signer.subject.rfc4514_string()}, issued by {signer.issuer.rfc4514_string()}, "
-                                   f"serial {signer.serial_number:x}")
+                                   f"serial {signer.serial_number:x}; signature {signature[:32]}...")
                 except Refused as why:
                     verified, problem = False, str(why)
             try:

@@ -90,6 +90,23 @@ def test_round_timeout_drops_the_envoys_still_busy_and_only_those():
     assert aggregator.ended == [0]
 
 
+def test_an_envoy_held_for_its_operators_review_is_named_and_waited_for_until_it_asks_for_tasks():
+    from medfl.aggregator import HELD
+
+    aggregator = policy_aggregator(["envoy_1", "envoy_2"], round_timeout=5)
+    aggregator.hold("envoy_2", "envoy_2 holds experiment x for review (code 3a412cf4d365...): its operator runs "
+                               "make review on that node")
+    assert events(aggregator) == [(HELD, "envoy_2", "envoy_2 holds experiment x for review (code 3a412cf4d365...): "
+                                                    "its operator runs make review on that node")]
+    aggregator.collaborators_done = ["envoy_1"]
+    aggregator._round_started[0] = time.monotonic() - 6
+    aggregator.check_envoys()
+    assert not aggregator.dropped  # round_timeout waits for a held envoy
+    aggregator._held.discard("envoy_2")  # approved: it asked for its first task (get_tasks)
+    aggregator.check_envoys()
+    assert list(aggregator.dropped) == ["envoy_2"]
+
+
 def test_a_round_nobody_finishes_in_time_fails_the_experiment_rather_than_waiting():
     aggregator = policy_aggregator(["envoy_1", "envoy_2"], round_timeout=5)
     aggregator._round_started[0] = time.monotonic() - 6

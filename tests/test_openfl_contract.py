@@ -21,6 +21,9 @@ class Aware:
     def drop(self, name, why):
         self.calls.append((name, why))
 
+    def hold(self, name, why):
+        self.calls.append(("hold", name, why))
+
     def has_dropped(self, name):
         return name in self.dropped
 
@@ -33,7 +36,7 @@ def test_selecting_aggregator_keeps_the_contract_with_the_director():
     assert isinstance(Aware(), EnvoyAwareAggregator) and faults.aware(Aware())
     assert faults.aware(object()) is None  # an aggregator without it runs as in OpenFL
     protocol = {n for n in vars(EnvoyAwareAggregator) if not n.startswith("_")}
-    assert protocol == {"watch_envoys", "drop", "has_dropped", "failure"}
+    assert protocol == {"watch_envoys", "drop", "hold", "has_dropped", "failure"}
 
 
 def _m(origin, task, name, value, r):

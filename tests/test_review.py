@@ -348,7 +348,8 @@ def test_review_commands_list_show_and_refuse_clearly(tmp_path):
                        {"review/cells/01.py": "a", "medfl/a.py": "b"}, {("torch.nn", "Linear")}, {"torch"},
                        {"collaborator.template": "openfl.component.Collaborator"})
     archive = tmp_path / "a.zip"
-    archive.write_bytes(b"zip")
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr(review.PLAN, "aggregator:\n  settings: {rounds_to_train: 4}\n")
     review.hold(state, code, archive, {"experiment": "exp", "researcher": "alice", "time": "now",
                                        "archive_sha256": "ab" * 32, "signature": "verified", "certificate": "CN=alice"})
 
@@ -364,6 +365,7 @@ def test_review_commands_list_show_and_refuse_clearly(tmp_path):
     returned, shown = cli("show")
     assert returned == 0 and "experiment exp from alice" in shown and "--- review/cells/01.py (1 lines)\nx = 1" in shown
     assert "uses torch.nn Linear" in shown and "this node has approved none yet" in shown
+    assert "rounds_to_train: 4" in shown.split("-- the plan of its latest experiment")[1]
     assert cli("approve", "abc") == (2, "error: give at least 6 digits of the code\n")
     assert cli("approve", "ffffff")[0] == 1
     returned, said = cli("refuse", code.hash[:8], "--why", "not this")
