@@ -54,6 +54,8 @@ HELPERS = {
     "numpy": {"dtype", "ndarray"},
     "numpy.core.multiarray": {"_reconstruct", "scalar"},
     "numpy._core.multiarray": {"_reconstruct", "scalar"},
+    "numpy.core.numeric": {"_frombuffer"},
+    "numpy._core.numeric": {"_frombuffer"},  # numpy 2's arrays (a server optimizer's state)
 }
 # Not FunctionType: a function is made only by _make_function, whose code is checked first.
 BUILTIN_TYPES = {"CodeType", "MethodType", "CellType", "MappingProxyType", "SimpleNamespace"}
@@ -238,19 +240,21 @@ def _name(module: str, name: str) -> str:
 
 class _Loader(pickle._Unpickler):
     """pickle's own loader (in Python, so that each step can be checked) that resolves only reviewed, allowed
-    globals, calls only those (never a function the pickle made), and keeps what it rebuilds for the checks."""
+    globals, calls only classes among them and the rebuilding helpers (never another function, nor one the pickle
+    made), and keeps what it rebuilds for the checks."""
 
     def __init__(self, file, source: Source, made: dict):
         super().__init__(file)
         self.source, self.made = source, made
-        self.resolved: set[int] = set()  # what find_class gave: the only things a call may call
+        self.resolved: set[int] = set()  # the classes and helpers find_class gave: all that a pickle may call
 
     def persistent_load(self, pid):
         raise Refused("a pickle of it refers to objects outside itself (persistent ids)")
 
     def find_class(self, module, name):
         obj = self._find(module, name)
-        self.resolved.add(id(obj))
+        if isinstance(obj, type) or name in HELPERS.get(module, ()):
+            self.resolved.add(id(obj))  # a class, or a rebuilding helper: what a pickle may call as it loads
         return obj
 
     def _find(self, module, name):
@@ -271,8 +275,8 @@ class _Loader(pickle._Unpickler):
 
     def _callable(self, obj, how: str):
         if id(obj) not in self.resolved and obj not in self.made["classes"]:
-            raise Refused(f"a pickle of it {how} {getattr(obj, '__qualname__', type(obj).__name__)} while it loads, "
-                          "which is none of the globals its review lists")
+            raise Refused(f"a pickle of it {how} {getattr(obj, '__qualname__', type(obj).__name__)} while it loads: "
+                          "it may build objects of the classes its review lists, never call a function")
 
     def load_reduce(self):
         self._callable(self.stack[-2], "calls")

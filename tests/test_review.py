@@ -256,6 +256,9 @@ def archives(reviewing, tmp_path_factory):
             "parameters": packed(fed, tmp, "parameters", rounds=3, learning_rate=0.01, seed=4, train_batch_size=16,
                                  epochs=2),
             "fedprox": packed(fed, tmp, "fedprox", algorithm="fedprox"),
+            "fedadam": packed(fed, tmp, "fedadam", algorithm="fedadam"),
+            "fedntd": packed(fed, tmp, "fedntd", algorithm="fedntd"),
+            "dp": packed(fed, tmp, "dp", dp=True, dp_options={"noise_multiplier": 1.0}),
             "changed": packed(fed, tmp, "changed", notebook=changed_notebook(tmp))}
 
 
@@ -302,6 +305,22 @@ def test_the_reviewed_source_is_the_code_that_runs(archives, tmp_path, monkeypat
     assert any(function.__code__ is c for c in compiled["train"])  # the code compiled here from the review
     assert any(type(model.model).__init__.__code__ is c for c in compiled["Net.__init__"])
     assert "def train(" in "".join(source.cells)
+
+
+@pytest.mark.slow
+def test_every_algorithm_and_dp_sgd_load_under_review(archives, tmp_path, monkeypatch):
+    """What each notebook variant's objects are made of (a server optimizer's numpy state, FedNTD's distillation,
+    DP-SGD's accountant) loads through the node's loader."""
+    for name in ("fedprox", "fedadam", "fedntd", "dp"):
+        folder = tmp_path / name
+        source = unpacked(archives[name], folder)
+        with monkeypatch.context() as mp:
+            mp.syspath_prepend(str(folder))
+            for pickled in sorted(folder.glob("*.pkl")):
+                assert pickles.load(pickled, source) is not None, (name, pickled.name)
+            for module in [m for m in sys.modules if m == "medfl" or m.startswith("medfl.")]:
+                if str(folder) in (getattr(sys.modules[module], "__file__", "") or ""):
+                    del sys.modules[module]
 
 
 @pytest.mark.slow
@@ -444,3 +463,24 @@ def test_a_function_may_not_see_a_built_in_rebound_nor_a_name_its_cells_do_not_b
     uses, imports = pickles.references(path.read_bytes())
     leave = pickles.load(path, pickles.Source([CELL], tmp_path, uses, imports))
     assert leave.__code__.co_filename == "<reviewed cell 1>"  # the code compiled on the node from the review
+
+
+def test_a_pickle_may_build_objects_but_never_call_a_function_even_one_of_the_reviewed_package(tmp_path, monkeypatch):
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "__init__.py").write_text("def write(path):\n    open(path, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shipped
+
+    trace = tmp_path / "ran"
+
+    class Calls:
+        def __reduce__(self):
+            return shipped.write, (str(trace),)
+
+    path = tmp_path / "x.pkl"
+    path.write_bytes(pickle.dumps(Calls()))
+    uses, imports = pickles.references(path.read_bytes())
+    assert ("shipped", "write") in uses
+    with pytest.raises(Refused, match="calls write while it loads: it may build objects of the classes its review"):
+        pickles.load(path, pickles.Source([], tmp_path, uses, imports))
+    assert not trace.exists()
