@@ -8,9 +8,10 @@ notebook's functions and classes from bytecode it carries. So a node that approv
 - `references(data)`: every global a pickle names and every module it imports, found by running its opcodes
   on symbols: nothing is imported, called or built. These go into the code hash and the review.
 - `load(path, source)`: the node's loader, in place of cloudpickle.load, once an experiment is approved. It
-  resolves only the globals the review listed and the node allows (ALLOWED_CALLS: the helpers that rebuild
-  functions, classes and tensors; classes of the model, optimizer and interface families; names the reviewed
-  source imports), and tensors' nested pickles only as weights (torch.load(weights_only=True)). Every function
+  resolves only the globals the review listed and the node allows (HELPERS, which rebuild functions, classes
+  and tensors; classes of the model, optimizer, interface and torch families; the archive's modules; names the
+  reviewed source imports), and while loading calls only classes and HELPERS, never a function; tensors'
+  nested pickles load only as weights (torch.load(weights_only=True)). Every function
   it rebuilds must have the code that the reviewed source compiles to for that name, on this node's Python: a
   notebook cell of the review, a module of the archive, or an installed module; it then runs the code compiled
   here from that source. Every global such a function sees must be what the reviewed source binds that name
