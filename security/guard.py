@@ -248,7 +248,10 @@ def restore(original):
         if "/" in str(filename) or not str(filename).endswith(".pkl"):
             raise Refused(f"its plan names {filename} as a pickle, which its review did not read")
         code = running.code
-        return pickles.load(Path(filename), pickles.Source(code.cells(), Path.cwd(), code.uses, code.imports))
+        try:
+            return pickles.load(Path(filename), pickles.Source(code.cells(), Path.cwd(), code.uses, code.imports))
+        except Refused as why:  # reported as this node's refusal: REFUSED in the notebook, not a failed task
+            raise Refusal(f"{_ENVOY[0].name} refuses experiment {running.name}: {why}") from None
 
     return wrapper
 
