@@ -59,7 +59,6 @@ audit: venv
 # envoy_state=DIR (or state=DIR) hold, by default make demo's envoys (runs/node-state): who sent it, its source,
 # the plan, the diff against the nearest approved code; make approve code=CODE lets it run; make refuse code=CODE
 # why="..." refuses it with that reason.
-envoy_state ?=
 review_state = $(or $(envoy_state),$(if $(filter command line,$(origin state)),$(state)),runs/node-state)
 code ?=
 why ?=

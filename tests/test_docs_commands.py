@@ -137,7 +137,9 @@ ALL = [c for page in PAGES for c in _commands(page)]
 def _makefile() -> tuple[set, set]:
     text = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z][\w-]*):(?!=)", text, re.MULTILINE))
-    variables = set(re.findall(r"^([A-Za-z_]+)\s*(?:\?|:)?=", text, re.MULTILINE))
+    # Those it sets, and those it only reads (make review's envoy_state: make demo's setting of the same name)
+    variables = set(re.findall(r"^([A-Za-z_]+)\s*(?:\?|:)?=", text, re.MULTILINE)) | set(re.findall(r"\$\(([a-z_]+)\)",
+                                                                                                     text))
     return targets, variables
 
 
