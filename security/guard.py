@@ -45,6 +45,7 @@ class Running:
     trained: int = 0
     step: tuple | None = None  # one round's DP-SGD (noise, rate, steps) here: computed once (up to a second)
     code: review.Code | None = None  # under approval: manual, the approved code its objects are loaded from
+    source: pickles.Source | None = None  # that code compiled here, once per experiment (restore)
 
     def round_step(self, train_size: int) -> tuple:
         if self.step is None:
@@ -103,15 +104,15 @@ def configure_envoy(name: str, config_path: Path, tls: bool) -> policy.NodePolic
     if rules.researchers is not None and not tls:
         raise policy.PolicyError(f"{config_path}: its policy lists researchers, but without mutual TLS nobody can be "
                                  "identified: start the envoy with CERTS=... (make certs)")
-    params = ((yaml.safe_load(Path(config_path).read_text()) or {}).get("shard_descriptor") or {}).get("params") or {}
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    params = (config.get("shard_descriptor") or {}).get("params") or {}
     state = os.environ.get(ENVOY_STATE)
     for needed, what in ((rules.budget, "a privacy_budget, which the node keeps"),
                          (rules.approval == "manual", "approval: manual, whose approvals the node keeps")):
         if needed and not state:
             raise policy.PolicyError(f"{config_path}: its policy has {what} in its state folder: set {ENVOY_STATE} "
                                      "(start_envoy.sh does)")
-    if rules != policy.NodePolicy() and (((yaml.safe_load(Path(config_path).read_text()) or {}).get("params") or {})
-                                         .get("install_requirements")):
+    if rules != policy.NodePolicy() and (config.get("params") or {}).get("install_requirements"):
         raise policy.PolicyError(f"{config_path}: params.install_requirements is true, but a node with a policy "
                                  "installs nothing an experiment asks for: remove it, and install what the node's "
                                  "experiments need yourself")
@@ -196,6 +197,9 @@ def _code_rules(node: Envoy, code: review.Code) -> tuple[str, str] | None:
                             "experiment does without")
     if node.rules.approval != "manual":
         return None
+    if code.compiled:
+        return "approval", (f"it brings compiled Python ({', '.join(code.compiled)}), which would run in place of "
+                            "the source its operator reads")
     if outside := review.templates_outside(code):
         return "approval", (f"its plan builds {', '.join(outside)}, which is neither OpenFL's nor its own reviewed "
                             "code")
@@ -248,8 +252,10 @@ def restore(original):
         if "/" in str(filename) or not str(filename).endswith(".pkl"):
             raise Refused(f"its plan names {filename} as a pickle, which its review did not read")
         code = running.code
+        if running.source is None:  # in the experiment's unpacked folder, where OpenFL restores its objects
+            running.source = pickles.Source(code.cells(), Path.cwd(), code.uses, code.imports)
         try:
-            return pickles.load(Path(filename), pickles.Source(code.cells(), Path.cwd(), code.uses, code.imports))
+            return pickles.load(Path(filename), running.source)
         except Refused as why:  # reported as this node's refusal: REFUSED in the notebook, not a failed task
             raise Refusal(f"{_ENVOY[0].name} refuses experiment {running.name}: {why}") from None
 

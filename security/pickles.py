@@ -79,12 +79,11 @@ class _Symbol:
         self.scan, self.what = scan, what
 
     def __call__(self, *args):
-        if self.what[0] == "global" and self.what[1:] == (CLOUDPICKLE, "subimport") and args and \
-                isinstance(args[0], str):
-            self.scan.imports.add(args[0])
-        if self.what[0] == "global" and self.what[1:] == (CLOUDPICKLE, "_builtin_type") and args and \
-                isinstance(args[0], str):
-            self.scan.uses.add(("types", args[0]))
+        if self.what[0] == "global" and args and isinstance(args[0], str):
+            if self.what[1:] == (CLOUDPICKLE, "subimport"):
+                self.scan.imports.add(args[0])
+            elif self.what[1:] == (CLOUDPICKLE, "_builtin_type"):
+                self.scan.uses.add(("types", args[0]))
         return _Symbol(self.scan, ("call", self, args))
 
     def __setstate__(self, state):
@@ -189,9 +188,7 @@ class Source:
         """What the cells bind each global name to: ("import", module, attribute or None), ("def", qualname) or
         ("value",)."""
         if self._bindings is None:
-            self._bindings, self._classes = {}, {}
-            for text in self.cells:
-                _bind(ast.parse(text).body, self._bindings, self._classes, prefix="")
+            self._bindings, self._classes = bound_names(self.cells)
         return self._bindings
 
     def class_statement(self, qualname: str) -> ast.ClassDef | None:
@@ -204,6 +201,23 @@ def _collect(code: types.CodeType, found: dict) -> None:
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             _collect(const, found)
+
+
+def bound_names(cells: list[str]) -> tuple[dict[str, list[tuple]], dict[str, ast.ClassDef]]:
+    """(what the cells bind each global name to, their class statements by qualname); see Source.bindings."""
+    names, classes = {}, {}
+    for text in cells:
+        _bind(ast.parse(text).body, names, classes, prefix="")
+    return names, classes
+
+
+def names_read(code: types.CodeType) -> set[str]:
+    """The names a function's code (and the code nested in it) looks up: its globals among them."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= names_read(const)
+    return names
 
 
 def _bind(body: list, names: dict, classes: dict, prefix: str) -> None:
@@ -493,7 +507,7 @@ def _check_function(function: types.FunctionType, source: Source) -> None:
     code = function.__code__
     if function.__globals__.get("__builtins__") not in (builtins, builtins.__dict__):
         raise Refused(f"its function {qualname} comes with builtins of its own")
-    for name in set(code.co_names) | set(_names(code)):
+    for name in names_read(code):
         if name not in function.__globals__ or name.startswith("__"):
             continue
         value = function.__globals__[name]
@@ -515,13 +529,6 @@ def _may_define(source: Source, module: str, name: str) -> bool:
     return path is not None and f"def {name}(" in path.read_text()
 
 
-def _names(code: types.CodeType):
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from const.co_names
-            yield from _names(const)
-
-
 def _check_cell_global(qualname: str, name: str, value, source: Source) -> None:
     """A global a cell function reads must be what the cells bind that name to."""
     bound = source.bindings().get(name)
@@ -537,14 +544,13 @@ def _check_cell_global(qualname: str, name: str, value, source: Source) -> None:
             return  # a function or class rebuilt from the cells: checked on its own
         if binding[0] == "value" and not (callable(value) or isinstance(value, types.ModuleType)):
             return
-    raise Refused(f"its function {qualname} sees {name} bound to {type(value).__name__} "
-                  f"{getattr(value, '__qualname__', '')}, not to what its reviewed cells bind it to".replace("  ", " "))
+    what = getattr(value, "__qualname__", None) or type(value).__name__
+    raise Refused(f"its function {qualname} sees {name} bound to {what}, not to what its reviewed cells bind it to")
 
 
 DUNDERS = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "_abc_impl", "__annotations__",
-           "__slotnames__",
-           "__static_attributes__", "__firstlineno__", "__orig_bases__", "__parameters__", "__slots__",
-           "__classcell__"}
+           "__slotnames__", "__static_attributes__", "__firstlineno__", "__orig_bases__", "__parameters__",
+           "__slots__", "__classcell__"}
 
 
 def _check_class(cls: type, source: Source, functions: list) -> None:

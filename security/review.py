@@ -26,10 +26,12 @@ make review shows what waits; make approve code=CODE and make refuse code=CODE w
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import difflib
 import getpass
 import hashlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -43,15 +45,19 @@ import yaml
 from . import audit
 from .pickles import references
 from .signing import FOLDER as SIGNATURE
-from .signing import Refused
+from .signing import Refused, members
 
 FORMAT = "medfl-code-v1"
 CELLS = "review/cells/"
 BINDINGS = CELLS + "bindings.py"
 UNSHOWN = "review/unshown.txt"
 PLAN = "plan/plan.yaml"
-# Files OpenFL writes beside the code, not code: never hashed. requirements.txt is never installed under a policy.
-NOT_CODE = ("plan/", "save/", "logs/", SIGNATURE, "requirements.txt")
+# What is not code: the signature, the plan (its code path is hashed apart), and requirements.txt, which a node with
+# a policy never installs. Everything else is hashed, and shown if it is text.
+NOT_CODE = (SIGNATURE, PLAN, "requirements.txt")
+# Compiled Python, which would run in place of the source shown (an unchecked hash-based .pyc is never compared
+# with its .py): a node under approval: manual refuses an archive that brings any.
+COMPILED = (".pyc", ".pyo", ".so", ".pyd")
 # Plan settings that change which code runs (beside every template and plugin): section, key.
 CODE_PATH = (("collaborator", "secure_aggregation"), ("aggregator", "secure_aggregation"),
              ("collaborator", "delta_updates"), ("collaborator", "opt_treatment"),
@@ -80,9 +86,9 @@ class Code:
         try:
             with zipfile.ZipFile(archive) as zipped:
                 plan = yaml.safe_load(zipped.read(PLAN)) or {}
-                for info in sorted(zipped.infolist(), key=lambda i: i.filename):
+                for info in sorted(members(zipped), key=lambda i: i.filename):  # no name outside its folder
                     name = info.filename
-                    if info.is_dir() or name.startswith(NOT_CODE) or "__pycache__/" in name:
+                    if info.is_dir() or name.startswith(NOT_CODE):
                         continue
                     data = zipped.read(info)
                     if "/" not in name and name.endswith(".pkl"):
@@ -117,6 +123,11 @@ class Code:
     def hash(self) -> str:
         return hashlib.sha256(self.manifest().encode()).hexdigest()
 
+    @property
+    def compiled(self) -> list[str]:
+        """The archive's compiled Python files."""
+        return [name for name in self.digests if name.endswith(COMPILED)]
+
     def cells(self) -> list[str]:
         """The notebook's cells, in the order the node compiles them (bindings first)."""
         names = sorted(n for n in self.source if n.startswith(CELLS))
@@ -126,8 +137,6 @@ class Code:
     def missing_packages(self) -> list[str]:
         """Top-level packages the code needs that neither this node nor the archive has: those its pickles name,
         its cells import, and the archive's modules they reach import."""
-        import importlib.util
-
         shipped = {name.removesuffix(".py").removesuffix("/__init__").replace("/", "."): name
                    for name in self.source if name.endswith(".py") and not name.startswith("review/")}
         needed = {m for m, _ in self.uses} | self.imports | {v.rsplit(".", 1)[0] for k, v in self.plan.items()
@@ -153,8 +162,6 @@ class Code:
 def _imports(text: str, package: str) -> set[str]:
     """The modules a module's source imports when it is imported: its top-level imports, not those inside functions
     (a lazy, optional one like Habana's), relative ones resolved against `package`."""
-    import ast
-
     try:
         tree = ast.parse(text)
     except SyntaxError:
@@ -226,7 +233,7 @@ def hold(state: Path, code: Code, archive: Path, arrival: dict) -> Path:
         staging = Path(state) / PENDING / f".{code.hash}-{uuid.uuid4().hex}"
         _write_source(staging, code)
         staging.rename(folder)
-    shutil.copyfile(archive, folder / f"{arrival['experiment']}.zip")
+    shutil.copyfile(archive, folder / f"{arrival['archive_sha256']}.zip")  # not by its name, which its sender chose
     with zipfile.ZipFile(archive) as zipped:
         (folder / "plan.yaml").write_bytes(zipped.read(PLAN))  # the latest arrival's values
     with open(folder / "arrivals.jsonl", "a") as out:
@@ -235,6 +242,7 @@ def hold(state: Path, code: Code, archive: Path, arrival: dict) -> Path:
 
 
 def _write_source(folder: Path, code: Code) -> None:
+    folder.mkdir(parents=True)
     for name, text in code.source.items():
         path = folder / "source" / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ class Refused(Exception):
     """An archive that must not be unpacked here; the message says why, in one line."""
 
 
-def _members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+def members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
     """The archive's members, refusing names that could land outside its folder or appear twice."""
     names = [info.filename for info in archive.infolist()]
     if len(names) != len(set(names)):
@@ -48,7 +48,7 @@ def _members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
 def digest(archive: zipfile.ZipFile) -> bytes:
     """SHA-256 of the manifest of every member but the signature's: name and content hash, sorted by name."""
     manifest = hashlib.sha256()
-    for info in sorted(_members(archive), key=lambda i: i.filename):
+    for info in sorted(members(archive), key=lambda i: i.filename):
         if info.filename.startswith(FOLDER):
             continue
         content = hashlib.sha256()
@@ -98,7 +98,7 @@ def verify(archive_path: Path, experiment_name: str, ca: x509.Certificate) -> x5
     raise Refused otherwise. Reads the archive; unpacks nothing."""
     try:
         with zipfile.ZipFile(archive_path) as archive:
-            names = {info.filename for info in _members(archive)}
+            names = {info.filename for info in members(archive)}
             if not {CERTIFICATE, SIGNATURE} <= names:
                 raise Refused("the archive is not signed")
             cert = x509.load_pem_x509_certificate(archive.read(CERTIFICATE))

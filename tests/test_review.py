@@ -487,3 +487,46 @@ def test_a_pickle_may_build_objects_but_never_call_a_function_even_one_of_the_re
     with pytest.raises(Refused, match="calls write while it loads: it may build objects of the classes its review"):
         pickles.load(path, pickles.Source([], tmp_path, uses, imports))
     assert not trace.exists()
+
+
+def _with_member(archive: Path, out: Path, name: str, data: bytes) -> Path:
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(out, "w") as zipped:
+        for info in source.infolist():
+            zipped.writestr(info, source.read(info))
+        zipped.writestr(name, data)
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_python_that_would_run_instead_of_the_source_shown_is_refused(archives, tmp_path, monkeypatch):
+    """An unchecked hash-based .pyc is loaded without a look at its .py: the review would show metrics.py, and the
+    node would run the .pyc beside it."""
+    import py_compile
+
+    evil = tmp_path / "metrics.py"
+    evil.write_text("import os\nos.system('touch /tmp/owned')\n")
+    pyc = py_compile.compile(str(evil), cfile=str(tmp_path / "m.pyc"),
+                             invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    member = f"medfl/__pycache__/metrics.{sys.implementation.cache_tag}.pyc"
+    tampered = _with_member(archives["plain"], tmp_path / "tampered.zip", member, Path(pyc).read_bytes())
+    code = review.Code.of(tampered)
+    assert code.compiled == [member] and code.hash != review.Code.of(archives["plain"]).hash
+    node = guard.Envoy("envoy_1", policy.parse({"approval": "manual"}), None, "bloodmnist-28", tmp_path)
+    assert guard._code_rules(node, code) == (
+        "approval", f"it brings compiled Python ({member}), which would run in place of the source its operator reads")
+
+
+def test_an_archive_name_outside_its_folder_or_a_sender_chosen_name_never_leaves_the_state_folder(tmp_path):
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr(review.PLAN, "{}\n")
+        zipped.writestr("../../outside.py", "x = 1\n")
+    with pytest.raises(Refused, match="a path outside its folder"):
+        review.Code.of(archive)  # plaintext envoys check no signature, so no earlier check has seen the names
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr(review.PLAN, "{}\n")
+    state = tmp_path / "state"
+    folder = review.hold(state, review.Code.of(archive), archive,
+                         {"experiment": "../../../escaped", "archive_sha256": "ab" * 32, "time": "now"})
+    assert sorted(p.name for p in folder.glob("*.zip")) == [f"{'ab' * 32}.zip"]
+    assert not list(tmp_path.rglob("escaped*"))

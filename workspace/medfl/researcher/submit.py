@@ -18,7 +18,7 @@ from pathlib import Path
 
 import cloudpickle
 
-from security.pickles import CELL_MODULES, _bind
+from security.pickles import CELL_MODULES, bound_names, names_read
 from security.review import BINDINGS, CELLS, UNSHOWN
 from security.signing import signing
 
@@ -51,14 +51,6 @@ class _Finder(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-def _read(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _read(const)
-    return names
-
-
 def review_files(objects) -> dict[str, str]:
     """The notebook's code that `objects` carry by value, as source: each cell that defines one of their functions
     or classes (review/cells/NN.py, in the order met), what those functions read from other cells
@@ -78,11 +70,9 @@ def review_files(objects) -> dict[str, str]:
             continue
         cells.setdefault(filename, text)
         functions.append(function)
-    bound, classes = {}, {}
-    for text in cells.values():
-        _bind(ast.parse(text).body, bound, classes, prefix="")
+    bound, classes = bound_names(list(cells.values()))
     # The names the functions read, and those the class statements' bases start from, in the notebook's namespace
-    needed = [(name, function.__globals__) for function in functions for name in sorted(_read(function.__code__))]
+    needed = [(name, function.__globals__) for function in functions for name in sorted(names_read(function.__code__))]
     needed += [(base.id, functions[0].__globals__) for statement in classes.values() for base in
                ast.walk(ast.Module(body=[ast.Expr(b) for b in statement.bases], type_ignores=[]))
                if isinstance(base, ast.Name)]
