@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medfl import Best, task_type
-from medfl.aggregator import AGGREGATED, VALIDATE_GLOBAL
+from medfl.events import AGGREGATED, VALIDATE_GLOBAL
 from medmnist_shard import MedMNISTShardDataset, MedMNISTShardDescriptor
 
 from .notebook import definitions

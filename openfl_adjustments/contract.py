@@ -1,8 +1,9 @@
 """The interfaces between the director's adjustments (faults.py, transport.py) and an experiment's aggregator.
 
-The aggregator arrives with each experiment (medfl.aggregator.SelectingAggregator implements both), while the
-adjustments are part of the director's installation; neither imports the other. An aggregator without these
-methods runs as in OpenFL: the director then drops and fails nothing on its behalf, and counts no connections.
+The aggregator arrives with each experiment (medfl.aggregator.SelectingAggregator implements both, through its
+bases), while the adjustments are part of the director's installation; neither imports the other. An aggregator
+without these methods runs as in OpenFL: the director then drops and fails nothing on its behalf, and counts no
+connections.
 """
 from __future__ import annotations
 

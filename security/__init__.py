@@ -12,9 +12,10 @@ envoy, which unpickles and runs it beside the hospital's images.
   experiment, secure aggregation, rounds, federation size), enforced by the node's own code; its privacy ledger;
   and every node's audit log of what arrived and what left (python -m security.audit checks them).
 - secagg: secure aggregation, the director learning the round's sum of the envoys' updates and never one of them:
-  the protocol, and on each envoy the masking of its train task's weights before they leave.
+  the protocol (secagg), its envoy half masking the train task's weights before they leave the node
+  (secagg_envoy), and its director half, which the experiment's aggregator runs on the director (secagg_director).
 
-install() puts access, trust and the envoy's masking in place in a node's process (python -m openfl_adjustments
+install() puts access, trust and the envoy's masking in place in a node's process (python -m node, node.py,
 does it); the notebook signs with signing.signing().
 """
 from __future__ import annotations
@@ -25,9 +26,9 @@ __all__ = ["install"]
 def install() -> None:
     """Gate the director's calls by role, owner and name; have envoys run only what they trust, and mask their
     updates when an experiment asks for secure aggregation."""
-    from . import access, guard, secagg, trust
+    from . import access, guard, secagg_envoy, trust
 
     access.install()
     trust.install()
     guard.install()
-    secagg.install()
+    secagg_envoy.install()

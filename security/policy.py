@@ -146,7 +146,7 @@ class Declaration:
 
     def federation_floor(self) -> int:
         """The fewest envoys the experiment's aggregator goes on with: its min_envoys, a number of envoys (an int)
-        or a share of them (a float), resolved as medfl.aggregator.quorum does (tests/test_policy.py keeps them
+        or a share of them (a float), resolved as medfl.selection.quorum does (tests/test_policy.py keeps them
         the same; the node does not import the experiment's code)."""
         n, floor = len(self.envoys or ()), self.min_envoys or 1
         if isinstance(floor, float) and floor <= 1:

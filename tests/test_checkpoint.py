@@ -12,8 +12,8 @@ import torch
 from openfl.utilities import LocalTensor
 
 from medfl import Best, MedMNISTData, build_model
-from medfl.aggregator import ROUND_KEY, STATE_PREFIX, TRAFFIC, VALIDATE_GLOBAL, pack, unpack
 from medfl.algorithms import ServerOptimizer
+from medfl.events import ROUND_KEY, STATE_PREFIX, TRAFFIC, VALIDATE_GLOBAL, pack, unpack
 from medfl.researcher import (
     Checkpoint,
     Checkpointer,

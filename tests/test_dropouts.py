@@ -10,7 +10,9 @@ import time
 import pytest
 from openfl.component.aggregator.aggregator import Aggregator
 
-from medfl.aggregator import DROPPED, FAILED, Best, SelectingAggregator, quorum
+from medfl.aggregator import SelectingAggregator
+from medfl.events import DROPPED, FAILED
+from medfl.selection import Best, quorum
 
 
 def policy_aggregator(envoys, min_envoys=0.5, round_timeout=0, silent=None):
@@ -91,7 +93,7 @@ def test_round_timeout_drops_the_envoys_still_busy_and_only_those():
 
 
 def test_an_envoy_held_for_its_operators_review_is_named_and_waited_for_until_it_asks_for_tasks():
-    from medfl.aggregator import HELD
+    from medfl.events import HELD
 
     aggregator = policy_aggregator(["envoy_1", "envoy_2"], round_timeout=5)
     aggregator.hold("envoy_2", "envoy_2 holds experiment x for review (code 3a412cf4d365...): its operator runs "

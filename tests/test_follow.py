@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import grpc
 
 from medfl import Best
-from medfl.aggregator import DROPPED, FAILED
+from medfl.events import DROPPED, FAILED
 from medfl.researcher import follow
 
 VAL = "aggregated_model_validate"
@@ -121,7 +121,7 @@ def test_openfls_log_goes_to_a_file_and_the_page_shows_only_what_needs_attention
 
 
 def test_each_rounds_traffic_is_one_line_and_lands_in_the_results():
-    from medfl.aggregator import TRAFFIC
+    from medfl.events import TRAFFIC
     from medfl.researcher.report import traffic
 
     def shares(r, origin, received, sent, connections):

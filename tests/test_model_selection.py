@@ -6,8 +6,10 @@ import pytest
 from test_follow import Experiment
 
 from medfl import Best
-from medfl.aggregator import AGGREGATED, TIE, VALIDATE_GLOBAL, SelectingAggregator, _Tap
+from medfl.aggregator import SelectingAggregator, _Tap
+from medfl.events import AGGREGATED, VALIDATE_GLOBAL
 from medfl.researcher import follow
+from medfl.selection import TIE
 
 # A real-image 9-class run (3 envoys, Dirichlet alpha 0.3, FedAvg): validation AUC reaches 1.0 after round 3 and
 # stays there, while validation loss keeps falling. (round, auc, loss, acc)

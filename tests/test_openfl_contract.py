@@ -4,7 +4,8 @@ import inspect
 from openfl.component.aggregator.aggregator import Aggregator
 from openfl.component.assigner.custom_assigner import Assigner
 
-from medfl.aggregator import Best, SelectingAggregator, _Never, _Tap
+from medfl.aggregator import SelectingAggregator, _Never, _Tap
+from medfl.selection import Best
 from openfl_adjustments import faults
 from openfl_adjustments.contract import EnvoyAwareAggregator
 

@@ -76,7 +76,7 @@ def _plan(train_rounds=2, privacy=None, secure=False, min_envoys=0.5, envoys=("e
     from openfl.federated import Plan
     from openfl.native.native import update_plan
 
-    from medfl.secure import plan as secure_plan
+    from security.secagg import plan as secure_plan
 
     plan = Plan()
     plan.config = {"data_loader": {"settings": {"train_batch_size": 20}}}
@@ -127,7 +127,7 @@ def test_what_trains_nothing_passes_the_dp_rules_and_what_declares_nothing_is_re
 
 
 def test_the_node_resolves_min_envoys_as_the_experiments_aggregator_does():
-    from medfl.aggregator import quorum
+    from medfl.selection import quorum
 
     envoys = [f"envoy_{i}" for i in range(1, 8)]
     for n in range(1, 8):
@@ -346,7 +346,7 @@ def test_the_payload_hash_is_the_same_on_both_sides_of_the_wire():
 
 
 def test_the_refusal_marker_and_the_orders_are_the_same_on_the_nodes_and_in_the_experiment():
-    from medfl.aggregator import REFUSED as experiment_side
+    from medfl.events import REFUSED as experiment_side
     from openfl_adjustments.contract import REFUSED
 
     assert experiment_side == REFUSED
@@ -400,7 +400,7 @@ def test_make_demo_gives_every_envoy_the_policy_and_keeps_the_nodes_state_where_
 def hospitals(tiny_file, tmp_path_factory):
     """Two envoys under one policy (DP-SGD required, a budget with room for two rounds of the tests' DP-SGD), each
     keeping its state in its own folder across experiments, as hospitals' nodes do."""
-    from localfed import LocalFederation
+    from localfed.federation import LocalFederation
     from medmnist_shard.descriptor import prepare
 
     data_dir = tiny_file("bloodmnist", 28, {"train": 200, "val": 20, "test": 20}).parent

@@ -12,7 +12,8 @@ from openfl.protocols import utils
 from openfl.utilities import TensorKey, add_log_level
 
 from medfl import Schedule, build_tasks, checks
-from medfl.aggregator import DROPPED, REJECTED, SelectingAggregator
+from medfl.aggregator import SelectingAggregator
+from medfl.events import DROPPED, REJECTED
 from openfl_adjustments import faults
 
 add_log_level("METRIC", 25)  # as OpenFL's fx does at start-up: its aggregator logs metrics at this level

@@ -1,7 +1,7 @@
 """What an envoy's training produced, checked twice: on the envoy before its weights leave it, and on the director
-before an update enters the aggregate (medfl.aggregator.SelectingAggregator). One broken node, whether its training
-diverged, its data or accelerator is faulty, or it sends a huge update on purpose (model replacement, Bagdasaryan
-et al. 2020), then costs its own contribution and nothing else.
+before an update enters the aggregate (UpdateChecks, in medfl.aggregator.SelectingAggregator). One broken node,
+whether its training diverged, its data or accelerator is faulty, or it sends a huge update on purpose (model
+replacement, Bagdasaryan et al. 2020), then costs its own contribution and nothing else.
 
 On the director, an update (the envoy's trained weights) is checked, in this order:
 - structure: the same tensor names and shapes as the global model, and float32 values (OpenFL's wire format);
@@ -15,13 +15,17 @@ The median and geometric-median aggregations (medfl.algorithms) and DP-SGD (medf
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .events import REJECTED
 
 # PyTorch's BatchNorm step counters: model state, but not weights; an update's distance leaves them out (they grow
 # by the number of batches an envoy ran, which says nothing about where its weights went).
@@ -117,3 +121,138 @@ def check_settings(max_update_ratio, max_rejections) -> None:
     if isinstance(max_rejections, bool) or not isinstance(max_rejections, int) or max_rejections < 1:
         raise ValueError(f"max_rejections={max_rejections!r}: give a whole number of rounds of at least 1 (the "
                          f"default is {MAX_REJECTIONS})")
+
+
+class UpdateChecks:
+    """The director's checks, mixed into the experiment's aggregator (medfl.aggregator.SelectingAggregator): each
+    round's updates are checked before they are aggregated; one that fails is left out of that round's aggregate (the
+    others re-weighted by their sample counts) and streamed as an event (REJECTED). An envoy rejected in
+    `max_rejections` rounds in a row, or whose validation metric is not finite, is dropped (medfl.dropouts). A round
+    whose every update was rejected keeps the global model as it was.
+
+    Needs of the aggregator: OpenFL's Aggregator, its _global_model, and _event, _drop, _judge and _remaining
+    (medfl.dropouts)."""
+
+    def _start_checks(self, max_update_ratio: float, max_rejections: int) -> None:
+        check_settings(max_update_ratio, max_rejections)
+        self.max_update_ratio, self.max_rejections = float(max_update_ratio), max_rejections
+        self.rejected: list[Rejection] = []
+        self._left_out: dict[str, set[str]] = {}  # this round's task: the envoys whose results stay out of it
+        self._in_a_row: dict[str, int] = {}  # envoy: rounds in a row its update was rejected
+        self._failed_metrics: dict[str, str] = {}  # envoy: which metric of this round was not finite
+        self._training_tasks: set[str] = set()  # tasks whose results carry trained weights
+        self._checks_lock = threading.Lock()
+
+    def send_local_task_results(self, collaborator_name, round_number, task_name, data_size, named_tensors):
+        weights = [t for t in named_tensors if not t.report and "trained" in t.tags]
+        if weights and round_number == self.round_number:
+            self._training_tasks.add(task_name)
+            problem = self._structure(weights, round_number)
+            if problem:  # unreadable by OpenFL's own code too: only the metrics go on
+                self._reject_update(collaborator_name, round_number, task_name, "structure", problem)
+                named_tensors = [t for t in named_tensors if t.report]
+        super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
+
+    def _decode(self, named_tensor) -> np.ndarray:
+        """A received tensor's values, decoded as OpenFL's _process_named_tensor decodes them (a change of the
+        weights, for delta updates)."""
+        from openfl.utilities import TensorKey
+
+        key = TensorKey(named_tensor.name, self.uuid, named_tensor.round_number, named_tensor.report,
+                        tuple(named_tensor.tags))
+        metadata = [{"int_to_float": m.int_to_float, "int_list": m.int_list, "bool_list": m.bool_list}
+                    for m in named_tensor.transformer_metadata]
+        return self.tensor_codec.decompress(key, named_tensor.data_bytes, metadata,
+                                            require_lossless="compressed" in named_tensor.tags)[1]
+
+    def _structure(self, weights, round_number: int) -> str | None:
+        """What is wrong with the structure of an arriving update, or None."""
+        try:
+            update = {t.name: self._decode(t) for t in weights}
+        except Exception as exc:  # bytes that do not make the tensor their metadata describes
+            return f"unreadable: {type(exc).__name__}: {exc}"
+        return structure_problem(update, self._global_model(round_number))
+
+    def _reject_update(self, envoy: str, round_number: int, task_name: str, check: str, detail: str,
+                       numbers: dict | None = None) -> None:
+        """Leave envoy's update of this round (counted from 0) out of task_name's aggregate, naming the check."""
+        rejection = Rejection(envoy, round_number + 1, check, detail, numbers or {})
+        with self._checks_lock:
+            self.rejected.append(rejection)
+            self._left_out.setdefault(task_name, set()).add(envoy)
+        self.logger.warning("Rejected %s's update in round %d: %s", envoy, rejection.round, rejection.line())
+        event = self._event(envoy, REJECTED, "")
+        event["metric_name"] = json.dumps({"check": check, "detail": detail, "numbers": rejection.numbers})
+        self.metric_queue.put(event)
+
+    def _check_round(self, r: int) -> None:
+        """Before round r is aggregated: leave out the updates that are not finite or stand out from the round's
+        median distance, and the results of tasks whose metrics are not finite. Called with self.lock held."""
+        from openfl.utilities import TaskResultKey
+
+        done = [c for c in self.collaborators_done if c not in self.dropped]
+        model = self._global_model(r)
+        for task in self.assigner.get_all_tasks_for_round(r):
+            distances = {}
+            for envoy in done:
+                keys = self.collaborator_tasks_results.get(TaskResultKey(task, envoy, r))
+                if keys is None or envoy in self._left_out.get(task, ()):
+                    continue
+                values = {k: self.tensor_db.get_tensor_from_cache(k) for k in keys}
+                bad_metric = next((k for k, v in values.items() if k.report and not np.isfinite(v).all()), None)
+                if bad_metric is not None:
+                    self._failed_metrics[envoy] = (f"its {task} task reported {bad_metric.tensor_name} = "
+                                                   f"{float(values[bad_metric])}")
+                    self._left_out.setdefault(task, set()).add(envoy)
+                    continue
+                update = {k.tensor_name: v for k, v in values.items() if not k.report and "trained" in k.tags}
+                if not update:
+                    continue
+                if bad := non_finite(update):
+                    self._reject_update(envoy, r, task, "finite", f"NaN or infinity in {bad['tensors']} of "
+                                        f"{bad['of']} tensors ({bad['first']} first)", bad)
+                else:
+                    distances[envoy] = distance(update, model)
+            for envoy, numbers in outsized(distances, self.max_update_ratio).items():
+                self._reject_update(envoy, r, task, "norm", f"its distance from the global model, "
+                                    f"{numbers['norm']:.4g}, is {numbers['ratio']:.1f} times the round's median "
+                                    f"({numbers['median']:.4g}); the bound is max_update_ratio="
+                                    f"{self.max_update_ratio:g}", numbers)
+
+    def _compute_validation_related_task_metrics(self, task_name: str) -> None:
+        left_out = self._left_out.get(task_name, set())
+        if not left_out:
+            return super()._compute_validation_related_task_metrics(task_name)
+        done = self.collaborators_done
+        self.collaborators_done = [c for c in done if c not in left_out]
+        try:
+            if any(c in self.collaborators_done for c in self.assigner.get_collaborators_for_task(
+                    task_name, self.round_number)):
+                super()._compute_validation_related_task_metrics(task_name)
+            elif task_name in self._training_tasks:  # every update rejected: the global model stays as it was
+                self.logger.warning("Round %d: every update was rejected; the global model stays as it was",
+                                    self.round_number)
+                for name, value in self._global_model(self.round_number).items():
+                    self._prepare_trained(name, self.uuid, self.round_number, False, value)
+        finally:
+            self.collaborators_done = done
+
+    def _act_on_checks(self, ended: int) -> None:
+        """After round `ended`: drop the envoys rejected max_rejections rounds in a row, and those whose metrics were
+        not finite (a failed task); then the min_envoys rule decides. Called with self.lock held."""
+        rejected_now = {e for task in self._training_tasks for e in self._left_out.get(task, ())
+                        if e not in self._failed_metrics}
+        for envoy in self._remaining():
+            self._in_a_row[envoy] = self._in_a_row.get(envoy, 0) + 1 if envoy in rejected_now else 0
+        failed, self._failed_metrics, self._left_out = self._failed_metrics, {}, {}
+        drops = {envoy: f"its task failed: {why}" for envoy, why in failed.items()}
+        for envoy, count in self._in_a_row.items():
+            if count >= self.max_rejections and envoy not in drops:
+                last = next(r for r in reversed(self.rejected) if r.envoy == envoy)
+                drops[envoy] = (f"its update was rejected in {count} rounds in a row (max_rejections="
+                                f"{self.max_rejections}); last: {last.line()}")
+        for envoy, why in drops.items():
+            if envoy not in self.dropped:
+                self._drop(envoy, why, ended)
+        if drops:
+            self._judge()

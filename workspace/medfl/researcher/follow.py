@@ -10,19 +10,19 @@ import grpc
 import torch
 from tqdm.auto import tqdm
 
-from ..aggregator import (
+from ..events import (
     AGGREGATED,
     DROPPED,
     FAILED,
     HELD,
     REFUSED,
     REJECTED,
+    SECURE,
     TRAFFIC,
     TRAFFIC_COUNTS,
     VALIDATE_GLOBAL,
-    Best,
 )
-from ..secure import SECURE
+from ..selection import Best
 
 TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val",
               TRAFFIC: "traffic"}

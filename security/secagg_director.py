@@ -1,11 +1,12 @@
-"""Secure aggregation in an experiment: the plan that switches it on, and the director's side of the protocol.
+"""Secure aggregation's director half, on the director, inside the experiment's aggregator
+(medfl.aggregator.SelectingAggregator mixes in SecureAggregation): the director only relays the protocol's messages
+(security.secagg) and unmasks the round's weighted mean, nothing else.
 
-With `secure_aggregation = True` every envoy masks its train task's update before it leaves the node
-(security.secagg, on the envoy), and the director, which only relays the protocol's messages, unmasks the round's
-weighted mean and nothing else. This module is the director's side: SelectingAggregator hands it the protocol's
-messages (task results and tensor requests named secagg/...) and asks it, when a round ends, for the new global
-weights. The aggregation function (FedAvg's mean, a server optimizer) then sees that one mean, as if one envoy had
-sent it: algorithms that need each update (median, geometric median) are refused in the notebook.
+SecureAggregation routes what reaches the aggregator: task results and tensor requests named secagg/<step> are the
+protocol's messages, handed to SecureRounds; an update that arrives unmasked is refused; and when a round ends, the
+new global weights come from the secure sum. The aggregation function (FedAvg's mean, a server optimizer) then sees
+that one mean, as if one envoy had sent it: algorithms that need each update (median, geometric median) are refused
+in the notebook.
 """
 from __future__ import annotations
 
@@ -15,28 +16,89 @@ import time
 
 import numpy as np
 
-# How far an envoy's update may move the global model (L2 norm of the change, BatchNorm's step counters left out):
-# under secure aggregation each envoy clips its own to this, since the director cannot see it. The tutorial's CNN
-# moves by 2 to 8 a round (synthetic BloodMNIST, 28 px, Adam at 1e-3, measured 2026-12-04).
-MAX_UPDATE_NORM = 100.0
-SECURE = "secure_aggregation"  # the event streamed when a round was aggregated securely; metric_name is JSON
+from . import secagg
 
 
-def plan(secure_aggregation: bool, threshold: int, max_update_norm: float) -> dict:
-    """The experiment's plan overrides: the director's settings and every envoy's (empty when off)."""
-    if not secure_aggregation:
-        return {}
-    return {"aggregator.settings.secure_aggregation": True, "aggregator.settings.secure_threshold": threshold,
-            "aggregator.settings.max_update_norm": max_update_norm,
-            "collaborator.settings.secure_aggregation": True, "collaborator.settings.max_update_norm": max_update_norm}
+class SecureAggregation:
+    """The director's half, mixed into the experiment's aggregator. Needs of the aggregator: OpenFL's Aggregator,
+    its _global_model, stopped and dropped, _fail and _drop (which this extends), _reject_update, and SECURE_EVENT (the
+    task name of the event streamed for each securely aggregated round)."""
+
+    _secure = None  # SecureRounds, when the experiment asks for secure aggregation
+
+    def _start_secure(self, enabled: bool, threshold: int, bound: float) -> None:
+        self._secure = SecureRounds(self, threshold, bound) if enabled else None
+
+    def send_local_task_results(self, collaborator_name, round_number, task_name, data_size, named_tensors):
+        if task_name.startswith(secagg.STEP):  # one of the protocol's messages
+            if self._secure is not None:
+                self._secure.receive(collaborator_name, round_number, task_name[len(secagg.STEP):], named_tensors)
+            return
+        if self._secure is not None and any(not t.report and "trained" in t.tags for t in named_tensors):
+            # a node without secure aggregation: its update is not used, its metrics are
+            self._reject_update(collaborator_name, round_number, task_name, "secure", "its update arrived unmasked: "
+                                "its node does not run this project's secure aggregation (security.secagg_envoy)")
+            named_tensors = [t for t in named_tensors if t.report]
+        super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
+
+    def get_aggregated_tensor(self, collaborator_name, tensor_name, round_number, report, tags, require_lossless):
+        if not tensor_name.startswith(secagg.STEP):
+            return super().get_aggregated_tensor(collaborator_name, tensor_name, round_number, report, tags,
+                                                 require_lossless)
+        from openfl.protocols import base_pb2  # a request in the protocol: held until its answer is ready
+
+        answer = (self._secure.answer(collaborator_name, round_number, tensor_name[len(secagg.STEP):])
+                  if self._secure is not None else b'{"error": "this experiment has no secure aggregation"}')
+        return base_pb2.NamedTensor(name=tensor_name, round_number=round_number, lossless=True, data_bytes=answer)
+
+    def _compute_validation_related_task_metrics(self, task_name: str) -> None:
+        super()._compute_validation_related_task_metrics(task_name)
+        if self._secure is not None and "train" in task_name and not self.stopped:
+            self._aggregate_securely(task_name)
+
+    def _aggregate_securely(self, task_name: str) -> None:
+        """The round's new global model from the secure sum (the envoys sent no weights in the clear)."""
+        from openfl.utilities import LocalTensor
+
+        r = self.round_number
+        try:
+            weights, report = self._secure.mean(r, self._global_model(r))
+        except Exception as exc:  # below the threshold, or inputs of another size
+            self._fail(f"round {r + 1}: {exc}")
+            return
+        # metric_origin as OpenFL gives its own aggregated metrics (medfl.events.AGGREGATED)
+        self.metric_queue.put({"round": r, "metric_origin": "aggregator", "task_name": self.SECURE_EVENT,
+                               "metric_name": json.dumps(report), "metric_value": report["seconds"]})
+        if weights is None:  # the sum failed its check: the global model stays as it was
+            self.logger.warning("Round %d: %s; the global model stays as it was", r + 1, report["rejected"])
+            weights = self._global_model(r)
+        function = self.assigner.get_aggregation_type_for_task(task_name)
+        for name, value in weights.items():
+            mean = function.call([LocalTensor(col_name="secure sum", tensor=value, weight=1.0)], None, name, r,
+                                 ("trained",))
+            self._prepare_trained(name, self.uuid, r, False, mean)
+
+    def fail_securely(self, why: str) -> None:
+        """Secure aggregation cannot go on (below its threshold): the experiment fails with that line."""
+        with self.lock:
+            if not self.stopped:
+                self._fail(why)
+
+    def _drop(self, name: str, why: str, round_number: int | None = None) -> None:
+        super()._drop(name, why, round_number)
+        if self._secure is not None:
+            self._secure.notify()  # requests waiting for its protocol messages look again
+
+    def _fail(self, why: str) -> None:
+        super()._fail(why)
+        if self._secure is not None:
+            self._secure.notify()  # envoys waiting in the protocol hear it
 
 
 class SecureRounds:
-    """The director's side, for one experiment: one security.secagg.DirectorRound per round."""
+    """The protocol's state on the director, for one experiment: one secagg.DirectorRound per round."""
 
     def __init__(self, aggregator, threshold: int, bound: float):
-        from security import secagg
-
         self.secagg, self.aggregator, self.threshold, self.bound = secagg, aggregator, int(threshold or 0), bound
         self.rounds: dict[int, secagg.DirectorRound] = {}
         self.changed = threading.Condition()
