@@ -75,7 +75,10 @@ refuse: venv
 test: venv
 	$(VENV)/bin/ruff check .
 ifeq ($(CI),true)
-	$(PY) -m pytest; bash tools/test_pythons.sh $$?
+	@echo "== the other tested Pythons' environments: made in the background meanwhile (runs/test-pythons-prepare.log)"
+	@mkdir -p runs; bash tools/test_pythons.sh prepare > runs/test-pythons-prepare.log 2>&1 & prepared=$$!; \
+	$(PY) -m pytest; status=$$?; wait $$prepared; cat runs/test-pythons-prepare.log; \
+	bash tools/test_pythons.sh $$status
 else
 	$(PY) -m pytest
 endif

@@ -217,3 +217,20 @@ def test_a_failure_on_any_version_fails_the_run_and_says_which(default_venv):
     assert f"Python {TESTED[1]}  .venv-{TESTED[1]}  all but the slow tests: FAILED (" in result.stdout
     failed_default = venv_sh(default_venv, "1", script="test_pythons.sh")
     assert failed_default.returncode == 1 and "the whole suite: FAILED (pytest status 1)" in failed_default.stdout
+
+
+def test_prepare_makes_the_other_environments_only_and_the_run_then_just_tests(default_venv):
+    """make test (CI=true) runs `prepare` in the background during the default Python's suite: it makes each other
+    version's environment and runs no test; the run after it finds them made and only tests."""
+    fake(default_venv, f"python{TESTED[1]}", f"{TESTED[1]}.1")
+    prepared = venv_sh(default_venv, "prepare", script="test_pythons.sh")
+    assert prepared.returncode == 0, prepared.stderr
+    assert f"== Python {TESTED[1]}: .venv-{TESTED[1]} prepared in" in prepared.stdout
+    made = log(default_venv)
+    assert f"venv .venv-{TESTED[1]}" in made and "on PATH" not in made  # made, and no test run
+    (default_venv / "log").unlink()
+    result = venv_sh(default_venv, "0", script="test_pythons.sh")
+    assert result.returncode == 0, result.stderr
+    assert not log(default_venv).startswith("venv ") and "pip install" not in log(default_venv)
+    assert f"pytest -m not slow -p no:cacheprovider on PATH: {default_venv / f'.venv-{TESTED[1]}'}/bin/fx" in \
+        log(default_venv)

@@ -6,8 +6,27 @@
 # the end-to-end federation with mutual TLS, within CI's time. Prints one line per tested version: passed,
 # FAILED or SKIPPED (not on this machine).
 # Usage: tools/test_pythons.sh [STATUS]   STATUS: the default Python's pytest exit status, for the summary.
+#        tools/test_pythons.sh prepare    make every other tested Python's environment now, at the lowest CPU
+#                                         priority: `make test` under CI=true runs this in the background while the
+#                                         default Python's suite runs (installing is mostly waiting on the disk and
+#                                         the package index), so that afterwards only their tests take time.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ "${1:-}" == "prepare" ]]; then
+  default="$(bash tools/venv.sh version .venv 2>/dev/null || true)"
+  for version in $(bash tools/venv.sh versions); do
+    [[ "$version" != "$default" ]] || continue
+    python="$(bash tools/venv.sh find "$version")" || continue  # reported as SKIPPED by the run itself
+    start=$SECONDS
+    if PYTHON="$python" nice -n 19 bash tools/venv.sh make ".venv-$version"; then
+      echo "== Python $version: .venv-$version prepared in $((SECONDS - start)) s"
+    else
+      echo "== Python $version: preparing .venv-$version FAILED; the run below tries again"
+    fi
+  done
+  exit 0
+fi
 
 default_status="${1:-}"
 default="$(bash tools/venv.sh version .venv)" ||
