@@ -17,8 +17,9 @@ if [[ ! -x "$bin/fx" ]]; then
   echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
   exit 2
 fi
-# This project's adjustments to OpenFL (openfl_adjustments/) and its certificate tool.
-export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
+# A node's import roots (roots.py): the repository's and the shard descriptor's, never workspace/.
+PYTHONPATH="$("$bin/python" "$here/../roots.py" node)"  # not on export's line, so that set -e sees a failure
+export PYTHONPATH
 # What the director keeps across experiments: its audit log of every experiment and payload received.
 export MEDFL_DIRECTOR_STATE="${MEDFL_DIRECTOR_STATE:-$(dirname "$config")/state/director}"
 # OpenFL reads the config with dynaconf, which takes DYNACONF_SETTINGS__* variables as overrides.
@@ -35,6 +36,6 @@ else
 fi
 # OpenFL insists that the config lies inside the working directory.
 cd "$(dirname "$config")"
-# fx, with this project's adjustments to OpenFL (see openfl_adjustments/__init__.py).
-exec "$bin/python" -m openfl_adjustments director start "${tls_args[@]}" \
+# fx, with this project's adjustments to OpenFL and its security rules (see node.py).
+exec "$bin/python" -m node director start "${tls_args[@]}" \
   --director-config-path "$(basename "$config")"

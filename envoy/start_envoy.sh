@@ -25,8 +25,9 @@ if [[ ! -x "$bin/fx" ]]; then
   echo "error: OpenFL's fx not found: activate the environment (make venv, then source .venv/bin/activate)" >&2
   exit 2
 fi
-# The shard descriptor's package, this project's adjustments to OpenFL (openfl_adjustments/) and security/.
-export PYTHONPATH="$here:$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
+# A node's import roots (roots.py): the repository's and the shard descriptor's, never workspace/.
+PYTHONPATH="$("$bin/python" "$here/../roots.py" node)"  # not on export's line, so that set -e sees a failure
+export PYTHONPATH
 export ENVOY_NAME="$name"  # the tasks name the node in their errors
 # What this envoy keeps across experiments (its privacy ledger, its audit log): beside its config.
 export MEDFL_ENVOY_STATE="${MEDFL_ENVOY_STATE:-$(dirname "$config")/state/$name}"
@@ -48,7 +49,7 @@ fi
 cd "$(dirname "$config")"
 # Check the shard (and fetch a missing file) first, so a bad config ends in one clear line.
 "$bin/python" -m medmnist_shard check "$config"
-# fx, with this project's adjustments to OpenFL (see openfl_adjustments/__init__.py).
-exec "$bin/python" -m openfl_adjustments envoy start --shard-name "$name" "${tls_args[@]}" \
+# fx, with this project's adjustments to OpenFL and its security rules (see node.py).
+exec "$bin/python" -m node envoy start --shard-name "$name" "${tls_args[@]}" \
   --director-host "$director" --director-port "${DIRECTOR_PORT:-50051}" \
   --envoy-config-path "$(basename "$config")"

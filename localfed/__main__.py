@@ -5,11 +5,15 @@ from __future__ import annotations
 import signal
 import sys
 
-from medmnist_shard import DataError
+import roots
 
-from . import FederationError
-from .run import RunError, check
-from .settings import parse
+roots.join("launcher")  # before the modules below import medfl and medmnist_shard from their roots
+
+from medmnist_shard import DataError  # noqa: E402
+
+from .federation import FederationError  # noqa: E402
+from .run import RunError, check  # noqa: E402
+from .settings import parse  # noqa: E402
 
 
 def _interrupt(signum, frame):

@@ -30,7 +30,7 @@ from medmnist_shard import DataError, MedMNISTShardDescriptor
 from medmnist_shard.spec import file_name, info
 from medmnist_shard.synthetic import make_synthetic
 
-from . import ROOT
+from .federation import ROOT
 from .notebook import definitions
 from .run import local_federation, run_notebook
 from .settings import Settings
@@ -215,7 +215,7 @@ def hosts_run(settings: Settings, data_dir: Path, workdir: Path) -> dict:
     """The same notebook run across hosts (localfed.hosts): two hospitals whose links carry the WAN profile."""
     from .hosts import HOSPITALS, HostsFederation
     from .netns import Network, install_nftables, unavailable
-    from .wire import Profile
+    from .wan import Profile
 
     wan = settings.wan
     if settings.envoys != len(HOSPITALS):

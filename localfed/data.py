@@ -7,7 +7,7 @@ from medmnist_shard.files import ensure_file
 from medmnist_shard.spec import DataError, check_flag, check_size, file_name
 from medmnist_shard.synthetic import make_synthetic
 
-from . import ROOT
+from .federation import ROOT
 
 SOURCES = ("download", "synthetic")
 CACHE = ROOT / "data"  # git-ignored; downloads and synthetic files are kept for the next run

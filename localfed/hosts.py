@@ -16,10 +16,11 @@ from pathlib import Path
 
 import yaml
 
+import roots
 from medfl.researcher import DEFAULTS, RUN
 from medmnist_shard.spec import sample_shape, target_shape
 
-from . import ROOT, LocalFederation, Placement
+from .federation import ROOT, LocalFederation, Placement
 from .netns import CLIENT_FIREWALL, HOSPITALS, HostsError, Network, _run, director_firewall
 from .run import launch_notebook
 
@@ -27,7 +28,7 @@ DIRECTOR_PORT = RUN["director_port"]  # each host has its own ports: the default
 AGGREGATOR_PORT = DIRECTOR_PORT + 1  # fixed, for the director's firewall
 # What each host needs of the repository (docs/across-hosts.md): the environment's files, the start script
 # and config of its role, and the code it runs; nothing of the other roles.
-COMMON = ("Makefile", "requirements.txt", "security", "openfl_adjustments")
+COMMON = ("Makefile", "requirements.txt", "roots.py", "node.py", "security", "openfl_adjustments")
 ROLE_FILES = {
     "director": ("director/start_director.sh", "director/director_config.yaml"),
     "hospital": ("envoy/start_envoy.sh", "envoy/medmnist_shard"),
@@ -72,9 +73,10 @@ class OnHosts(Placement):
     def env(self, node: str, federation: LocalFederation) -> dict:
         """What `source .venv/bin/activate` and docs/across-hosts.md's start line set on that host."""
         folder = self.folder(node)
-        # The researcher's `make venv` makes the repository importable; here its own copy of it.
+        # The researcher's `make venv` makes the repository importable (its .pth); here its own copy of it.
         env = {"PATH": f"{folder / '.venv' / 'bin'}:{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(folder / ".venv"),
-               "ALLOW_PLAINTEXT": "", "PYTHONPATH": str(folder) if node == "researcher" else ""}
+               "ALLOW_PLAINTEXT": "",
+               "PYTHONPATH": roots.pythonpath("environment", folder) if node == "researcher" else ""}
         if node == "director":  # CERTS=certs DIRECTOR_HOST=0.0.0.0 ./director/start_director.sh
             env.update(CERTS="certs", DIRECTOR_HOST="0.0.0.0", DIRECTOR_PORT=str(DIRECTOR_PORT))
         elif node != "researcher":  # CERTS=certs DIRECTOR_HOST=director ./envoy/start_envoy.sh envoy_N CONFIG

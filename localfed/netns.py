@@ -4,7 +4,7 @@ links.
 Four hosts, `director`, `hospital-a`, `hospital-b` and `researcher`, each a network namespace with its own
 address on a private bridge (itself in a fifth namespace, the "switch", so that nothing touches this machine's own
 network) and its own /etc/hosts (ip netns exec mounts /etc/netns/NAME/hosts there) and host name. The hospitals'
-links carry a wide-area profile: tc's netem where the kernel has it, else localfed.wire, which does the same in
+links carry a wide-area profile: tc's netem where the kernel has it, else localfed.wan, which does the same in
 user space. Needs root, iproute2 and nftables. localfed.hosts puts a federation on them.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from . import ROOT, Component, FederationError, signals_deferred, tail
-from .wire import Profile
+from .federation import ROOT, Component, FederationError, signals_deferred, tail
+from .wan import Profile
 
 PREFIX = "flh-"  # every namespace this module makes starts with it, then the owner's pid
 SUBNET = "192.0.2"  # TEST-NET-1 (RFC 5737): documentation addresses, routed nowhere
@@ -74,7 +74,7 @@ def unavailable() -> str:
     try:
         tap = _run("ip", "-n", probe, "tuntap", "add", "dev", "probe", "mode", "tap", check=False)
         if tap.returncode != 0 and not _netem_works(probe):
-            return f"neither tc's netem nor TAP devices (for localfed.wire) work here: {tap.stderr.strip()}"
+            return f"neither tc's netem nor TAP devices (for localfed.wan) work here: {tap.stderr.strip()}"
     finally:
         _run("ip", "netns", "del", probe, check=False)
     return ""
@@ -168,7 +168,7 @@ class Network:
 
     def describe(self) -> str:
         """What the hospitals' links do, honestly: by which means, and what the profile is."""
-        means = "tc netem" if self.link == "netem" else "localfed.wire (user space; this kernel has no netem)"
+        means = "tc netem" if self.link == "netem" else "localfed.wan (user space; this kernel has no netem)"
         return f"hospital links: {self.profile}, by {means}; director and researcher links unshaped"
 
     def _namespace(self, namespace: str) -> None:
@@ -210,7 +210,7 @@ class Network:
     def _start_wire(self, host: str) -> None:
         log = (self.logs or Path("/tmp")) / f"wire-{host}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "localfed.wire", f"{self.namespace(host)}/eth0", f"{self.switch}/{host}",
+        command = [sys.executable, "-m", "localfed.wan", f"{self.namespace(host)}/eth0", f"{self.switch}/{host}",
                    f"{self.profile.delay * 1000:g}ms,{self.profile.rate / 1e6:g}mbit,{self.profile.loss * 100:g}%",
                    "--seed", str(ADDRESSES[host])]
         with open(log, "wb") as out, signals_deferred():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from medfl.aggregator import quorum
 from medfl.researcher import ParameterError, check_algorithm, check_parameters
+from medfl.selection import quorum
 from medmnist_shard import DataError
 from medmnist_shard.descriptor import prepare
 from medmnist_shard.partition import STRATEGIES
@@ -21,10 +21,10 @@ from security import policy as policy_rules
 from security.certs import DEFAULT_RESEARCHERS
 from security.certs import make as make_certs
 
-from . import ROOT, LocalFederation, free_port, kill_tree, signals_deferred, tail
 from .data import resolve
+from .federation import ROOT, LocalFederation, free_port, kill_tree, signals_deferred, tail
 from .settings import Settings, own_folders
-from .wire import Profile
+from .wan import Profile
 
 # Lines of the notebook's output worth showing live: its progress lines (medfl.researcher.follow) and summary.
 PROGRESS = re.compile(r"^(initial model|model after|round \d|final validation|test |best model|no global model|NOTE|"

@@ -17,16 +17,16 @@ from pathlib import Path
 
 from medfl.algorithms import OPTIONS as ALGORITHM_OPTIONS
 from medfl.privacy import OPTIONS as DP_OPTIONS
-from medfl.researcher import DEFAULTS, RUN
+from medfl.researcher import DEFAULTS, RUN, RUN_CHOICES
 from medmnist_shard import DataError
 
-from . import ROOT
+from .federation import ROOT
 
 COMMANDS = ("demo", "baseline", "bench", "compare", "stems")
-# The keys of the notebook's `run` dict that a user sets; the launcher sets the others (director, certificates,
-# output folder, experiment name, data source).
-RUN_SETTINGS = ("stem", "best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio",
-                "max_rejections", "wire_dtype", "secure_threshold", "max_update_norm", "verbose", "resume_from")
+# The keys of the notebook's `run` dict that a user sets: what shapes the experiment (medfl.researcher.RUN_CHOICES),
+# the log on the page and a run to resume; the launcher sets the others (director, certificates, output folder,
+# experiment name, data source).
+RUN_SETTINGS = (*RUN_CHOICES, "verbose", "resume_from")
 # The launcher's own settings and their defaults.
 LAUNCHER = {
     "envoys": 2,

@@ -20,8 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfl.device import DeviceError, autocast, pick_device
-from medfl.model import STEMS, Net
+import roots
+
+roots.join("launcher")  # python -m localfed.stems: medfl from its root, as the launcher has it
+
+from medfl.device import DeviceError, autocast, pick_device  # noqa: E402
+from medfl.model import STEMS, Net  # noqa: E402
 
 TEXTURES = ("none", "checkerboard", "horizontal stripes", "vertical stripes")
 WARMUP_STEPS = 3  # untimed: the first steps pay for cuDNN's choices, not the stem

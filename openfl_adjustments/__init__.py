@@ -1,5 +1,5 @@
-"""This project's runtime adjustments to OpenFL 1.6's behaviour, applied by `python -m openfl_adjustments`
-(start_director.sh and start_envoy.sh run it instead of `fx`, with the security package's rules too).
+"""This project's runtime adjustments to OpenFL 1.6's behaviour, applied by `python -m node` (node.py, which
+start_director.sh and start_envoy.sh run instead of `fx`, with the security package's rules too).
 
 Each adjustment replaces one named piece of OpenFL at start-up; site-packages is untouched, and
 tests/test_openfl_contract.py fails if the pinned OpenFL stops doing what an adjustment relies on.

@@ -66,7 +66,7 @@ class FastTensorDB(TensorDB):
             local_tensors.append(LocalTensor(col_name=col, tensor=value, weight=weight))
         if getattr(aggregation_function, "_privileged", False):
             raise NotImplementedError("privileged aggregation functions need OpenFL's own TensorDB: start "
-                                      "the director with fx instead of python -m openfl_adjustments")
+                                      "the director with fx instead of python -m node")
         aggregated = aggregation_function(local_tensors, self._iterate(), tensor_name, fl_round, tags)
         self.cache_tensor({tensor_key: aggregated})
         return np.array(aggregated)

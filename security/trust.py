@@ -70,7 +70,7 @@ def checking_wait(wait_experiment):
     def wrapper(self):
         while True:
             experiment = wait_experiment(self)
-            if not guard.watching():  # not an envoy started by python -m openfl_adjustments
+            if not guard.watching():  # not an envoy started by python -m node
                 return experiment
             archive, sha256, size = _received(self.get_experiment_data(experiment))
             sender = verified = problem = certificate = None

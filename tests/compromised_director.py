@@ -33,5 +33,5 @@ def rewritten(get_experiment_data, mode: str):
 if __name__ == "__main__":
     mode = sys.argv.pop(1)
     Director.get_experiment_data = rewritten(Director.get_experiment_data, mode)
-    sys.argv[0] = "openfl_adjustments"
-    runpy.run_module("openfl_adjustments", run_name="__main__", alter_sys=True)
+    sys.argv[0] = "node"
+    runpy.run_module("node", run_name="__main__", alter_sys=True)

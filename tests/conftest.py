@@ -1,14 +1,16 @@
 """Shared fixtures: import paths, tiny synthetic MedMNIST files, and a local federation."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+import roots
+
 ROOT = Path(__file__).resolve().parents[1]
-# The envoy's data package and the notebook's training package, as the nodes import them.
-sys.path[:0] = [str(ROOT), str(ROOT / "envoy"), str(ROOT / "workspace")]
+assert roots.REPOSITORY == ROOT, f"this environment's .pth names {roots.REPOSITORY}, not {ROOT}: run make venv here"
+# The tests use all three roots: the repository's, the envoy's data package and the notebook's training package.
+roots.join("launcher")
 
 from medmnist_shard.synthetic import make_synthetic  # noqa: E402
 

@@ -4,10 +4,10 @@ usage: python evaluate_saved.py MODEL.pt SPLIT FLAG SIZE DATA_DIR WORLD_SIZE [PA
 """
 import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "envoy"), str(ROOT / "workspace")]
+import roots
+
+roots.join("launcher")
 
 import torch  # noqa: E402
 

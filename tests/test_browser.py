@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from conftest import ROOT
-from localfed import LocalFederation, free_port, tail
+from localfed.federation import LocalFederation, free_port, tail
 from medmnist_shard.spec import sample_shape, target_shape
 
 if os.environ.get("CI") != "true" and os.environ.get("BROWSER_TEST") != "1":

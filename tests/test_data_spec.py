@@ -6,7 +6,7 @@ import sys
 import medmnist
 import pytest
 
-from conftest import ROOT
+import roots
 from medmnist_shard.spec import (
     FLAGS,
     SIZES,
@@ -26,7 +26,7 @@ def test_a_shard_is_described_from_medmnists_info_without_importing_torch():
     probe = ("import sys, medmnist_shard, medmnist_shard.spec as spec; heavy = sorted({'torch', 'sklearn', 'PIL'} & "
              "set(sys.modules)); import medmnist; print(heavy, spec.INFO == medmnist.INFO, spec.INFO is medmnist.INFO)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "envoy"), str(ROOT)])})
+                            env={**os.environ, "PYTHONPATH": roots.pythonpath("node")})
     assert result.stdout.split() == ["[]", "True", "False"], result.stderr
 
 

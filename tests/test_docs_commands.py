@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import roots
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -204,7 +205,7 @@ def _check_python(command: Command) -> None:
     if args[:1] == ["-m"]:
         module, rest = args[1], args[2:]
         sub = rest[0] if rest and not rest[0].startswith("-") and not PLACEHOLDER.search(rest[0]) else ""
-        if module in ("pytest", "openfl_adjustments"):  # its arguments are test paths / fx's own commands
+        if module in ("pytest", "node"):  # its arguments are test paths / fx's own commands
             sub = ""
         code, text = _help(module, sub, command.env.get("PYTHONPATH", ""), str(command.cwd))
         assert code == 0, f"{command}: `python -m {module} {sub} --help` fails:\n{text[-1500:]}"
@@ -295,7 +296,7 @@ def test_the_pages_show_the_commands_the_issue_found_broken():
 
 def test_every_repository_path_the_pages_name_exists():
     roots = ("director/", "envoy/", "workspace/", "openfl_adjustments/", "security/", "localfed/", "tools/",
-             "tests/", "docs/", "medfl/", "medmnist_shard/")
+             "tests/", "docs/", "medfl/", "medmnist_shard/", "roots.py", "node.py")
     missing = []
     for page in PAGES:
         for span in re.findall(r"`([^`\s]+)`", page.read_text()):
@@ -360,7 +361,8 @@ def test_make_certs_and_the_check_run_as_the_across_hosts_page_shows_them(tmp_pa
     for name in ("Makefile", "security"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, clone / name)
     (clone / ".venv").symlink_to(ROOT / ".venv")
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(clone)}
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+           "PYTHONPATH": roots.pythonpath("environment", clone)}
     # -o venv: the environment is this one; make certs itself runs as written.
     made = subprocess.run(["make", "-o", "venv", *make.argv[1:]], cwd=clone, env=env, capture_output=True, text=True,
                           timeout=120)

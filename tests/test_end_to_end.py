@@ -51,9 +51,19 @@ def data_dir(tiny_file):
 
 
 @pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory):
+def medfl_imports(tmp_path_factory):
+    """Where every process of the module's run records each import of medfl (tests/saboteur: MEDFL_TEST_IMPORTS)."""
+    return tmp_path_factory.mktemp("imports") / "medfl.jsonl"
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory, medfl_imports):
     runs = tmp_path_factory.mktemp("runs")
-    result = subprocess.run(demo_command(data_dir, runs), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    saboteur = str(ROOT / "tests" / "saboteur")  # test-only hooks: here, each process records its imports of medfl
+    env = {**os.environ, "MEDFL_TEST_IMPORTS": str(medfl_imports),
+           "PYTHONPATH": os.pathsep.join(filter(None, [saboteur, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(demo_command(data_dir, runs), cwd=ROOT, capture_output=True, text=True, timeout=400,
+                            env=env)
     assert result.returncode == 0, f"make demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     run_dir = (runs / "latest").resolve()
     assert not leftovers(run_dir), "a director, envoy or kernel outlived the run"
@@ -89,6 +99,24 @@ def test_progress_is_shown_round_by_round(run):
                  "model after 2/2  aggregator  global val", "test             aggregator  global val"):
         assert line in stdout, line
     assert "SYNTHETIC data, not MedMNIST" in stdout and "test ACC" in stdout
+
+
+def test_the_nodes_run_the_medfl_their_experiment_brought_not_a_copy_of_their_own(run, medfl_imports):
+    """The director and every envoy import medfl only from the experiment OpenFL unpacked into their working folder,
+    with workspace/ never on their path (roots.py): else a node would run its own copy, not what the researcher sent."""
+    records = [json.loads(line) for line in medfl_imports.read_text().splitlines()]
+    nodes = [r for r in records if r["role"] == "director" or r["role"].startswith("envoy ")]
+    assert {r["role"] for r in nodes} == {"director", *(f"envoy {e}" for e in ENVOYS)}, records
+    workspace = ROOT / "workspace"
+    for record in nodes:
+        package = Path(record["file"]).resolve().parent
+        assert not record["workspace_on_path"] and not package.is_relative_to(workspace), record
+        # OpenFL runs an experiment inside the folder it unpacked it to, in the node's own folder.
+        experiment = Path(record["cwd"]).resolve()
+        node = "director" if record["role"] == "director" else record["role"].split()[1]
+        assert package == experiment / "medfl" and experiment.parent == run[0] / "nodes" / node, record
+    # The check can see a copy: the launcher, which has workspace/ on its path, imports that one.
+    assert any(Path(r["file"]).resolve().is_relative_to(workspace) for r in records if r not in nodes), records
 
 
 def test_every_streamed_acc_and_auc_is_a_fraction(run):
@@ -261,7 +289,7 @@ def node_pid(run_dir, name):
     """The process id of the director or of the envoy called `name`, from the run's processes."""
     for p in leftovers(run_dir):
         args = p["cmdline"] or []
-        if "openfl_adjustments" in args and name in args:  # "director", or an envoy's name
+        if "node" in args and name in args:  # "director", or an envoy's name
             return p["pid"]
     raise AssertionError(f"no running {name}")
 

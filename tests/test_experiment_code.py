@@ -10,7 +10,7 @@ from conftest import ROOT
 
 @pytest.mark.slow
 def test_a_changed_package_reaches_envoys_that_already_ran_an_experiment(tiny_file, tmp_path, monkeypatch):
-    from localfed import LocalFederation
+    from localfed.federation import LocalFederation
     from medfl.researcher import follow
     from medmnist_shard.spec import sample_shape, target_shape
 

@@ -10,7 +10,7 @@ import yaml
 from notebook_cells import run_until, start_experiment
 
 from conftest import ROOT
-from localfed import _listening, free_port, tail
+from localfed.federation import _listening, free_port, tail
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_an_envoy_restarted_after_a_crash_registers_again_and_takes_part_in_the_
                                                                                               monkeypatch):
     from openfl.interface.interactive_api.federation import Federation
 
-    from localfed import LocalFederation
+    from localfed.federation import LocalFederation
     from medmnist_shard.spec import sample_shape, target_shape
 
     data_dir = tiny_file("bloodmnist").parent
@@ -112,7 +112,7 @@ def test_an_envoy_frozen_mid_run_is_dropped_and_once_thawed_leaves_that_run_for_
                                                                                         monkeypatch):
     """SIGSTOP stands for a hung host or a cut cable: the run goes on without the envoy; when it comes back,
     its experiment's aggregator is gone, and instead of retrying forever (OpenFL) it waits for the next one."""
-    from localfed import LocalFederation
+    from localfed.federation import LocalFederation
     from medfl import Best
     from medmnist_shard.spec import sample_shape, target_shape
 
@@ -146,7 +146,7 @@ def test_an_envoy_frozen_mid_run_is_dropped_and_once_thawed_leaves_that_run_for_
 def test_an_envoy_restarted_during_an_experiment_leaves_it_and_joins_the_next(tiny_file, tmp_path, monkeypatch):
     """Back before the director missed it, a restarted envoy has lost its part of the running experiment:
     the experiment goes on without it at once, and the envoy takes part in the next one."""
-    from localfed import LocalFederation
+    from localfed.federation import LocalFederation
     from medmnist_shard.spec import sample_shape, target_shape
 
     data_dir = tiny_file("bloodmnist", 28, {"train": 600, "val": 40, "test": 40}).parent
@@ -185,7 +185,7 @@ def _interrupt(component, seconds=5):
 
 
 def test_one_ctrl_c_stops_an_idle_envoy_a_busy_one_and_the_director_in_one_line(tiny_file, tmp_path, monkeypatch):
-    from localfed import LocalFederation
+    from localfed.federation import LocalFederation
     from medmnist_shard.spec import sample_shape, target_shape
 
     data_dir = tiny_file("bloodmnist", 28, {"train": 2000, "val": 40, "test": 40}).parent

@@ -15,8 +15,9 @@ import grpc
 import pytest
 from notebook_cells import run_until, start_experiment
 
+import roots
 from conftest import ROOT
-from localfed import LocalFederation, free_port, tail
+from localfed.federation import LocalFederation, free_port, tail
 from security import certs as pki_tools
 from security import signing, trust
 from security.plaintext import is_loopback
@@ -322,7 +323,7 @@ def test_envoys_refuse_what_a_compromised_director_rewrote(pki, tiny_file, tmp_p
         "shard_descriptor": {"template": "medmnist_shard.MedMNISTShardDescriptor",
                              "params": {"flag": "bloodmnist", "size": 28, "download": False,
                                         "data_dir": str(tiny_file("bloodmnist").parent)}}}))
-    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'envoy'}", "DYNACONF_SETTINGS__LISTEN_PORT": str(port),
+    env = {"PYTHONPATH": roots.pythonpath("node"), "DYNACONF_SETTINGS__LISTEN_PORT": str(port),
            "DIRECTOR_PORT": str(port), "CERTS": str(good)}
     tls = ["--root-cert-path", str(good / "ca.crt")]
     processes = []

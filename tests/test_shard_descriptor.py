@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+import roots
 from conftest import ROOT
 from medmnist_shard import FLAGS, SIZES, DataError, MedMNISTShardDescriptor
 from medmnist_shard.spec import sample_shape, target_shape
@@ -88,7 +89,7 @@ def _config(tmp_path, data_dir, **params):
 
 
 def _run(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "envoy")}
+    env = {**os.environ, "PYTHONPATH": roots.pythonpath("node")}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 

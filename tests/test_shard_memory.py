@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import ROOT
+import roots
 from medmnist_shard import FLAGS, MedMNISTShardDescriptor, files, prepare
 from medmnist_shard import cache as shard_cache
 from medmnist_shard.__main__ import main
@@ -78,7 +78,7 @@ print(json.dumps(report))
 
 
 def _measure(loads: list) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "envoy")}
+    env = {**os.environ, "PYTHONPATH": roots.pythonpath("node")}
     result = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(loads)], env=env, capture_output=True,
                             text=True, timeout=180)
     assert result.returncode == 0, result.stderr
@@ -224,7 +224,7 @@ def test_check_command_gives_one_line_for_bad_memory_map_settings(tiny_file, tmp
     config = tmp_path / "envoy_config.yaml"
     config.write_text(json.dumps({"shard_descriptor": {"params": {
         "flag": "bloodmnist", "data_dir": str(tiny_file("bloodmnist").parent), "memory_map_above_mb": "4 GB"}}}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "envoy")}
+    env = {**os.environ, "PYTHONPATH": roots.pythonpath("node")}
     result = subprocess.run([sys.executable, "-m", "medmnist_shard", "check", str(config)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from cryptography import x509
 
+import roots
 from conftest import ROOT
-from localfed import LocalFederation, tail
+from localfed.federation import LocalFederation, tail
 from security import certs as pki_tools
 
 ENVOY = ["--director-host", "localhost", "--envoy-config-path", "envoy_config.yaml"]
@@ -80,9 +81,9 @@ def tls_federation(pki, tmp_path_factory, tiny_file):
 
 def _fx_envoy(fed, name, tls_args):
     """An envoy started with fx directly, skipping start_envoy.sh's own checks: OpenFL must refuse it."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'envoy'}:{ROOT}"}
+    env = {**os.environ, "PYTHONPATH": roots.pythonpath("node")}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "openfl_adjustments", "envoy", "start", "--shard-name", name,
+    result = subprocess.run([sys.executable, "-m", "node", "envoy", "start", "--shard-name", name,
                              *tls_args, "--director-port", str(fed.port), *ENVOY], cwd=fed.config_dir, env=env,
                             capture_output=True, text=True, timeout=90)
     return result, time.monotonic() - started
@@ -154,8 +155,8 @@ def test_the_director_refuses_an_envoy_serving_other_data_naming_it(tls_federati
                                    "params": {"flag": "pathmnist", "size": 28, "data_dir": str(data_dir),
                                               "download": False}}}
     (tmp_path / "envoy_config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'envoy'}:{ROOT}"}
-    result = subprocess.run([sys.executable, "-m", "openfl_adjustments", "envoy", "start", "--shard-name", "envoy_2",
+    env = {**os.environ, "PYTHONPATH": roots.pythonpath("node")}
+    result = subprocess.run([sys.executable, "-m", "node", "envoy", "start", "--shard-name", "envoy_2",
                              *_tls(pki / "good", "envoy_2"), "--director-port", str(tls_federation.port), *ENVOY],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
     output = result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""localfed.wire, the user-space stand-in for netem, on pipes: what it does to each frame (delay, rate, loss, the
+"""localfed.wan, the user-space stand-in for netem, on pipes: what it does to each frame (delay, rate, loss, the
 queue limit, a cut link), in time. The multi-host test runs it between real TAP devices."""
 import asyncio
 import os
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from localfed.wire import LIMIT, Direction, Profile
+from localfed.wan import LIMIT, Direction, Profile
 
 
 def test_a_profile_reads_as_netem_is_written():

@@ -35,7 +35,7 @@ run() {
     --target /tmp/site .whl/*.whl || exit 1
   # The start scripts run the python beside fx; the repository is on the path as make venv's .pth puts it.
   printf '#!/bin/sh\nexec python3 "$@"\n' >/tmp/site/bin/python && chmod +x /tmp/site/bin/python
-  export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
+  export PYTHONPATH="/tmp/site:$(python3 roots.py environment)" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
   nvidia-smi -L
   python3 -c 'import torch, numpy, openfl, papermill, colors; print(torch.__version__, numpy.__version__)' || exit 1
   step() {  # NAME SECONDS COMMAND...

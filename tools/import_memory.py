@@ -18,9 +18,10 @@ import sysconfig
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# As an envoy runs: python -m openfl_adjustments, its data package, and the experiment's package once one arrives.
-MODULES = ["openfl_adjustments", "torch._dynamo", "openfl.interface.cli", "openfl.component.envoy.envoy",
+import roots
+
+# As an envoy runs: python -m node, its data package, and the experiment's package once one arrives.
+MODULES = ["node", "torch._dynamo", "openfl.interface.cli", "openfl.component.envoy.envoy",
            "medmnist_shard", "medfl"]
 
 
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--evict", action="store_true", help="drop the shared libraries from the page cache first")
     args = parser.parse_args()
     evicted = evict([sysconfig.get_paths()["purelib"], sysconfig.get_config_var("LIBDIR")]) if args.evict else None
-    sys.path[:0] = [str(ROOT), str(ROOT / "envoy"), str(ROOT / "workspace")]
+    roots.join("launcher")  # an envoy's roots, and workspace/ for medfl, which an experiment brings it
     steps = []
     for module in MODULES:
         __import__(module)

@@ -74,10 +74,9 @@ install() {  # DIR: every pin of requirements.txt; OpenFL alone, past its Python
   # OpenFL 1.6's metadata says Python <3.12, yet it runs on 3.12 and 3.13 (the tests pass on each); its own
   # dependencies are in requirements.txt, installed above like everything else.
   "$dir/bin/python" -m pip install --quiet --no-deps --ignore-requires-python "$openfl"
-  # The repository's own modules (openfl_adjustments, security, localfed) importable in this environment,
-  # the notebook's kernel included.
-  "$dir/bin/python" -c 'import pathlib, site, sys; pathlib.Path(site.getsitepackages()[0], \
-    "medmnist-federated.pth").write_text(sys.argv[1] + "\n")' "$PWD"
+  # The repository root on this environment's path (a .pth file), the notebook's kernel included: so that
+  # `import roots` works in every process, which then joins its role's other roots (roots.py says which).
+  "$dir/bin/python" roots.py pth
   "$dir/bin/python" -m pip check >/dev/null || {
     "$dir/bin/python" -m pip check >&2 || true
     die "$dir: the installed packages do not satisfy each other's requirements (above)"

@@ -14,6 +14,10 @@ MEDFL_TEST_CAPTURE=FOLDER: the director writes every task result it receives, as
 MEDFL_TEST_DIRECTOR_HOLD=EXPERIMENT:ROUNDS: the director hands out no more tasks in experiment EXPERIMENT (`*`:
 in any) once ROUNDS training rounds are done, so that a test can kill it between rounds with no envoy training
 (tests of resuming: what each envoy's privacy ledger holds then does not depend on timing).
+
+MEDFL_TEST_IMPORTS=FILE: each process appends a JSON line to FILE whenever it imports `medfl` (each experiment
+imports it afresh): its role (`envoy NAME`, `director`, or what it runs), `medfl.__file__`, its working folder,
+and whether workspace/ was on sys.path then (tests/test_end_to_end.py: the nodes run the experiment's medfl).
 """
 import importlib.abc
 import importlib.util
@@ -90,6 +94,21 @@ def _capture(aggregator_class, folder: str) -> None:
     aggregator_class.send_local_task_results = capturing
 
 
+def _record_import(module, record: str) -> None:
+    import json
+    from pathlib import Path
+
+    workspace = Path(__file__).resolve().parents[2] / "workspace"
+    if os.environ.get("ENVOY_NAME"):
+        role = f"envoy {os.environ['ENVOY_NAME']}"
+    else:
+        role = "director" if sys.argv[1:2] == ["director"] else " ".join(sys.argv[:2])
+    line = {"role": role, "pid": os.getpid(), "file": module.__file__, "cwd": os.getcwd(),
+            "workspace_on_path": any(Path(entry or ".").resolve() == workspace for entry in sys.path)}
+    with open(record, "a") as out:  # one short line per write: lines from several processes do not interleave
+        out.write(json.dumps(line) + "\n")
+
+
 def _sabotage(collaborator_class, kind: str, from_round: int) -> None:
     send_task_results = collaborator_class.send_task_results
 
@@ -113,6 +132,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
+        if spec is None:  # not importable in this process: the import fails as it would without this finder
+            sys.meta_path.insert(0, self)
+            return None
         execute = spec.loader.exec_module
 
         def exec_module(module):
@@ -127,7 +149,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 for _spec in filter(None, os.environ.get("MEDFL_TEST_SABOTEUR", "").split(",")):
     _envoy, _kind, _round = _spec.split(":")
     if _envoy == os.environ.get("ENVOY_NAME") and _kind == "die_after_masked":
-        sys.meta_path.insert(0, _AfterImport("security.secagg", lambda module, r=int(_round):
+        sys.meta_path.insert(0, _AfterImport("security.secagg_envoy", lambda module, r=int(_round):
                                              _die_after_masked(module, r)))
     elif _envoy == os.environ.get("ENVOY_NAME"):
         sys.meta_path.insert(0, _AfterImport(TARGET, lambda module, k=_kind, r=int(_round):
@@ -139,3 +161,6 @@ if os.environ.get("MEDFL_TEST_DIRECTOR_HOLD") and not os.environ.get("ENVOY_NAME
     _experiment, _rounds = os.environ["MEDFL_TEST_DIRECTOR_HOLD"].rsplit(":", 1)
     sys.meta_path.insert(0, _AfterImport("medfl.aggregator", lambda module, e=_experiment, r=int(_rounds):
                                          _hold(module.SelectingAggregator, e, r)))
+if os.environ.get("MEDFL_TEST_IMPORTS"):
+    sys.meta_path.insert(0, _AfterImport("medfl", lambda module, f=os.environ["MEDFL_TEST_IMPORTS"]:
+                                         _record_import(module, f)))

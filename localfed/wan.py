@@ -1,4 +1,4 @@
-"""A wide-area link in user space, for kernels without tc's netem: python -m localfed.wire A B [profile].
+"""A wide-area link in user space, for kernels without tc's netem: python -m localfed.wan A B [profile].
 
 A and B are TAP devices given as NAMESPACE/DEVICE (made beforehand, e.g. `ip -n NS tuntap add dev tap0 mode tap`).
 Every Ethernet frame from one goes to the other as netem would pass it: dropped with probability `loss`, queued
@@ -151,7 +151,7 @@ def _device(text: str) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     """Attach both devices and carry frames between them; a device that cannot be opened is one line."""
-    parser = argparse.ArgumentParser(prog="python -m localfed.wire", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m localfed.wan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=_device)
     parser.add_argument("b", type=_device)
