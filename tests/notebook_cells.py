@@ -46,6 +46,7 @@ def run_until(tag: str, path: Path = CPU_NOTEBOOK, **parameters) -> dict:
 
 
 def start_experiment(namespace: dict, experiment_name: str, rounds: int) -> object:
-    """Submit a training experiment with the notebook's start cell; return its FLExperiment."""
-    run_cells(["start"], namespace, experiment_name=experiment_name, rounds=rounds)
+    """Submit a training experiment with the notebook's start cell, under this name (OpenFL's and the run's: the
+    attempt of a run that resumes nothing); return its FLExperiment."""
+    run_cells(["start"], namespace, experiment_name=experiment_name, attempt=experiment_name, rounds=rounds)
     return namespace["experiment"]

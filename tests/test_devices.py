@@ -107,7 +107,8 @@ def test_mark_step_follows_backward_and_step_in_training_and_each_batch_in_evalu
     from medmnist_shard import MedMNISTShardDescriptor
 
     # Compute runs on the CPU; the barrier is the stand-in's, as step_barrier gives it on an HPU.
-    monkeypatch.setattr(medfl.tasks, "pick_device", lambda request, assigned="cpu": torch.device("cpu"))
+    monkeypatch.setattr(medfl.tasks, "to_device", lambda model, request="auto", assigned="cpu", optimizer=None:
+                        torch.device("cpu"))
     monkeypatch.setattr(medfl.tasks, "step_barrier", lambda device: step_barrier(torch.device("hpu")))
     monkeypatch.setattr(medfl.data, "pick_device", lambda request, assigned="cpu": torch.device("hpu"))
     data = MedMNISTData(train_batch_size=10, eval_batch_size=5, device="hpu")

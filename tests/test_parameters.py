@@ -3,7 +3,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from medfl.researcher import ParameterError, check_dataset, check_parameters, check_quorum
+from conftest import ROOT
+from medfl.researcher import (
+    DEFAULTS,
+    RULES,
+    RUN_CHOICES,
+    ParameterError,
+    check_dataset,
+    check_envoys,
+    check_parameters,
+    check_quorum,
+    open_run,
+)
 
 GOOD = dict(dataset="bloodmnist", size=28, rounds=3, epochs=1, train_batch_size=64, eval_batch_size=256,
             learning_rate=1e-3, device="auto")
@@ -119,3 +130,66 @@ def test_min_envoys_is_a_number_or_a_share_of_the_online_envoys():
     with pytest.raises(ParameterError, match=r"min_envoys=3, but only 2 envoys are online \(envoy_1, envoy_2\): "
                                              "start more envoys or lower min_envoys"):
         check_quorum(envoys, 3)
+
+
+def _registry(**served):
+    """A director's shard registry: envoy name -> (what its shard descriptor says, online)."""
+    import json
+
+    return {name: {"shard_info": SimpleNamespace(shard_description=json.dumps(what) if isinstance(what, dict)
+                                                 else what), "is_online": online}
+            for name, (what, online) in served.items()}
+
+
+def test_check_envoys_gives_the_table_says_synthetic_and_refuses_what_cannot_run(capsys):
+    served = {"flag": "bloodmnist", "size": 28, "text": "bloodmnist 28px"}
+    envoys, synthetic = check_envoys(_registry(envoy_2=(served, True), envoy_1=(served, True)), _federation(),
+                                     "bloodmnist", 28, 0.5)
+    assert [e["envoy"] for e in envoys] == ["envoy_1", "envoy_2"] and envoys[0]["text"] == "bloodmnist 28px"
+    assert not synthetic and capsys.readouterr().out == ""
+    envoys, synthetic = check_envoys(_registry(envoy_1=({**served, "synthetic": True}, True)), _federation(),
+                                     "bloodmnist", 28, 1)
+    assert synthetic and "NOTE: the envoys serve SYNTHETIC data" in capsys.readouterr().out
+    with pytest.raises(ParameterError, match=r"the envoys \(envoy_1\) serve bloodmnist 28px, not pathmnist"):
+        check_envoys(_registry(envoy_1=(served, True)), _federation(), "pathmnist", 28, 1)
+    with pytest.raises(ParameterError, match=r"min_envoys=2, but only 1 envoys are online \(envoy_1\)"):
+        check_envoys(_registry(envoy_1=(served, True), envoy_2=(served, False)), _federation(), "bloodmnist", 28, 2)
+
+
+def test_open_run_names_the_folder_logs_there_and_refuses_a_run_to_resume_without_a_checkpoint(tmp_path, capsys):
+    import logging
+
+    root, before = logging.getLogger(), list(logging.getLogger().handlers)
+    envoys = [{"envoy": "envoy_1", "online": True}]
+    options, dp, run = check_parameters(**GOOD, run={"output_dir": str(tmp_path), "data_source": "medmnist"})
+    namespace = {**DEFAULTS, **GOOD, "algorithm_options": options, "dp_options": dp, "run": run}
+    try:
+        folder, name, attempt, checkpoint, record = open_run(namespace, envoys)
+        assert folder == tmp_path / name and name.startswith("medmnist-bloodmnist-") and attempt == name
+        assert checkpoint is None and (folder / "logs" / "openfl.log").is_file()
+        assert record == {"params": {**{k: namespace[k] for k in DEFAULTS if k != "run"},
+                                     **{k: run[k] for k in RUN_CHOICES}, "experiment": name, "tls": False},
+                          "envoys": envoys, "data_source": "medmnist", "restarts": []}
+        named = {**namespace, "run": {**run, "experiment_name": "mine"}}
+        assert open_run(named, envoys).dir == tmp_path / "mine"
+        resumed = {**namespace, "run": {**run, "resume_from": str(tmp_path / "earlier")}}
+        with pytest.raises(ParameterError, match="no checkpoint.pt there"):
+            open_run(resumed, envoys)
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def test_the_rules_are_the_aggregators_settings_and_said_once():
+    import inspect
+
+    from localfed.settings import RUN_SETTINGS
+    from medfl.aggregator import SelectingAggregator
+
+    assert set(RULES) <= set(inspect.signature(SelectingAggregator.__init__).parameters)
+    assert set(RULES) < set(RUN_CHOICES) < set(RUN_SETTINGS)
+    assert len(set(RUN_SETTINGS)) == len(RUN_SETTINGS)
+    for user in ("localfed/settings.py", "tools/notebooks.py", "workspace/medfl/researcher/parameters.py"):
+        spelled = (ROOT / user).read_text().count('"best_mode", "min_envoys"')
+        assert spelled == (user.endswith("parameters.py")), f"{user} lists the rules again: use RULES"

@@ -48,7 +48,7 @@ def test_approval_is_auto_or_manual_with_a_timeout_and_needs_a_state_folder(tmp_
 @pytest.fixture(scope="module")
 def reviewing(tiny_file, tmp_path_factory):
     """Two envoys with approval: manual, each keeping its approvals in its own state folder."""
-    from localfed import LocalFederation
+    from localfed.federation import LocalFederation
 
     data_dir = tiny_file("bloodmnist").parent
     shards = {f"envoy_{r}": {"flag": "bloodmnist", "size": 28, "data_dir": str(data_dir), "rank_worldsize": f"{r},2",
@@ -335,11 +335,11 @@ def test_the_loader_refuses_bytecode_that_is_not_its_source_and_rebound_globals(
     other = pickles.Source(changed.cells(), tmp_path, source.uses, source.imports)
     with pytest.raises(Refused, match="its function Net.__init__ is not the code that the notebook's reviewed cells"):
         pickles.load(tmp_path / "model_obj.pkl", other)
-    # A task whose global pick_device is something else than the cells import
+    # A task whose global to_device is something else than the cells import
     tasks = pickles.load(tmp_path / "tasks_obj.pkl", source)
     train = tasks.task_registry["train"]
     function = train.__closure__[0].cell_contents if train.__closure__ else train
-    function.__globals__["pick_device"] = shutil.rmtree
+    function.__globals__["to_device"] = shutil.rmtree
     forged = tmp_path / "forged.pkl"
     forged.write_bytes(cloudpickle.dumps(tasks))
     uses, imports = pickles.references(forged.read_bytes())

@@ -3,7 +3,9 @@ import cloudpickle
 import pytest
 import torch
 
-from medfl import MedMNISTData, build_model, build_tasks, train, validate
+from medfl import MedMNISTData, build_model, build_tasks, task_type, train, validate
+from medfl.data import to_float_chw
+from medfl.metrics import evaluate, loss_fn, loss_target, scores
 from medmnist_shard import MedMNISTShardDescriptor
 
 
@@ -26,6 +28,61 @@ def test_training_on_a_synthetic_shard_lowers_the_loss(tiny_file, flag):
     result = validate(model, data.get_valid_loader(), "cpu", task=task)
     assert set(result) == {"loss", "acc", "auc", "seconds"}
     assert 0 <= result["acc"] <= 1 and 0 <= result["auc"] <= 1
+
+
+def _reference_train(model, loader, optimizer, task):
+    """One epoch as medfl's helpers define each step: the loss per task type, its targets, uint8 HWC to float CHW."""
+    criterion, loss_sum, seen = loss_fn(task), torch.zeros(()), 0
+    model.train()
+    optimizer.state.clear()
+    for images, labels in loader:
+        x, y = to_float_chw(images), loss_target(task, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(x)
+        seen += len(x)
+    return loss_sum.item() / seen
+
+
+@torch.no_grad()
+def _reference_validate(model, loader, task):
+    """Evaluation as medfl's helpers define it: the loss per task type, and the scores medmnist.evaluator takes."""
+    model.eval()
+    criterion, loss_sum, all_scores, all_labels = loss_fn(task), torch.zeros(()), [], []
+    for images, labels in loader:
+        logits = model(to_float_chw(images)).float()
+        loss_sum += criterion(logits, loss_target(task, labels)) * len(images)
+        all_scores.append(scores(task, logits))
+        all_labels.append(labels)
+    y_score, y_true = torch.cat(all_scores).numpy(), torch.cat(all_labels).numpy()
+    return {"loss": loss_sum.item() / len(y_true), **evaluate(task, y_true, y_score)}
+
+
+@pytest.mark.parametrize("flag", ["bloodmnist", "chestmnist", "pneumoniamnist", "retinamnist"])
+def test_the_tasks_compute_what_the_loss_target_and_image_helpers_define(tiny_file, flag):
+    """train and validate spell the loss, its targets and the image conversion out in PyTorch: the same numbers, bit
+    for bit, for every task type, colour and grayscale (chestmnist and pneumoniamnist are one-channel)."""
+    shard = MedMNISTShardDescriptor(flag, 28, tiny_file(flag).parent)
+    task = task_type(flag)
+    results = []
+    for run in ("tasks", "reference"):
+        data = MedMNISTData(train_batch_size=8, eval_batch_size=16, seed=3)
+        data.shard_descriptor = shard
+        torch.manual_seed(0)
+        model = build_model(flag, 28)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if run == "tasks":
+            loss = train(model, data.get_train_loader(), optimizer, "cpu", task=task)["train_loss"]
+            scored = validate(model, data.get_valid_loader(), "cpu", task=task)
+        else:
+            loss = _reference_train(model, data.get_train_loader(), optimizer, task)
+            scored = _reference_validate(model, data.get_valid_loader(), task)
+        results.append((loss, {k: scored[k] for k in ("loss", "acc", "auc")}, model.state_dict()))
+    (loss, scored, weights), (expected_loss, expected, expected_weights) = results
+    assert loss == expected_loss and scored == expected
+    assert all(torch.equal(weights[name], value) for name, value in expected_weights.items())
 
 
 def test_each_round_reshuffles_but_a_seed_repeats_the_order(tiny_file):

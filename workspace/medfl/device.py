@@ -1,4 +1,5 @@
-"""Where an envoy trains (CPU, CUDA or Habana Gaudi HPU), and the step barrier lazy HPUs need.
+"""Where an envoy trains (CPU, CUDA or Habana Gaudi HPU), and the step barrier lazy HPUs need: what the tasks call
+(to_device, step_barrier) and what they build on.
 
 Each envoy resolves the notebook's device request against its own hardware when a task runs, so
 the notebook's machine needs no accelerator. Habana's modules are imported only when present.
@@ -51,6 +52,16 @@ def pick_device(request: str = "auto", assigned: str = "cpu") -> torch.device:
         raise DeviceError(f"envoy {node_name()} has no {request.upper()} device, but the experiment "
                           f"asked for device={request!r}: use 'auto' or run this envoy where it has one")
     return torch.device("cpu")
+
+
+def to_device(model, request: str = "auto", assigned: str = "cpu", optimizer=None) -> torch.device:
+    """Move the model to the device this node resolves `request` to (pick_device), point the optimizer, if given,
+    at the parameters there (bind_optimizer), and return that device."""
+    device = pick_device(request, assigned)
+    model.to(device)
+    if optimizer is not None:
+        bind_optimizer(optimizer, model)
+    return device
 
 
 def bind_optimizer(optimizer, model) -> None:

@@ -1,4 +1,6 @@
-"""Loss per task type, and MedMNIST's official ACC and AUC (computed by medmnist.evaluator)."""
+"""MedMNIST's official ACC and AUC (computed by medmnist.evaluator), and the loss, its targets and the scores per task
+type, which the tasks (medfl.tasks) write out in PyTorch where a reader sees them; tests/test_tasks.py holds the tasks
+to these."""
 from __future__ import annotations
 
 import warnings

@@ -1,19 +1,21 @@
 """The federated tasks: local training and evaluation, for every MedMNIST task type.
 
 The notebook's task cells show train and validate as written here, under TaskInterface's decorators
-(tools/notebooks.py copies them); build_tasks registers them the same way for the baseline, benchmark and tests.
+(tools/notebooks.py copies them); build_tasks registers them the same way for the baseline, benchmark and tests,
+and personalizing makes the test run's fine-tuning tasks from them.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 from openfl.interface.interactive_api.experiment import TaskInterface
+from torch import nn
 
 from .checks import check_trained
-from .data import to_float_chw
-from .device import REQUESTS, autocast, bind_optimizer, pick_device, step_barrier
-from .metrics import evaluate, loss_fn, loss_target, scores
+from .device import REQUESTS, step_barrier, to_device
+from .metrics import evaluate
 from .model import task_type
 
 
@@ -23,9 +25,10 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
     with DP-SGD (`privacy`, a medfl.privacy.DPSGD) the privacy this envoy has spent so far. `distill` adds a loss
     term from this round's global model (FedNTD: a medfl.algorithms.NotTrueDistillation)."""
     started = time.perf_counter()
-    dev = pick_device(device_request, str(device))
-    model.to(dev)
-    bind_optimizer(optimizer, model)
+    # This envoy's HPU, CUDA GPU or CPU (medfl.device), with the model and the optimizer's parameters on it
+    dev = to_device(model, device_request, str(device), optimizer)
+    mark_step = step_barrier(dev)  # lazy-mode Gaudi runs the graph built so far; a no-op elsewhere
+    amp = bf16 and dev.type in ("hpu", "cuda")  # bfloat16 autocast; the weights stay float32
     model.train()
     # OpenFL 1.6's RESET treatment hands back the same optimizer object every round, so its
     # moments would carry over; FedAvg starts each round's local training from a clean state.
@@ -39,23 +42,26 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
         distill.start(model)
     if privacy is not None:  # DP-SGD: Poisson batches; each sample's gradient clipped, noise added to their sum
         model, optimizer, train_loader = privacy.attach(model, optimizer, train_loader)
-    criterion, barrier = loss_fn(task), step_barrier(dev)
+    multi_label = task == "multi-label, binary-class"  # ChestMNIST: each finding present or not; else one class
+    criterion = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
     for _ in range(epochs):
         loss_sum, seen = torch.zeros((), device=dev), 0
         for images, labels in train_loader:
-            # Pinned batches (CUDA) copy while the device works; uint8 crosses the bus, floats are made there.
-            x = to_float_chw(images.to(dev, non_blocking=True))
-            y = loss_target(task, labels.to(dev, non_blocking=True))
+            # Pinned batches (CUDA) copy while the device works; uint8 crosses the bus, floats are made there:
+            # (N, H, W, C) in 0..255 to (N, C, H, W) in [-1, 1], as ToTensor then Normalize(0.5, 0.5) would
+            x = images.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+            y = labels.to(dev, non_blocking=True)
+            y = y.float() if multi_label else y[:, 0].long()  # BCE takes float rows, cross-entropy class indices
             optimizer.zero_grad(set_to_none=True)
-            with autocast(dev, bf16):
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                 logits = model(x)
                 loss = fit = criterion(logits, y)  # fit: the loss train_loss reports, whatever the algorithm
                 if distill is not None:
                     loss = fit + distill(logits, x, y)
             loss.backward()
-            barrier()
+            mark_step()
             optimizer.step()
-            barrier()
+            mark_step()
             loss_sum += fit.detach() * len(x)  # stays on the device: no sync per step
             seen += len(x)
     train_loss = loss_sum.item() / max(seen, 1)  # .item() waits for the device, so the time is honest
@@ -73,17 +79,22 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
 def validate(model, val_loader, device, task: str, device_request: str = "auto", bf16: bool = False):
     """Mean loss, ACC and AUC of the model on the shard's evaluation split, and the time it took."""
     started = time.perf_counter()
-    dev = pick_device(device_request, str(device))
-    model.to(dev)
+    dev = to_device(model, device_request, str(device))
+    mark_step = step_barrier(dev)
+    amp = bf16 and dev.type in ("hpu", "cuda")
     model.eval()
-    criterion, barrier = loss_fn(task), step_barrier(dev)
+    multi_label = task == "multi-label, binary-class"
+    criterion = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
     loss_sum, all_scores, all_labels = torch.zeros((), device=dev), [], []
     for images, labels in val_loader:
-        with autocast(dev, bf16):
-            logits = model(to_float_chw(images.to(dev, non_blocking=True))).float()
-        loss_sum += criterion(logits, loss_target(task, labels.to(dev, non_blocking=True))) * len(images)
-        barrier()
-        all_scores.append(scores(task, logits))  # kept on the device: one copy back at the end, not one per batch
+        x = images.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+        with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+            logits = model(x).float()
+        y = labels.to(dev, non_blocking=True)
+        loss_sum += criterion(logits, y.float() if multi_label else y[:, 0].long()) * len(images)
+        mark_step()
+        # Per-class probabilities, medmnist.evaluator's y_score; kept on the device: one copy back at the end
+        all_scores.append(torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1))
         all_labels.append(labels)
     y_score, y_true = torch.cat(all_scores).cpu().numpy(), torch.cat(all_labels).numpy()
     return {"loss": loss_sum.item() / len(y_true), **evaluate(task, y_true, y_score),
@@ -112,3 +123,14 @@ def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16
     tasks.add_kwargs(task=task, device_request=device, bf16=bf16)(validate)
     tasks.register_fl_task(model="model", data_loader="val_loader", device="device")(validate)
     return tasks
+
+
+def personalizing(tasks: TaskInterface, epochs: int) -> TaskInterface:
+    """A copy of `tasks` whose train task fine-tunes for `epochs` epochs on the plain loss (no DP-SGD, no
+    distillation): each envoy's own model, which never leaves it (medfl.algorithms.local_plan's personalize), so that
+    only its test scores do."""
+    copied = copy.copy(tasks)
+    copied.task_settings = copy.copy(tasks.task_settings)
+    copied.task_settings["train"] = {**tasks.task_settings["train"], "epochs": epochs, "privacy": None,
+                                     "distill": None}
+    return copied

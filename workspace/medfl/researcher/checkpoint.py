@@ -1,7 +1,7 @@
 """A run that survives its director: a checkpoint in the run's folder after every round, and resuming from it.
 
 After each round the notebook fetches the last global model, which the director sends with the round it is the
-model after and the aggregation's state (medfl.aggregator: a server optimizer's moments, bit for bit), and writes
+model after and the aggregation's state (medfl.events: a server optimizer's moments, bit for bit), and writes
 `checkpoint.pt` atomically beside results.json: that model, the rounds done, the aggregation's state, every metric
 so far (the best model's rule replays them), the best model, dropouts and rejected updates, the parameters and the
 envoys. `run = {"resume_from": "runs/<id>"}` (make demo resume_from=runs/<id>) starts a new experiment from it, on
@@ -16,12 +16,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..aggregator import ROUND_KEY, STATE_PREFIX, unpack
-from .parameters import ParameterError
+from ..events import ROUND_KEY, STATE_PREFIX, unpack
+from .logs import log_to
+from .parameters import ParameterError, training_parameters
 
 FILE = "checkpoint.pt"
 FORMAT = 1
@@ -179,3 +181,34 @@ def restarts(run_dir: Path, checkpoint: Checkpoint | None, attempt: str) -> list
         "after_round": checkpoint.round, "experiment": attempt, "time": time.time(),
         "checkpoint_saved": checkpoint.saved,
         "why": why or "not recorded: the notebook stopped before it could say (its kernel or host went down)"}]
+
+
+class OpenedRun(NamedTuple):
+    """What open_run returns."""
+
+    dir: Path  # the run's folder: results, models, plots, logs and its checkpoint
+    name: str  # the run's name: run["experiment_name"], medmnist-<dataset>-<date>-<time>, or the resumed run's
+    attempt: str  # OpenFL's name for this attempt's experiment (attempt_name)
+    checkpoint: Checkpoint | None  # the resumed run's last checkpoint; None for a new run
+    record: dict  # what results.json and the checkpoints record of the run, but `started` (the submission's time)
+
+
+def open_run(namespace: dict, envoys: list[dict]) -> OpenedRun:
+    """Open this run's folder from the notebook's parameters (`namespace`: its globals) and the envoys online:
+    `run["output_dir"]/<name>`, or with `run["resume_from"]` the earlier run's folder, name and last checkpoint
+    (load_checkpoint refuses one that is damaged or of another run, in one line). OpenFL's log goes to the folder's
+    logs/openfl.log, not to the page (log_to). The record holds the parameters results.json keeps, the envoys, the data
+    source and the run's restarts."""
+    run = namespace["run"]
+    name = run["experiment_name"] or f"medmnist-{namespace['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(run["output_dir"]) / name
+    if run["resume_from"]:  # go on with an earlier run, in its folder and under its name
+        folder = Path(run["resume_from"])
+        name = folder.name
+    log_to(folder / "logs" / "openfl.log", run["verbose"])
+    params = training_parameters(namespace)
+    checkpoint = load_checkpoint(run["resume_from"], params, envoys)
+    attempt = attempt_name(name, checkpoint)
+    record = {"params": {**params, "experiment": name, "tls": bool(run["ca_cert"])}, "envoys": envoys,
+              "data_source": run["data_source"], "restarts": restarts(folder, checkpoint, attempt)}
+    return OpenedRun(folder, name, attempt, checkpoint, record)

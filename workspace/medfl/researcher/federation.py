@@ -9,8 +9,8 @@ from pathlib import Path
 import medmnist
 import numpy as np
 
-from ..aggregator import quorum
 from ..model import MULTI_LABEL
+from ..selection import quorum
 from .parameters import ParameterError
 
 
@@ -62,6 +62,19 @@ def check_dataset(federation, flag: str, size: int, envoys: list[dict] = ()) -> 
             f"the federation serves samples {served[0]} with labels {served[1]}, but {flag} at {size} px "
             f"needs {sample} and {target}: set `dataset` and `size` to what the envoys serve"
         )
+
+
+def check_envoys(shard_registry: dict, federation, flag: str, size: int, min_envoys) -> tuple[list[dict], bool]:
+    """The envoy table of the director's shard registry (envoy_table), and whether they serve synthetic data, which
+    is said here in one line; ParameterError, naming the envoys, if they serve another dataset than `flag` at `size`
+    (check_dataset) or fewer are online than `min_envoys` asks to keep (check_quorum)."""
+    envoys = envoy_table(shard_registry)
+    check_dataset(federation, flag, size, envoys)
+    check_quorum(envoys, min_envoys)
+    synthetic = is_synthetic(envoys)
+    if synthetic:
+        print("NOTE: the envoys serve SYNTHETIC data; the results below say nothing about MedMNIST.")
+    return envoys, synthetic
 
 
 # --- a look at the task -------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import medmnist
 
-from ..aggregator import quorum
+from security.secagg import MAX_UPDATE_NORM
+
 from ..algorithms import ALGORITHMS
 from ..algorithms import OPTIONS as ALGORITHM_OPTIONS
 from ..checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, check_settings
@@ -20,7 +21,7 @@ from ..device import REQUESTS
 from ..model import FLAGS, MULTI_LABEL, SIZES, STEMS, task_type
 from ..privacy import DPSGD, PrivacyError
 from ..privacy import OPTIONS as DP_OPTIONS
-from ..secure import MAX_UPDATE_NORM
+from ..selection import quorum
 from ..wire import WIRE_DTYPES
 
 # The parameters cell, in its order (tools/notebooks.py writes it from these).
@@ -68,6 +69,12 @@ RUN = {
     "secure_threshold": 0,  # secure aggregation: shares needed to unmask a round (0: more than half the envoys)
     "max_update_norm": MAX_UPDATE_NORM,  # ...and the norm each envoy clips its update to, since nobody else sees it
 }
+# The federation's rules: the keys of `run` that the director's aggregator (medfl.aggregator.SelectingAggregator)
+# takes as its settings, from the plan that the notebook's start cell writes.
+RULES = ("best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio", "max_rejections")
+# The keys of `run` that shape the experiment, the rules among them: a researcher chooses them (make demo takes each
+# by name), and results.json records them with the parameters. The others say where it runs and where results go.
+RUN_CHOICES = ("stem", *RULES, "wire_dtype", "secure_threshold", "max_update_norm")
 # Each dict parameter's defaults.
 DICTS = {"algorithm_options": ALGORITHM_OPTIONS, "dp_options": DP_OPTIONS, "run": RUN}
 
@@ -86,9 +93,7 @@ class ParameterError(NotebookError, ValueError):
 def training_parameters(namespace: dict) -> dict:
     """What results.json records of a run's parameters: all but the connection and bookkeeping in `run`."""
     kept = {name: namespace[name] for name in DEFAULTS if name != "run"}
-    rules = ("stem", "best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio", "max_rejections",
-             "wire_dtype", "secure_threshold", "max_update_norm")
-    return {**kept, **{name: namespace["run"][name] for name in rules}}
+    return {**kept, **{name: namespace["run"][name] for name in RUN_CHOICES}}
 
 
 def completed(name: str, given) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import algorithms
-from ..aggregator import AGGREGATED, REFUSED, TRAFFIC, VALIDATE_GLOBAL, VALIDATE_LOCAL
+from ..events import AGGREGATED, REFUSED, TRAFFIC, VALIDATE_GLOBAL, VALIDATE_LOCAL
 from .federation import is_synthetic
 from .follow import Followed
 from .parameters import NotebookError
@@ -170,8 +170,7 @@ def stop_if_failed(run_dir: Path, *, training: Followed, testing: Followed | Non
     failed = _failed(training, testing)
     if failed is None:
         return
-    results = build_results(training=training, testing=testing, **record)
-    save_run(run_dir, results, training, testing, best_model=training.best_model)
+    finish_run(run_dir, training=training, testing=testing, best_model=training.best_model, **record)
     kept = "the best model so far" if training.best_model is not None else "no model (none had arrived)"
     resume = ""
     if failed is training and (Path(run_dir) / "checkpoint.pt").is_file():
@@ -179,6 +178,15 @@ def stop_if_failed(run_dir: Path, *, training: Followed, testing: Followed | Non
                   f"resume_from={Path(run_dir).resolve()})")
     raise ExperimentFailed(f"experiment {failed.name} failed: {failed.error}. Kept the metrics so far and "
                            f"{kept} in {Path(run_dir).resolve()}{resume}")
+
+
+def finish_run(run_dir: Path, *, training: Followed, testing: Followed | None = None,
+               best_model: torch.nn.Module | None = None, last_model: torch.nn.Module | None = None,
+               **record) -> dict:
+    """The run's results (build_results), written with the models given to its folder (save_run); returned."""
+    results = build_results(training=training, testing=testing, **record)
+    save_run(run_dir, results, training, testing, best_model=best_model, last_model=last_model)
+    return results
 
 
 def write_metrics_csv(path: Path, streams: dict[str, list[dict]]) -> None:

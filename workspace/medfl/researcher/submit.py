@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import io
 import linecache
 import os
@@ -25,17 +24,6 @@ from security.signing import signing
 # Never shipped: notebooks (with their outputs), editor and Python caches, and what OpenFL itself writes.
 LEFT_OUT = ("*.ipynb", ".ipynb_checkpoints", "__pycache__", "plan", "save", "logs", "*.pkl", "requirements.txt",
             "*.zip", "data", "cert", "*.crt", "*.key", "*.pem", "review")
-
-
-def personalizing(tasks, epochs: int):
-    """A copy of the notebook's TaskInterface whose train task fine-tunes for `epochs` epochs on the plain loss
-    (no DP-SGD, no distillation): each envoy's own model, which never leaves it (algorithms.local_plan's personalize),
-    so that only its test scores do."""
-    copied = copy.copy(tasks)
-    copied.task_settings = copy.copy(tasks.task_settings)
-    copied.task_settings["train"] = {**tasks.task_settings["train"], "epochs": epochs, "privacy": None,
-                                     "distill": None}
-    return copied
 
 
 class _Finder(cloudpickle.Pickler):
