@@ -272,3 +272,35 @@ def test_openfl_reports_an_envoys_failure_from_inside_its_except_block():
     source = inspect.getsource(Envoy.run)
     assert "except Exception as exc:" in source and "error_description=traceback.format_exc()" in source
     assert sys.version_info >= (3, 11)  # BaseException.add_note
+
+
+def test_model_state_no_training_gives_is_rejected_a_negative_variance_or_a_counter_that_went_back(tmp_path):
+    model = {**MODEL, "bn.running_var": np.ones(4, np.float32), "bn.num_batches_tracked": np.array(10.5, np.float32)}
+    honest = {**model, "bn.running_var": np.full(4, 0.5, np.float32), "bn.num_batches_tracked": np.array(10.0)}
+    assert checks.invalid_state(honest, model) == {}  # no batch run: the counter's whole part, exactly
+    negative = {**honest, "bn.running_var": np.array([0.5, -0.25, 1.0, 0.0], np.float32)}
+    assert checks.invalid_state(negative, model) == {"tensor": "bn.running_var", "what": "a negative running variance",
+                                                     "value": -0.25, "bound": 0.0}
+    back = {**honest, "bn.num_batches_tracked": np.array(3.0)}
+    assert checks.invalid_state(back, model)["bound"] == 10.0
+    # On the director: the update is left out of the round, named with the numbers, the others averaged.
+    agg = aggregator(tmp_path)
+    lying = {**shifted(3.0), "bn.num_batches_tracked": np.array(-1e6, np.float32)}
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(2.0), "envoy_3": lying}, SIZES)
+    (rejection,) = agg.rejected
+    assert (rejection.envoy, rejection.check) == ("envoy_3", "state")
+    assert rejection.detail == ("bn.num_batches_tracked holds a step counter below the global model's: -1e+06, "
+                                "where it cannot go below 0")
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], (100 * 1.0 + 300 * 2.0) / 400)
+
+
+def test_a_variance_that_fell_to_zero_may_arrive_a_rounding_below_it_on_a_half_precision_wire():
+    model = {"bn.running_var": np.full(2, 1e-3, np.float32)}
+    change = np.float32(-1e-3)  # the variance of a channel that went dead, to about 0
+    for dtype in (np.float16, "bfloat16"):
+        import torch
+
+        rounded = torch.tensor(change).to(torch.bfloat16 if dtype == "bfloat16" else torch.float16).float().numpy()
+        arrived = {"bn.running_var": model["bn.running_var"] + rounded}
+        assert checks.invalid_state(arrived, model) == {}, (dtype, arrived)
+    assert checks.invalid_state({"bn.running_var": np.array([1e-3, -1e-4], np.float32)}, model)  # not a rounding

@@ -6,6 +6,8 @@ replacement, Bagdasaryan et al. 2020), then costs its own contribution and nothi
 On the director, an update (the envoy's trained weights) is checked, in this order:
 - structure: the same tensor names and shapes as the global model, and float32 values (OpenFL's wire format);
 - finite: no NaN or infinity;
+- state: model state that has a meaning no update may change: BatchNorm's running variances never negative, and its
+  step counters never below the global model's (each envoy adds the batches it ran);
 - norm: its distance from the round's global model at most `max_update_ratio` times the median of that round's
   distances, once a round has three or more updates (with two, the median is their mean: nothing stands out).
 A validation metric that is not finite is that envoy's failed task.
@@ -33,6 +35,10 @@ COUNTERS = ("num_batches_tracked",)
 # How OpenFL's PyTorch adapter names the optimizer state it sends with the weights (only with opt_treatment
 # CONTINUE_GLOBAL, openfl_adjustments.transport): checked for finite values, not against the model's structure.
 OPTIMIZER_STATE = "__opt_"
+# BatchNorm's running variances: an average of squares, never negative (a negative one makes the layer divide by the
+# square root of a negative number: NaN for every image from then on).
+VARIANCES = ("running_var",)
+WIRE_ROUNDING = 2.0 ** -7  # bfloat16's rounding of a change, with a margin: medfl.wire
 MAX_UPDATE_RATIO = 10.0
 MAX_REJECTIONS = 2
 MIN_FOR_NORMS = 3  # updates a round needs before one can stand out from their median
@@ -88,6 +94,28 @@ def non_finite(update: dict[str, np.ndarray]) -> dict:
     """{tensors: how many hold NaN or infinity, first: the first one, of: how many there are}; empty if none do."""
     bad = [name for name, value in update.items() if not np.isfinite(value).all()]
     return {"tensors": len(bad), "first": bad[0], "of": len(update)} if bad else {}
+
+
+def invalid_state(update: dict[str, np.ndarray], model: dict[str, np.ndarray]) -> dict:
+    """The first tensor of `update`, by name, whose values no training could give: a negative running variance, or
+    a step counter below the global model's. {tensor, what, value, bound}; empty if there is none."""
+    for name in sorted(update):
+        value = np.asarray(update[name], dtype=np.float64)
+        if name.endswith(VARIANCES) and value.size:
+            # A half-precision wire rounds each change to 8 (bfloat16) or 11 (float16) significant bits: a variance
+            # that fell to about 0 may arrive a hair below it. Below that rounding, no training got there.
+            change = np.abs(value - np.asarray(model.get(name, 0.0), dtype=np.float64))
+            if (value < -change * WIRE_ROUNDING).any():
+                return {"tensor": name, "what": "a negative running variance", "value": float(value.min()),
+                        "bound": 0.0}
+        if name.endswith(COUNTERS) and name in model and value.size:
+            # The global counter is the envoys' weighted mean; an envoy's model holds its whole part (an integer
+            # buffer), to which training adds the batches it ran: zero batches leave exactly that.
+            floor = float(np.floor(np.asarray(model[name], dtype=np.float64).max()))
+            if value.min() < floor:
+                return {"tensor": name, "what": "a step counter below the global model's", "value": float(value.min()),
+                        "bound": floor}
+    return {}
 
 
 def distance(update: dict[str, np.ndarray], model: dict[str, np.ndarray]) -> float:
@@ -211,6 +239,9 @@ class UpdateChecks:
                 if bad := non_finite(update):
                     self._reject_update(envoy, r, task, "finite", f"NaN or infinity in {bad['tensors']} of "
                                         f"{bad['of']} tensors ({bad['first']} first)", bad)
+                elif bad := invalid_state(update, model):
+                    self._reject_update(envoy, r, task, "state", f"{bad['tensor']} holds {bad['what']}: "
+                                        f"{bad['value']:.6g}, where it cannot go below {bad['bound']:g}", bad)
                 else:
                     distances[envoy] = distance(update, model)
             for envoy, numbers in outsized(distances, self.max_update_ratio).items():
