@@ -53,9 +53,9 @@ def test_the_broken_envoy_is_named_left_out_then_dropped_and_the_run_completes(r
     assert all(r["detail"] and r["experiment"] == run_dir.name for r in results["rejected_updates"])
     (dropout,) = results["dropouts"]
     assert (dropout["envoy"], dropout["round"]) == ("envoy_3", 3)
-    assert dropout["reason"].startswith("its update was rejected in 2 rounds in a row (max_rejections=2)")
+    assert dropout["reason"].startswith("its update was rejected in 2 of the last 5 rounds (max_rejections=2)")
     assert f"envoy_3     REJECTED: its update failed the {CHECKS[kind]} check" in stdout
-    assert "envoy_3     DROPPED: its update was rejected in 2 rounds in a row" in stdout
+    assert "envoy_3     DROPPED: its update was rejected in 2 of the last 5 rounds" in stdout
     # The aggregate never took it in: every aggregated metric and both models are finite.
     for entry in results["rounds"]:
         assert all(value == value and abs(value) != float("inf") for value in entry["aggregated"].values())

@@ -55,16 +55,19 @@ def test_an_update_stands_out_only_against_the_median_of_three_or_more():
     assert checks.outsized({"a": 0.0, "b": 0.0, "c": 5.0}, 10) == {}  # no median to measure against
 
 
-@pytest.mark.parametrize("ratio,rejections,message", [
-    (1, 2, "max_update_ratio=1: give a number above 1"), ("10", 2, "max_update_ratio='10'"),
-    (10, 0, "max_rejections=0: give a whole number of rounds of at least 1"), (10, 1.5, "max_rejections=1.5")])
-def test_impossible_settings_are_refused_in_one_line(ratio, rejections, message):
+@pytest.mark.parametrize("ratio,rejections,window,message", [
+    (1, 2, 5, "max_update_ratio=1: give a number above 1"), ("10", 2, 5, "max_update_ratio='10'"),
+    (10, 0, 5, "max_rejections=0: give a whole number of rounds of at least 1"), (10, 1.5, 5, "max_rejections=1.5"),
+    (10, 3, 2, "rejection_window=2: give a whole number of rounds of at least max_rejections=3"),
+    (10, 2, "5", "rejection_window='5'")])
+def test_impossible_settings_are_refused_in_one_line(ratio, rejections, window, message):
     from medfl.researcher import DEFAULTS, ParameterError, check_parameters
 
     with pytest.raises(ValueError, match=message):
-        checks.check_settings(ratio, rejections)
+        checks.check_settings(ratio, rejections, window)
     with pytest.raises(ParameterError, match=message):
-        check_parameters(**{**DEFAULTS, "run": {"max_update_ratio": ratio, "max_rejections": rejections}})
+        check_parameters(**{**DEFAULTS, "run": {"max_update_ratio": ratio, "max_rejections": rejections,
+                                                "rejection_window": window}})
 
 
 def test_an_envoy_whose_training_diverged_names_itself_and_sends_nothing(monkeypatch):
@@ -166,19 +169,25 @@ def test_a_huge_update_is_left_out_and_two_rejections_in_a_row_drop_the_envoy(tm
     assert "envoy_3" not in agg.dropped  # one rejection: it stays
     base = global_model(agg, 1)["conv.weight"][0, 0]
     send_round(agg, 1, {"envoy_1": shifted(base + 1), "envoy_2": shifted(base + 1), "envoy_3": shifted(1e4)}, SIZES)
-    assert agg.dropped["envoy_3"].startswith("its update was rejected in 2 rounds in a row (max_rejections=2); "
+    assert agg.dropped["envoy_3"].startswith("its update was rejected in 2 of the last 5 rounds (max_rejections=2); "
                                              "last: its update failed the norm check")
     (dropped,) = events(agg, DROPPED)
     assert (dropped["metric_origin"], dropped["round"]) == ("envoy_3", 1)  # rejected in round 1 (from 0) the 2nd time
     assert agg.failure() is None  # two of three remain: min_envoys 0.5 holds
 
 
-def test_an_accepted_round_between_two_rejections_starts_the_count_again(tmp_path):
-    agg = aggregator(tmp_path, rounds=3)
+@pytest.mark.parametrize("window, dropped", [(5, True), (2, False)])
+def test_an_envoy_that_lies_every_other_round_is_dropped_within_the_window(tmp_path, window, dropped):
+    agg = aggregator(tmp_path, rounds=3, rejection_window=window)
     send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(1.0), "envoy_3": shifted(np.nan)}, SIZES)
     send_round(agg, 1, {"envoy_1": shifted(1.1), "envoy_2": shifted(1.1), "envoy_3": shifted(1.1)}, SIZES)
     send_round(agg, 2, {"envoy_1": shifted(1.2), "envoy_2": shifted(1.2), "envoy_3": shifted(np.inf)}, SIZES)
-    assert [r.round for r in agg.rejected] == [1, 3] and agg.dropped == {}
+    assert [r.round for r in agg.rejected] == [1, 3]
+    if dropped:  # rejected in rounds 1 and 3: two of the last five
+        assert agg.dropped["envoy_3"].startswith("its update was rejected in 2 of the last 5 rounds")
+        assert [(e["metric_origin"], e["round"]) for e in events(agg, DROPPED)] == [("envoy_3", 2)]
+    else:  # with a window of two rounds, only two in a row count: the accepted round between them clears it
+        assert agg.dropped == {}
 
 
 def test_with_two_envoys_the_norm_is_not_judged(tmp_path):

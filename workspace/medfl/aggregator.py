@@ -28,7 +28,7 @@ from openfl.utilities import TensorKey
 from security.secagg import MAX_UPDATE_NORM
 from security.secagg_director import SecureAggregation
 
-from .checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, UpdateChecks
+from .checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, REJECTION_WINDOW, UpdateChecks
 from .dropouts import EnvoyRules
 from .events import ROUND_KEY, SECURE, STATE_PREFIX, pack
 from .selection import Best
@@ -63,9 +63,11 @@ class SelectingAggregator(SecureAggregation, EnvoyRules, UpdateChecks, TrafficCo
 
     def __init__(self, *args, best_metric: str = "auc", best_mode: str = "max", min_envoys=0.5,
                  round_timeout: float = 0, max_update_ratio: float = MAX_UPDATE_RATIO,
-                 max_rejections: int = MAX_REJECTIONS, secure_aggregation: bool = False,
-                 secure_threshold: int = 0, max_update_norm: float = MAX_UPDATE_NORM, local_tensors=(), **kwargs):
-        self._policy(min_envoys, round_timeout, max_update_ratio, max_rejections)  # settings first: one-line errors
+                 max_rejections: int = MAX_REJECTIONS, rejection_window: int = REJECTION_WINDOW,
+                 secure_aggregation: bool = False, secure_threshold: int = 0,
+                 max_update_norm: float = MAX_UPDATE_NORM, local_tensors=(), **kwargs):
+        # settings first: an impossible one stops here, in one line
+        self._policy(min_envoys, round_timeout, max_update_ratio, max_rejections, rejection_window)
         super().__init__(*args, **kwargs)
         # Tensors the envoys keep (medfl.algorithms.local_plan: FedBN's normalization layers; every tensor when each
         # envoy fine-tunes its own model): no update carries them, and the global model keeps the values it has, round
@@ -83,8 +85,8 @@ class SelectingAggregator(SecureAggregation, EnvoyRules, UpdateChecks, TrafficCo
         self._start_watching()
 
     def _policy(self, min_envoys, round_timeout: float, max_update_ratio: float = MAX_UPDATE_RATIO,
-                max_rejections: int = MAX_REJECTIONS) -> None:
-        self._start_checks(max_update_ratio, max_rejections)
+                max_rejections: int = MAX_REJECTIONS, rejection_window: int = REJECTION_WINDOW) -> None:
+        self._start_checks(max_update_ratio, max_rejections, rejection_window)
         self._start_rules(min_envoys, round_timeout)
 
     # --- each envoy call: ignored from a dropped envoy, counted, then routed and checked by the bases -----------

@@ -41,6 +41,8 @@ VARIANCES = ("running_var",)
 WIRE_ROUNDING = 2.0 ** -7  # bfloat16's rounding of a change, with a margin: medfl.wire
 MAX_UPDATE_RATIO = 10.0
 MAX_REJECTIONS = 2
+# ...in how many of the last rounds: an envoy that lies every other round is dropped as one that lies every round is.
+REJECTION_WINDOW = 5
 MIN_FOR_NORMS = 3  # updates a round needs before one can stand out from their median
 
 
@@ -140,7 +142,7 @@ def outsized(distances: dict[str, float], max_ratio: float) -> dict[str, dict]:
             for envoy, norm in distances.items() if norm > max_ratio * median}
 
 
-def check_settings(max_update_ratio, max_rejections) -> None:
+def check_settings(max_update_ratio, max_rejections, rejection_window=REJECTION_WINDOW) -> None:
     """Raise ValueError, saying what to give, for a bound or a count that cannot work."""
     if isinstance(max_update_ratio, bool) or not isinstance(max_update_ratio, (int, float)) or \
             not max_update_ratio > 1:
@@ -149,24 +151,32 @@ def check_settings(max_update_ratio, max_rejections) -> None:
     if isinstance(max_rejections, bool) or not isinstance(max_rejections, int) or max_rejections < 1:
         raise ValueError(f"max_rejections={max_rejections!r}: give a whole number of rounds of at least 1 (the "
                          f"default is {MAX_REJECTIONS})")
+    if isinstance(rejection_window, bool) or not isinstance(rejection_window, int) or \
+            rejection_window < max_rejections:
+        raise ValueError(f"rejection_window={rejection_window!r}: give a whole number of rounds of at least "
+                         f"max_rejections={max_rejections} (the default is {REJECTION_WINDOW}: {MAX_REJECTIONS} "
+                         f"rejections within the last {REJECTION_WINDOW} rounds drop an envoy)")
 
 
 class UpdateChecks:
     """The director's checks, mixed into the experiment's aggregator (medfl.aggregator.SelectingAggregator): each
     round's updates are checked before they are aggregated; one that fails is left out of that round's aggregate (the
     others re-weighted by their sample counts) and streamed as an event (REJECTED). An envoy rejected in
-    `max_rejections` rounds in a row, or whose validation metric is not finite, is dropped (medfl.dropouts). A round
+    `max_rejections` of the last `rejection_window` rounds, or whose validation metric is not finite, is dropped
+    (medfl.dropouts). A round
     whose every update was rejected keeps the global model as it was.
 
     Needs of the aggregator: OpenFL's Aggregator, its _global_model, and _event, _drop, _judge and _remaining
     (medfl.dropouts)."""
 
-    def _start_checks(self, max_update_ratio: float, max_rejections: int) -> None:
-        check_settings(max_update_ratio, max_rejections)
+    def _start_checks(self, max_update_ratio: float, max_rejections: int,
+                      rejection_window: int = REJECTION_WINDOW) -> None:
+        check_settings(max_update_ratio, max_rejections, rejection_window)
         self.max_update_ratio, self.max_rejections = float(max_update_ratio), max_rejections
+        self.rejection_window = rejection_window
         self.rejected: list[Rejection] = []
         self._left_out: dict[str, set[str]] = {}  # this round's task: the envoys whose results stay out of it
-        self._in_a_row: dict[str, int] = {}  # envoy: rounds in a row its update was rejected
+        self._rejected_in: dict[str, list[int]] = {}  # envoy: the rounds (from 0) in which its update was rejected
         self._failed_metrics: dict[str, str] = {}  # envoy: which metric of this round was not finite
         self._training_tasks: set[str] = set()  # tasks whose results carry trained weights
         self._checks_lock = threading.Lock()
@@ -269,19 +279,21 @@ class UpdateChecks:
             self.collaborators_done = done
 
     def _act_on_checks(self, ended: int) -> None:
-        """After round `ended`: drop the envoys rejected max_rejections rounds in a row, and those whose metrics were
-        not finite (a failed task); then the min_envoys rule decides. Called with self.lock held."""
+        """After round `ended`: drop the envoys rejected in max_rejections of the last rejection_window rounds, and
+        those whose metrics were not finite (a failed task); then the min_envoys rule decides. Called with self.lock
+        held."""
         rejected_now = {e for task in self._training_tasks for e in self._left_out.get(task, ())
                         if e not in self._failed_metrics}
-        for envoy in self._remaining():
-            self._in_a_row[envoy] = self._in_a_row.get(envoy, 0) + 1 if envoy in rejected_now else 0
+        for envoy in rejected_now:
+            self._rejected_in.setdefault(envoy, []).append(ended)
         failed, self._failed_metrics, self._left_out = self._failed_metrics, {}, {}
         drops = {envoy: f"its task failed: {why}" for envoy, why in failed.items()}
-        for envoy, count in self._in_a_row.items():
-            if count >= self.max_rejections and envoy not in drops:
+        for envoy, rounds in self._rejected_in.items():
+            count = sum(1 for r in rounds if r > ended - self.rejection_window)
+            if count >= self.max_rejections and envoy not in drops and envoy in rejected_now:
                 last = next(r for r in reversed(self.rejected) if r.envoy == envoy)
-                drops[envoy] = (f"its update was rejected in {count} rounds in a row (max_rejections="
-                                f"{self.max_rejections}); last: {last.line()}")
+                drops[envoy] = (f"its update was rejected in {count} of the last {self.rejection_window} rounds "
+                                f"(max_rejections={self.max_rejections}); last: {last.line()}")
         for envoy, why in drops.items():
             if envoy not in self.dropped:
                 self._drop(envoy, why, ended)
