@@ -53,6 +53,22 @@ def test_a_checkpoint_is_written_atomically_and_read_back_whole(tmp_path):
     assert load_checkpoint("", PARAMS, ONLINE) is None  # not resuming
 
 
+def test_results_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from medfl.researcher.checkpoint import write_atomically
+
+    target = tmp_path / "results.json"
+    write_atomically(target, b'{"status": "completed"}')
+
+    def power_cut(fd):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr("os.fsync", power_cut)
+    with pytest.raises(OSError, match="no space left"):
+        write_atomically(target, b'{"status": "fai')
+    assert json.loads(target.read_text()) == {"status": "completed"}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # and no temporary file left
+
+
 def _refused(tmp_path, params=PARAMS, envoys=ONLINE, where=None) -> str:
     with pytest.raises(ParameterError) as refused:
         load_checkpoint(str(where or tmp_path), params, envoys)
@@ -213,6 +229,9 @@ def test_results_list_every_restart_and_why_the_attempt_before_stopped(tmp_path)
     listed = restarts(tmp_path, checkpoint, "run-resumed-c")
     assert [r["experiment"] for r in listed] == ["run-resumed-a", "run-resumed-b", "run-resumed-c"]
     assert listed[-1]["after_round"] == 2 and listed[-1]["why"] == "run-resumed-b: lost the director (UNAVAILABLE)"
+    (tmp_path / "results.json").write_text('{"status": "failed", "attem')  # cut short by an older version
+    assert restarts(tmp_path, checkpoint, "c")[-1]["why"].startswith(
+        "not recorded: its results.json could not be read (JSONDecodeError")
     (tmp_path / "results.json").unlink()
     assert restarts(tmp_path, checkpoint, "c")[-1]["why"].startswith("not recorded")
     assert restarts(tmp_path, None, "run") == []

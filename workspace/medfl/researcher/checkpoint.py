@@ -11,6 +11,7 @@ algorithm, envoys, ...) or a damaged one is refused in one line, and nothing is 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import time
@@ -115,13 +116,27 @@ def load_checkpoint(resume_from: str, params: dict, envoys: list[dict]) -> Check
     return checkpoint
 
 
-def save(path: Path, checkpoint: Checkpoint) -> None:
-    """Write `checkpoint` to path atomically: a reader finds the old one or the new one, never half of one."""
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to path so that a reader (a resume, the launcher) finds the old file or the new one, never half
+    of one, whenever the kernel or the host stops: a temporary file beside it, flushed to disk, renamed over it."""
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save({"format": FORMAT, **checkpoint.__dict__}, temporary)
-    with open(temporary, "rb") as written:
-        os.fsync(written.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def save(path: Path, checkpoint: Checkpoint) -> None:
+    """Write `checkpoint` to path atomically (write_atomically)."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **checkpoint.__dict__}, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 class Checkpointer:
@@ -171,8 +186,12 @@ def restarts(run_dir: Path, checkpoint: Checkpoint | None, attempt: str) -> list
     if checkpoint is None:
         return []
     previous, why, earlier = Path(run_dir) / "results.json", None, list(checkpoint.restarts)
-    if previous.is_file():  # written by the last attempt that could still write before it stopped
-        stopped = json.loads(previous.read_text())
+    try:  # written by the last attempt that could still write before it stopped
+        stopped = json.loads(previous.read_text()) if previous.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # written by an older version, or damaged
+        why = f"not recorded: its results.json could not be read ({type(exc).__name__}: {exc})"
+        stopped = None
+    if isinstance(stopped, dict):
         if stopped.get("status") == "failed" and stopped.get("attempt"):
             why = f"{stopped['attempt']}: {stopped['error']}"
         known = {r["experiment"] for r in earlier}  # and resumes that stopped before their first checkpoint

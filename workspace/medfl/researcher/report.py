@@ -15,6 +15,7 @@ import torch
 
 from .. import algorithms
 from ..events import AGGREGATED, REFUSED, TRAFFIC, VALIDATE_GLOBAL, VALIDATE_LOCAL
+from .checkpoint import write_atomically
 from .federation import is_synthetic
 from .follow import Followed
 from .parameters import NotebookError
@@ -330,7 +331,7 @@ def save_run(run_dir: Path, results: dict, training: Followed, testing: Followed
     plot_curves(run_dir / "curves.png", results)
     plot_partition(run_dir / "partition.png", results)
     write_tensorboard(run_dir / "tensorboard", results)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_atomically(run_dir / "results.json", json.dumps(results, indent=1, default=str).encode())
     latest = run_dir.parent / "latest"
     if latest.is_symlink() or not latest.exists():
         tmp = run_dir.parent / f".latest-{os.getpid()}"
