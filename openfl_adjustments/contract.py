@@ -44,6 +44,16 @@ class EnvoyAwareAggregator(Protocol):
 
 
 @runtime_checkable
+class ChecksCounts(Protocol):
+    """What the director tells an aggregator that checks the training-set sizes the envoys claim with each update
+    (OpenFL weights the average by them, taking each envoy's word)."""
+
+    def registered_samples(self, samples: Callable[[], dict[str, int]]) -> None:
+        """From now on, `samples()` gives each envoy's training-set size as its shard registered it with the
+        director: {envoy: samples}, for the envoys whose shard descriptor says (registration.train_samples)."""
+
+
+@runtime_checkable
 class CountsConnections(Protocol):
     """What the aggregator's server (transport.py) tells an aggregator that counts the envoys' connections."""
 

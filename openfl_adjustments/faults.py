@@ -28,8 +28,9 @@ from collections import namedtuple
 
 import grpc
 
-from .contract import REFUSED, EnvoyAwareAggregator, Refusal
+from .contract import REFUSED, ChecksCounts, EnvoyAwareAggregator, Refusal
 from .patching import replace
+from .registration import registered_samples
 
 logger = logging.getLogger("openfl_adjustments")
 AGGREGATOR_PATIENCE_S = float(os.environ.get("FX_AGGREGATOR_PATIENCE_S", "60"))
@@ -96,6 +97,9 @@ def telling_lost_envoys(start):
             if aggregator := aware(server.aggregator):
                 if director is not None:
                     aggregator.watch_envoys(lambda: silent_envoys(director))
+            if director is not None and isinstance(server.aggregator, ChecksCounts):
+                server.aggregator.registered_samples(lambda: registered_samples(director._shard_registry))
+            if aggregator:
                 for what, envoy, why in _EARLY.pop(self.name, []):
                     getattr(aggregator, what)(envoy, why)
             return server

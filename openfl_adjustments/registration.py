@@ -29,6 +29,22 @@ def served(shard_info: dict) -> dict | None:
     return {"dataset": described["flag"], "size": described.get("size"), "classes": classes}
 
 
+def train_samples(shard_info: dict) -> int | None:
+    """The training-set size an envoy's description registered (medmnist_shard's `samples`); None if it says none."""
+    try:
+        described = json.loads(shard_info.get("shard_description") or "")
+        samples = described["samples"]["train"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return samples if isinstance(samples, int) and not isinstance(samples, bool) else None
+
+
+def registered_samples(registry: dict) -> dict[str, int]:
+    """{envoy: training-set size} of the director's shard registry, for the envoys whose description says it."""
+    found = {name: train_samples(entry["shard_info"]) for name, entry in list(registry.items())}
+    return {name: samples for name, samples in found.items() if samples is not None}
+
+
 def _text(what: dict) -> str:
     return f"{what['dataset']} at {what['size']} px with {what['classes']} classes"
 

@@ -1,5 +1,6 @@
 """One broken envoy of three, end to end: a real director and envoys, the notebook headless. From round 2 on,
-envoy_3 sends NaN weights, weights scaled by 1e4, or a weight of the wrong shape (tests/saboteur: the tests' own
+envoy_3 sends NaN weights, weights scaled by 1e4, a weight of the wrong shape, or its true weights claiming 10^9
+training samples, by which OpenFL would weigh them (tests/saboteur: the tests' own
 switch, past the envoy's own check). Each time the run completes with the other two, envoy_3 is named with the
 check it failed in results.json and on the page, and dropped after two rejections; and whatever it sent, the
 federation trained exactly the same models: its garbage cost its own contribution and nothing else."""
@@ -16,9 +17,9 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 SIZES = {"train": 600, "val": 90, "test": 90}
 ROUNDS = 3
-CHECKS = {"nan": "finite", "scale": "norm", "shape": "structure"}
+CHECKS = {"nan": "finite", "scale": "norm", "shape": "structure", "count": "count"}
 CI = os.environ.get("CI") == "true"
-# make test runs the NaN case (a federation, about 25 s); CI runs all three and compares their models.
+# make test runs the NaN case (a federation, about 25 s); CI runs all four and compares their models.
 RUN = list(CHECKS) if CI else ["nan"]
 
 

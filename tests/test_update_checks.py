@@ -313,3 +313,48 @@ def test_a_variance_that_fell_to_zero_may_arrive_a_rounding_below_it_on_a_half_p
         arrived = {"bn.running_var": model["bn.running_var"] + rounded}
         assert checks.invalid_state(arrived, model) == {}, (dtype, arrived)
     assert checks.invalid_state({"bn.running_var": np.array([1e-3, -1e-4], np.float32)}, model)  # not a rounding
+
+
+def test_an_update_that_claims_more_samples_than_its_shard_registered_or_none_is_left_out(tmp_path):
+    """OpenFL weights each update by the count its envoy claims: one claiming 10^9 samples would be the whole mean.
+    The director compares the claim with what the envoy's shard registered (openfl_adjustments.faults hands it the
+    registry's sizes); more, zero or negative is a rejection, named with both numbers."""
+    agg = aggregator(tmp_path)
+    agg.registered_samples(lambda: dict(SIZES))
+    claims = {**SIZES, "envoy_3": 10 ** 9}
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(2.0), "envoy_3": shifted(5.0)}, claims)
+    (rejection,) = agg.rejected
+    assert (rejection.envoy, rejection.check) == ("envoy_3", "count")
+    assert rejection.detail == ("it claims 1000000000 training samples, more than the 600 its shard registered with "
+                                "the director")
+    assert rejection.numbers == {"claimed": 10 ** 9, "registered": 600}
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], (100 * 1.0 + 300 * 2.0) / 400)
+    assert aggregated(agg, 0, "train", "train_loss") == pytest.approx(0.7)  # its metrics left out of the round too
+    # Zero or negative (OpenFL's count is an int32: a negative one amplifies the others' differences), even for an
+    # envoy whose size the director does not know.
+    (tmp_path / "b").mkdir()
+    agg = aggregator(tmp_path / "b")
+    agg.registered_samples(lambda: {"envoy_1": 100})
+    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(2.0), "envoy_3": shifted(5.0)},
+               {"envoy_1": 100, "envoy_2": -300, "envoy_3": 0})
+    assert [(r.envoy, r.check, r.numbers["claimed"]) for r in agg.rejected] == \
+        [("envoy_2", "count", -300), ("envoy_3", "count", 0)]
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], 1.0)
+    # Claims at or below the registered size pass, as does any positive claim the director cannot compare.
+    (tmp_path / "c").mkdir()
+    agg = aggregator(tmp_path / "c")
+    agg.registered_samples(lambda: {"envoy_1": 100, "envoy_2": 300})
+    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS}, {"envoy_1": 100, "envoy_2": 299, "envoy_3": 10 ** 6})
+    assert agg.rejected == []
+
+
+def test_the_director_reads_each_envoy_s_registered_training_size_from_its_shard_description():
+    from openfl_adjustments.contract import ChecksCounts
+    from openfl_adjustments.registration import registered_samples
+
+    registry = {"envoy_1": {"shard_info": {"shard_description": json.dumps({"flag": "bloodmnist", "samples": {
+        "train": 512, "val": 64, "test": 64}})}},
+                "envoy_2": {"shard_info": {"shard_description": "another descriptor's text"}},
+                "envoy_3": {"shard_info": {"shard_description": json.dumps({"samples": {"train": "many"}})}}}
+    assert registered_samples(registry) == {"envoy_1": 512}
+    assert issubclass(SelectingAggregator, ChecksCounts)

@@ -2,7 +2,8 @@
 
 MEDFL_TEST_SABOTEUR=ENVOY:KIND:ROUND, or several separated by commas (e.g. envoy_3:nan:2): from that round on
 (counted from 1), that envoy sends trained weights that are NaN (`nan`), scaled by 1e4 (`scale`), or with its
-first weight one row short (`shape`), after its own checks ran: as a node whose checks are missing, or that
+first weight one row short (`shape`), or its true weights claiming 10^9 training samples (`count`), after its own
+checks ran: as a node whose checks are missing, or that
 attacks on purpose, would. Its metrics stay as its real training made them. Every other process ignores it.
 
 ENVOY:die_after_masked:ROUND (secure aggregation): that envoy kills itself (SIGKILL) once its masked update of that
@@ -115,6 +116,13 @@ def _sabotage(collaborator_class, kind: str, from_round: int) -> None:
     def sending_spoiled(self, tensor_dict, round_number, task_name):
         if task_name == "train" and round_number + 1 >= from_round:
             print(f"SABOTEUR: {self.collaborator_name} sends {kind} weights in round {round_number + 1}", flush=True)
+            if kind == "count":  # its true weights, claiming 10^9 training samples: OpenFL weighs the mean by it
+                runner = self.task_runner
+                runner.get_train_data_size = lambda: 10 ** 9
+                try:
+                    return send_task_results(self, tensor_dict, round_number, task_name)
+                finally:
+                    del runner.get_train_data_size
             tensor_dict = _spoiled(tensor_dict, kind)
         return send_task_results(self, tensor_dict, round_number, task_name)
 

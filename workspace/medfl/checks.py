@@ -4,6 +4,8 @@ whether its training diverged, its data or accelerator is faulty, or it sends a 
 replacement, Bagdasaryan et al. 2020), then costs its own contribution and nothing else.
 
 On the director, an update (the envoy's trained weights) is checked, in this order:
+- count: the training-set size it claims, by which OpenFL weights it in the average, above 0 and at most what its
+  shard registered with the director (an envoy claiming 10^9 samples would otherwise become the global model);
 - structure: the same tensor names and shapes as the global model, and float32 values (OpenFL's wire format);
 - finite: no NaN or infinity;
 - state: model state that has a meaning no update may change: BatchNorm's running variances never negative, and its
@@ -181,15 +183,37 @@ class UpdateChecks:
         self._training_tasks: set[str] = set()  # tasks whose results carry trained weights
         self._checks_lock = threading.Lock()
 
+    _registered = None  # see registered_samples
+
+    def registered_samples(self, samples) -> None:
+        """From now on, samples() gives each envoy's registered training-set size (the director's
+        openfl_adjustments.contract.ChecksCounts)."""
+        self._registered = samples
+
     def send_local_task_results(self, collaborator_name, round_number, task_name, data_size, named_tensors):
         weights = [t for t in named_tensors if not t.report and "trained" in t.tags]
         if weights and round_number == self.round_number:
             self._training_tasks.add(task_name)
-            problem = self._structure(weights, round_number)
-            if problem:  # unreadable by OpenFL's own code too: only the metrics go on
+            if bad := self._claimed_count(collaborator_name, data_size):
+                self._reject_update(collaborator_name, round_number, task_name, "count", bad.pop("detail"), bad)
+                named_tensors = [t for t in named_tensors if t.report]
+            elif problem := self._structure(weights, round_number):  # unreadable by OpenFL too: the metrics go on
                 self._reject_update(collaborator_name, round_number, task_name, "structure", problem)
                 named_tensors = [t for t in named_tensors if t.report]
         super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
+
+    def _claimed_count(self, envoy: str, claimed: int) -> dict:
+        """What is wrong with the training-set size an update claims: {detail, claimed, registered}; empty if
+        nothing (or if the director has no registered size for this envoy to compare with)."""
+        registered = (self._registered() if self._registered else {}).get(envoy)
+        if claimed <= 0:
+            detail = f"it claims {claimed} training samples, where an update weighs by a count above 0"
+        elif registered is not None and claimed > registered:
+            detail = (f"it claims {claimed} training samples, more than the {registered} its shard registered with "
+                      "the director")
+        else:
+            return {}
+        return {"detail": detail, "claimed": claimed, "registered": registered}
 
     def _decode(self, named_tensor) -> np.ndarray:
         """A received tensor's values, decoded as OpenFL's _process_named_tensor decodes them (a change of the
