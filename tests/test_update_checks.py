@@ -358,3 +358,19 @@ def test_the_director_reads_each_envoy_s_registered_training_size_from_its_shard
                 "envoy_3": {"shard_info": {"shard_description": json.dumps({"samples": {"train": "many"}})}}}
     assert registered_samples(registry) == {"envoy_1": 512}
     assert issubclass(SelectingAggregator, ChecksCounts)
+
+
+def test_a_metric_outside_its_range_is_left_out_of_the_round_and_named(tmp_path):
+    """An envoy that reports AUC 5.0 would make its round's global model the best; one out of range is a lie."""
+    assert checks.out_of_range({"acc": 0.5, "auc": 1.0, "loss": 0.0, "seconds": -3.0}) == {}
+    assert checks.out_of_range({"acc": 0.5, "auc": 5.0}) == {"metric": "auc", "value": 5.0, "low": 0.0, "high": 1.0}
+    assert checks.out_of_range({"loss": -1e30})["metric"] == "loss"
+    agg = aggregator(tmp_path)
+    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS}, SIZES, losses={"envoy_2": -1e30})
+    (rejection,) = agg.rejected
+    assert (rejection.envoy, rejection.round, rejection.check) == ("envoy_2", 1, "metric")
+    assert rejection.detail == "its aggregated_model_validate task reported loss = -1e+30, outside [0, inf]"
+    # The round's validation loss is the other two's; its update, which nothing faults, is averaged as usual.
+    assert aggregated(agg, 0, "aggregated_model_validate", "loss") == pytest.approx(0.5)
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], 1.0)
+    assert agg.dropped == {}

@@ -12,7 +12,8 @@ On the director, an update (the envoy's trained weights) is checked, in this ord
   step counters never below the global model's (each envoy adds the batches it ran);
 - norm: its distance from the round's global model at most `max_update_ratio` times the median of that round's
   distances, once a round has three or more updates (with two, the median is their mean: nothing stands out).
-A validation metric that is not finite is that envoy's failed task.
+A validation metric that is not finite is that envoy's failed task; one outside its range (METRIC_RANGES: an ACC or
+AUC of 5, a negative loss) is a lie that would pick the "best" model, and is left out of that round's aggregate.
 
 What is not caught: a subtle, bounded poisoning (an update within the bound that pulls the model somewhere else).
 The median and geometric-median aggregations (medfl.algorithms) and DP-SGD (medfl.privacy) are for that.
@@ -41,6 +42,9 @@ OPTIMIZER_STATE = "__opt_"
 # square root of a negative number: NaN for every image from then on).
 VARIANCES = ("running_var",)
 WIRE_ROUNDING = 2.0 ** -7  # bfloat16's rounding of a change, with a margin: medfl.wire
+# What each of the tasks' metrics can be: an envoy reporting AUC 5.0 (or a loss of -1e30 under best_metric "loss")
+# would otherwise make its round's model the best.
+METRIC_RANGES = {"acc": (0.0, 1.0), "auc": (0.0, 1.0), "loss": (0.0, math.inf), "train_loss": (0.0, math.inf)}
 MAX_UPDATE_RATIO = 10.0
 MAX_REJECTIONS = 2
 # ...in how many of the last rounds: an envoy that lies every other round is dropped as one that lies every round is.
@@ -98,6 +102,15 @@ def non_finite(update: dict[str, np.ndarray]) -> dict:
     """{tensors: how many hold NaN or infinity, first: the first one, of: how many there are}; empty if none do."""
     bad = [name for name, value in update.items() if not np.isfinite(value).all()]
     return {"tensors": len(bad), "first": bad[0], "of": len(update)} if bad else {}
+
+
+def out_of_range(metrics: dict[str, float]) -> dict:
+    """The first metric, by name, outside its METRIC_RANGES: {metric, value, low, high}; empty if none is."""
+    for name in sorted(metrics):
+        low, high = METRIC_RANGES.get(name, (-math.inf, math.inf))
+        if not low <= metrics[name] <= high:
+            return {"metric": name, "value": metrics[name], "low": low, "high": high}
+    return {}
 
 
 def invalid_state(update: dict[str, np.ndarray], model: dict[str, np.ndarray]) -> dict:
@@ -266,6 +279,11 @@ class UpdateChecks:
                     self._failed_metrics[envoy] = (f"its {task} task reported {bad_metric.tensor_name} = "
                                                    f"{float(values[bad_metric])}")
                     self._left_out.setdefault(task, set()).add(envoy)
+                    continue
+                if bad := out_of_range({k.tensor_name: float(np.asarray(v).reshape(-1)[0]) for k, v in values.items()
+                                        if k.report and np.size(v) == 1}):
+                    self._reject_update(envoy, r, task, "metric", f"its {task} task reported {bad['metric']} = "
+                                        f"{bad['value']:.6g}, outside [{bad['low']:g}, {bad['high']:g}]", bad)
                     continue
                 update = {k.tensor_name: v for k, v in values.items() if not k.report and "trained" in k.tags}
                 if not update:
