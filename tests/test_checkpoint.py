@@ -28,7 +28,8 @@ from medmnist_shard import MedMNISTShardDescriptor
 
 PARAMS = {"dataset": "bloodmnist", "size": 28, "rounds": 4, "epochs": 1, "train_batch_size": 64,
           "eval_batch_size": 256, "learning_rate": 1e-3, "algorithm": "fedavg", "algorithm_options": {},
-          "dp": False, "dp_options": {}, "seed": 0, "stem": "patch", "wire_dtype": "float32"}
+          "dp": False, "dp_options": {}, "seed": 0, "stem": "patch", "wire_dtype": "float32",
+          "secure_aggregation": False, "max_update_ratio": 10.0, "max_rejections": 2, "rejection_window": 5}
 ONLINE = [{"envoy": "envoy_1", "online": True}, {"envoy": "envoy_2", "online": True}]
 
 
@@ -89,6 +90,9 @@ def test_a_missing_damaged_or_foreign_checkpoint_is_refused_in_one_line_and_noth
     assert ("a checkpoint of another run: dataset='bloodmnist' (now 'pathmnist'); seed=0 (now 1)"
             in _refused(tmp_path, {**PARAMS, "dataset": "pathmnist", "seed": 1}))
     assert "algorithm='fedavg' (now 'fedadam')" in _refused(tmp_path, {**PARAMS, "algorithm": "fedadam"})
+    # Secure aggregation and the update checks are part of the run: a resume may not switch them.
+    assert "secure_aggregation=False (now True)" in _refused(tmp_path, {**PARAMS, "secure_aggregation": True})
+    assert "rejection_window=5 (now 50)" in _refused(tmp_path, {**PARAMS, "rejection_window": 50})
     assert "has done 2 rounds, more than rounds=1" in _refused(tmp_path, {**PARAMS, "rounds": 1})
     message = _refused(tmp_path, envoys=[ONLINE[0], {"envoy": "envoy_2", "online": False}])
     assert "the run's envoys are envoy_1, envoy_2, online now: envoy_1" in message

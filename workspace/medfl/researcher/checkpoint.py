@@ -28,9 +28,11 @@ from .parameters import ParameterError, training_parameters
 
 FILE = "checkpoint.pt"
 FORMAT = 1
-# What a resumed run must share with the run it continues (the training parameters, as results.json records them).
+# What a resumed run must share with the run it continues (the training parameters, as results.json records them):
+# what it trains, and how the director aggregates and checks the envoys' updates.
 MUST_MATCH = ("dataset", "size", "epochs", "train_batch_size", "eval_batch_size", "learning_rate", "algorithm",
-              "algorithm_options", "dp", "dp_options", "seed", "stem", "wire_dtype")
+              "algorithm_options", "dp", "dp_options", "seed", "stem", "wire_dtype", "secure_aggregation",
+              "max_update_ratio", "max_rejections", "rejection_window")
 
 
 @dataclass
