@@ -2,11 +2,29 @@
 import cloudpickle
 import pytest
 import torch
+from torch import nn
 
 from medfl import MedMNISTData, build_model, build_tasks, task_type, train, validate
 from medfl.data import to_float_chw
-from medfl.metrics import evaluate, loss_fn, loss_target, scores
+from medfl.metrics import evaluate
+from medfl.model import MULTI_LABEL
 from medmnist_shard import MedMNISTShardDescriptor
+
+
+# The reference the tasks are held to, as medfl defined each step before the tasks wrote them out in PyTorch.
+def loss_fn(task: str) -> nn.Module:
+    """BCE-with-logits for multi-label; cross-entropy for multi-class, binary and ordinal tasks."""
+    return nn.BCEWithLogitsLoss() if task == MULTI_LABEL else nn.CrossEntropyLoss()
+
+
+def loss_target(task: str, labels: torch.Tensor) -> torch.Tensor:
+    """Labels (N, width) as the loss expects them: float rows for BCE, class indices for CE."""
+    return labels.float() if task == MULTI_LABEL else labels[:, 0].long()
+
+
+def scores(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """Per-class probabilities, the y_score that medmnist.evaluator expects."""
+    return torch.sigmoid(logits) if task == MULTI_LABEL else torch.softmax(logits, dim=1)
 
 
 @pytest.mark.parametrize("flag", ["bloodmnist", "chestmnist", "pneumoniamnist", "retinamnist"])

@@ -8,7 +8,7 @@ submitting and following experiments, reports); the nodes never import it.
 from .algorithms import ALGORITHMS, NotTrueDistillation, aggregation_function
 from .data import MedMNISTData, batch_loader, loader_settings, to_float_chw
 from .device import autocast, bind_optimizer, pick_device, step_barrier
-from .metrics import evaluate, loss_fn, loss_target, scores
+from .metrics import evaluate
 from .model import FLAGS, SIZES, Net, build_model, conv_block, norm_layer, task_type
 from .privacy import DPSGD
 from .schedule import Schedule
@@ -19,6 +19,6 @@ __all__ = [
     "ALGORITHMS", "DPSGD", "FLAGS", "SIZES", "Best", "MedMNISTData", "Net", "NotTrueDistillation", "Schedule",
     "aggregation_function", "autocast", "batch_loader", "bind_optimizer", "build_model",
     "build_tasks", "conv_block",
-    "evaluate", "loader_settings", "loss_fn", "loss_target", "norm_layer", "pick_device", "scores", "step_barrier",
+    "evaluate", "loader_settings", "norm_layer", "pick_device", "step_barrier",
     "task_type", "to_float_chw", "train", "validate",
 ]

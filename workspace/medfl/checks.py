@@ -178,8 +178,7 @@ class UpdateChecks:
     round's updates are checked before they are aggregated; one that fails is left out of that round's aggregate (the
     others re-weighted by their sample counts) and streamed as an event (REJECTED). An envoy rejected in
     `max_rejections` of the last `rejection_window` rounds, or whose validation metric is not finite, is dropped
-    (medfl.dropouts). A round
-    whose every update was rejected keeps the global model as it was.
+    (medfl.dropouts). A round whose every update was rejected keeps the global model as it was.
 
     Needs of the aggregator: OpenFL's Aggregator, its _global_model, and _event, _drop, _judge and _remaining
     (medfl.dropouts)."""

@@ -1,31 +1,13 @@
-"""MedMNIST's official ACC and AUC (computed by medmnist.evaluator), and the loss, its targets and the scores per task
-type, which the tasks (medfl.tasks) write out in PyTorch where a reader sees them; tests/test_tasks.py holds the tasks
-to these."""
+"""MedMNIST's official ACC and AUC (computed by medmnist.evaluator). The loss, its targets and the scores per task type
+are written out in the tasks (medfl.tasks), where a reader sees them."""
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
-import torch
 from medmnist.evaluator import getACC, getAUC
-from torch import nn
 
 from .model import MULTI_LABEL
-
-
-def loss_fn(task: str) -> nn.Module:
-    """BCE-with-logits for multi-label; cross-entropy for multi-class, binary and ordinal tasks."""
-    return nn.BCEWithLogitsLoss() if task == MULTI_LABEL else nn.CrossEntropyLoss()
-
-
-def loss_target(task: str, labels: torch.Tensor) -> torch.Tensor:
-    """Labels (N, width) as the loss expects them: float rows for BCE, class indices for CE."""
-    return labels.float() if task == MULTI_LABEL else labels[:, 0].long()
-
-
-def scores(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """Per-class probabilities, the y_score that medmnist.evaluator expects."""
-    return torch.sigmoid(logits) if task == MULTI_LABEL else torch.softmax(logits, dim=1)
 
 
 def evaluate(task: str, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float]:
