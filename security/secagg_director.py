@@ -21,7 +21,8 @@ from . import secagg
 
 class SecureAggregation:
     """The director's half, mixed into the experiment's aggregator. Needs of the aggregator: OpenFL's Aggregator,
-    its _global_model, stopped and dropped, _fail and _drop (which this extends), _reject_update, and SECURE_EVENT (the
+    its _global_model, stopped and dropped, drop, _fail and _drop (which this extends), _reject_update, _claimed_count
+    (medfl.checks), and SECURE_EVENT (the
     task name of the event streamed for each securely aggregated round)."""
 
     _secure = None  # SecureRounds, when the experiment asks for secure aggregation
@@ -122,6 +123,13 @@ class SecureRounds:
     def receive(self, envoy: str, r: int, step: str, named_tensors) -> None:
         """One of the protocol's messages from an envoy."""
         payload = named_tensors[0].data_bytes if named_tensors else b""
+        if envoy in self.aggregator.dropped:
+            return
+        if bad := self._refused(envoy, r, step, payload):  # named and dropped: the round goes on without it
+            self.aggregator._reject_update(envoy, r, "train", *bad)
+            self.aggregator.drop(envoy, f"its update was rejected: it failed the {bad[0]} check: {bad[1]}")
+            self.notify()
+            return
         with self.changed:
             rnd = self.round(r)
             if step == "advertise":
@@ -137,6 +145,26 @@ class SecureRounds:
             else:
                 raise ValueError(f"unknown secure aggregation step {step!r} from {envoy}")
         self.notify()
+
+    def _refused(self, envoy: str, r: int, step: str, payload: bytes) -> tuple | None:
+        """(check, detail, numbers) for a message that no honest envoy sends: a training-set size it cannot have
+        (the count check of medfl.checks, against what its shard registered), or a masked input whose length is not
+        the model's. None for the others."""
+        if step == "advertise":
+            try:
+                samples = json.loads(payload)["samples"]
+            except (ValueError, KeyError, TypeError):
+                return "secure", "its advertisement is not the protocol's", {}
+            if isinstance(samples, bool) or not isinstance(samples, int):
+                return "count", f"it advertises {samples!r} training samples, not a whole number", {}
+            if bad := self.aggregator._claimed_count(envoy, samples):
+                return "count", bad.pop("detail"), bad
+        elif step == "masked":
+            expected = sum(int(np.size(value)) for value in self.aggregator._global_model(r).values())
+            if len(payload) != 8 * expected:
+                return "secure", (f"its masked input holds {len(payload) / 8:g} values, the model {expected}"), \
+                    {"values": len(payload) / 8, "expected": expected}
+        return None
 
     def answer(self, envoy: str, r: int, step: str) -> bytes:
         """The message an envoy asks for, once it is ready (else, after secagg.POLL_S, "pending")."""

@@ -9,8 +9,8 @@ def check_results(results: dict, *, envoys: list[str], rounds: int) -> None:
                 "held"):
         assert key in results, key
     assert (results["status"], results["error"], results["dropouts"], results["restarts"], results["refusals"],
-            results["held"]) == \
-        ("completed", None, [], [], [], [])
+            results["held"], results["rejected_updates"], results["clipped_updates"]) == \
+        ("completed", None, [], [], [], [], [], [])  # an honest federation: nothing rejected or clipped
     assert results["data_source"] in ("download", "file", "synthetic", "medmnist")
     assert [e["name"] for e in results["envoys"]] == envoys
     for e in results["envoys"]:

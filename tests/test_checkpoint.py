@@ -101,9 +101,41 @@ def test_a_missing_damaged_or_foreign_checkpoint_is_refused_in_one_line_and_noth
     assert load_checkpoint(str(tmp_path), {**PARAMS, "rounds": 6}, ONLINE).round == 2
     save(tmp_path / FILE, _checkpoint(params={**PARAMS, "dp": True}))
     assert "rounds=4 (now 6)" in _refused(tmp_path, {**PARAMS, "dp": True, "rounds": 6})
+    # An envoy whose shard is not the one it trained on in the run is refused, naming what changed.
+    described = [{**e, "name": e["envoy"], "train": 399, "val": 57} for e in ONLINE]
+    save(tmp_path / FILE, _checkpoint(shards={e["envoy"]: {"name": e["envoy"], "train": 399, "val": 57}
+                                              for e in ONLINE}))
+    assert load_checkpoint(str(tmp_path), PARAMS, described).round == 2
+    message = _refused(tmp_path, envoys=[described[0], {**described[1], "train": 410}])
+    assert "an envoy serves other data than in the run: envoy_2's train 399 (now 410)" in message
     # An envoy that dropped out of the run may stay away.
     save(tmp_path / FILE, _checkpoint(dropouts=[{"envoy": "envoy_2", "round": 1}]))
     assert load_checkpoint(str(tmp_path), PARAMS, ONLINE[:1]).round == 2
+
+
+def test_a_resumed_run_keeps_out_an_envoy_dropped_for_its_rejected_updates_and_takes_back_a_lost_one(tmp_path,
+                                                                                                      capsys):
+    from types import SimpleNamespace
+
+    from medfl.researcher.checkpoint import keep_out, kept_out_of
+
+    envoys = ["envoy_1", "envoy_2", "envoy_3"]
+    liar = {"envoy": "envoy_3", "round": 3, "reason": "its update was rejected in 2 of the last 5 rounds "
+            "(max_rejections=2); last: its update failed the direction check: ..."}
+    lost = {"envoy": "envoy_2", "round": 2, "reason": "the director has not heard from it for 21 s"}
+    save(tmp_path / FILE, _checkpoint(envoys=envoys, dropouts=[lost, liar]))
+    online = [{"envoy": e, "online": True} for e in envoys]
+    checkpoint = load_checkpoint(str(tmp_path), PARAMS, online)  # all three back: the liar is not counted
+    assert kept_out_of(checkpoint) == {"envoy_3": liar["reason"]}
+    registry = {e: {"is_online": True, "shard_info": {}} for e in envoys}
+    federation = SimpleNamespace(get_shard_registry=lambda: registry)
+    table = keep_out(federation, online, kept_out_of(checkpoint))
+    # OpenFL's experiment.start sends the experiment to the envoys its registry shows online: not envoy_3.
+    assert [n for n, e in federation.get_shard_registry().items() if e["is_online"]] == ["envoy_1", "envoy_2"]
+    assert [e["envoy"] for e in table if e["online"]] == ["envoy_1", "envoy_2"]
+    assert "resumed: envoy_3 stays out of this run (its update was rejected in 2 of the last 5 rounds" in \
+        capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path), PARAMS, online[:2]).round == 2  # and it may stay offline
 
 
 def test_restoring_into_another_model_is_refused_in_one_line(tmp_path):
@@ -207,7 +239,7 @@ def test_a_checkpoint_is_skipped_when_the_director_has_moved_on(tmp_path):
     last = {**{k: v.numpy() for k, v in model.state_dict().items()}, ROUND_KEY: np.array([3.0], np.float32)}
     experiment = SimpleNamespace(experiment_name="run", federation=SimpleNamespace(dir_client=_Director([], last)))
     checkpoints = Checkpointer(tmp_path, experiment, model, {"params": PARAMS, "envoys": ONLINE})
-    run = SimpleNamespace(best_model=None, metrics=[], dropouts=[], rejected=[], secure=[])
+    run = SimpleNamespace(best_model=None, metrics=[], dropouts=[], rejected=[], clipped=[], secure=[])
     assert not checkpoints(1, run) and not (tmp_path / FILE).exists()  # the model after 3 is not the one after 2
     assert checkpoints(2, run) and torch.load(tmp_path / FILE, weights_only=True)["round"] == 3
 

@@ -3,6 +3,7 @@ SelectingAggregator (OpenFL's Aggregator underneath) fed updates as envoys send 
 of a failed task. tests/test_broken_envoy.py does it end to end."""
 import json
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ from openfl.utilities import TensorKey, add_log_level
 
 from medfl import Schedule, build_tasks, checks
 from medfl.aggregator import SelectingAggregator
-from medfl.events import DROPPED, REJECTED
+from medfl.events import CLIPPED, DROPPED, FAILED, REJECTED
 from openfl_adjustments import faults
+from openfl_adjustments.tensor_store import FastTensorDB
 
 add_log_level("METRIC", 25)  # as OpenFL's fx does at start-up: its aggregator logs metrics at this level
 ENVOYS = ["envoy_1", "envoy_2", "envoy_3"]
@@ -70,6 +72,34 @@ def test_impossible_settings_are_refused_in_one_line(ratio, rejections, window, 
                                                 "rejection_window": window}})
 
 
+@pytest.mark.parametrize("size,cosine,message", [
+    (0, 0.0, "max_update_size=0: give a number above 0"), (float("inf"), 0.0, "max_update_size=inf"),
+    ("1", 0.0, "max_update_size='1'"), (1.0, 1.0, "min_update_cosine=1.0: give a number from -1"),
+    (1.0, -1.5, "min_update_cosine=-1.5"), (1.0, True, "min_update_cosine=True")])
+def test_an_impossible_size_bound_or_direction_is_refused_in_one_line(size, cosine, message):
+    from medfl.researcher import DEFAULTS, ParameterError, check_parameters
+
+    with pytest.raises(ValueError, match=message):
+        checks.check_settings(10, 2, 5, size, cosine)
+    with pytest.raises(ParameterError, match=message):
+        check_parameters(**{**DEFAULTS, "run": {"max_update_size": size, "min_update_cosine": cosine}})
+
+
+def test_a_direction_leaves_batchnorms_statistics_out_and_a_clipped_update_keeps_it():
+    model = {"w": np.ones(3, np.float32), "bn.running_var": np.ones(2, np.float32),
+             "bn.num_batches_tracked": np.array(4.0, np.float32)}
+    step = {"w": np.array([1.0, 0.0, 0.0]), "bn.running_var": np.array([5.0, 5.0]), "bn.num_batches_tracked": 9.0}
+    ahead = {**model, "w": np.array([3.0, 1.0, 1.0], np.float32), "bn.running_var": np.array([-9.0, 7.0])}
+    assert checks.cosine(ahead, model, step) == pytest.approx(1.0)
+    back = {**ahead, "w": np.array([-1.0, 1.0, 2.0], np.float32)}
+    assert checks.cosine(back, model, step) == pytest.approx(-2 / np.sqrt(4 + 1))
+    assert checks.cosine(model, model, step) is None  # it did not move: no direction
+    half = checks.clipped(back, model, 0.5)
+    assert checks.distance(half, model) == pytest.approx(checks.distance(back, model) / 2)
+    assert checks.cosine(half, model, step) == pytest.approx(checks.cosine(back, model, step))
+    assert half["bn.num_batches_tracked"] == 4.0 and half["w"].dtype == np.float32
+
+
 def test_an_envoy_whose_training_diverged_names_itself_and_sends_nothing(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     checks.check_trained(model)
@@ -82,15 +112,16 @@ def test_an_envoy_whose_training_diverged_names_itself_and_sends_nothing(monkeyp
 
 
 # --- a real SelectingAggregator ------------------------------------------------------------------------------------
-def aggregator(tmp_path, envoys=ENVOYS, rounds=3, **settings) -> SelectingAggregator:
+def aggregator(tmp_path, envoys=ENVOYS, rounds=3, model=MODEL, **settings) -> SelectingAggregator:
     tasks = build_tasks("bloodmnist").get_registered_tasks()
     from openfl.component.assigner.custom_assigner import Assigner
 
     assigner = Assigner(assigner_function=Schedule(tasks, train_rounds=rounds), aggregation_functions_by_task={},
                         authorized_cols=list(envoys), rounds_to_train=rounds + 1)
-    return SelectingAggregator("aggregator_test", "federation", list(envoys), str(tmp_path / "init.pbuf"),
-                               str(tmp_path / "best.pbuf"), str(tmp_path / "last.pbuf"), assigner,
-                               rounds_to_train=rounds + 1, initial_tensor_dict=dict(MODEL), **settings)
+    with mock.patch("openfl.component.aggregator.aggregator.TensorDB", FastTensorDB):  # the director's store
+        return SelectingAggregator("aggregator_test", "federation", list(envoys), str(tmp_path / "init.pbuf"),
+                                   str(tmp_path / "best.pbuf"), str(tmp_path / "last.pbuf"), assigner,
+                                   rounds_to_train=rounds + 1, initial_tensor_dict=dict(model), **settings)
 
 
 def _named(envoy, r, name, value, tags, report=False):
@@ -99,13 +130,15 @@ def _named(envoy, r, name, value, tags, report=False):
                                         lossless=True)
 
 
-def send_round(agg, r, updates: dict, sizes: dict, losses: dict | None = None):
-    """Each envoy's three tasks of round r, as an envoy sends them: validation of the global model, training
-    (its weights `updates[envoy]` and a train_loss), validation of its local model."""
+def send_round(agg, r, updates: dict, sizes: dict, losses: dict | None = None, aucs: dict | None = None):
+    """Each envoy's three tasks of round r, as an envoy sends them: validation of the global model (its loss, and
+    its AUC where `aucs` gives them), training (its weights `updates[envoy]` and a train_loss), validation of its
+    local model."""
     for envoy, weights in updates.items():
         loss = (losses or {}).get(envoy, 0.5)
+        auc = [_named(envoy, r, "auc", aucs[envoy], ("validate_agg", "metric"), True)] if aucs else []
         agg.send_local_task_results(envoy, r, "aggregated_model_validate", sizes[envoy],
-                                    [_named(envoy, r, "loss", loss, ("validate_agg", "metric"), True)])
+                                    [_named(envoy, r, "loss", loss, ("validate_agg", "metric"), True), *auc])
         trained = [_named(envoy, r, name, value, ("trained",)) for name, value in weights.items()]
         agg.send_local_task_results(envoy, r, "train", sizes[envoy],
                                     [*trained, _named(envoy, r, "train_loss", 0.7, ("trained", "metric"), True)])
@@ -190,10 +223,99 @@ def test_an_envoy_that_lies_every_other_round_is_dropped_within_the_window(tmp_p
         assert agg.dropped == {}
 
 
-def test_with_two_envoys_the_norm_is_not_judged(tmp_path):
-    agg = aggregator(tmp_path, envoys=["envoy_1", "envoy_2"])
-    send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(1e4)}, SIZES)
+ONES = {name: np.ones_like(value) for name, value in MODEL.items()}  # a model with a norm, to clip to
+# ...and with 10^4 weights, where chance reaches a cosine of -6/sqrt(10^4) = -0.06 (checks.CHANCE_Z)
+WIDE = {**ONES, "conv.weight": np.ones((100, 100), np.float32)}
+
+
+def moved(model, by, counter=0.0):
+    """model's tensors plus `by`; its step counter plus `counter` (the batches an envoy ran)."""
+    return {name: value + (counter if name.endswith("num_batches_tracked") else by) for name, value in model.items()}
+
+
+def test_with_two_envoys_a_huge_update_is_clipped_to_the_global_models_norm_and_recorded(tmp_path):
+    agg = aggregator(tmp_path, envoys=["envoy_1", "envoy_2"], model=ONES)
+    huge = {name: value * np.float32(1e4) for name, value in ONES.items()}
+    send_round(agg, 0, {"envoy_1": moved(ONES, 0.1), "envoy_2": huge}, SIZES)
+    assert agg.rejected == []  # two updates: no median to stand out from; the bound still holds
+    (clipping,) = agg.clipped
+    size = checks.distance(ONES, {k: np.zeros_like(v) for k, v in ONES.items()})
+    assert (clipping.envoy, clipping.round, clipping.check) == ("envoy_2", 1, "size")
+    assert clipping.numbers["bound"] == pytest.approx(size) and clipping.numbers["scale"] < 1e-3
+    assert "clipped to max_update_size=1 times it" in clipping.detail
+    (event,) = events(agg, CLIPPED)
+    assert event["metric_origin"] == "envoy_2" and json.loads(event["metric_name"])["numbers"]["scale"] < 1e-3
+    # Aggregated: envoy_1's update and envoy_2's clipped to the global model's norm, weighted by their counts.
+    clipped = checks.clipped(huge, ONES, clipping.numbers["scale"])
+    assert checks.distance(clipped, ONES) == pytest.approx(size)
+    expected = (100 * 1.1 + 300 * clipped["conv.weight"]) / 400
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], expected, rtol=1e-6)
+    assert agg.failure() is None and agg.dropped == {}
+
+
+def test_an_update_within_the_bound_is_not_touched(tmp_path):
+    agg = aggregator(tmp_path, envoys=["envoy_1", "envoy_2"], model=ONES)
+    send_round(agg, 0, {"envoy_1": moved(ONES, 0.1), "envoy_2": moved(ONES, 0.9)}, SIZES)
+    assert agg.clipped == [] and events(agg, CLIPPED) == []
+    np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], (110 + 300 * 1.9) / 400, rtol=1e-6)
+
+
+@pytest.mark.parametrize("envoys", [ENVOYS, ENVOYS[1:]])
+def test_an_update_turned_around_against_its_envoys_last_one_is_rejected_at_any_number_of_envoys(tmp_path, envoys):
+    agg = aggregator(tmp_path, envoys=envoys, model=WIDE)
+    send_round(agg, 0, {e: moved(WIDE, 0.1, 5) for e in envoys}, SIZES)  # the first round: no step yet
     assert agg.rejected == []
+    before = global_model(agg, 1)
+    # Round 2: envoy_3 sends g - (w - g), its honest update turned around; its size is the others', its count grew.
+    updates = {e: moved(before, 0.1, 5) for e in envoys}
+    updates["envoy_3"] = {**moved(before, -0.1), "bn.num_batches_tracked": updates["envoy_3"]["bn.num_batches_tracked"]}
+    send_round(agg, 1, updates, SIZES)
+    (rejection,) = agg.rejected
+    assert (rejection.envoy, rejection.round, rejection.check) == ("envoy_3", 2, "direction")
+    assert rejection.numbers == {"cosine": pytest.approx(-1.0), "min_update_cosine": 0.0,
+                                 "chance": pytest.approx(0.06)}
+    assert "points against its own last accepted one: cosine -1.000" in rejection.detail
+    honest = [e for e in envoys if e != "envoy_3"]
+    expected = sum(SIZES[e] * (before["conv.weight"] + 0.1) for e in honest) / sum(SIZES[e] for e in honest)
+    np.testing.assert_allclose(global_model(agg, 2)["conv.weight"], expected, rtol=1e-6)
+    # Its next update is judged against its last accepted one, not the turned one: turned again, rejected again.
+    before = global_model(agg, 2)
+    send_round(agg, 2, {**{e: moved(before, 0.1, 5) for e in envoys}, "envoy_3": moved(before, -0.1)}, SIZES)
+    assert [(r.envoy, r.round, r.check) for r in agg.rejected][1:] == [("envoy_3", 3, "direction")]
+
+
+def test_an_update_at_right_angles_to_its_last_passes_and_min_update_cosine_minus_1_turns_the_check_off(tmp_path):
+    agg = aggregator(tmp_path, model=WIDE, min_update_cosine=-1.0)
+    send_round(agg, 0, {e: moved(WIDE, 0.1) for e in ENVOYS}, SIZES)
+    before = global_model(agg, 1)
+    send_round(agg, 1, {**{e: moved(before, 0.1) for e in ENVOYS}, "envoy_3": moved(before, -0.1)}, SIZES)
+    assert agg.rejected == []
+    agg = aggregator(tmp_path, model=WIDE)
+    send_round(agg, 0, {e: moved(WIDE, 0.1) for e in ENVOYS}, SIZES)
+    before = global_model(agg, 1)
+    across = np.tile(np.float32([0.1, -0.1]), (100, 50))
+    sideways = {**moved(before, 0.0), "conv.weight": before["conv.weight"] + across}
+    send_round(agg, 1, {**{e: moved(before, 0.1) for e in ENVOYS}, "envoy_3": sideways}, SIZES)
+    assert agg.rejected == []  # at right angles (cosine 0) to its last: not against it
+
+
+def test_a_direction_no_further_against_its_last_than_chance_reaches_passes(tmp_path):
+    """Under DP-SGD an update is mostly noise: its cosine to its last is about 0, at times a little below. Over 10^6
+    weights, chance reaches -0.006."""
+    rng = np.random.default_rng(0)
+    big = {"w": np.zeros(10 ** 6, np.float32)}
+    agg = aggregator(tmp_path, envoys=["envoy_1", "envoy_2"], model=big, max_update_size=10.0)
+    first = {e: {"w": rng.normal(size=10 ** 6).astype(np.float32)} for e in ("envoy_1", "envoy_2")}
+    send_round(agg, 0, first, SIZES)
+    before = agg._global_model(1)["w"]
+    noise = rng.normal(size=10 ** 6)
+    noise -= (noise @ first["envoy_1"]["w"]) / (first["envoy_1"]["w"] @ first["envoy_1"]["w"]) * first["envoy_1"]["w"]
+    mine = first["envoy_1"]["w"]
+    slightly_back = noise - 0.004 * np.linalg.norm(noise) / np.linalg.norm(mine) * mine
+    send_round(agg, 1, {"envoy_1": {"w": (before + slightly_back).astype(np.float32)},
+                        "envoy_2": {"w": (before - first["envoy_2"]["w"]).astype(np.float32)}}, SIZES)
+    assert [(r.envoy, r.check) for r in agg.rejected] == [("envoy_2", "direction")]  # -1: far past chance
+    assert -0.0045 < checks.cosine({"w": before + slightly_back}, {"w": before}, first["envoy_1"]) < -0.0035
 
 
 def test_an_update_of_another_shape_is_refused_on_arrival_and_the_round_still_ends(tmp_path):
@@ -213,6 +335,20 @@ def test_a_round_whose_every_update_was_rejected_keeps_the_global_model(tmp_path
     assert agg.round_number == 1 and len(agg.rejected) == 3
     for name, value in global_model(agg, 1).items():
         np.testing.assert_array_equal(value, MODEL[name])
+
+
+def test_an_auc_left_undefined_by_a_split_of_one_class_is_missing_not_a_failure(tmp_path):
+    agg = aggregator(tmp_path)
+    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS}, SIZES, aucs={"envoy_1": 0.6, "envoy_2": 0.9,
+                                                                         "envoy_3": float("nan")})
+    assert agg.dropped == {} and agg.rejected == []
+    # The others' mean, by their counts: NaN is missing, not zero, and does not make the round's AUC NaN.
+    assert aggregated(agg, 0, "aggregated_model_validate", "auc") == pytest.approx((100 * 0.6 + 300 * 0.9) / 400)
+    assert aggregated(agg, 0, "aggregated_model_validate", "loss") == pytest.approx(0.5)
+    agg = aggregator(tmp_path)  # an infinite AUC is no split's doing: that envoy's task failed
+    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS}, SIZES, aucs={"envoy_1": 0.6, "envoy_2": float("inf"),
+                                                                         "envoy_3": 0.7})
+    assert agg.dropped == {"envoy_2": "its task failed: its aggregated_model_validate task reported auc = inf"}
 
 
 def test_a_non_finite_validation_metric_is_that_envoys_failed_task(tmp_path):
@@ -374,3 +510,55 @@ def test_a_metric_outside_its_range_is_left_out_of_the_round_and_named(tmp_path)
     assert aggregated(agg, 0, "aggregated_model_validate", "loss") == pytest.approx(0.5)
     np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], 1.0)
     assert agg.dropped == {}
+
+
+# --- under secure aggregation: what an envoy advertises and sends, checked as it arrives ----------------------------
+def _message(agg, envoy, step, payload: bytes):
+    from openfl.protocols import base_pb2
+
+    agg.send_local_task_results(envoy, 0, f"secagg/{step}", 0,
+                                [base_pb2.NamedTensor(name=f"secagg/{step}", round_number=0, data_bytes=payload)])
+
+
+@pytest.mark.parametrize("advertised, check, detail", [
+    (10 ** 9, "count", "it claims 1000000000 training samples, more than the 600 its shard registered"),
+    (-600, "count", "it claims -600 training samples, where an update weighs by a count above 0"),
+    ("600", "count", "it advertises '600' training samples, not a whole number")])
+def test_under_secure_aggregation_an_advertised_count_is_held_to_the_registered_one(tmp_path, advertised, check,
+                                                                                  detail):
+    agg = aggregator(tmp_path, secure_aggregation=True)
+    agg.registered_samples(lambda: dict(SIZES))
+    _message(agg, "envoy_1", "advertise", json.dumps({"c": "", "s": "", "samples": 100}).encode())
+    _message(agg, "envoy_3", "advertise", json.dumps({"c": "", "s": "", "samples": advertised}).encode())
+    (rejection,) = agg.rejected
+    assert (rejection.envoy, rejection.check) == ("envoy_3", check) and rejection.detail.startswith(detail)
+    assert agg.dropped["envoy_3"].startswith(f"its update was rejected: it failed the {check} check: {detail}")
+    rnd = agg._secure.round(0)
+    assert rnd.u1 == ["envoy_1"] and "envoy_3" in rnd.dropped  # the round goes on without it
+    assert agg.failure() is None
+
+
+def test_under_secure_aggregation_a_masked_input_of_the_wrong_length_is_refused_as_it_arrives(tmp_path):
+    agg = aggregator(tmp_path, secure_aggregation=True)
+    values = sum(v.size for v in MODEL.values())
+    _message(agg, "envoy_1", "masked", np.zeros(values, np.uint64).tobytes())
+    _message(agg, "envoy_2", "masked", np.zeros(values + 1, np.uint64).tobytes())
+    _message(agg, "envoy_3", "masked", b"\x00" * 5)
+    assert [(r.envoy, r.check, r.detail) for r in agg.rejected] == [
+        ("envoy_2", "secure", f"its masked input holds {values + 1} values, the model {values}"),
+        ("envoy_3", "secure", f"its masked input holds 0.625 values, the model {values}")]
+    assert sorted(agg.dropped) == ["envoy_2", "envoy_3"]
+    assert agg._secure.round(0).u3 == ["envoy_1"]
+
+
+def test_a_fault_in_the_checks_stops_the_run_named_rather_than_leave_the_envoys_waiting(tmp_path, monkeypatch):
+    agg = aggregator(tmp_path)
+
+    def broken(r):
+        raise KeyError("conv.weight")
+
+    monkeypatch.setattr(agg, "_check_round", broken)
+    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS}, SIZES)
+    assert agg.failure() == "the director's update checks failed in round 1: KeyError: 'conv.weight'"
+    assert agg.stopped and [m["metric_name"] for m in agg.metric_queue.queue if m["task_name"] == FAILED] == \
+        [agg.failure()]

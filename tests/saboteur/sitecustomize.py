@@ -2,9 +2,11 @@
 
 MEDFL_TEST_SABOTEUR=ENVOY:KIND:ROUND, or several separated by commas (e.g. envoy_3:nan:2): from that round on
 (counted from 1), that envoy sends trained weights that are NaN (`nan`), scaled by 1e4 (`scale`), or with its
-first weight one row short (`shape`), or its true weights claiming 10^9 training samples (`count`), after its own
-checks ran: as a node whose checks are missing, or that
-attacks on purpose, would. Its metrics stay as its real training made them. Every other process ignores it.
+first weight one row short (`shape`); its true weights claiming 10^9 training samples (`count`) or -600
+(`negative`); its update turned around, g - (w - g) for the global model g it received (`turn`), with its true
+count or claiming 10^9 (`lie`); or its true weights with every AUC it reports (validation too) set to 5.0 (`auc`);
+after its own checks ran: as a node whose checks are missing, or that attacks on purpose, would. Its other metrics
+stay as its real training made them. Every other process ignores it.
 
 ENVOY:die_after_masked:ROUND (secure aggregation): that envoy kills itself (SIGKILL) once its masked update of that
 round has reached the director, before it reveals its shares.
@@ -110,20 +112,46 @@ def _record_import(module, record: str) -> None:
         out.write(json.dumps(line) + "\n")
 
 
+COUNTS = {"count": 10 ** 9, "lie": 10 ** 9, "negative": -600}  # the training-set size each kind claims
+
+
+def _turned(collaborator, tensor_dict: dict, round_number: int) -> dict:
+    """The trained weights w turned around the global model g the envoy received: g - (w - g)."""
+    from openfl.utilities import TensorKey
+
+    turned = {}
+    for key, value in tensor_dict.items():
+        received = None if key.report else collaborator.tensor_db.get_tensor_from_cache(
+            TensorKey(key.tensor_name, collaborator.aggregator_uuid, round_number, False, ("model",)))
+        turned[key] = value if received is None or "num_batches" in key.tensor_name else \
+            (2 * received.astype(value.dtype) - value)
+    if all(turned[key] is value for key, value in tensor_dict.items()):  # a saboteur that turns nothing is a bug
+        raise RuntimeError("SABOTEUR: found no global model in the envoy's tensor store to turn the update around")
+    return turned
+
+
 def _sabotage(collaborator_class, kind: str, from_round: int) -> None:
     send_task_results = collaborator_class.send_task_results
 
     def sending_spoiled(self, tensor_dict, round_number, task_name):
-        if task_name == "train" and round_number + 1 >= from_round:
+        if kind == "auc" and round_number + 1 >= from_round:
+            import numpy as np
+
+            tensor_dict = {k: np.full_like(v, 5.0) if k.report and k.tensor_name == "auc" else v
+                           for k, v in tensor_dict.items()}
+        if task_name == "train" and round_number + 1 >= from_round and kind != "auc":
             print(f"SABOTEUR: {self.collaborator_name} sends {kind} weights in round {round_number + 1}", flush=True)
-            if kind == "count":  # its true weights, claiming 10^9 training samples: OpenFL weighs the mean by it
+            if kind in ("turn", "lie"):
+                tensor_dict = _turned(self, tensor_dict, round_number)
+            if kind in COUNTS:  # OpenFL weighs the mean by the count an envoy claims
                 runner = self.task_runner
-                runner.get_train_data_size = lambda: 10 ** 9
+                runner.get_train_data_size = lambda: COUNTS[kind]
                 try:
                     return send_task_results(self, tensor_dict, round_number, task_name)
                 finally:
                     del runner.get_train_data_size
-            tensor_dict = _spoiled(tensor_dict, kind)
+            if kind != "turn":
+                tensor_dict = _spoiled(tensor_dict, kind)
         return send_task_results(self, tensor_dict, round_number, task_name)
 
     collaborator_class.send_task_results = sending_spoiled

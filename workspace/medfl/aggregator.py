@@ -28,7 +28,7 @@ from openfl.utilities import TensorKey
 from security.secagg import MAX_UPDATE_NORM
 from security.secagg_director import SecureAggregation
 
-from .checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, REJECTION_WINDOW, UpdateChecks
+from .checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, MAX_UPDATE_SIZE, MIN_UPDATE_COSINE, REJECTION_WINDOW, UpdateChecks
 from .dropouts import EnvoyRules
 from .events import ROUND_KEY, SECURE, STATE_PREFIX, pack
 from .selection import Best
@@ -64,10 +64,12 @@ class SelectingAggregator(SecureAggregation, EnvoyRules, UpdateChecks, TrafficCo
     def __init__(self, *args, best_metric: str = "auc", best_mode: str = "max", min_envoys=0.5,
                  round_timeout: float = 0, max_update_ratio: float = MAX_UPDATE_RATIO,
                  max_rejections: int = MAX_REJECTIONS, rejection_window: int = REJECTION_WINDOW,
+                 max_update_size: float = MAX_UPDATE_SIZE, min_update_cosine: float = MIN_UPDATE_COSINE,
                  secure_aggregation: bool = False, secure_threshold: int = 0,
                  max_update_norm: float = MAX_UPDATE_NORM, local_tensors=(), **kwargs):
         # settings first: an impossible one stops here, in one line
-        self._policy(min_envoys, round_timeout, max_update_ratio, max_rejections, rejection_window)
+        self._policy(min_envoys, round_timeout, max_update_ratio, max_rejections, rejection_window, max_update_size,
+                     min_update_cosine)
         super().__init__(*args, **kwargs)
         # Tensors the envoys keep (medfl.algorithms.local_plan: FedBN's normalization layers; every tensor when each
         # envoy fine-tunes its own model): no update carries them, and the global model keeps the values it has, round
@@ -84,9 +86,8 @@ class SelectingAggregator(SecureAggregation, EnvoyRules, UpdateChecks, TrafficCo
         self._start_counting()
         self._start_watching()
 
-    def _policy(self, min_envoys, round_timeout: float, max_update_ratio: float = MAX_UPDATE_RATIO,
-                max_rejections: int = MAX_REJECTIONS, rejection_window: int = REJECTION_WINDOW) -> None:
-        self._start_checks(max_update_ratio, max_rejections, rejection_window)
+    def _policy(self, min_envoys, round_timeout: float, *checks) -> None:
+        self._start_checks(*checks)
         self._start_rules(min_envoys, round_timeout)
 
     # --- each envoy call: ignored from a dropped envoy, counted, then routed and checked by the bases -----------
@@ -108,7 +109,12 @@ class SelectingAggregator(SecureAggregation, EnvoyRules, UpdateChecks, TrafficCo
         ending = self.round_number
         if self._end_of_round_check_done[ending]:
             return
-        self._check_round(ending)
+        try:
+            self._check_round(ending)
+        except Exception as exc:  # a fault in the checks stops the run, named, rather than leave every envoy waiting
+            self.logger.exception("The director's update checks failed in round %d", ending + 1)
+            self._fail(f"the director's update checks failed in round {ending + 1}: {type(exc).__name__}: {exc}")
+            return
         super()._end_of_round_check()
         if self.round_number > ending:
             self._act_on_checks(ending)

@@ -11,7 +11,15 @@ On the director, an update (the envoy's trained weights) is checked, in this ord
 - state: model state that has a meaning no update may change: BatchNorm's running variances never negative, and its
   step counters never below the global model's (each envoy adds the batches it ran);
 - norm: its distance from the round's global model at most `max_update_ratio` times the median of that round's
-  distances, once a round has three or more updates (with two, the median is their mean: nothing stands out).
+  distances, once a round has three or more updates (with two, the median is their mean: nothing stands out);
+- direction: its change of the weights at least `min_update_cosine` (0) in cosine to the same envoy's last accepted
+  change: an update turned around, which every size check passes, points against where the same data took the
+  model a round before. The director holds no data, so there is no clean reference (FLTrust, Cao et al. 2021); the
+  round's median or the federation's last step are no reference under label skew either, where honest envoys point
+  apart (docs/faults.md has the numbers); an envoy's own history is (FLDetector, Zhang et al. 2022, judges the
+  consistency of each client's updates over rounds);
+- size: an update that passed is clipped to `max_update_size` times the global model's norm (Sun et al. 2019), at any
+  number of envoys, and the clipping recorded: with two envoys, the only bound a huge update meets.
 A validation metric that is not finite is that envoy's failed task; one outside its range (METRIC_RANGES: an ACC or
 AUC of 5, a negative loss) is a lie that would pick the "best" model, and is left out of that round's aggregate.
 
@@ -30,11 +38,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .events import REJECTED
+from .events import CLIPPED, REJECTED, REJECTED_DROP
 
 # PyTorch's BatchNorm step counters: model state, but not weights; an update's distance leaves them out (they grow
 # by the number of batches an envoy ran, which says nothing about where its weights went).
 COUNTERS = ("num_batches_tracked",)
+# BatchNorm's running statistics: model state that follows the data, not the loss; a direction leaves them out.
+STATISTICS = ("running_mean", "running_var", *COUNTERS)
 # How OpenFL's PyTorch adapter names the optimizer state it sends with the weights (only with opt_treatment
 # CONTINUE_GLOBAL, openfl_adjustments.transport): checked for finite values, not against the model's structure.
 OPTIMIZER_STATE = "__opt_"
@@ -45,7 +55,19 @@ WIRE_ROUNDING = 2.0 ** -7  # bfloat16's rounding of a change, with a margin: med
 # What each of the tasks' metrics can be: an envoy reporting AUC 5.0 (or a loss of -1e30 under best_metric "loss")
 # would otherwise make its round's model the best.
 METRIC_RANGES = {"acc": (0.0, 1.0), "auc": (0.0, 1.0), "loss": (0.0, math.inf), "train_loss": (0.0, math.inf)}
+# Metrics a split can leave undefined: AUC, where a split holds one class. NaN then means missing, not a failure.
+UNDEFINED = ("auc",)
 MAX_UPDATE_RATIO = 10.0
+# An update's distance from the global model, at most this times the global model's norm (clipped beyond): honest
+# updates measured 0.01 to 0.31 of it (docs/faults.md).
+MAX_UPDATE_SIZE = 1.0
+# The least cosine between an update's change of the weights and the same envoy's last accepted change (from its
+# second round in an experiment): docs/faults.md has what honest and turned-around updates measured; -1: no check.
+MIN_UPDATE_COSINE = 0.0
+# ...less what two unrelated directions reach by chance: their cosine over n weights has a spread of 1/sqrt(n), and
+# falls below -6/sqrt(n) with a probability under 1e-9. Under DP-SGD an update is mostly noise: honest ones measured
+# cosines of 0.000 to 0.008, where 1/sqrt(n) was 0.002 (docs/faults.md).
+CHANCE_Z = 6.0
 MAX_REJECTIONS = 2
 # ...in how many of the last rounds: an envoy that lies every other round is dropped as one that lies every round is.
 REJECTION_WINDOW = 5
@@ -145,6 +167,26 @@ def distance(update: dict[str, np.ndarray], model: dict[str, np.ndarray]) -> flo
     return math.sqrt(total)
 
 
+def cosine(update: dict[str, np.ndarray], model: dict[str, np.ndarray], step: dict[str, np.ndarray]) -> float | None:
+    """The cosine between update - model and step (another change of the weights) over the weights (not
+    STATISTICS), in float64; None when either is zero (nothing moved, so no direction)."""
+    dot = ours = theirs = 0.0
+    for name, moved in step.items():
+        if name in update and not name.endswith(STATISTICS):
+            change = (np.asarray(update[name], dtype=np.float64) - np.asarray(model[name], dtype=np.float64)).ravel()
+            moved = np.asarray(moved, dtype=np.float64).ravel()
+            dot, ours, theirs = dot + float(change @ moved), ours + float(change @ change), \
+                theirs + float(moved @ moved)
+    return dot / math.sqrt(ours * theirs) if ours > 0 and theirs > 0 else None
+
+
+def clipped(update: dict[str, np.ndarray], model: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """update's tensors moved towards the model, model + (update - model) * scale, in float32; COUNTERS as they are."""
+    return {name: value if name.endswith(COUNTERS) or name not in model else
+            (model[name] + (np.asarray(value, np.float64) - model[name]) * scale).astype(np.float32)
+            for name, value in update.items()}
+
+
 def outsized(distances: dict[str, float], max_ratio: float) -> dict[str, dict]:
     """The envoys whose distance exceeds max_ratio times the median of all, once there are MIN_FOR_NORMS or more:
     {envoy: {norm, median, ratio, max_update_ratio}}."""
@@ -157,8 +199,19 @@ def outsized(distances: dict[str, float], max_ratio: float) -> dict[str, dict]:
             for envoy, norm in distances.items() if norm > max_ratio * median}
 
 
-def check_settings(max_update_ratio, max_rejections, rejection_window=REJECTION_WINDOW) -> None:
+def check_settings(max_update_ratio, max_rejections, rejection_window=REJECTION_WINDOW,
+                   max_update_size=MAX_UPDATE_SIZE, min_update_cosine=MIN_UPDATE_COSINE) -> None:
     """Raise ValueError, saying what to give, for a bound or a count that cannot work."""
+    def number(value):
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    if not number(max_update_size) or not max_update_size > 0:
+        raise ValueError(f"max_update_size={max_update_size!r}: give a number above 0 (the default is "
+                         f"{MAX_UPDATE_SIZE:g}: an update is clipped to the global model's own norm)")
+    if not number(min_update_cosine) or not -1 <= min_update_cosine < 1:
+        raise ValueError(f"min_update_cosine={min_update_cosine!r}: give a number from -1 (no direction check) to "
+                         f"below 1 (the default is {MIN_UPDATE_COSINE:g}: an update pointing against its envoy's "
+                         "last one is rejected)")
     if isinstance(max_update_ratio, bool) or not isinstance(max_update_ratio, (int, float)) or \
             not max_update_ratio > 1:
         raise ValueError(f"max_update_ratio={max_update_ratio!r}: give a number above 1 (the default is "
@@ -183,16 +236,20 @@ class UpdateChecks:
     Needs of the aggregator: OpenFL's Aggregator, its _global_model, and _event, _drop, _judge and _remaining
     (medfl.dropouts)."""
 
-    def _start_checks(self, max_update_ratio: float, max_rejections: int,
-                      rejection_window: int = REJECTION_WINDOW) -> None:
-        check_settings(max_update_ratio, max_rejections, rejection_window)
+    def _start_checks(self, max_update_ratio: float = MAX_UPDATE_RATIO, max_rejections: int = MAX_REJECTIONS,
+                      rejection_window: int = REJECTION_WINDOW,
+                      max_update_size: float = MAX_UPDATE_SIZE, min_update_cosine: float = MIN_UPDATE_COSINE) -> None:
+        check_settings(max_update_ratio, max_rejections, rejection_window, max_update_size, min_update_cosine)
         self.max_update_ratio, self.max_rejections = float(max_update_ratio), max_rejections
         self.rejection_window = rejection_window
+        self.max_update_size, self.min_update_cosine = float(max_update_size), float(min_update_cosine)
         self.rejected: list[Rejection] = []
+        self.clipped: list[Rejection] = []  # updates clipped to max_update_size, as they were
         self._left_out: dict[str, set[str]] = {}  # this round's task: the envoys whose results stay out of it
         self._rejected_in: dict[str, list[int]] = {}  # envoy: the rounds (from 0) in which its update was rejected
         self._failed_metrics: dict[str, str] = {}  # envoy: which metric of this round was not finite
         self._training_tasks: set[str] = set()  # tasks whose results carry trained weights
+        self._last_changes: dict[str, dict] = {}  # envoy: its last accepted change of the weights (the direction check)
         self._checks_lock = threading.Lock()
 
     _registered = None  # see registered_samples
@@ -260,19 +317,26 @@ class UpdateChecks:
         self.metric_queue.put(event)
 
     def _check_round(self, r: int) -> None:
-        """Before round r is aggregated: leave out the updates that are not finite or stand out from the round's
-        median distance, and the results of tasks whose metrics are not finite. Called with self.lock held."""
+        """Before round r is aggregated: leave out the updates that are not finite, stand out from the round's
+        median distance or point back against the federation's last step, and the results of tasks whose metrics
+        are not finite; clip the others to max_update_size. Called with self.lock held."""
         from openfl.utilities import TaskResultKey
 
         done = [c for c in self.collaborators_done if c not in self.dropped]
         model = self._global_model(r)
         for task in self.assigner.get_all_tasks_for_round(r):
-            distances = {}
+            passed = {}  # envoy: (its update's keys, its update)
+            undefined = []  # (envoy, key) of a metric its split leaves undefined
             for envoy in done:
                 keys = self.collaborator_tasks_results.get(TaskResultKey(task, envoy, r))
                 if keys is None or envoy in self._left_out.get(task, ()):
                     continue
                 values = {k: self.tensor_db.get_tensor_from_cache(k) for k in keys}
+                # An AUC that a split with one class leaves undefined (NaN) is missing, not a failure (undefined)
+                for k in [k for k, v in values.items() if k.report and k.tensor_name in UNDEFINED and
+                          np.isnan(v).all()]:
+                    undefined.append((envoy, k))
+                    del values[k]
                 bad_metric = next((k for k, v in values.items() if k.report and not np.isfinite(v).all()), None)
                 if bad_metric is not None:
                     self._failed_metrics[envoy] = (f"its {task} task reported {bad_metric.tensor_name} = "
@@ -284,7 +348,8 @@ class UpdateChecks:
                     self._reject_update(envoy, r, task, "metric", f"its {task} task reported {bad['metric']} = "
                                         f"{bad['value']:.6g}, outside [{bad['low']:g}, {bad['high']:g}]", bad)
                     continue
-                update = {k.tensor_name: v for k, v in values.items() if not k.report and "trained" in k.tags}
+                keys = {k.tensor_name: k for k in values if not k.report and "trained" in k.tags}
+                update = {name: values[k] for name, k in keys.items()}
                 if not update:
                     continue
                 if bad := non_finite(update):
@@ -294,12 +359,77 @@ class UpdateChecks:
                     self._reject_update(envoy, r, task, "state", f"{bad['tensor']} holds {bad['what']}: "
                                         f"{bad['value']:.6g}, where it cannot go below {bad['bound']:g}", bad)
                 else:
-                    distances[envoy] = distance(update, model)
-            for envoy, numbers in outsized(distances, self.max_update_ratio).items():
-                self._reject_update(envoy, r, task, "norm", f"its distance from the global model, "
-                                    f"{numbers['norm']:.4g}, is {numbers['ratio']:.1f} times the round's median "
-                                    f"({numbers['median']:.4g}); the bound is max_update_ratio="
-                                    f"{self.max_update_ratio:g}", numbers)
+                    passed[envoy] = (keys, update)
+            self._judge_updates(r, task, passed, model)
+            self._leave_undefined_out(r, task, undefined)
+
+    def _leave_undefined_out(self, r: int, task: str, undefined: list) -> None:
+        """Give each undefined metric the weighted mean of the envoys' defined ones, so that OpenFL's weighted mean
+        over all of them is the mean over those that are defined; NaN stays where none is."""
+        from openfl.utilities import TaskResultKey
+
+        for envoy, key in undefined:
+            defined = []
+            for other in self.collaborators_done:
+                if other in self.dropped or other in self._left_out.get(task, ()):
+                    continue
+                theirs = self.tensor_db.get_tensor_from_cache(key._replace(
+                    tags=tuple(other if tag == envoy else tag for tag in key.tags)))
+                if theirs is not None and np.isfinite(theirs).all():
+                    defined.append((self.collaborator_task_weight[TaskResultKey(task, other, r)], float(theirs)))
+            if defined:
+                mean = sum(w * v for w, v in defined) / sum(w for w, _ in defined)
+                self.tensor_db.replace_tensors({key: np.array(mean, dtype=np.float32)})
+            self.logger.info("Round %d: %s's %s is undefined on its split (one class): left out of the mean", r + 1,
+                             envoy, key.tensor_name)
+
+    def _judge_updates(self, r: int, task: str, passed: dict, model: dict) -> None:
+        """The checks that weigh an update against the others', its envoy's last one, and the model's norm."""
+        distances = {envoy: distance(update, model) for envoy, (_, update) in passed.items()}
+        outliers = outsized(distances, self.max_update_ratio)
+        for envoy, numbers in outliers.items():
+            self._reject_update(envoy, r, task, "norm", f"its distance from the global model, "
+                                f"{numbers['norm']:.4g}, is {numbers['ratio']:.1f} times the round's median "
+                                f"({numbers['median']:.4g}); the bound is max_update_ratio="
+                                f"{self.max_update_ratio:g}", numbers)
+        size = distance(model, {name: np.zeros_like(value) for name, value in model.items()})
+        for envoy, (keys, update) in passed.items():
+            if envoy in outliers:
+                continue
+            last = self._last_changes.get(envoy)
+            turn = cosine(update, model, last) if last is not None else None
+            self.logger.info("Round %d: %s's update is %.4g of the global model's norm, at cosine %s to its last",
+                             r + 1, envoy, distances[envoy] / size if size else math.inf,
+                             "-" if turn is None else f"{turn:.4f}")
+            chance = CHANCE_Z / math.sqrt(sum(np.size(v) for v in last.values())) if last else 0.0
+            if turn is not None and turn < self.min_update_cosine - chance:
+                self._reject_update(envoy, r, task, "direction", f"its change of the weights points against its own "
+                                    f"last accepted one: cosine {turn:.3f}, below min_update_cosine="
+                                    f"{self.min_update_cosine:g} less what chance reaches ({chance:.3g})",
+                                    {"cosine": turn, "min_update_cosine": self.min_update_cosine, "chance": chance})
+                continue
+            self._last_changes[envoy] = {name: (np.asarray(value, np.float64) - model[name]).astype(np.float32)
+                                         for name, value in update.items()
+                                         if name in model and not name.endswith(STATISTICS)}
+            if size and distances[envoy] > self.max_update_size * size:
+                scale = self.max_update_size * size / distances[envoy]
+                self._clip_update(envoy, r, keys, clipped(update, model, scale), {
+                    "norm": distances[envoy], "model_norm": size, "bound": self.max_update_size * size,
+                    "scale": scale, "max_update_size": self.max_update_size})
+
+    def _clip_update(self, envoy: str, r: int, keys: dict, update: dict, numbers: dict) -> None:
+        """Put envoy's clipped update in place of what it sent, and say so."""
+        # The director's store (openfl_adjustments.tensor_store) replaces; OpenFL's own would keep what was sent.
+        self.tensor_db.replace_tensors({keys[name]: value for name, value in update.items()})
+        clipping = Rejection(envoy, r + 1, "size", f"its distance from the global model, {numbers['norm']:.4g}, is "
+                             f"{numbers['norm'] / numbers['model_norm']:.3g} times the global model's norm; clipped "
+                             f"to max_update_size={self.max_update_size:g} times it", numbers)
+        with self._checks_lock:
+            self.clipped.append(clipping)
+        self.logger.warning("Clipped %s's update in round %d: %s", envoy, clipping.round, clipping.detail)
+        event = self._event(envoy, CLIPPED, "")
+        event["metric_name"] = json.dumps({"check": "size", "detail": clipping.detail, "numbers": numbers})
+        self.metric_queue.put(event)
 
     def _compute_validation_related_task_metrics(self, task_name: str) -> None:
         left_out = self._left_out.get(task_name, set())
@@ -333,7 +463,7 @@ class UpdateChecks:
             count = sum(1 for r in rounds if r > ended - self.rejection_window)
             if count >= self.max_rejections and envoy not in drops and envoy in rejected_now:
                 last = next(r for r in reversed(self.rejected) if r.envoy == envoy)
-                drops[envoy] = (f"its update was rejected in {count} of the last {self.rejection_window} rounds "
+                drops[envoy] = (f"{REJECTED_DROP} in {count} of the last {self.rejection_window} rounds "
                                 f"(max_rejections={self.max_rejections}); last: {last.line()}")
         for envoy, why in drops.items():
             if envoy not in self.dropped:

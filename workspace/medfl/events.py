@@ -19,6 +19,10 @@ REFUSED = "refused: "
 FAILED = "experiment_failed"  # metric_origin is the aggregator
 HELD = "envoy_held"  # metric_origin is the envoy, waiting for its operator to approve the experiment's code
 REJECTED = "update_rejected"  # metric_origin is the envoy; metric_name is JSON: check, detail, numbers
+# An envoy dropped for its rejected updates has a reason that begins with this (medfl.checks, security.secagg_director):
+# a resumed run keeps it out (medfl.researcher.checkpoint), where an envoy lost and back again takes part.
+REJECTED_DROP = "its update was rejected"
+CLIPPED = "update_clipped"  # the same, for an update clipped to max_update_size and aggregated
 # A round aggregated under secure aggregation (security.secagg_director); metric_name is JSON: who was summed.
 SECURE = "secure_aggregation"
 # What a round cost on the wire, streamed by the aggregator when the round ends, for all envoys (metric_origin is the

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..events import ROUND_KEY, STATE_PREFIX, unpack
+from ..events import REJECTED_DROP, ROUND_KEY, STATE_PREFIX, unpack
 from .logs import log_to
 from .parameters import ParameterError, training_parameters
 
@@ -32,7 +32,7 @@ FORMAT = 1
 # what it trains, and how the director aggregates and checks the envoys' updates.
 MUST_MATCH = ("dataset", "size", "epochs", "train_batch_size", "eval_batch_size", "learning_rate", "algorithm",
               "algorithm_options", "dp", "dp_options", "seed", "stem", "wire_dtype", "secure_aggregation",
-              "max_update_ratio", "max_rejections", "rejection_window")
+              "max_update_ratio", "max_rejections", "rejection_window", "max_update_size", "min_update_cosine")
 
 
 @dataclass
@@ -46,9 +46,11 @@ class Checkpoint:
     metrics: list  # every metric received, with the run's round numbers
     dropouts: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
+    clipped: list = field(default_factory=list)  # updates clipped to max_update_size
     secure: list = field(default_factory=list)  # secure aggregation's rounds so far
     params: dict = field(default_factory=dict)
     envoys: list = field(default_factory=list)  # the envoys' names
+    shards: dict = field(default_factory=dict)  # {envoy: what its shard descriptor said it serves}
     restarts: list = field(default_factory=list)  # each resume so far (results.json's restarts)
     experiments: list = field(default_factory=list)  # OpenFL's experiments of the run so far
     saved: float = 0.0
@@ -108,14 +110,51 @@ def load_checkpoint(resume_from: str, params: dict, envoys: list[dict]) -> Check
     if params["rounds"] < checkpoint.round:
         raise ParameterError(f"resume_from={resume_from!r}: the run has done {checkpoint.round} rounds, more than "
                              f"rounds={params['rounds']}")
-    online = sorted(e["envoy"] for e in envoys if e.get("online"))
+    kept_out = set(kept_out_of(checkpoint))
+    online = sorted(e["envoy"] for e in envoys if e.get("online") and e["envoy"] not in kept_out)
     dropped = {d["envoy"] for d in checkpoint.dropouts}
-    if online not in (sorted(checkpoint.envoys), sorted(set(checkpoint.envoys) - dropped)):
+    if online not in (sorted(set(checkpoint.envoys) - kept_out), sorted(set(checkpoint.envoys) - dropped)):
         raise ParameterError(f"resume_from={resume_from!r}: the run's envoys are {', '.join(checkpoint.envoys)}"
                              + (f" ({', '.join(sorted(dropped))} dropped out)" if dropped else "")
                              + f", online now: {', '.join(online) or 'none'}. An envoy re-registers with a restarted "
                              "director within its health-check period: wait, or start the missing ones; stop others")
+    changed = [f"{e['envoy']}'s {key} {checkpoint.shards[e['envoy']].get(key)!r} (now {_shard(e).get(key)!r})"
+               for e in envoys if e.get("online") and e["envoy"] in checkpoint.shards and e["envoy"] not in kept_out
+               for key in sorted(set(_shard(e)) | set(checkpoint.shards[e["envoy"]]))
+               if _shard(e).get(key) != checkpoint.shards[e["envoy"]].get(key)]
+    if changed:
+        raise ParameterError(f"resume_from={resume_from!r}: an envoy serves other data than in the run: "
+                             f"{'; '.join(changed[:3])}: resume with the envoys' shards as they were, or start a new "
+                             "run")
     return checkpoint
+
+
+def _shard(envoy: dict) -> dict:
+    """What an envoy table's row says of its shard, without whether it is online now."""
+    return {k: v for k, v in envoy.items() if k not in ("envoy", "online", "kept_out")}
+
+
+def kept_out_of(checkpoint: Checkpoint | None) -> dict[str, str]:
+    """{envoy: why} for the envoys a resumed run keeps out: those dropped for their rejected updates (a liar does not
+    come back with a clean count). An envoy that was lost, and is back, takes part again."""
+    return {d["envoy"]: d["reason"] for d in (checkpoint.dropouts if checkpoint else [])
+            if d.get("reason", "").startswith(REJECTED_DROP)}
+
+
+def keep_out(federation, envoys: list[dict], kept_out: dict[str, str]) -> list[dict]:
+    """The envoy table with the kept-out envoys offline, and the federation's registry showing them so, which is
+    where OpenFL's experiment.start takes the envoys it sends the experiment to."""
+    registry = federation.get_shard_registry
+
+    def without_them():
+        return {name: {**entry, "is_online": False} if name in kept_out else entry
+                for name, entry in registry().items()}
+
+    federation.get_shard_registry = without_them
+    for name, why in sorted(kept_out.items()):
+        print(f"resumed: {name} stays out of this run ({why})")
+    return [{**e, "online": False, "kept_out": kept_out[e["envoy"]]} if e["envoy"] in kept_out else e
+            for e in envoys]
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -175,8 +214,10 @@ class Checkpointer:
             round=ended + 1, model=model, aggregation=aggregation,
             best_model=copy.deepcopy(run.best_model.state_dict()) if run.best_model is not None else None,
             metrics=[m for m in run.metrics if m["round"] <= ended], dropouts=list(run.dropouts),
-            rejected=list(run.rejected), secure=list(run.secure), params=self.record["params"],
+            rejected=list(run.rejected), clipped=list(run.clipped), secure=list(run.secure),
+            params=self.record["params"],
             envoys=sorted(e["envoy"] for e in self.record["envoys"] if e.get("online")),
+            shards={e["envoy"]: _shard(e) for e in self.record["envoys"] if e.get("online")},
             restarts=list(self.record.get("restarts", [])),
             experiments=[*earlier, self.experiment.experiment_name], saved=time.time()))
         return True
@@ -229,6 +270,8 @@ def open_run(namespace: dict, envoys: list[dict]) -> OpenedRun:
     log_to(folder / "logs" / "openfl.log", run["verbose"])
     params = training_parameters(namespace)
     checkpoint = load_checkpoint(run["resume_from"], params, envoys)
+    if kept_out := kept_out_of(checkpoint):
+        envoys = keep_out(namespace["federation"], envoys, kept_out)
     attempt = attempt_name(name, checkpoint)
     record = {"params": {**params, "experiment": name, "tls": bool(run["ca_cert"])}, "envoys": envoys,
               "data_source": run["data_source"], "restarts": restarts(folder, checkpoint, attempt)}

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..events import (
     AGGREGATED,
+    CLIPPED,
     DROPPED,
     FAILED,
     HELD,
@@ -46,6 +47,7 @@ class Followed:
     metrics: list = field(default_factory=list)
     dropouts: list = field(default_factory=list)
     rejected: list = field(default_factory=list)  # updates the director left out of a round's aggregate
+    clipped: list = field(default_factory=list)  # updates it clipped to max_update_size, then aggregated
     secure: list = field(default_factory=list)  # secure aggregation: who was summed each round, who dropped out
     held: list = field(default_factory=list)  # envoys that held the experiment for their operator's review
     error: str | None = None
@@ -78,7 +80,7 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
     offset = resumed.round if resumed else 0  # rounds the run had trained before this experiment
     if resumed:
         run.metrics, run.dropouts, run.rejected = list(resumed.metrics), list(resumed.dropouts), list(resumed.rejected)
-        run.secure = list(resumed.secure)
+        run.secure, run.clipped = list(resumed.secure), list(resumed.clipped)
         if best is not None:
             best.pick(run.metrics)
             run.best_model = checkpoints.best_model()
@@ -99,7 +101,7 @@ def follow(experiment, rounds: int, best: Best | None = None, on_new_best: Calla
             if m["task_name"] == DROPPED:
                 _dropped(run, m, label or _round_of(m["round"], rounds), echo)
                 continue
-            if m["task_name"] == REJECTED:
+            if m["task_name"] in (REJECTED, CLIPPED):
                 _rejected(run, m, label or _round_of(m["round"], rounds), echo)
                 continue
             if m["task_name"] == HELD:  # an envoy waits for its operator to approve the experiment's code
@@ -190,10 +192,14 @@ def _dropped(run: Followed, m: dict, where: str, echo) -> None:
 
 
 def _rejected(run: Followed, m: dict, where: str, echo) -> None:
-    what = json.loads(m["metric_name"])
-    run.rejected.append({"envoy": m["metric_origin"], "experiment": run.name, "round": m["round"] + 1, **what})
-    echo(f"{where:<16} {m['metric_origin']:<11} REJECTED: its update failed the {what['check']} check: "
-         f"{what['detail']}; left out of this round's average")
+    what, clipped = json.loads(m["metric_name"]), m["task_name"] == CLIPPED
+    (run.clipped if clipped else run.rejected).append({"envoy": m["metric_origin"], "experiment": run.name,
+                                                       "round": m["round"] + 1, **what})
+    if clipped:
+        echo(f"{where:<16} {m['metric_origin']:<11} CLIPPED: {what['detail']}")
+    else:
+        echo(f"{where:<16} {m['metric_origin']:<11} REJECTED: its update failed the {what['check']} check: "
+             f"{what['detail']}; left out of this round's average")
 
 
 def _secured(run: Followed, m: dict, where: str, echo) -> None:

@@ -16,7 +16,14 @@ from security.secagg import MAX_UPDATE_NORM
 
 from ..algorithms import ALGORITHMS
 from ..algorithms import OPTIONS as ALGORITHM_OPTIONS
-from ..checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, REJECTION_WINDOW, check_settings
+from ..checks import (
+    MAX_REJECTIONS,
+    MAX_UPDATE_RATIO,
+    MAX_UPDATE_SIZE,
+    MIN_UPDATE_COSINE,
+    REJECTION_WINDOW,
+    check_settings,
+)
 from ..device import REQUESTS
 from ..model import FLAGS, MULTI_LABEL, SIZES, STEMS, task_type
 from ..privacy import DPSGD, PrivacyError
@@ -66,6 +73,8 @@ RUN = {
     "max_update_ratio": MAX_UPDATE_RATIO,  # an update this many times farther from the global model than the
     "max_rejections": MAX_REJECTIONS,  # round's median is left out; rejected this many times within the last...
     "rejection_window": REJECTION_WINDOW,  # ...this many rounds: dropped
+    "max_update_size": MAX_UPDATE_SIZE,  # an update is clipped to this times the global model's norm
+    "min_update_cosine": MIN_UPDATE_COSINE,  # an update this far against its envoy's last one is rejected
     "wire_dtype": "float32",  # "float16", "bfloat16": each round's weight changes in half the bytes
     "secure_threshold": 0,  # secure aggregation: shares needed to unmask a round (0: more than half the envoys)
     "max_update_norm": MAX_UPDATE_NORM,  # ...and the norm each envoy clips its update to, since nobody else sees it
@@ -73,7 +82,7 @@ RUN = {
 # The federation's rules: the keys of `run` that the director's aggregator (medfl.aggregator.SelectingAggregator)
 # takes as its settings, from the plan that the notebook's start cell writes.
 RULES = ("best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_ratio", "max_rejections",
-         "rejection_window")
+         "rejection_window", "max_update_size", "min_update_cosine")
 # The keys of `run` that shape the experiment, the rules among them: a researcher chooses them (make demo takes each
 # by name), and results.json records them with the parameters. The others say where it runs and where results go.
 RUN_CHOICES = ("stem", *RULES, "wire_dtype", "secure_threshold", "max_update_norm")
@@ -205,7 +214,8 @@ def check_run(run: dict) -> None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise ParameterError(f"round_timeout={timeout!r}: give seconds (0 for no limit)")
     try:
-        check_settings(run["max_update_ratio"], run["max_rejections"], run["rejection_window"])
+        check_settings(run["max_update_ratio"], run["max_rejections"], run["rejection_window"], run["max_update_size"],
+                       run["min_update_cosine"])
     except ValueError as exc:
         raise ParameterError(str(exc)) from None
     if run["wire_dtype"] not in WIRE_DTYPES:

@@ -144,6 +144,7 @@ def build_results(*, params: dict, envoys: list[dict], training: Followed, testi
         # Envoys that held an experiment until their operator approved its code (security.review)
         "held": training.held + (testing.held if testing else []),
         "rejected_updates": training.rejected + (testing.rejected if testing else []),
+        "clipped_updates": training.clipped,  # clipped to max_update_size, then aggregated
         # What the director learned: with secure aggregation, per round, whose updates it summed without seeing
         "secure_aggregation": {"rounds": training.secure} if params.get("secure_aggregation") else None,
         "best": {"metric": best.metric, "mode": best.mode, "round": best.round, "value": best.value, "loss": best.loss,
