@@ -175,3 +175,5 @@ def test_each_envoy_tests_with_its_own_normalization_of_the_best_round(fedbn_run
     assert personal["per_envoy"] != results["test"]["per_envoy"]
     scanners = [e["acquisition"] for e in results["envoys"]]
     assert [a["rank"] for a in scanners] == [1, 2, 3] and results["partition"]["strategy"] == "scanner"
+    # Honest envoys behind different scanners: the update checks reject and clip none (docs/faults.md)
+    assert (results["rejected_updates"], results["clipped_updates"], results["dropouts"]) == ([], [], [])
