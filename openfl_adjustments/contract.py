@@ -49,8 +49,9 @@ class ChecksCounts(Protocol):
     (OpenFL weights the average by them, taking each envoy's word)."""
 
     def registered_samples(self, samples: Callable[[], dict[str, int]]) -> None:
-        """From now on, `samples()` gives each envoy's training-set size as its shard registered it with the
-        director: {envoy: samples}, for the envoys whose shard descriptor says (registration.train_samples)."""
+        """From now on, `samples()` gives the size of each envoy's splits as its shard registered them with the
+        director: {envoy: {train, val, test: samples}}, for the envoys whose shard descriptor says
+        (registration.split_samples)."""
 
 
 @runtime_checkable

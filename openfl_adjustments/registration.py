@@ -29,19 +29,24 @@ def served(shard_info: dict) -> dict | None:
     return {"dataset": described["flag"], "size": described.get("size"), "classes": classes}
 
 
-def train_samples(shard_info: dict) -> int | None:
-    """The training-set size an envoy's description registered (medmnist_shard's `samples`); None if it says none."""
+SPLITS = ("train", "val", "test")
+
+
+def split_samples(shard_info: dict) -> dict[str, int] | None:
+    """The size of each split (train, val, test) an envoy's description registered (medmnist_shard's `samples`);
+    None if it does not say all three as whole numbers."""
     try:
-        described = json.loads(shard_info.get("shard_description") or "")
-        samples = described["samples"]["train"]
+        samples = json.loads(shard_info.get("shard_description") or "")["samples"]
+        sizes = {split: samples[split] for split in SPLITS}
     except (ValueError, TypeError, KeyError):
         return None
-    return samples if isinstance(samples, int) and not isinstance(samples, bool) else None
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in sizes.values())
+    return sizes if whole else None
 
 
-def registered_samples(registry: dict) -> dict[str, int]:
-    """{envoy: training-set size} of the director's shard registry, for the envoys whose description says it."""
-    found = {name: train_samples(entry["shard_info"]) for name, entry in list(registry.items())}
+def registered_samples(registry: dict) -> dict[str, dict[str, int]]:
+    """{envoy: {train, val, test: size}} of the director's shard registry, for the envoys whose description says."""
+    found = {name: split_samples(entry["shard_info"]) for name, entry in list(registry.items())}
     return {name: samples for name, samples in found.items() if samples is not None}
 
 

@@ -456,11 +456,15 @@ def test_an_update_that_claims_more_samples_than_its_shard_registered_or_none_is
     The director compares the claim with what the envoy's shard registered (openfl_adjustments.faults hands it the
     registry's sizes); more, zero or negative is a rejection, named with both numbers."""
     agg = aggregator(tmp_path)
-    agg.registered_samples(lambda: dict(SIZES))
+    agg.registered_samples(lambda: registered(SIZES))
     claims = {**SIZES, "envoy_3": 10 ** 9}
     send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(2.0), "envoy_3": shifted(5.0)}, claims)
-    (rejection,) = agg.rejected
-    assert (rejection.envoy, rejection.check) == ("envoy_3", "count")
+    # send_round claims the same for its validations: those are named too (the next test)
+    assert [r.detail.split(",")[0] for r in agg.rejected] == [
+        "it claims 1000000000 validation samples", "it claims 1000000000 training samples",
+        "it claims 1000000000 validation samples"]
+    rejection = agg.rejected[1]
+    assert (rejection.envoy, rejection.check, rejection.round) == ("envoy_3", "count", 1)
     assert rejection.detail == ("it claims 1000000000 training samples, more than the 600 its shard registered with "
                                 "the director")
     assert rejection.numbers == {"claimed": 10 ** 9, "registered": 600}
@@ -470,21 +474,43 @@ def test_an_update_that_claims_more_samples_than_its_shard_registered_or_none_is
     # envoy whose size the director does not know.
     (tmp_path / "b").mkdir()
     agg = aggregator(tmp_path / "b")
-    agg.registered_samples(lambda: {"envoy_1": 100})
+    agg.registered_samples(lambda: registered({"envoy_1": 100}))
     send_round(agg, 0, {"envoy_1": shifted(1.0), "envoy_2": shifted(2.0), "envoy_3": shifted(5.0)},
                {"envoy_1": 100, "envoy_2": -300, "envoy_3": 0})
-    assert [(r.envoy, r.check, r.numbers["claimed"]) for r in agg.rejected] == \
+    assert [(r.envoy, r.check, r.numbers["claimed"]) for r in agg.rejected if "training" in r.detail] == \
         [("envoy_2", "count", -300), ("envoy_3", "count", 0)]
     np.testing.assert_allclose(global_model(agg, 1)["conv.weight"], 1.0)
     # Claims at or below the registered size pass, as does any positive claim the director cannot compare.
     (tmp_path / "c").mkdir()
     agg = aggregator(tmp_path / "c")
-    agg.registered_samples(lambda: {"envoy_1": 100, "envoy_2": 300})
+    agg.registered_samples(lambda: {"envoy_1": {"train": 100, "val": 100, "test": 7},
+                                    "envoy_2": {"train": 300, "val": 5, "test": 299}})
     send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS}, {"envoy_1": 100, "envoy_2": 299, "envoy_3": 10 ** 6})
     assert agg.rejected == []
 
 
-def test_the_director_reads_each_envoy_s_registered_training_size_from_its_shard_description():
+def registered(sizes: dict) -> dict:
+    """What openfl_adjustments.registration hands the aggregator for shards of these sizes (every split alike, as
+    send_round claims them)."""
+    return {envoy: {"train": n, "val": n, "test": n} for envoy, n in sizes.items()}
+
+
+def test_a_validation_that_claims_another_count_than_its_split_s_is_left_out_of_the_round_s_metrics(tmp_path):
+    """OpenFL weighs each envoy's metrics by the count its validation claims: 10^9 would make its AUC the round's,
+    and pick the best model. The claim must be its val or test split's registered size."""
+    agg = aggregator(tmp_path)
+    agg.registered_samples(lambda: {**registered(SIZES), "envoy_3": {"train": 600, "val": 60, "test": 61}})
+    agg.send_local_task_results("envoy_3", 0, "aggregated_model_validate", 10 ** 9,
+                                [_named("envoy_3", 0, "loss", 9.0, ("validate_agg", "metric"), True)])
+    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS[:2]}, SIZES)
+    (rejection,) = agg.rejected
+    assert (rejection.envoy, rejection.check) == ("envoy_3", "count")
+    assert rejection.detail == "it claims 1000000000 validation samples, where its shard registered 60 (val) and 61 " \
+                               "(test)"
+    assert agg.dropped == {}  # a metric's weight: left out, not counted towards dropping it
+
+
+def test_the_director_reads_each_envoy_s_registered_split_sizes_from_its_shard_description():
     from openfl_adjustments.contract import ChecksCounts
     from openfl_adjustments.registration import registered_samples
 
@@ -492,7 +518,7 @@ def test_the_director_reads_each_envoy_s_registered_training_size_from_its_shard
         "train": 512, "val": 64, "test": 64}})}},
                 "envoy_2": {"shard_info": {"shard_description": "another descriptor's text"}},
                 "envoy_3": {"shard_info": {"shard_description": json.dumps({"samples": {"train": "many"}})}}}
-    assert registered_samples(registry) == {"envoy_1": 512}
+    assert registered_samples(registry) == {"envoy_1": {"train": 512, "val": 64, "test": 64}}
     assert issubclass(SelectingAggregator, ChecksCounts)
 
 
@@ -527,7 +553,7 @@ def _message(agg, envoy, step, payload: bytes):
 def test_under_secure_aggregation_an_advertised_count_is_held_to_the_registered_one(tmp_path, advertised, check,
                                                                                   detail):
     agg = aggregator(tmp_path, secure_aggregation=True)
-    agg.registered_samples(lambda: dict(SIZES))
+    agg.registered_samples(lambda: registered(SIZES))
     _message(agg, "envoy_1", "advertise", json.dumps({"c": "", "s": "", "samples": 100}).encode())
     _message(agg, "envoy_3", "advertise", json.dumps({"c": "", "s": "", "samples": advertised}).encode())
     (rejection,) = agg.rejected

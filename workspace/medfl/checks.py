@@ -5,7 +5,8 @@ replacement, Bagdasaryan et al. 2020), then costs its own contribution and nothi
 
 On the director, an update (the envoy's trained weights) is checked, in this order:
 - count: the training-set size it claims, by which OpenFL weights it in the average, above 0 and at most what its
-  shard registered with the director (an envoy claiming 10^9 samples would otherwise become the global model);
+  shard registered with the director (an envoy claiming 10^9 samples would otherwise become the global model); and
+  a validation's count, by which OpenFL weighs its metrics, the size of its val or test split as registered;
 - structure: the same tensor names and shapes as the global model, and float32 values (OpenFL's wire format);
 - finite: no NaN or infinity;
 - state: model state that has a meaning no update may change: BatchNorm's running variances never negative, and its
@@ -261,6 +262,9 @@ class UpdateChecks:
 
     def send_local_task_results(self, collaborator_name, round_number, task_name, data_size, named_tensors):
         weights = [t for t in named_tensors if not t.report and "trained" in t.tags]
+        if not weights and "valid" in task_name and round_number == self.round_number and \
+                (bad := self._claimed_validation(collaborator_name, data_size)):  # its metrics' weight
+            self._reject_update(collaborator_name, round_number, task_name, "count", bad.pop("detail"), bad)
         if weights and round_number == self.round_number:
             self._training_tasks.add(task_name)
             if bad := self._claimed_count(collaborator_name, data_size):
@@ -274,7 +278,7 @@ class UpdateChecks:
     def _claimed_count(self, envoy: str, claimed: int) -> dict:
         """What is wrong with the training-set size an update claims: {detail, claimed, registered}; empty if
         nothing (or if the director has no registered size for this envoy to compare with)."""
-        registered = (self._registered() if self._registered else {}).get(envoy)
+        registered = (self._registered() if self._registered else {}).get(envoy, {}).get("train")
         if claimed <= 0:
             detail = f"it claims {claimed} training samples, where an update weighs by a count above 0"
         elif registered is not None and claimed > registered:
@@ -283,6 +287,17 @@ class UpdateChecks:
         else:
             return {}
         return {"detail": detail, "claimed": claimed, "registered": registered}
+
+    def _claimed_validation(self, envoy: str, claimed: int) -> dict:
+        """What is wrong with the number of samples a validation claims, by which OpenFL weighs its metrics in the
+        round's: {detail, claimed, registered}; empty if it is the size of a split it validates on (val, or test
+        in the test run) as its shard registered it, or if the director has none to compare with."""
+        registered = (self._registered() if self._registered else {}).get(envoy)
+        if registered is None or claimed in (registered["val"], registered["test"]):
+            return {}
+        return {"detail": f"it claims {claimed} validation samples, where its shard registered {registered['val']} "
+                          f"(val) and {registered['test']} (test)", "claimed": claimed,
+                "registered": [registered["val"], registered["test"]]}
 
     def _decode(self, named_tensor) -> np.ndarray:
         """A received tensor's values, decoded as OpenFL's _process_named_tensor decodes them (a change of the
