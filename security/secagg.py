@@ -16,11 +16,14 @@ The protocol is SecAgg (Bonawitz et al., CCS 2017) for an honest-but-curious dir
 
 What the director sees of one envoy: its public keys, its training-set size, ciphertexts, its metrics, and a
 masked vector that is uniform in the ring whatever the update. Keys are fresh each round, so what is revealed for
-an envoy that dropped out says nothing about other rounds. Against a director that lies about who dropped out
-(to learn both an envoy's s and b), an honest envoy never reveals both for one envoy; a director that shows
-different envoys different lists, or substitutes keys, is outside this model (SecAgg's malicious variant signs
-every message). Primitives: X25519, HKDF-SHA256, AES-GCM and ChaCha20 from `cryptography`, Shamir's secret
-sharing from PyCryptodome; the protocol logic is this module's.
+an envoy that dropped out says nothing about other rounds. Against a director that lies, each envoy checks what
+it can alone (Bonawitz's malicious-server checks that need no signatures): a threshold of more than half the round,
+at least a threshold's worth of shares before it masks (an empty inbox would leave only the self-mask) and of
+survivors before it reveals, and never both secrets of one envoy. The director freezes U3 at the first unmasking
+request and checks each rebuilt secret against its envoy's advertisement (the public key; a commitment to b). A
+director that shows different envoys different lists, or substitutes keys, is outside this model (SecAgg's
+malicious variant signs every message). Primitives: X25519, HKDF-SHA256, SHA-256, AES-GCM and ChaCha20 from
+`cryptography`, Shamir's secret sharing from PyCryptodome; the protocol logic is this module's.
 
 Where each half runs: the envoy's (security.secagg_envoy) on each envoy node, where its collaborator sends the
 train task's results; the director's (security.secagg_director) on the director, inside the experiment's aggregator
@@ -37,12 +40,15 @@ import os
 import time
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from .signing import Refused, certified, check_signature, sign_bytes
 
 # Fixed point in the ring of 2^64: 48 fractional bits (a resolution of 3.6e-15, so that the mean rounds to the same
 # float32 weights as the plain mean nearly always) and 15 integer bits for the sum. Each envoy clips its update to
@@ -51,6 +57,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 FRACTION_BITS = 48
 LARGEST_BOUND = 2.0 ** 14
 STEP = "secagg/"  # the prefix of the task and tensor names that carry the protocol's messages
+ADVERTISED = ("c", "s", "samples", "b")  # what an envoy's advertisement says, and its signature covers
 COUNTERS = ("num_batches_tracked",)  # step counters (BatchNorm's): summed, but not part of an update's norm
 
 
@@ -77,6 +84,13 @@ def prg(seed: bytes, count: int) -> np.ndarray:
 
 def _derive(secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def commitment(secret: bytes, context: bytes) -> bytes:
+    """SHA-256 of the round's context and a secret: binds an envoy to its self-mask seed without showing it."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(b"commit|" + context + b"|" + secret)
+    return digest.finalize()
 
 
 def agree(private: X25519PrivateKey, public: bytes, info: bytes) -> bytes:
@@ -140,25 +154,59 @@ def sign(u: str, v: str) -> int:
 # --- one envoy's part of one round ---------------------------------------------------------------------------------
 class EnvoyRound:
     """Envoy `name`'s side of one round, `context` naming the experiment and round (it binds every key and
-    ciphertext to them)."""
+    ciphertext to them). With mutual TLS, `signer` is (this envoy's certificate PEM, its private key, the federation's
+    CA certificate): it signs its advertisement, and takes part only with peers whose advertisements carry a valid
+    signature by the envoy of that name."""
 
-    def __init__(self, name: str, context: str, samples: int):
-        self.name, self.context, self.samples = name, context.encode(), int(samples)
+    def __init__(self, name: str, context: str, samples: int, signer: tuple | None = None):
+        self.name, self.context, self.samples, self.signer = name, context.encode(), int(samples), signer
         self.c, self.s, self.b = X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32)
         self.peers: dict = {}
         self.held: dict[str, tuple[tuple[int, bytes], tuple[int, bytes]]] = {}  # v: my shares of (s_v, b_v)
         self.u2: list[str] = []
 
     def advertise(self) -> dict:
-        return {"c": _b64(_public(self.c)), "s": _b64(_public(self.s)), "samples": self.samples}
+        """Both public keys, the training-set size, and a commitment to the self-mask seed b (the director checks
+        the b it rebuilds against it, as it checks a rebuilt s against the public key)."""
+        advertised = {"c": _b64(_public(self.c)), "s": _b64(_public(self.s)), "samples": self.samples,
+                      "b": _b64(commitment(self.b, self.context))}
+        if self.signer:
+            cert, key, _ = self.signer
+            advertised.update(cert=cert.decode(), sig=_b64(sign_bytes(key, self._signed(advertised))))
+        return advertised
+
+    def _signed(self, advertised: dict) -> bytes:
+        """What an advertisement's signature covers: its keys, count and commitment, bound to this round."""
+        return b"\n".join((b"medfl-secagg-advertisement-v1", self.context,
+                           json.dumps({k: advertised[k] for k in ADVERTISED}, sort_keys=True).encode()))
+
+    def _check_peer(self, v: str, advertised: dict) -> None:
+        """SecAggError, naming v, unless its advertisement is signed by the envoy named v under this CA."""
+        if "sig" not in advertised or "cert" not in advertised:
+            raise SecAggError(f"{v}'s advertisement is not signed: under mutual TLS every envoy signs its keys, and "
+                              "this one takes part only with envoys whose keys it can check")
+        try:
+            cert = certified(str(advertised["cert"]).encode(), self.signer[2], v, "envoy")
+            check_signature(cert, _bytes(advertised["sig"]), self._signed(advertised))
+        except Refused as exc:
+            raise SecAggError(f"{v}'s advertisement is refused: {exc}") from None
+        except (InvalidSignature, ValueError, KeyError, TypeError):
+            raise SecAggError(f"{v}'s advertisement does not match its signature: its keys were changed on the way "
+                              "(a director that substitutes keys could open the shares sealed for it)") from None
 
     def share(self, peers: dict, threshold: int) -> dict[str, str]:
         """Given every envoy's advertisement (U1, this one included): the encrypted shares for each other one."""
         if self.name not in peers:
             raise SecAggError(f"the director left {self.name} out of the round's envoys")
-        if not 2 <= threshold <= len(peers):
-            raise SecAggError(f"threshold {threshold} for {len(peers)} envoys: it must be at least 2 and at most "
-                              "their number")
+        if self.signer:
+            for v, advertised in sorted(peers.items()):
+                if v != self.name:
+                    self._check_peer(v, advertised)
+        if not max(2, majority(len(peers))) <= threshold <= len(peers):
+            # at or below half, the envoys the director names as dropped and those it names as survivors could
+            # each be a threshold: the same envoy's two secrets rebuilt from two halves
+            raise SecAggError(f"threshold {threshold} for {len(peers)} envoys: this envoy takes part only with more "
+                              f"than half of them ({max(2, majority(len(peers)))} or more) and at most their number")
         self.peers = {v: {"c": _bytes(p["c"]), "s": _bytes(p["s"]), "samples": int(p["samples"])}
                       for v, p in sorted(peers.items())}
         self.threshold, names = threshold, list(self.peers)
@@ -185,6 +233,10 @@ class EnvoyRound:
                                   "the way") from None
             self.held[u] = ((message["s"][0], _bytes(message["s"][1])), (message["b"][0], _bytes(message["b"][1])))
         self.u2 = sorted([*inbox, self.name])
+        if len(self.u2) < self.threshold:  # with no pairwise mask, the self-mask alone would hide the update
+            raise SecAggError(f"shares arrived from {len(inbox)} other envoys, where the round needs "
+                              f"{self.threshold - 1}: the director could unmask this update by asking the others for "
+                              "its self-mask; it is not sent")
         total = sum(self.peers[v]["samples"] for v in self.peers)
         y = encode(np.asarray(update, dtype=np.float64) * (self.samples / total))
         y = y + prg(self.b, y.size)
@@ -201,6 +253,9 @@ class EnvoyRound:
         if survivors & dropped or not survivors | dropped <= set(self.u2) or self.name not in survivors:
             raise SecAggError(f"refused to reveal: survivors {sorted(survivors)} and dropped {sorted(dropped)} are "
                               f"not a split of the round's envoys {self.u2}")
+        if len(survivors) < self.threshold:
+            raise SecAggError(f"refused to reveal: {len(survivors)} survivors, fewer than the threshold "
+                              f"{self.threshold}: a sum of so few inputs is too close to one envoy's")
         return {"b": {v: [self.held[v][1][0], _b64(self.held[v][1][1])] for v in sorted(survivors)},
                 "s": {v: [self.held[v][0][0], _b64(self.held[v][0][1])] for v in sorted(dropped)}}
 
@@ -223,6 +278,7 @@ class DirectorRound:
         self.inputs: dict[str, np.ndarray] = {}
         self.reveals: dict[str, dict] = {}
         self.dropped: set[str] = set()
+        self.frozen = False  # see freeze()
         self.started = time.monotonic()  # (secagg_director restarts it once every envoy has advertised)
 
     def waiting_for(self, step: str) -> list[str]:
@@ -253,9 +309,39 @@ class DirectorRound:
                               f"{len(alive)} remain ({', '.join(missing)} missing)")
 
     def _rebuild(self, part: str, v: str, revealed: list[str]) -> bytes:
-        """Envoy v's secret `part` ("b" or "s") from the shares the envoys in `revealed` sent."""
-        return combine([(self.reveals[r][part][v][0], _bytes(self.reveals[r][part][v][1])) for r in revealed
-                        if v in self.reveals[r][part]], self.threshold)
+        """Envoy v's secret `part` ("b" or "s") from the shares the envoys in `revealed` sent, checked against what
+        v advertised (its commitment to b, its public key s); SecAggError naming the envoy whose share was bad."""
+        senders = [r for r in revealed if v in self.reveals[r][part]]
+        secret = self._combine(part, v, senders)
+        if self._matches(part, v, secret):
+            return secret
+        for bad in senders:  # the share without which the rest rebuild the advertised secret
+            rest = [r for r in senders if r != bad]
+            if len(rest) >= self.threshold and self._matches(part, v, self._combine(part, v, rest)):
+                raise SecAggError(f"the share of {v}'s secret that {bad} revealed is bad: it does not rebuild what {v} "
+                                  "advertised; the round fails")
+        raise SecAggError(f"the shares of {v}'s secret rebuild something other than what {v} advertised; too few "
+                          "shares to tell whose was bad; the round fails")
+
+    def _combine(self, part: str, v: str, senders: list[str]) -> bytes:
+        return combine([(self.reveals[r][part][v][0], _bytes(self.reveals[r][part][v][1])) for r in senders],
+                       self.threshold)
+
+    def _matches(self, part: str, v: str, secret: bytes) -> bool:
+        advertised = _bytes(self.advertised[v][part])
+        if part == "b":
+            return commitment(secret, self.context) == advertised
+        return _public(X25519PrivateKey.from_private_bytes(secret)) == advertised
+
+    def freeze(self) -> None:
+        """U3 is what it is: the first unmasking request went out (a masked input that comes later is refused)."""
+        self.frozen = True
+
+    def receive_input(self, v: str, y: np.ndarray) -> None:
+        if self.frozen:
+            raise SecAggError(f"{v}'s masked input came after the unmasking began: the round's U3 "
+                              f"({', '.join(self.u3)}) stands; it is refused")
+        self.inputs[v] = y
 
     def inbox(self, receiver: str) -> dict[str, str]:
         return {sender: sealed[receiver] for sender, sealed in self.sealed.items() if receiver in sealed}
@@ -304,18 +390,26 @@ def unflatten(vector: np.ndarray, layout: list[tuple[str, tuple]]) -> dict[str, 
     return out
 
 
-def clipped(update: dict[str, np.ndarray], bound: float) -> tuple[dict[str, np.ndarray], float]:
-    """The update with its norm (step counters left out) clipped to `bound`, and its norm before; SecAggError if
-    it is not finite (such weights would be masked past any check)."""
+def norm(update: dict[str, np.ndarray]) -> float:
+    """The update's L2 norm, step counters left out; SecAggError if it is not finite (such weights would be masked
+    past any check)."""
     bad = sorted(name for name, value in update.items() if not np.isfinite(value).all())
     if bad:
         raise SecAggError(f"NaN or infinity in {len(bad)} tensors of the trained weights ({bad[0]} first): not sent")
-    norm = float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for name, v in update.items()
+    return float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for name, v in update.items()
                              if not name.endswith(COUNTERS))))
-    if norm <= bound:
-        return update, norm
-    factor = bound / norm
-    return {name: v if name.endswith(COUNTERS) else v * factor for name, v in update.items()}, norm
+
+
+def clipped(update: dict[str, np.ndarray], bound: float) -> tuple[dict[str, np.ndarray], float]:
+    """The update with its norm (norm()) clipped to `bound`, and its norm before; each step counter's change kept
+    within [0, LARGEST_BOUND], so that their weighted mean cannot wrap the ring either. SecAggError for weights that
+    are not finite, or a bound whose sum could wrap the ring."""
+    if not 0 < bound <= LARGEST_BOUND:
+        raise SecAggError(f"max_update_norm={bound:g}: the ring holds sums up to {LARGEST_BOUND:g}; not sent")
+    before = norm(update)
+    factor = min(1.0, bound / before) if before else 1.0
+    return {name: np.clip(v, 0, LARGEST_BOUND) if name.endswith(COUNTERS) else v * factor
+            for name, v in update.items()}, before
 
 
 # How far an envoy's update may move the global model (L2 norm of the change, BatchNorm's step counters left out):

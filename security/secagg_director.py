@@ -139,7 +139,10 @@ class SecureRounds:
             elif step == "share":
                 rnd.sealed[envoy] = json.loads(payload)
             elif step == "masked":
-                rnd.inputs[envoy] = np.frombuffer(payload, dtype=np.uint64).copy()
+                try:
+                    rnd.receive_input(envoy, np.frombuffer(payload, dtype=np.uint64).copy())
+                except self.secagg.SecAggError as exc:  # too late: its reveal will refuse, and it drops out
+                    self.aggregator.logger.warning("Round %d: %s", r + 1, exc)
             elif step == "reveal":
                 rnd.reveals[envoy] = json.loads(payload)
             else:
@@ -195,6 +198,7 @@ class SecureRounds:
             return {"advertised": rnd.advertised, "threshold": rnd.threshold}
         if step == "inbox":
             return {"sealed": rnd.inbox(envoy)}
+        rnd.freeze()
         return {"survivors": rnd.u3, "dropped": sorted(set(rnd.u2) - set(rnd.u3))}
 
     def mean(self, r: int, model: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, dict]:
@@ -213,7 +217,7 @@ class SecureRounds:
                   "dropped_before_sending": sorted(set(rnd.u1) - set(rnd.u3)), "dropped_after_sending": lost,
                   "samples_share": round(share, 6), "seconds": round(time.monotonic() - rnd.started, 3)}
         try:
-            _, norm = self.secagg.clipped(change, float("inf"))
+            norm = self.secagg.norm(change)
         except self.secagg.SecAggError as exc:
             return None, {**report, "rejected": f"the unmasked sum is not finite: {exc}"}
         report["update_norm"] = round(norm, 6)

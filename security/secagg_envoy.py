@@ -41,6 +41,22 @@ class Messenger:
                                   f"{', '.join(answer.get('waiting_for', [])) or 'nothing it named'}")
 
 
+def signer(client) -> tuple | None:
+    """Under mutual TLS: (this envoy's certificate PEM, its private key, the federation's CA certificate), from the
+    files its connection to the aggregator uses; None without TLS (nothing to sign with)."""
+    if not getattr(client, "tls", False) or not all(getattr(client, a, None) for a in ("certificate", "private_key",
+                                                                                        "root_certificate")):
+        return None
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return (Path(client.certificate).read_bytes(),
+            serialization.load_pem_private_key(Path(client.private_key).read_bytes(), password=None),
+            x509.load_pem_x509_certificate(Path(client.root_certificate).read_bytes()))
+
+
 def mask_and_send(collaborator, tensor_dict: dict, round_number: int, bound: float) -> tuple[dict, float]:
     """Run this round's protocol for the train task's results: the trained weights leave as one masked vector,
     their change clipped to norm `bound`; return the results without them, and the change's norm before clipping."""
@@ -58,7 +74,8 @@ def mask_and_send(collaborator, tensor_dict: dict, round_number: int, bound: flo
               for key, value in trained.items()}
     update, norm = clipped(change, bound)
     messenger = Messenger(client, name, round_number, DEADLINE_S)
-    mine = EnvoyRound(name, f"{origin}|{round_number}", collaborator.task_runner.get_train_data_size())
+    mine = EnvoyRound(name, f"{origin}|{round_number}", collaborator.task_runner.get_train_data_size(),
+                      signer(client))
     messenger.send("advertise", json.dumps(mine.advertise()).encode())
     peers = messenger.fetch("peers")
     messenger.send("share", json.dumps(mine.share(peers["advertised"], peers["threshold"])).encode())
@@ -71,7 +88,8 @@ def mask_and_send(collaborator, tensor_dict: dict, round_number: int, bound: flo
 
 def install() -> None:
     """On an envoy: a collaborator whose plan asks for secure aggregation (its settings' secure_aggregation and
-    max_update_norm) masks its train task's weights, and reports their change's norm (update_norm)."""
+    max_update_norm) masks its train task's weights, and reports whether their change was clipped (update_clipped:
+    1 or 0), not its norm."""
     from openfl.component.collaborator import collaborator as module
     from openfl.utilities import TensorKey
 
@@ -90,8 +108,9 @@ def install() -> None:
             if bound and any(not k.report and "trained" in k.tags for k in tensor_dict):
                 tensor_dict, norm = mask_and_send(self, tensor_dict, round_number, bound)
                 tags = next((k.tags for k in tensor_dict if k.report), ("trained", "metric"))
-                tensor_dict = {**tensor_dict, TensorKey("update_norm", self.collaborator_name, round_number, True,
-                                                        tags): np.array(norm)}
+                # whether it was clipped, not its norm: the norm of one envoy's update is more than the sum tells
+                tensor_dict = {**tensor_dict, TensorKey("update_clipped", self.collaborator_name, round_number, True,
+                                                        tags): np.array(float(norm > bound))}
             return send_task_results(self, tensor_dict, round_number, task_name)
 
         return wrapper

@@ -68,20 +68,30 @@ def sign(archive_path: Path, experiment_name: str, cert_path: Path, key_path: Pa
     key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
     with zipfile.ZipFile(archive_path) as archive:
         message = _message(experiment_name, digest(archive))
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        signature = key.sign(message, ec.ECDSA(hashes.SHA256()))
-    elif isinstance(key, rsa.RSAPrivateKey):
-        signature = key.sign(message, padding.PKCS1v15(), hashes.SHA256())
-    elif isinstance(key, ed25519.Ed25519PrivateKey):
-        signature = key.sign(message)
-    else:
-        raise ValueError(f"{key_path}: a {type(key).__name__} cannot sign experiments; use an EC, RSA or Ed25519 key")
+    try:
+        signature = sign_bytes(key, message)
+    except TypeError:
+        raise ValueError(f"{key_path}: a {type(key).__name__} cannot sign experiments; use an EC, RSA or Ed25519 "
+                         "key") from None
     with zipfile.ZipFile(archive_path, "a") as archive:
         archive.writestr(CERTIFICATE, Path(cert_path).read_bytes())
         archive.writestr(SIGNATURE, signature)
 
 
-def _check_signature(cert: x509.Certificate, signature: bytes, message: bytes) -> None:
+def sign_bytes(key, message: bytes) -> bytes:
+    """A signature of message with a node's private key (EC: ECDSA-SHA256; RSA: PKCS#1 v1.5-SHA256; Ed25519);
+    TypeError for another kind of key."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(message)
+    raise TypeError(f"a {type(key).__name__} cannot sign")
+
+
+def check_signature(cert: x509.Certificate, signature: bytes, message: bytes) -> None:
+    """InvalidSignature unless signature is cert's key's, over message (as sign_bytes makes it)."""
     public = cert.public_key()
     if isinstance(public, ec.EllipticCurvePublicKey):
         public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
@@ -117,10 +127,27 @@ def verify(archive_path: Path, experiment_name: str, ca: x509.Certificate) -> x5
     if role != "researcher":
         raise Refused(f"it is signed by {name!r}, whose certificate is not a researcher's")
     try:
-        _check_signature(cert, signature, _message(experiment_name, manifest))
+        check_signature(cert, signature, _message(experiment_name, manifest))
     except InvalidSignature:
         raise Refused(f"its signature by {name!r} does not match its content: it was altered after signing, "
                       "or signed for another experiment") from None
+    return cert
+
+
+def certified(pem: bytes, ca: x509.Certificate, name: str, role: str) -> x509.Certificate:
+    """The PEM certificate, if this federation's CA issued it to `name` in `role` and it is valid now; Refused,
+    saying which, otherwise."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise Refused("its certificate is not from this federation's CA") from None
+    now = datetime.datetime.now(datetime.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise Refused("its certificate is not valid now")
+    if identity(cert) != (name, role):
+        holder, held = identity(cert)
+        raise Refused(f"its certificate is {holder!r}'s, as {held or 'no role'}, not {name!r}'s as {role}")
     return cert
 
 

@@ -181,11 +181,168 @@ def test_shares_changed_on_the_way_are_refused():
 def test_each_envoy_refuses_to_mask_what_is_not_finite_and_clips_its_update():
     update = {"conv.weight": np.full(4, 3.0), "bn.num_batches_tracked": np.array(10.0)}
     same, norm = clipped(update, 100.0)
-    assert norm == 6.0 and same is update  # the step counter is not part of the norm
+    assert norm == 6.0 and all(np.array_equal(same[k], update[k]) for k in update)  # the counter is not in the norm
     smaller, norm = clipped(update, 3.0)
     assert norm == 6.0 and np.allclose(smaller["conv.weight"], 1.5) and smaller["bn.num_batches_tracked"] == 10.0
     with pytest.raises(SecAggError, match="NaN or infinity in 1 tensors"):
         clipped({"conv.weight": np.array([np.nan])}, 1.0)
+
+
+def test_the_step_counters_change_is_kept_in_the_ring_and_a_bound_past_it_is_refused_on_the_envoy():
+    """A weighted mean of 2^15 batches or more would wrap the ring silently; a bound above 2^14 could too."""
+    kept, _ = clipped({"w": np.ones(2), "bn.num_batches_tracked": np.array(1e6), "b.num_batches_tracked": -3.0}, 1.0)
+    assert kept["bn.num_batches_tracked"] == LARGEST_BOUND and kept["b.num_batches_tracked"] == 0
+    with pytest.raises(SecAggError, match="max_update_norm=32768: the ring holds sums up to 16384; not sent"):
+        clipped({"w": np.ones(2)}, 2.0 ** 15)
+
+
+# --- a director that lies (Bonawitz et al. 2017, the malicious-server checks an envoy can make on its own) ----------
+def _advertised(envoys):
+    return {name: json.loads(json.dumps(e.advertise())) for name, e in envoys.items()}
+
+
+def test_an_envoy_given_an_empty_inbox_refuses_to_mask_its_update():
+    """The attack: the director gives one envoy no shares, so its input carries only its self-mask, then asks the
+    others to reveal that self-mask as if the envoy had sent normally. Without this check, the update came back to
+    within 3e-15 (issue #36)."""
+    envoys = {name: EnvoyRound(name, CONTEXT, SAMPLES[name]) for name in SAMPLES}
+    advertised = _advertised(envoys)
+    sealed = {name: e.share(advertised, 2) for name, e in envoys.items()}
+    with pytest.raises(SecAggError, match="shares arrived from 0 other envoys, where the round needs 1: the director "
+                                          "could unmask this update"):
+        envoys["envoy_1"].masked(np.zeros(10), {})
+    # one other envoy's shares meet a threshold of 2: the pairwise mask with it hides the update
+    envoys["envoy_2"].masked(np.zeros(10), {"envoy_3": sealed["envoy_3"]["envoy_2"]})
+
+
+@pytest.mark.parametrize("envoys, threshold, refused", [(4, 2, True), (5, 2, True), (3, 1, True), (2, 1, True),
+                                                        (4, 3, False), (3, 2, False), (2, 2, False), (3, 4, True)])
+def test_every_envoy_refuses_a_threshold_at_or_below_half_of_the_round_whatever_the_director_says(envoys, threshold,
+                                                                                                  refused):
+    """At or below half, the envoys named as survivors and those named as dropped could each make a threshold:
+    one envoy's two secrets, rebuilt from two halves of the round."""
+    names = [f"envoy_{i}" for i in range(1, envoys + 1)]
+    rounds = {name: EnvoyRound(name, CONTEXT, 100) for name in names}
+    if refused:
+        with pytest.raises(SecAggError, match=f"threshold {threshold} for {envoys} envoys: this envoy takes part "
+                                              "only with more than half"):
+            rounds["envoy_1"].share(_advertised(rounds), threshold)
+    else:
+        rounds["envoy_1"].share(_advertised(rounds), threshold)
+
+
+def test_an_envoy_refuses_to_reveal_for_fewer_survivors_than_the_threshold():
+    updates = _updates(seed=6)
+    director, envoys = _run(updates, threshold=3)
+    with pytest.raises(SecAggError, match="refused to reveal: 2 survivors, fewer than the threshold 3"):
+        envoys["envoy_1"].reveal(["envoy_1", "envoy_2"], ["envoy_3"])
+
+
+def test_a_masked_input_after_the_first_unmasking_request_is_refused():
+    updates = _updates(seed=7)
+    director, envoys = _run(updates, drop_before_input=["envoy_3"])
+    director.freeze()  # what the director does as it answers the first envoy that asks what to unmask
+    late = envoys["envoy_3"].masked(updates["envoy_3"], director.inbox("envoy_3"))
+    with pytest.raises(SecAggError, match=r"envoy_3's masked input came after the unmasking began: the round's U3 "
+                                          r"\(envoy_1, envoy_2\) stands"):
+        director.receive_input("envoy_3", late)
+    assert director.u3 == ["envoy_1", "envoy_2"]
+    mean, _ = director.sum()
+    assert np.max(np.abs(mean - _weighted_mean(updates, ["envoy_1", "envoy_2"]))) < 1e-13
+
+
+def test_a_bad_share_is_caught_against_what_its_envoy_advertised_and_its_sender_named():
+    updates = _updates(seed=8)
+    director, _ = _run(updates)  # threshold 2, three envoys reveal: one share to spare
+    index, share = director.reveals["envoy_1"]["b"]["envoy_3"]
+    director.reveals["envoy_1"]["b"]["envoy_3"] = [index, share[:-8] + "AAAAAAA="]
+    with pytest.raises(SecAggError, match="the share of envoy_3's secret that envoy_1 revealed is bad"):
+        director.sum()
+    del director.reveals["envoy_2"]  # two left, the threshold: a bad share is seen, its sender cannot be told
+    with pytest.raises(SecAggError, match="too few shares to tell whose was bad"):
+        director.sum()
+    # An s share, for an envoy that dropped out before its input: checked against its advertised public key (the
+    # two survivors' shares are all there are, so the sender is not named)
+    director, _ = _run(updates, drop_before_input=["envoy_3"])
+    index, share = director.reveals["envoy_2"]["s"]["envoy_3"]
+    director.reveals["envoy_2"]["s"]["envoy_3"] = [index, share[:-8] + "AAAAAAA="]
+    with pytest.raises(SecAggError, match="the shares of envoy_3's secret rebuild something other than what envoy_3 "
+                                          "advertised"):
+        director.sum()
+
+
+# --- signed advertisements: the federation's mTLS certificates as the PKI -------------------------------------------
+@pytest.fixture(scope="module")
+def signers(tmp_path_factory):
+    """{envoy: (certificate PEM, private key, CA certificate)} of a federation's CA, and a stranger's of another CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from security.certs import make
+
+    def load(folder, name):
+        return ((folder / f"{name}.crt").read_bytes(),
+                serialization.load_pem_private_key((folder / f"{name}.key").read_bytes(), password=None),
+                x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()))
+
+    ours, theirs = tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("theirs")
+    make(ours, envoys=tuple(SAMPLES), researchers=("alice",))
+    make(theirs, envoys=("envoy_2",), researchers=("bob",))
+    found = {name: load(ours, name) for name in (*SAMPLES, "alice")}
+    found["stranger"] = load(theirs, "envoy_2")
+    return found
+
+
+def _signed_envoys(signers):
+    return {name: EnvoyRound(name, CONTEXT, SAMPLES[name], signers[name]) for name in SAMPLES}
+
+
+def test_signed_advertisements_run_the_round_as_before(signers):
+    updates = _updates(seed=9)
+    director, _ = _run(updates, envoys=_signed_envoys(signers))
+    mean, share = director.sum()
+    assert share == 1.0 and np.max(np.abs(mean - _weighted_mean(updates, SAMPLES))) < 1e-13
+    assert {"cert", "sig"} <= set(director.advertised["envoy_1"])
+
+
+def _forged(signers, change) -> str:
+    """What envoy_1 says when the director relays every signed advertisement, one of them changed by `change`."""
+    envoys = _signed_envoys(signers)
+    advertised = _advertised(envoys)
+    change(advertised)
+    with pytest.raises(SecAggError) as refused:
+        envoys["envoy_1"].share(advertised, 2)
+    return str(refused.value)
+
+
+def test_a_public_key_the_director_swapped_in_is_refused_naming_the_peer(signers):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from security.secagg import _b64, _public
+
+    mine = _b64(_public(X25519PrivateKey.generate()))  # the director's own key, to open what is sealed for envoy_2
+    for part in ("c", "s"):
+        message = _forged(signers, lambda a, part=part: a["envoy_2"].update({part: mine}))
+        assert message.startswith("envoy_2's advertisement does not match its signature: its keys were changed")
+    message = _forged(signers, lambda a: a["envoy_3"].update(samples=10 ** 6))  # the count is signed too
+    assert message.startswith("envoy_3's advertisement does not match its signature")
+
+
+@pytest.mark.parametrize("who, expected", [
+    ("unsigned", "envoy_2's advertisement is not signed"),
+    ("envoy_3", "envoy_2's advertisement is refused: its certificate is 'envoy_3''s, as envoy, not 'envoy_2''s"),
+    ("alice", "envoy_2's advertisement is refused: its certificate is 'alice''s, as researcher, not 'envoy_2''s"),
+    ("stranger", "envoy_2's advertisement is refused: its certificate is not from this federation's CA")])
+def test_an_advertisement_not_signed_by_the_envoy_of_that_name_under_this_ca_is_refused(signers, who, expected):
+    """The director (or an envoy) that makes up a peer, or signs for one with another certificate."""
+    def replace(advertised):
+        if who == "unsigned":
+            del advertised["envoy_2"]["sig"]
+            return
+        fake = EnvoyRound("envoy_2", CONTEXT, 300, signers[who]).advertise()  # keys the director holds, signed
+        advertised["envoy_2"] = fake
+
+    assert _forged(signers, replace).startswith(expected)
 
 
 PARAMETERS = dict(dataset="bloodmnist", size=28, rounds=2, epochs=1, train_batch_size=64, eval_batch_size=256,

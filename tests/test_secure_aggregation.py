@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from cryptography import x509
 from scipy.stats import chisquare
 
 from conftest import ROOT
@@ -40,7 +41,8 @@ def runs(tiny_file, tmp_path_factory):
     os.environ.update(env)
     done = {}
     try:
-        settings = parse(["demo", f"data_dir={data_dir}", "envoys=3", "tls=0", "health_period=2", f"runs={out}"])
+        # under mutual TLS, as a hospital runs it: each envoy signs its keys with its certificate
+        settings = parse(["demo", f"data_dir={data_dir}", "envoys=3", "health_period=2", f"runs={out}"])
         with local_federation(settings, out, shard_params(settings, data_dir)) as federation:
             deadline = time.monotonic() + 600
             # The secure run also fine-tunes a model per envoy in its test (personalize_epochs): every tensor stays
@@ -97,6 +99,14 @@ def test_the_director_never_held_an_envoys_weights_in_the_clear(runs):
     # The control: in the plain run the same check finds the weights at once.
     plain = [t for r in runs["plain"][1] for t in r["tensors"] if not t["report"] and "trained" in t["tags"]]
     assert plain and _uniform(b"".join(t["bytes"] for t in plain)) < 1e-100
+    # Every advertisement was signed by its envoy's certificate, and no envoy's update leaves its norm in the clear.
+    for record in (r for r in captured if r["task"] == "secagg/advertise"):
+        advertised = json.loads(record["tensors"][0]["bytes"])
+        subject = x509.load_pem_x509_certificate(advertised["cert"].encode()).subject.rfc4514_string()
+        assert f"CN={record['envoy']}" in subject
+        assert advertised["sig"]
+    metrics = {t["name"] for r in captured if r["task"] == "train" for t in r["tensors"] if t["report"]}
+    assert "update_clipped" in metrics and "update_norm" not in metrics
     # No envoy revealed both secrets of one envoy.
     for record in (r for r in captured if r["task"] == "secagg/reveal"):
         revealed = json.loads(record["tensors"][0]["bytes"])
