@@ -1,6 +1,7 @@
 """Secure aggregation: the director learns the round's weighted mean of the envoys' updates, never one envoy's.
 
-The protocol is SecAgg (Bonawitz et al., CCS 2017) for an honest-but-curious director, run afresh every round:
+The protocol is SecAgg (Bonawitz et al., CCS 2017), run afresh every round (under mutual TLS with the checks of its
+malicious-server variant, below):
 
 1. Advertise. Each envoy u makes two X25519 key pairs, c (to encrypt shares) and s (to derive masks), and sends
    their public halves with its training-set size n_u. The director relays every envoy's to every envoy (U1).
@@ -13,6 +14,8 @@ The protocol is SecAgg (Bonawitz et al., CCS 2017) for an honest-but-curious dir
 4. Unmask. Each envoy of U3 reveals, to the director, its shares of b_v for every v in U3 and of s_v for every v
    that dropped out between 2 and 3 (never both for one v). With t shares the director rebuilds each, removes the
    self-masks and the dropped envoys' pairwise masks, and is left with the sum. Fewer than t: the round fails.
+   Under mutual TLS, before revealing, each survivor signs the U3 it was told (the consistency round), and
+   reveals only once a threshold of survivors' signatures on the same U3 arrived.
 
 What the director sees of one envoy: its public keys, its training-set size, ciphertexts, its metrics, and a
 masked vector that is uniform in the ring whatever the update. Keys are fresh each round, so what is revealed for
@@ -20,10 +23,12 @@ an envoy that dropped out says nothing about other rounds. Against a director th
 it can alone (Bonawitz's malicious-server checks that need no signatures): a threshold of more than half the round,
 at least a threshold's worth of shares before it masks (an empty inbox would leave only the self-mask) and of
 survivors before it reveals, and never both secrets of one envoy. The director freezes U3 at the first unmasking
-request and checks each rebuilt secret against its envoy's advertisement (the public key; a commitment to b). A
-director that shows different envoys different lists, or substitutes keys, is outside this model (SecAgg's
-malicious variant signs every message). Primitives: X25519, HKDF-SHA256, SHA-256, AES-GCM and ChaCha20 from
-`cryptography`, Shamir's secret sharing from PyCryptodome; the protocol logic is this module's.
+request and checks each rebuilt secret against its envoy's advertisement (the public key; a commitment to b). Under
+mutual TLS each envoy also signs its advertisement with its certificate's key (a director cannot substitute keys
+or make up peers), and signs the U3 it was told in a consistency round before revealing (a director cannot tell
+envoys different lists): SecAgg's malicious-server variant, with the hospitals' certificates as the PKI.
+Primitives: X25519, HKDF-SHA256, SHA-256, AES-GCM and ChaCha20 from `cryptography`, ECDSA and X.509 through
+security.signing, Shamir's secret sharing from PyCryptodome; the protocol logic is this module's.
 
 Where each half runs: the envoy's (security.secagg_envoy) on each envoy node, where its collaborator sends the
 train task's results; the director's (security.secagg_director) on the director, inside the experiment's aggregator
@@ -40,6 +45,7 @@ import os
 import time
 
 import numpy as np
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -162,6 +168,7 @@ class EnvoyRound:
         self.name, self.context, self.samples, self.signer = name, context.encode(), int(samples), signer
         self.c, self.s, self.b = X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32)
         self.peers: dict = {}
+        self.certificates: dict = {}  # v: its certificate, once its advertisement's signature checked out
         self.held: dict[str, tuple[tuple[int, bytes], tuple[int, bytes]]] = {}  # v: my shares of (s_v, b_v)
         self.u2: list[str] = []
 
@@ -188,6 +195,7 @@ class EnvoyRound:
         try:
             cert = certified(str(advertised["cert"]).encode(), self.signer[2], v, "envoy")
             check_signature(cert, _bytes(advertised["sig"]), self._signed(advertised))
+            self.certificates[v] = cert
         except Refused as exc:
             raise SecAggError(f"{v}'s advertisement is refused: {exc}") from None
         except (InvalidSignature, ValueError, KeyError, TypeError):
@@ -246,6 +254,34 @@ class EnvoyRound:
                 y = y + mask if sign(self.name, v) > 0 else y - mask
         return y
 
+    def confirm(self, survivors: list[str]) -> dict:
+        """Under mutual TLS, the consistency round: this envoy's signature on the survivors (U3) it was told."""
+        cert, key, _ = self.signer
+        return {"sig": _b64(sign_bytes(key, self._u3(survivors)))}
+
+    def check_confirmations(self, survivors: list[str], confirmations: dict[str, dict]) -> None:
+        """Reveal only if a threshold of the survivors signed the same U3 as this envoy was told: a director that
+        tells envoys different lists (to have each reveal what, together, unmasks one envoy) is caught here.
+        SecAggError, naming who signed another list, otherwise."""
+        confirmed = []
+        for v, confirmation in sorted(confirmations.items()):
+            if v not in survivors or v not in self.certificates and v != self.name:
+                continue  # only the survivors' signatures count, each checked against its advertised certificate
+            cert = self.certificates.get(v) or x509.load_pem_x509_certificate(self.signer[0])
+            try:
+                check_signature(cert, _bytes(confirmation["sig"]), self._u3(survivors))
+            except (InvalidSignature, ValueError, KeyError, TypeError):
+                raise SecAggError(f"refused to reveal: {v} signed another list of survivors than {self.name} was "
+                                  f"told ({', '.join(sorted(survivors))}): the director told envoys different lists"
+                                  ) from None
+            confirmed.append(v)
+        if len(confirmed) < self.threshold:
+            raise SecAggError(f"refused to reveal: {len(confirmed)} survivors confirmed the list "
+                              f"({', '.join(confirmed) or 'none'}), fewer than the threshold {self.threshold}")
+
+    def _u3(self, survivors: list[str]) -> bytes:
+        return b"\n".join((b"medfl-secagg-survivors-v1", self.context, json.dumps(sorted(survivors)).encode()))
+
     def reveal(self, survivors: list[str], dropped: list[str]) -> dict:
         """This envoy's shares for the unmasking: of b for the survivors, of s for the dropped, never both for one
         envoy; SecAggError for a request an honest director would not make."""
@@ -277,14 +313,16 @@ class DirectorRound:
         self.sealed: dict[str, dict[str, str]] = {}  # sender: {receiver: ciphertext}
         self.inputs: dict[str, np.ndarray] = {}
         self.reveals: dict[str, dict] = {}
+        self.confirmations: dict[str, dict] = {}  # under mutual TLS: each survivor's signature on U3
         self.dropped: set[str] = set()
         self.frozen = False  # see freeze()
         self.started = time.monotonic()  # (secagg_director restarts it once every envoy has advertised)
 
     def waiting_for(self, step: str) -> list[str]:
         """The envoys a step still waits for (those dropped wait for nothing)."""
-        have = {"advertise": self.advertised, "share": self.sealed, "masked": self.inputs}[step]
-        expected = {"advertise": self.envoys, "share": self.u1, "masked": self.u2}[step]
+        have = {"advertise": self.advertised, "share": self.sealed, "masked": self.inputs,
+                "confirm": self.confirmations}[step]
+        expected = {"advertise": self.envoys, "share": self.u1, "masked": self.u2, "confirm": self.u3}[step]
         return [v for v in expected if v not in have and v not in self.dropped]
 
     @property
@@ -301,7 +339,8 @@ class DirectorRound:
 
     def check_quorum(self, step: str) -> None:
         """SecAggError naming who is missing once fewer than the threshold can still take part."""
-        alive = [v for v in {"advertise": self.envoys, "share": self.u1, "masked": self.u2, "reveal": self.u3}[step]
+        alive = [v for v in {"advertise": self.envoys, "share": self.u1, "masked": self.u2, "confirm": self.u3,
+                             "reveal": self.u3}[step]
                  if v not in self.dropped or (step == "reveal" and v in self.reveals)]
         if len(alive) < self.threshold:
             missing = sorted(set(self.envoys) - set(alive))

@@ -143,6 +143,8 @@ class SecureRounds:
                     rnd.receive_input(envoy, np.frombuffer(payload, dtype=np.uint64).copy())
                 except self.secagg.SecAggError as exc:  # too late: its reveal will refuse, and it drops out
                     self.aggregator.logger.warning("Round %d: %s", r + 1, exc)
+            elif step == "confirm":
+                rnd.confirmations[envoy] = json.loads(payload)
             elif step == "reveal":
                 rnd.reveals[envoy] = json.loads(payload)
             else:
@@ -171,7 +173,7 @@ class SecureRounds:
 
     def answer(self, envoy: str, r: int, step: str) -> bytes:
         """The message an envoy asks for, once it is ready (else, after secagg.POLL_S, "pending")."""
-        waits = {"peers": "advertise", "inbox": "share", "unmask": "masked"}
+        waits = {"peers": "advertise", "inbox": "share", "unmask": "masked", "confirmations": "confirm"}
         if step not in waits:
             return json.dumps({"error": f"unknown secure aggregation request {step!r}"}).encode()
         with self.changed:
@@ -198,6 +200,8 @@ class SecureRounds:
             return {"advertised": rnd.advertised, "threshold": rnd.threshold}
         if step == "inbox":
             return {"sealed": rnd.inbox(envoy)}
+        if step == "confirmations":
+            return {"confirmations": rnd.confirmations}
         rnd.freeze()
         return {"survivors": rnd.u3, "dropped": sorted(set(rnd.u2) - set(rnd.u3))}
 

@@ -82,6 +82,9 @@ def mask_and_send(collaborator, tensor_dict: dict, round_number: int, bound: flo
     inbox = messenger.fetch("inbox")
     messenger.send("masked", mine.masked(flatten(update)[0], inbox["sealed"]).tobytes())
     request = messenger.fetch("unmask")
+    if mine.signer:  # the consistency round: a threshold of survivors must have signed the same U3
+        messenger.send("confirm", json.dumps(mine.confirm(request["survivors"])).encode())
+        mine.check_confirmations(request["survivors"], messenger.fetch("confirmations")["confirmations"])
     messenger.send("reveal", json.dumps(mine.reveal(request["survivors"], request["dropped"])).encode())
     return {key: value for key, value in tensor_dict.items() if key not in trained}, norm
 

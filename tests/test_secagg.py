@@ -345,6 +345,29 @@ def test_an_advertisement_not_signed_by_the_envoy_of_that_name_under_this_ca_is_
     assert _forged(signers, replace).startswith(expected)
 
 
+def test_each_envoy_reveals_only_once_a_threshold_of_survivors_signed_the_same_list(signers):
+    """The consistency round (Bonawitz et al. 2017): a director that tells envoy_1 that all three sent their input,
+    and envoy_2 that envoy_3 dropped out, would get envoy_3's self-mask seed from one and its mask key from the
+    other. Each envoy signs the list it was told and reveals only if a threshold of survivors signed the same."""
+    updates = _updates(seed=10)
+    director, envoys = _run(updates, envoys=_signed_envoys(signers))
+    everyone = ["envoy_1", "envoy_2", "envoy_3"]
+    honest = {v: envoys[v].confirm(everyone) for v in everyone}
+    for v in everyone:
+        envoys[v].check_confirmations(everyone, honest)  # all told the same: each may reveal
+    # Told different lists: envoy_2 signed [envoy_1, envoy_2]; envoy_1, told all three, sees it and refuses.
+    lied = {**honest, "envoy_2": envoys["envoy_2"].confirm(["envoy_1", "envoy_2"])}
+    with pytest.raises(SecAggError, match=r"refused to reveal: envoy_2 signed another list of survivors than "
+                                          r"envoy_1 was told \(envoy_1, envoy_2, envoy_3\): the director told"):
+        envoys["envoy_1"].check_confirmations(everyone, lied)
+    # A director that withholds the others' signatures, or forges one, gets no reveal either.
+    with pytest.raises(SecAggError, match="1 survivors confirmed the list \\(envoy_1\\), fewer than the threshold 2"):
+        envoys["envoy_1"].check_confirmations(everyone, {"envoy_1": honest["envoy_1"]})
+    forged = {**honest, "envoy_3": envoys["envoy_1"].confirm(everyone)}  # envoy_1's, passed off as envoy_3's
+    with pytest.raises(SecAggError, match="envoy_3 signed another list"):
+        envoys["envoy_2"].check_confirmations(everyone, forged)
+
+
 PARAMETERS = dict(dataset="bloodmnist", size=28, rounds=2, epochs=1, train_batch_size=64, eval_batch_size=256,
                   learning_rate=1e-3)
 

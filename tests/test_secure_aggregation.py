@@ -105,6 +105,8 @@ def test_the_director_never_held_an_envoys_weights_in_the_clear(runs):
         subject = x509.load_pem_x509_certificate(advertised["cert"].encode()).subject.rfc4514_string()
         assert f"CN={record['envoy']}" in subject
         assert advertised["sig"]
+    # ...and each signed the list of survivors it was told before it revealed (the consistency round).
+    assert sorted(r["envoy"] for r in captured if r["task"] == "secagg/confirm") == ["envoy_1", "envoy_2", "envoy_3"]
     metrics = {t["name"] for r in captured if r["task"] == "train" for t in r["tensors"] if t["report"]}
     assert "update_clipped" in metrics and "update_norm" not in metrics
     # No envoy revealed both secrets of one envoy.
