@@ -25,11 +25,10 @@ from security.secagg import (
 
 SAMPLES = {"envoy_1": 600, "envoy_2": 300, "envoy_3": 100}
 CONTEXT = "aggregator-uuid|2"
-# The chi-square test of a vector's bytes against uniform: at this significance a truly uniform vector fails once in
-# a thousand runs (the false-alarm rate); the vectors here are fixed by their seeds, so each test's verdict is too.
-# A uniform vector's p-value falls below ALPHA with probability ALPHA: with four such checks per run, the suite
-# fails by chance once in 2.5 million runs (at 1e-3 it did, once in a few hundred). The power check below stays:
-# an update encoded without masks scores below 1e-100.
+# The chi-square test of a vector's bytes against uniform. The masks come from fresh keys (os.urandom), so a
+# uniform vector's p-value falls below ALPHA with probability ALPHA: with four such checks per run, the suite fails by
+# chance once in 2.5 million runs (at 1e-3 it did, once in a few hundred). The power check below stays: an update
+# encoded without masks scores below 1e-100.
 ALPHA = 1e-7
 
 
