@@ -71,6 +71,15 @@ class SecAggError(RuntimeError):
     """The protocol cannot go on; the message says why, in one line."""
 
 
+class BadShare(SecAggError):
+    """A revealed share rebuilds something other than what its envoy advertised; `sender` revealed it (None when
+    too few shares are left to tell whose it was)."""
+
+    def __init__(self, message: str, sender: str | None = None):
+        super().__init__(message)
+        self.sender = sender
+
+
 # --- primitives, each from a vetted library ----------------------------------------------------------------------
 def encode(values: np.ndarray) -> np.ndarray:
     """Real values (|v| < 2^14) as ring elements: fixed point with FRACTION_BITS, two's complement in 2^64."""
@@ -349,7 +358,7 @@ class DirectorRound:
 
     def _rebuild(self, part: str, v: str, revealed: list[str]) -> bytes:
         """Envoy v's secret `part` ("b" or "s") from the shares the envoys in `revealed` sent, checked against what
-        v advertised (its commitment to b, its public key s); SecAggError naming the envoy whose share was bad."""
+        v advertised (its commitment to b, its public key s); BadShare naming the envoy whose share was bad."""
         senders = [r for r in revealed if v in self.reveals[r][part]]
         secret = self._combine(part, v, senders)
         if self._matches(part, v, secret):
@@ -357,10 +366,10 @@ class DirectorRound:
         for bad in senders:  # the share without which the rest rebuild the advertised secret
             rest = [r for r in senders if r != bad]
             if len(rest) >= self.threshold and self._matches(part, v, self._combine(part, v, rest)):
-                raise SecAggError(f"the share of {v}'s secret that {bad} revealed is bad: it does not rebuild what {v} "
-                                  "advertised; the round fails")
-        raise SecAggError(f"the shares of {v}'s secret rebuild something other than what {v} advertised; too few "
-                          "shares to tell whose was bad; the round fails")
+                raise BadShare(f"the share of {v}'s secret that {bad} revealed is bad: it does not rebuild what {v} "
+                               "advertised", bad)
+        raise BadShare(f"the shares of {v}'s secret rebuild something other than what {v} advertised; too few "
+                       "shares to tell whose was bad; the round fails")
 
     def _combine(self, part: str, v: str, senders: list[str]) -> bytes:
         return combine([(self.reveals[r][part][v][0], _bytes(self.reveals[r][part][v][1])) for r in senders],
@@ -381,6 +390,20 @@ class DirectorRound:
             raise SecAggError(f"{v}'s masked input came after the unmasking began: the round's U3 "
                               f"({', '.join(self.u3)}) stands; it is refused")
         self.inputs[v] = y
+
+    def unmask(self) -> tuple[np.ndarray, float, dict[str, str]]:
+        """sum(), leaving out the reveals of every envoy whose share was bad while a threshold of others remain:
+        (mean, share, {sender: why}). BadShare when it cannot tell whose share was bad; SecAggError below the
+        threshold."""
+        bad = {}
+        while True:
+            try:
+                return (*self.sum(), bad)
+            except BadShare as exc:
+                if exc.sender is None:
+                    raise
+                bad[exc.sender] = str(exc)
+                del self.reveals[exc.sender]
 
     def inbox(self, receiver: str) -> dict[str, str]:
         return {sender: sealed[receiver] for sender, sealed in self.sealed.items() if receiver in sealed}

@@ -70,6 +70,10 @@ class SecureAggregation:
         # metric_origin as OpenFL gives its own aggregated metrics (medfl.events.AGGREGATED)
         self.metric_queue.put({"round": r, "metric_origin": "aggregator", "task_name": self.SECURE_EVENT,
                                "metric_name": json.dumps(report), "metric_value": report["seconds"]})
+        for envoy, why in report.get("bad_shares", {}).items():  # summed without them; they lied: dropped
+            self._reject_update(envoy, r, task_name, "secure", why)
+            if envoy not in self.dropped:
+                self._drop(envoy, f"its update was rejected: it failed the secure check: {why}", r)
         if weights is None:  # the sum failed its check: the global model stays as it was
             self.logger.warning("Round %d: %s; the global model stays as it was", r + 1, report["rejected"])
             weights = self._global_model(r)
@@ -207,10 +211,15 @@ class SecureRounds:
 
     def mean(self, r: int, model: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, dict]:
         """When round r ends: the global weights after it (the model plus the envoys' weighted mean change), or None
-        if the sum fails its check, with what results.json records of the round; SecAggError below threshold."""
+        if the sum fails its check or a bad share cannot be told apart, with what results.json records of the round
+        (bad_shares: the envoys that revealed one, left out of the unmasking); SecAggError below threshold."""
         with self.changed:
             rnd = self.round(r)
-            total, share = rnd.sum()
+            try:
+                total, share, bad = rnd.unmask()
+            except self.secagg.BadShare as exc:  # a bad share, and no spare one to tell whose: the round is void
+                return None, {"round": r + 1, "envoys": rnd.u1, "threshold": rnd.threshold, "summed": rnd.u3,
+                              "seconds": round(time.monotonic() - rnd.started, 3), "rejected": str(exc)}
         layout = [(name, np.shape(model[name])) for name in sorted(model)]
         if total.size != sum(int(np.prod(shape)) for _, shape in layout):
             raise self.secagg.SecAggError(f"the masked inputs hold {total.size} values, the model {len(layout)} "
@@ -219,7 +228,8 @@ class SecureRounds:
         lost = sorted(set(rnd.u3) & set(self.aggregator.dropped))
         report = {"round": r + 1, "envoys": rnd.u1, "threshold": rnd.threshold, "summed": rnd.u3,
                   "dropped_before_sending": sorted(set(rnd.u1) - set(rnd.u3)), "dropped_after_sending": lost,
-                  "samples_share": round(share, 6), "seconds": round(time.monotonic() - rnd.started, 3)}
+                  "samples_share": round(share, 6), "seconds": round(time.monotonic() - rnd.started, 3),
+                  "bad_shares": bad}
         try:
             norm = self.secagg.norm(change)
         except self.secagg.SecAggError as exc:

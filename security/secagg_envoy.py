@@ -4,8 +4,10 @@ max_update_norm. install() puts it in place in the envoy's process (security.ins
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -44,17 +46,19 @@ class Messenger:
 def signer(client) -> tuple | None:
     """Under mutual TLS: (this envoy's certificate PEM, its private key, the federation's CA certificate), from the
     files its connection to the aggregator uses; None without TLS (nothing to sign with)."""
-    if not getattr(client, "tls", False) or not all(getattr(client, a, None) for a in ("certificate", "private_key",
-                                                                                        "root_certificate")):
-        return None
-    from pathlib import Path
+    paths = tuple(getattr(client, a, None) for a in ("certificate", "private_key", "root_certificate"))
+    return _loaded(*paths) if getattr(client, "tls", False) and all(paths) else None
 
+
+@functools.lru_cache(maxsize=4)
+def _loaded(certificate: str, private_key: str, root_certificate: str) -> tuple:
+    """The files read once per process, not every round."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    return (Path(client.certificate).read_bytes(),
-            serialization.load_pem_private_key(Path(client.private_key).read_bytes(), password=None),
-            x509.load_pem_x509_certificate(Path(client.root_certificate).read_bytes()))
+    return (Path(certificate).read_bytes(),
+            serialization.load_pem_private_key(Path(private_key).read_bytes(), password=None),
+            x509.load_pem_x509_certificate(Path(root_certificate).read_bytes()))
 
 
 def mask_and_send(collaborator, tensor_dict: dict, round_number: int, bound: float) -> tuple[dict, float]:

@@ -367,6 +367,33 @@ def test_each_envoy_reveals_only_once_a_threshold_of_survivors_signed_the_same_l
         envoys["envoy_2"].check_confirmations(everyone, forged)
 
 
+def test_the_director_unmasks_without_the_envoy_whose_share_was_bad_and_names_it():
+    """A lying envoy's bad share would fail the round for everyone; with a spare share the others' rebuild every
+    secret, the round completes, and the liar is named (security.secagg_director drops it)."""
+    from types import SimpleNamespace
+
+    from security.secagg_director import SecureRounds
+
+    updates = _updates(seed=11)
+    director, _ = _run(updates)
+    index, share = director.reveals["envoy_1"]["b"]["envoy_3"]
+    director.reveals["envoy_1"]["b"]["envoy_3"] = [index, share[:-8] + "AAAAAAA="]
+    rounds = SecureRounds(SimpleNamespace(dropped={}), 2, 100.0)
+    rounds.rounds[0] = director
+    model = {"w": np.zeros(5000)}
+    weights, report = rounds.mean(0, model)
+    assert list(report["bad_shares"]) == ["envoy_1"]
+    assert "the share of envoy_3's secret that envoy_1 revealed is bad" in report["bad_shares"]["envoy_1"]
+    assert np.max(np.abs(weights["w"] - _weighted_mean(updates, SAMPLES))) < 1e-6  # float32 model plus the mean
+    # With no spare share, whose it was cannot be told: the round is void, the model stays, the run goes on.
+    director, _ = _run(updates)
+    director.reveals["envoy_1"]["b"]["envoy_3"] = [index, share[:-8] + "AAAAAAA="]
+    del director.reveals["envoy_2"]
+    rounds.rounds[0] = director
+    weights, report = rounds.mean(0, model)
+    assert weights is None and "too few shares to tell whose was bad" in report["rejected"]
+
+
 PARAMETERS = dict(dataset="bloodmnist", size=28, rounds=2, epochs=1, train_batch_size=64, eval_batch_size=256,
                   learning_rate=1e-3)
 

@@ -499,15 +499,17 @@ def test_a_validation_that_claims_another_count_than_its_split_s_is_left_out_of_
     """OpenFL weighs each envoy's metrics by the count its validation claims: 10^9 would make its AUC the round's,
     and pick the best model. The claim must be its val or test split's registered size."""
     agg = aggregator(tmp_path)
-    agg.registered_samples(lambda: {**registered(SIZES), "envoy_3": {"train": 600, "val": 60, "test": 61}})
+    agg.registered_samples(lambda: {**registered(SIZES), "envoy_3": {"train": 600, "val": 600, "test": 61}})
     agg.send_local_task_results("envoy_3", 0, "aggregated_model_validate", 10 ** 9,
                                 [_named("envoy_3", 0, "loss", 9.0, ("validate_agg", "metric"), True)])
-    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS[:2]}, SIZES)
+    send_round(agg, 0, {e: shifted(1.0) for e in ENVOYS}, SIZES)  # its other tasks honest (its first is not resent)
     (rejection,) = agg.rejected
     assert (rejection.envoy, rejection.check) == ("envoy_3", "count")
-    assert rejection.detail == "it claims 1000000000 validation samples, where its shard registered 60 (val) and 61 " \
-                               "(test)"
+    assert rejection.detail == "it claims 1000000000 validation samples, where its shard registered 600 (val) and " \
+                               "61 (test)"
     assert agg.dropped == {}  # a metric's weight: left out, not counted towards dropping it
+    # its loss of 9.0, claimed to weigh 10^9 samples, is not in the round's: the other two's 0.5 is
+    assert aggregated(agg, 0, "aggregated_model_validate", "loss") == pytest.approx(0.5)
 
 
 def test_the_director_reads_each_envoy_s_registered_split_sizes_from_its_shard_description():

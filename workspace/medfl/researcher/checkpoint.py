@@ -118,10 +118,13 @@ def load_checkpoint(resume_from: str, params: dict, envoys: list[dict]) -> Check
                              + (f" ({', '.join(sorted(dropped))} dropped out)" if dropped else "")
                              + f", online now: {', '.join(online) or 'none'}. An envoy re-registers with a restarted "
                              "director within its health-check period: wait, or start the missing ones; stop others")
-    changed = [f"{e['envoy']}'s {key} {checkpoint.shards[e['envoy']].get(key)!r} (now {_shard(e).get(key)!r})"
-               for e in envoys if e.get("online") and e["envoy"] in checkpoint.shards and e["envoy"] not in kept_out
-               for key in sorted(set(_shard(e)) | set(checkpoint.shards[e["envoy"]]))
-               if _shard(e).get(key) != checkpoint.shards[e["envoy"]].get(key)]
+    changed = []
+    for e in envoys:
+        was = checkpoint.shards.get(e["envoy"])
+        if e.get("online") and was is not None and e["envoy"] not in kept_out:
+            now = _shard(e)
+            changed += [f"{e['envoy']}'s {key} {was.get(key)!r} (now {now.get(key)!r})"
+                        for key in sorted(set(now) | set(was)) if now.get(key) != was.get(key)]
     if changed:
         raise ParameterError(f"resume_from={resume_from!r}: an envoy serves other data than in the run: "
                              f"{'; '.join(changed[:3])}: resume with the envoys' shards as they were, or start a new "
