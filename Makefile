@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 # docs/settings.md lists them, and the capitalised names the README documented before (ROUNDS=5, ALGO=...) still work.
 RUN = $(PY) -m localfed
 
-.PHONY: venv demo baseline bench stems compare certs audit review approve refuse test test-pythons test-hosts lint clean hpu-deps
+.PHONY: venv demo evaluate baseline bench stems compare certs audit review approve refuse test test-pythons test-hosts lint clean hpu-deps
 
 # Reinstalls when requirements.txt is newer than $(VENV)/.installed; recreates for another PYTHON.
 venv:
@@ -22,6 +22,11 @@ demo: venv
 
 baseline: venv
 	@$(RUN) baseline $(MAKEOVERRIDES)
+
+# A saved model (model=runs/<id>/best_model.pt) tested on every envoy's test split (split=val), nothing trained:
+# runs/<time>-evaluate-<dataset>-<size>/evaluation.json, each score with its 95 % interval.
+evaluate: venv
+	@$(RUN) evaluate $(MAKEOVERRIDES)
 
 # Every algorithm of `algorithms` (default "fedavg fedprox fedadam median") and the centralized baseline on the same
 # data, partition (default dirichlet, alpha 0.3, 3 envoys), seed and budget: runs/compare-<id>/compare.json and .png.

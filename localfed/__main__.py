@@ -1,5 +1,6 @@
-"""python -m localfed {demo,baseline,bench,compare,stems} [name=value ...]: what make demo, make baseline, make bench,
-make compare and make stems run. Settings are the notebook's names (localfed.settings; docs/settings.md)."""
+"""python -m localfed {demo,baseline,bench,compare,stems,evaluate} [name=value ...]: what make demo, make baseline,
+make bench, make compare, make stems and make evaluate run. Settings are the notebook's names (localfed.settings;
+docs/settings.md)."""
 from __future__ import annotations
 
 import signal
@@ -42,6 +43,10 @@ def main(argv=None) -> int:
             from .bench import bench
 
             return bench(settings)
+        if settings.command == "evaluate":
+            from .evaluate import evaluate
+
+            return evaluate(settings)
         if settings.command == "compare":
             from .compare import compare
 

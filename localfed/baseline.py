@@ -18,6 +18,8 @@ import torch
 
 from medfl import Best, task_type
 from medfl.events import AGGREGATED, VALIDATE_GLOBAL
+from medfl.metrics import REPLICATES, interval, pooled, with_intervals
+from medfl.researcher.report import with_interval
 from medmnist_shard import MedMNISTShardDataset, MedMNISTShardDescriptor
 
 from .notebook import definitions
@@ -69,10 +71,15 @@ def baseline(settings: Settings, run_dir: Path | None = None) -> int:
         data.shard_descriptor = descriptor
         return data
 
-    def _test(descriptor) -> dict:
+    def _test(descriptor, replicates: dict | None = None) -> dict:
+        """The test scores of `model` on one descriptor's test split, with their 95 % intervals; its bootstrap
+        values go to `replicates`, if given."""
         shard = _data(descriptor, "test")
-        return {"samples": shard.get_valid_data_size(),
-                **notebook.validate(model, shard.get_valid_loader(), "cpu", task=task)}
+        scores = notebook.validate(model, shard.get_valid_loader(), "cpu", task=task, resamples=s.bootstrap,
+                                   seed=s.seed)
+        if replicates is not None:
+            replicates.update({k: v for k, v in scores.items() if k.endswith(REPLICATES)})
+        return {"samples": shard.get_valid_data_size(), **with_intervals(scores)}
 
     def _trained(descriptor, who: str):
         """Train `model` from the initial weights on one descriptor's train split for the budget; leave the best
@@ -101,16 +108,17 @@ def baseline(settings: Settings, run_dir: Path | None = None) -> int:
         return best, best_state, last_state, rounds
 
     best, best_state, last_state, rounds = _trained(pooled, "")
-    test = notebook.validate(model, _data(pooled, "test").get_valid_loader(), "cpu", task=task)
+    test = _test(pooled)
+    test.pop("samples")
     per_envoy = {name: _test(descriptor) for name, descriptor in nodes.items()}
     local = None
     if s.local:  # each envoy alone: what a hospital gets without the federation
         print("each envoy alone, with the same budget:", flush=True)
-        alone = {}
+        alone, replicates = {}, {}
         for name, descriptor in nodes.items():
             own_best = _trained(descriptor, f"{name} alone, ")[0]
-            alone[name] = {"best_round": own_best.round, **_test(descriptor)}
-        local = {**_weighted(alone), "per_envoy": alone}
+            alone[name] = {"best_round": own_best.round, **_test(descriptor, replicates.setdefault(name, {}))}
+        local = {**_weighted(alone, replicates), "per_envoy": alone}
     run_dir = run_dir or Path(s.runs) / f"{time.strftime('%Y%m%d-%H%M%S')}-{flag}-{size}-baseline"
     run_dir.mkdir(parents=True)
     torch.save(best_state, run_dir / "best_model.pt")
@@ -134,7 +142,8 @@ def baseline(settings: Settings, run_dir: Path | None = None) -> int:
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     print("\ncentralized baseline" + (" on SYNTHETIC data" if results["synthetic"] else "")
-          + f": best after {best.round} rounds' worth; test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
+          + f": best after {best.round} rounds' worth; test ACC {with_interval(test, 'acc')}, AUC "
+          f"{with_interval(test, 'auc')}")
     if local:
         print("each envoy alone: test ACC " + ", ".join(f"{n} {e['acc']:.4f}" for n, e in local["per_envoy"].items())
               + f"; all envoys' test images {local['acc']:.4f}")
@@ -142,7 +151,12 @@ def baseline(settings: Settings, run_dir: Path | None = None) -> int:
     return 0
 
 
-def _weighted(per_envoy: dict) -> dict:
-    """ACC and AUC over every envoy's test images: their means weighted by the envoys' test samples."""
-    total = sum(e["samples"] for e in per_envoy.values())
-    return {k: sum(e[k] * e["samples"] for e in per_envoy.values()) / total for k in ("acc", "auc")}
+def _weighted(per_envoy: dict, replicates: dict) -> dict:
+    """ACC and AUC over every envoy's test images: their means weighted by the envoys' test samples, with the
+    intervals of their bootstrap values pooled the same way (medfl.metrics.pooled, as the director pools them)."""
+    weights = {name: e["samples"] for name, e in per_envoy.items()}
+    total = sum(weights.values())
+    ci = {name: interval(pooled({e: replicates[e][name + REPLICATES] for e in per_envoy}, weights))
+          for name in ("acc", "auc") if all(name + REPLICATES in replicates[e] for e in per_envoy)}
+    return {**{k: sum(e[k] * e["samples"] for e in per_envoy.values()) / total for k in ("acc", "auc")},
+            "ci": ci or None}

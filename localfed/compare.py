@@ -38,11 +38,19 @@ def compare(settings: Settings) -> int:
     out = Path(settings.runs) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     federation = local_federation(settings, out, shards)
     steps = len(algorithms) + 1
-    skew = f" alpha {s.alpha:g}" if s.partition == "dirichlet" else ""
+    spread = "each envoy's own file" if s.data_dirs else \
+        f"{s.partition} partition" + (f" alpha {s.alpha:g}" if s.partition == "dirichlet" else "")
     print(f"comparing {', '.join(algorithms)} and a centralized baseline: {s.rounds} rounds x {s.epochs} epochs, "
-          f"{s.partition} partition{skew}, {s.envoys} envoys, seed {s.seed}; results in {out}")
+          f"{spread}, {s.envoys} envoys, seed {s.seed}; results in {out}")
     print(f"starting a director and {s.envoys} envoys on {federation.host}:{federation.port} ...", flush=True)
     runs: dict[str, dict] = {}
+    tracked = {}  # tracking=mlflow: every algorithm's run goes under one parent run
+    if settings.tracking == "mlflow":
+        from medfl.researcher.tracking import start_parent
+
+        store = {"tracking_uri": settings.tracking_uri or (Path(settings.runs) / "mlruns").as_uri()}
+        tracked = {"run": {**store, "tracking_parent": start_parent(store, out.name, s.dataset, int(s.size))}}
+        print(f"MLflow: every algorithm's run under the parent run {out.name} ({store['tracking_uri']})")
     with federation:
         for i, algorithm in enumerate(algorithms, 1):
             print(f"\n[{i}/{steps}] {algorithm}", flush=True)
@@ -50,12 +58,17 @@ def compare(settings: Settings) -> int:
             (run_dir / "logs").mkdir(parents=True)
             began = time.monotonic()
             try:
-                run_notebook(run_dir, federation, settings, data_source, deadline, algorithm=algorithm)
+                run_notebook(run_dir, federation, settings, data_source, deadline, algorithm=algorithm, **tracked)
                 runs[algorithm] = summarize(json.loads((run_dir / "results.json").read_text()), run_dir)
             except RunError as exc:  # the others still run; the table says which failed
                 print(f"  {algorithm} FAILED: {str(exc).splitlines()[0]}", flush=True)
                 runs[algorithm] = {"status": "failed", "error": str(exc).splitlines()[0], "run": str(run_dir)}
             runs[algorithm]["notebook_seconds"] = round(time.monotonic() - began, 1)
+    if tracked:
+        from medfl.researcher.tracking import end_parent
+
+        end_parent(tracked["run"], tracked["run"]["tracking_parent"],
+                   failed=any(run["status"] != "completed" for run in runs.values()))
     (out / "latest").unlink(missing_ok=True)  # the notebook's link to its newest run; compare.json names them all
     print(f"\n[{steps}/{steps}] centralized baseline, and each envoy alone", flush=True)
     baseline(settings.replace(local=True), run_dir=out / CENTRALIZED)  # and each envoy alone
@@ -78,13 +91,8 @@ def summarize(results: dict, run_dir: Path) -> dict:
         "status": results.get("status", "completed"),
         "error": results.get("error"),
         "settings": results.get("algorithm"),
-        "test": {"acc": test["acc"], "auc": test["auc"],
-                 "per_envoy": {name: {"acc": e["acc"], "auc": e["auc"], "samples": e.get("samples")}
-                               for name, e in sorted(test["per_envoy"].items())}},
-        **({"personalized": {"epochs": test["personalized"]["epochs"], "acc": test["personalized"]["acc"],
-                             "auc": test["personalized"]["auc"],
-                             "per_envoy": {name: {"acc": e["acc"], "auc": e["auc"], "samples": e.get("samples")}
-                                           for name, e in sorted(test["personalized"]["per_envoy"].items())}}}
+        "test": _scores(test),
+        **({"personalized": {"epochs": test["personalized"]["epochs"], **_scores(test["personalized"])}}
            if test.get("personalized") else {}),
         "best": {k: results["best"].get(k) for k in ("metric", "round", "value", "loss")},
         "val_auc": [e["aggregated"].get("val_auc") for e in rounds],
@@ -96,6 +104,14 @@ def summarize(results: dict, run_dir: Path) -> dict:
         } if training else None,
         "run": str(run_dir),
     }
+
+
+def _scores(block: dict) -> dict:
+    """What compare.json keeps of a test block: ACC and AUC with their 95 % intervals, pooled and per envoy."""
+    def kept(entry: dict) -> dict:
+        return {"acc": entry["acc"], "auc": entry["auc"], "ci": entry.get("ci"), "samples": entry.get("samples")}
+
+    return {**kept(block), "per_envoy": {name: kept(e) for name, e in sorted(block["per_envoy"].items())}}
 
 
 def _mean(values: list) -> int | None:
@@ -112,7 +128,10 @@ def build(settings: Settings, algorithms: list[str], runs: dict, central: dict, 
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "system": platform.platform()},
         "dataset": settings.dataset, "size": int(settings.size), "data_source": data_source, "synthetic": synthetic,
         "envoys": settings.envoys,
-        "partition": {"strategy": settings.partition, "alpha": settings.alpha, "seed": settings.seed},
+        # with data_dirs each envoy serves its own whole file: no partition was applied
+        "partition": ({"strategy": "own files", "alpha": None, "seed": None} if settings.data_dirs else
+                      {"strategy": settings.partition, "alpha": settings.alpha, "seed": settings.seed}),
+        "bootstrap": settings.bootstrap,
         "rounds": settings.rounds, "epochs": settings.epochs, "seed": settings.seed,
         "algorithms": {name: runs[name] for name in algorithms},
         CENTRALIZED: central,
@@ -137,16 +156,32 @@ def _label(name: str, run: dict) -> str:
     return describe(run["settings"]) if run.get("settings") else name
 
 
-def table(report: dict) -> str:
-    """The comparison as a text table, headed by what was compared."""
+def describe_setting(report: dict) -> str:
+    """What was compared, as it was run: the data, how it was spread over the envoys, the budget."""
     source = "SYNTHETIC data" if report["synthetic"] else "MedMNIST"
     partition = report["partition"]
-    skew = f" alpha {partition['alpha']:g}" if partition["strategy"] == "dirichlet" else ""
+    spread = {"dirichlet": f"dirichlet label skew, alpha {partition['alpha']}", "iid": "iid shards",
+              "scanner": "scanner shift (each envoy's own acquisition)",
+              "own files": "each envoy's own file, no partition applied"}.get(partition["strategy"],
+                                                                           str(partition["strategy"]))
+    return (f"{source}: {report['dataset']} {report['size']}px, {report['envoys']} envoys, {spread}, "
+            f"{report['rounds']} rounds x {report['epochs']} epochs, seed {report['seed']}")
+
+
+def _with_ci(entry: dict, name: str) -> str:
+    ci = (entry.get("ci") or {}).get(name)
+    return f"{entry[name]:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{entry[name]:.4f}"
+
+
+def table(report: dict) -> str:
+    """The comparison as a text table, headed by what was compared; each column says what it measured."""
     envoys = sorted(report[CENTRALIZED]["test"]["per_envoy"])
-    lines = [f"{source}: {report['dataset']} {report['size']}px, {report['envoys']} envoys, {partition['strategy']}"
-             f"{skew}, {report['rounds']} rounds x {report['epochs']} epochs, seed {report['seed']}",
-             f"{'algorithm':<28} {'test ACC':>8} {'test AUC':>8}  {'per-envoy test ACC':<{7 * len(envoys)}}"
-             f" {'best':>4} {'wall s':>7} {'MB/round up':>11} {'down':>6}"]
+    per_width = 7 * len(envoys)
+    lines = [describe_setting(report),
+             f"test ACC and AUC of each run's chosen model on all envoys' test splits, [95 % bootstrap interval] "
+             f"({report.get('bootstrap', 0)} resamples); traffic: mean per training round, all envoys together",
+             f"{'algorithm':<28} {'test ACC [95% CI]':>24} {'test AUC [95% CI]':>24}  "
+             f"{'test ACC per envoy':<{per_width}} {'best round':>10} {'wall s':>7} {'MB up':>7} {'MB down':>7}"]
     rows = [(_label(name, run), run) for name, run in report["algorithms"].items()]
     for label, run in [*rows, (CENTRALIZED, report[CENTRALIZED])]:
         if run["status"] != "completed":
@@ -154,19 +189,19 @@ def table(report: dict) -> str:
             continue
         per = " ".join(f"{run['test']['per_envoy'][e]['acc']:6.3f}" for e in envoys)
         traffic = run.get("bytes_per_round")
-        up, down = (f"{traffic['envoys_to_director'] / 1e6:11.2f}", f"{traffic['director_to_envoys'] / 1e6:6.2f}") \
-            if traffic else (f"{'-':>11}", f"{'-':>6}")
-        lines.append(f"{label:<28} {run['test']['acc']:8.4f} {run['test']['auc']:8.4f}  {per:<{7 * len(envoys)}}"
-                     f" {run['best']['round']:>4} {run['wall_seconds']:7.1f} {up} {down}")
+        up, down = (f"{traffic['envoys_to_director'] / 1e6:7.2f}", f"{traffic['director_to_envoys'] / 1e6:7.2f}") \
+            if traffic else (f"{'-':>7}", f"{'-':>7}")
+        lines.append(f"{label:<28} {_with_ci(run['test'], 'acc'):>24} {_with_ci(run['test'], 'auc'):>24}  "
+                     f"{per:<{per_width}} {run['best']['round']:>10} {run['wall_seconds']:7.1f} {up} {down}")
         personal = run.get("personalized")
         if personal:  # each envoy's own fine-tuned model
             per = " ".join(f"{personal['per_envoy'][e]['acc']:6.3f}" for e in envoys)
-            lines.append(f"{'  + ' + str(personal['epochs']) + ' epochs on each envoy':<28} {personal['acc']:8.4f} "
-                         f"{personal['auc']:8.4f}  {per:<{7 * len(envoys)}}")
+            lines.append(f"{'  + ' + str(personal['epochs']) + ' epochs on each envoy':<28} "
+                         f"{_with_ci(personal, 'acc'):>24} {_with_ci(personal, 'auc'):>24}  {per:<{per_width}}")
     alone = report[CENTRALIZED].get("local")
     if alone:  # each envoy's own model on its own test split; overall: over every envoy's test images
         per = " ".join(f"{alone['per_envoy'][e]['acc']:6.3f}" for e in envoys)
-        lines.append(f"{ALONE:<28} {alone['acc']:8.4f} {alone['auc']:8.4f}  {per:<{7 * len(envoys)}}")
+        lines.append(f"{ALONE:<28} {_with_ci(alone, 'acc'):>24} {_with_ci(alone, 'auc'):>24}  {per:<{per_width}}")
     found = report.get("gap")
     if found and found["closed"] is not None:
         lines.append(f"FedAvg's test ACC gap to centralized: {found[CENTRALIZED] - found['fedavg']:.4f}; the best, "
@@ -212,11 +247,7 @@ def plot(path: Path, report: dict) -> None:
     bars.set(title="test ACC of the chosen model, per envoy", ylabel="ACC", ylim=(0, 1))
     bars.grid(alpha=0.3, axis="y")
     bars.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
-    source = "SYNTHETIC data" if report["synthetic"] else "MedMNIST"
-    partition = report["partition"]
-    skew = f" alpha {partition['alpha']:g}" if partition["strategy"] == "dirichlet" else ""
-    fig.suptitle(f"{report['dataset']} {report['size']}px ({source}), {report['envoys']} envoys, "
-                 f"{partition['strategy']}{skew}, {report['rounds']} rounds x {report['epochs']} epochs")
+    fig.suptitle(describe_setting(report))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medfl.algorithms import describe
 from medfl.researcher.checkpoint import FILE
+from medfl.researcher.report import with_interval
 from medmnist_shard import DataError
 
 from .run import data_for, envoy_policy, local_federation, run_notebook, shard_params
@@ -55,7 +56,7 @@ def demo(settings: Settings) -> int:
               f"{dropout['reason']}")
     print(f"algorithm: {describe(results['algorithm'])}")
     print(f"best model: after {results['best']['round']} rounds (val {results['best']['metric']} "
-          f"{results['best']['value']:.4f}); test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}")
+          f"{results['best']['value']:.4f}); test ACC {with_interval(test, 'acc')}, AUC {with_interval(test, 'auc')}")
     personal = test.get("personalized")
     if personal:
         epochs = f"{personal['epochs']} epoch{'s' if personal['epochs'] != 1 else ''}"

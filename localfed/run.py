@@ -163,6 +163,8 @@ def notebook_parameters(settings: Settings, federation: LocalFederation, run_dir
            "data_source": data_source}
     if settings.resume_from:
         run["resume_from"] = str(run_dir)
+    if settings.tracking and not settings.tracking_uri:  # one MLflow store for every run: runs/mlruns
+        run["tracking_uri"] = (Path(settings.runs) / "mlruns").as_uri()
     if federation.certs:
         researcher = federation.certs / RESEARCHER
         run.update(ca_cert=str(federation.certs / "ca.crt"), api_cert=f"{researcher}.crt",
@@ -173,8 +175,9 @@ def notebook_parameters(settings: Settings, federation: LocalFederation, run_dir
 def run_notebook(run_dir: Path, federation: LocalFederation, settings: Settings, data_source: str, deadline: float,
                  **overrides) -> None:
     """Execute the settings' notebook headless against the federation into run_dir, showing its progress lines live;
-    `overrides` replace notebook parameters (make compare's algorithm)."""
-    parameters = {**notebook_parameters(settings, federation, run_dir, data_source), **overrides}
+    `overrides` replace notebook parameters (make compare's algorithm), and keys of `run` given as a dict."""
+    parameters = notebook_parameters(settings, federation, run_dir, data_source)
+    parameters = {**parameters, **overrides, "run": {**parameters["run"], **overrides.get("run", {})}}
     attempt = len(list(run_dir.glob("notebook*.ipynb")))  # a resumed run keeps each attempt's notebook and log
     name = f"notebook-resume{attempt}" if attempt else "notebook"
     launch_notebook(federation, Path(settings.notebook), run_dir / f"{name}.ipynb", parameters, deadline,
@@ -182,11 +185,12 @@ def run_notebook(run_dir: Path, federation: LocalFederation, settings: Settings,
 
 
 def launch_notebook(federation: LocalFederation, notebook: Path, output: Path, parameters: dict, deadline: float,
-                    log: Path, on_line=None) -> None:
-    """Run `notebook` with papermill where the federation places its researcher, the parameters injected, its
-    output to `log`; `on_line` sees each line (default: the progress lines are shown). RunError if it fails."""
+                    log: Path, on_line=None, cwd: Path | None = None) -> None:
+    """Run `notebook` with papermill where the federation places its researcher, the parameters injected, in `cwd`
+    (default: the notebook's folder), its output to `log`; `on_line` sees each line (default: the progress lines are
+    shown). RunError if it fails."""
     placement = federation.placement
-    argv = [placement.python, "-m", "papermill", str(notebook), str(output), "--cwd", str(notebook.parent),
+    argv = [placement.python, "-m", "papermill", str(notebook), str(output), "--cwd", str(cwd or notebook.parent),
             "--log-output", "--no-progress-bar", "-y", yaml.safe_dump(parameters, default_flow_style=True,
                                                                           width=1_000_000)]
     on_line = on_line or _show_progress

@@ -22,11 +22,11 @@ from medmnist_shard import DataError
 
 from .federation import ROOT
 
-COMMANDS = ("demo", "baseline", "bench", "compare", "stems")
+COMMANDS = ("demo", "baseline", "bench", "compare", "stems", "evaluate")
 # The keys of the notebook's `run` dict that a user sets: what shapes the experiment (medfl.researcher.RUN_CHOICES),
 # the log on the page and a run to resume; the launcher sets the others (director, certificates, output folder,
 # experiment name, data source).
-RUN_SETTINGS = (*RUN_CHOICES, "verbose", "resume_from")
+RUN_SETTINGS = (*RUN_CHOICES, "verbose", "resume_from", "tracking", "tracking_uri")
 # The launcher's own settings and their defaults.
 LAUNCHER = {
     "envoys": 2,
@@ -45,6 +45,8 @@ LAUNCHER = {
     "algorithms": "fedavg fedprox fedadam median",
     "envoy_policy": "",
     "envoy_state": "",
+    "model": "",  # make evaluate: the saved state_dict to test
+    "split": "test",  # ...on each envoy's test or val split
 }
 # Where one command's defaults differ: make compare is about non-IID hospitals, and a median needs more than two
 # envoys to differ from the mean; make stems measures at full resolution.

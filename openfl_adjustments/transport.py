@@ -26,6 +26,8 @@ round trips a round, 10 s at a 40 ms round trip. Here:
   weights. Here a model it received is found under both. And OpenFL adds a change to a tensor with numpy, which
   turns a 0-d array (BatchNorm's counter) into a numpy scalar that PyTorch's adapter refuses; here it stays an
   array.
+- A metric of many values (the test's bootstrap values, for confidence intervals) travels as a tensor of the
+  validation, which OpenFL's collaborator and aggregator do not try to print or stream as one number.
 - Connections counted. Each call tells the aggregator which connection (the peer's address and port) it came on,
   if the aggregator counts them (contract.CountsConnections): results.json's `traffic` shows them per envoy.
 """
@@ -197,6 +199,22 @@ def keeping_optimizer_state_home(prepare):
     return wrapper
 
 
+def arrays_as_tensors(prepare):
+    """CoreTaskRunner._prepare_tensorkeys_for_agggregation that sends a task's metric of more than one value (the
+    test's bootstrap values, medfl.metrics.bootstrap) as a tensor of the validation: not reported, and without the
+    "metric" tag, under which OpenFL's collaborator and aggregator read each metric as one number."""
+    import numpy as np
+
+    def wrapper(self, metric_dict, validation_flag, col_name, round_num):
+        to_send, local = prepare(self, metric_dict, validation_flag, col_name, round_num)
+        arrays = {key for key, value in to_send.items() if key.report and np.size(value) > 1}
+        moved = {key._replace(report=False, tags=tuple(t for t in key.tags if t != "metric")): to_send[key]
+                 for key in arrays}
+        return {**{k: v for k, v in to_send.items() if k not in arrays}, **moved}, local
+
+    return wrapper
+
+
 def models_under_own_name(get_data_for_tensorkey):
     """Collaborator.get_data_for_tensorkey that also keeps a global model tensor under the envoy's own name, as
     OpenFL does for one fetched whole, where nparray_to_named_tensor looks for it to send a change against it."""
@@ -344,6 +362,7 @@ def install() -> None:
     replace(Collaborator, "run", closing_at_the_end)
     replace(Collaborator, "get_data_for_tensorkey", models_under_own_name)
     replace(CoreTaskRunner, "_prepare_tensorkeys_for_agggregation", keeping_optimizer_state_home)
+    replace(CoreTaskRunner, "_prepare_tensorkeys_for_agggregation", arrays_as_tensors)
     replace(TensorCodec, "apply_delta", lambda original: staticmethod(arrays_from_deltas(original)))
     replace(AggregatorGRPCServer, "GetTasks", holding_requests_for_tasks)
     replace(AggregatorGRPCServer, "GetAggregatedTensor", counting_connections)

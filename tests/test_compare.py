@@ -46,6 +46,10 @@ def test_compare_json_holds_every_algorithm_and_the_centralized_baseline(compare
         assert sorted(run["test"]["per_envoy"]) == ENVOYS
         for block in [run["test"], *run["test"]["per_envoy"].values()]:
             assert 0 <= block["acc"] <= 1 and 0 <= block["auc"] <= 1
+            # every test score with its 95 % interval around it, the federated runs' and the centralized one's
+            for metric in ("acc", "auc"):
+                low, high = block["ci"][metric]
+                assert 0 <= low <= block[metric] <= high <= 1, (name, metric)
         assert sum(e["samples"] for e in run["test"]["per_envoy"].values()) == SIZES["test"]
         assert 0 <= run["best"]["round"] <= 2 and len(run["val_auc"]) == 3
         assert run["wall_seconds"] > 0 and (out / name / "results.json").is_file()
@@ -73,7 +77,8 @@ def test_the_plot_and_the_table_show_the_comparison(compared):
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for line in ("[1/3] fedntd", "[2/3] fedadam", "[3/3] centralized baseline",
                  "round 2/2        aggregator  train",
-                 "SYNTHETIC data: bloodmnist 28px, 3 envoys, dirichlet alpha 0.3, 2 rounds x 1 epochs, seed 0"):
+                 "SYNTHETIC data: bloodmnist 28px, 3 envoys, dirichlet label skew, alpha 0.3, 2 rounds x 1 epochs, "
+                 "seed 0"):
         assert line in stdout, line
     table = stdout[stdout.index("SYNTHETIC data: bloodmnist"):]
     for label in ("FedNTD (beta 1, tau 1)", "FedAdam (server lr 0.01)", "\ncentralized ", "\neach envoy alone "):
@@ -95,10 +100,28 @@ def test_the_table_shows_each_envoy_s_own_models_beside_the_federated_ones():
                                  local={"acc": 0.55, "auc": 0.8, "per_envoy": {"envoy_1": {"acc": 0.5},
                                                                                 "envoy_2": {"acc": 0.6}}})}
     lines = table(report).splitlines()
-    assert lines[0] == "SYNTHETIC data: bloodmnist 28px, 2 envoys, scanner, 2 rounds x 1 epochs, seed 0"
-    assert lines[2].split()[:4] == ["FedBN", "0.5000", "0.9000", "0.600"]
-    assert lines[3].split() == ["+", "2", "epochs", "on", "each", "envoy", "0.8000", "0.9500", "0.750", "0.850"]
-    assert lines[5].split() == ["each", "envoy", "alone", "0.5500", "0.8000", "0.500", "0.600"]
+    assert lines[0] == ("SYNTHETIC data: bloodmnist 28px, 2 envoys, scanner shift (each envoy's own acquisition), "
+                        "2 rounds x 1 epochs, seed 0")
+    assert lines[3].split()[:4] == ["FedBN", "0.5000", "0.9000", "0.600"]
+    assert lines[4].split() == ["+", "2", "epochs", "on", "each", "envoy", "0.8000", "0.9500", "0.750", "0.850"]
+    assert lines[6].split() == ["each", "envoy", "alone", "0.5500", "0.8000", "0.500", "0.600"]
+
+
+def test_the_table_says_what_was_run_and_what_each_column_measured():
+    """With data_dirs no partition was applied; the traffic is all envoys' together; intervals beside scores."""
+    entry = {"acc": 0.5, "auc": 0.9, "ci": {"acc": [0.41, 0.59], "auc": [0.85, 0.94]}, "samples": 10}
+    run = {"status": "completed", "settings": {"name": "fedavg"}, "best": {"round": 1}, "wall_seconds": 1.0,
+           "test": {**entry, "per_envoy": {"envoy_1": entry}},
+           "bytes_per_round": {"envoys_to_director": 2_000_000, "director_to_envoys": 1_000_000}}
+    report = {"synthetic": False, "dataset": "bloodmnist", "size": 28, "envoys": 1, "rounds": 1, "epochs": 1,
+              "seed": 0, "bootstrap": 1000, "partition": {"strategy": "own files", "alpha": None, "seed": None},
+              "algorithms": {"fedavg": run}, "centralized": {**run, "bytes_per_round": None}}
+    lines = table(report).splitlines()
+    assert "each envoy's own file, no partition applied" in lines[0] and "alpha" not in lines[0]
+    assert "all envoys together" in lines[1] and "1000 resamples" in lines[1]
+    assert "MB up" in lines[2] and "test ACC [95% CI]" in lines[2]
+    assert lines[3].split()[:7] == ["FedAvg", "0.5000", "[0.410,", "0.590]", "0.9000", "[0.850,", "0.940]"]
+    assert lines[3].split()[-2:] == ["2.00", "1.00"]
 
 
 def test_the_gap_is_measured_from_fedavg_to_the_centralized_model():

@@ -74,14 +74,15 @@ def _medfl_calls(module, function: str) -> set[str]:
 
 
 def test_the_cells_call_few_helpers_and_the_tasks_read_as_plain_pytorch():
-    """What a reader must look up elsewhere stays short: at most 10 names of medfl.researcher in all the cells, and
+    """What a reader must look up elsewhere stays short: at most 12 names of medfl.researcher in all the cells (10
+    before section 9's evaluation of a saved model and the test table with its intervals), and
     at most 3 medfl functions in each task (the rest is PyTorch; the privacy and distill objects' methods aside)."""
     import ast
 
     for path in NOTEBOOKS:
         sources = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
         used = set().union(*map(_researcher_names, sources))
-        assert len(used) <= 10, f"{path.name} uses {len(used)} names of medfl.researcher: {sorted(used)}"
+        assert len(used) <= 12, f"{path.name} uses {len(used)} names of medfl.researcher: {sorted(used)}"
     tasks = ast.parse((ROOT / "workspace" / "medfl" / "tasks.py").read_text())
     for function in ("train", "validate"):
         called = _medfl_calls(tasks, function)

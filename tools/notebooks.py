@@ -295,14 +295,18 @@ md("""## 8. Test the best model
 
 A second, validation-only experiment sends the best model back to every envoy, to be scored on their `test` splits: the test images never leave the nodes either. It reuses the tasks; only the data interface reads another split. With `fedbn`, each envoy scores the shared weights with its own BatchNorm layers of that round.
 
+**Confidence intervals.** A hospital's test split may hold a few hundred images, so every test metric comes with its 95 % interval. Each envoy scores `run["bootstrap"]` resamples of its own test split (1,000 by default; the same images drawn with replacement) and sends those scores, never a prediction; the director takes each envoy's percentile interval, and the pooled one from the envoys' resampled scores weighted by their sample counts, as the pooled score is. Two runs whose intervals overlap are not shown better or worse by these numbers; docs/experiment.md says how to read them.
+
 **A model per hospital** (`personalize_epochs = k`, any algorithm): the same experiment then also has each envoy fine-tune the best model for `k` epochs on its own train split (plain Adam, no DP-SGD or distillation) and score that on its test split. The fine-tuned weights never leave the envoy: every tensor is held back, and only the scores travel. `results.json`'s `test` has both, per envoy: `per_envoy` (the federated model) and `personalized` (each hospital's own); `make compare` adds what each envoy gets on its own data alone."""),
-code("test", """from medfl.tasks import personalizing
+code("test", """from medfl.tasks import bootstrapping, personalizing
 
 test_data = MedMNISTData(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, eval_split="test",
                          seed=seed, device=device)
 # personalize_epochs: each envoy also fine-tunes the best model on its own train split, then tests that; every tensor
 # stays on the envoy (only scores leave), so secure aggregation has nothing to sum
 tests = personalizing(TI, personalize_epochs) if personalize_epochs else TI
+# every test metric's 95 % interval: each envoy also scores run["bootstrap"] resamples of its test split
+tests = bootstrapping(tests, run["bootstrap"], seed)
 # fedbn: every envoy tests with its own BatchNorm layers of the best model's round
 test_plan = {**plan_overrides, **local_plan(**{**local_layers, "first_round": None}, start_round=training.best.round,
                                             personalize=personalize_epochs > 0),
@@ -325,14 +329,16 @@ researcher.stop_if_failed(run_dir, training=training, testing=testing, **record)
 md("""## Results
 
 Saved under `runs/<experiment name>/` at the repository root (`runs/latest` points at the newest): `results.json` (with any envoys that dropped out, and when), `metrics.csv`, `curves.png`, `partition.png`, TensorBoard logs (`tensorboard --logdir runs`), and the best and last models as PyTorch `state_dict`s."""),
-code("results", """results = researcher.finish_run(run_dir, training=training, testing=testing, best_model=best_model,
+code("results", """from IPython.display import display
+
+results = researcher.finish_run(run_dir, training=training, testing=testing, best_model=best_model,
                                 last_model=last_model, **record)  # results.json, plots and models, in run_dir
-test = results["test"]
 print(("SYNTHETIC data: " if results["synthetic"] else "") + f"{dataset} {size}px, {len(envoys)} envoys, "
-      f"{algorithm}; test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}; saved to {run_dir.resolve()}")
+      f"{algorithm}; saved to {run_dir.resolve()}")
 if results["privacy"]:
     print(f"DP-SGD: {results['privacy']['summary']}")
-pd.DataFrame([{"round": e["round"], **e["aggregated"]} for e in results["rounds"]]).set_index("round")"""),
+display(pd.DataFrame([{"round": e["round"], **e["aggregated"]} for e in results["rounds"]]).set_index("round"))
+pd.DataFrame(researcher.test_rows(results["test"])).set_index("envoy")  # the best model's test, 95 % intervals"""),
 code("plots", """from IPython.display import Image, display
 
 display(Image(str(run_dir / "curves.png")), Image(str(run_dir / "partition.png")))"""),
@@ -344,6 +350,40 @@ model = build_model("bloodmnist", 28)  # with the run's stem, if not "patch": bu
 model.load_state_dict(torch.load("runs/latest/best_model.pt"))
 model.eval()
 ```"""),
+md("""## 9. Evaluate a saved model on every hospital (external validation)
+
+A model trained elsewhere, or last week's best model, tested on every envoy's `test` split (or `val`, with `run["evaluate_split"]`), with the same metrics and intervals as section 8: a validation-only experiment, so nothing trains and no weights leave the envoys. Give the file as `run = {"evaluate_model": "../runs/<id>/best_model.pt"}`, run sections 1 to 5, then this cell; `make evaluate model=runs/latest/best_model.pt` does exactly that against a local federation. A file of another network (dataset, size, stem) is refused in one line that says what differs. The scores go to `evaluation.json` in this run's folder. A run's own best model on the same data scores exactly that run's test block. With `fedbn` the saved model holds the shared weights with the initial normalization; each hospital's own layers stayed with it."""),
+code("evaluate", """from openfl.interface.interactive_api.experiment import FLExperiment, ModelInterface
+
+from medfl import Schedule
+from medfl.privacy import declared
+from medfl.tasks import bootstrapping
+
+if run["evaluate_model"]:
+    saved = researcher.SavedModel(run["evaluate_model"], model, f"{dataset} {size} px, stem {run['stem']}, {norm}norm")
+    evaluation_plan = {"aggregator.template": "medfl.aggregator.SelectingAggregator",
+                       **{f"aggregator.settings.{name}": run[name] for name in researcher.RULES},
+                       **({"network.settings.agg_port": run["aggregator_port"]} if run["aggregator_port"] else {}),
+                       **declared(0, None, envoys)}  # trains nothing
+    evaluation_data = MedMNISTData(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size,
+                                   eval_split=run["evaluate_split"], seed=seed, device=device)
+    with researcher.submission(run["api_cert"], run["api_key"]):
+        evaluation_experiment = FLExperiment(federation=federation, experiment_name=f"{attempt}-evaluate")
+        evaluation_experiment.start(
+            model_provider=ModelInterface(model=saved.model, optimizer=torch.optim.Adam(saved.model.parameters()),
+                                          framework_plugin=framework_adapter),
+            task_keeper=bootstrapping(TI, run["bootstrap"], seed),
+            data_loader=evaluation_data,
+            rounds_to_train=1,
+            task_assigner=Schedule(TI.get_registered_tasks(), train_rounds=0),
+            device_assignment_policy="CUDA_PREFERRED",
+            override_config=evaluation_plan,
+        )
+    evaluated = researcher.follow(evaluation_experiment, 1, label="evaluate")
+    evaluation = saved.write(run_dir, evaluated, split=run["evaluate_split"], **record)  # evaluation.json
+    display(pd.DataFrame(researcher.test_rows(evaluation)).set_index("envoy"))
+else:
+    print('no model to evaluate: give one as run = {"evaluate_model": "../runs/<id>/best_model.pt"}')"""),
 ]
 
 

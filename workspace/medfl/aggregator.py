@@ -11,6 +11,7 @@ the round and aggregation state a checkpoint needs with the last model (medfl.ev
 - medfl.dropouts.EnvoyRules: envoys lost, restarted, too slow, refused or held; the min_envoys rule and failing;
 - medfl.checks.UpdateChecks: each update checked before it is aggregated, and envoys rejected too often dropped;
 - medfl.traffic.TrafficCounts: what each round cost on the wire;
+- medfl.intervals.PooledIntervals: the test's confidence intervals, per envoy and pooled, from their bootstrap values;
 - security.secagg_director.SecureAggregation: the director's half of secure aggregation, which routes the
   protocol's messages (installed on the director, not shipped with the experiment).
 
@@ -31,6 +32,7 @@ from security.secagg_director import SecureAggregation
 from .checks import MAX_REJECTIONS, MAX_UPDATE_RATIO, MAX_UPDATE_SIZE, MIN_UPDATE_COSINE, REJECTION_WINDOW, UpdateChecks
 from .dropouts import EnvoyRules
 from .events import ROUND_KEY, SECURE, STATE_PREFIX, pack
+from .intervals import PooledIntervals
 from .selection import Best
 from .traffic import TrafficCounts
 
@@ -54,7 +56,7 @@ class _Tap(queue.Queue):
         super().put(item, block, timeout)
 
 
-class SelectingAggregator(SecureAggregation, EnvoyRules, UpdateChecks, TrafficCounts, Aggregator):
+class SelectingAggregator(PooledIntervals, SecureAggregation, EnvoyRules, UpdateChecks, TrafficCounts, Aggregator):
     """OpenFL's Aggregator, keeping as best the global model with the best `best_metric`, and going on
     without envoys that are lost, too slow or rejected while at least `min_envoys` remain."""
 

@@ -76,28 +76,35 @@ def train(model, train_loader, optimizer, device, task: str, epochs: int = 1, de
 
 
 @torch.no_grad()
-def validate(model, val_loader, device, task: str, device_request: str = "auto", bf16: bool = False):
-    """Mean loss, ACC and AUC of the model on the shard's evaluation split, and the time it took."""
+def validate(model, val_loader, device, task: str, device_request: str = "auto", bf16: bool = False,
+             resamples: int = 0, seed: int = 0):
+    """Mean loss, ACC and AUC of the model on the shard's evaluation split, and the time it took; with `resamples`
+    (the test), each of them on that many bootstrap resamples of the split, for their intervals."""
     started = time.perf_counter()
     dev = to_device(model, device_request, str(device))
     mark_step = step_barrier(dev)
     amp = bf16 and dev.type in ("hpu", "cuda")
     model.eval()
     multi_label = task == "multi-label, binary-class"
-    criterion = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
-    loss_sum, all_scores, all_labels = torch.zeros((), device=dev), [], []
+    # Each image's loss (multi-label: the mean over its labels), for the mean and for its bootstrap
+    criterion = nn.BCEWithLogitsLoss(reduction="none") if multi_label else nn.CrossEntropyLoss(reduction="none")
+    all_losses, all_scores, all_labels = [], [], []
     for images, labels in val_loader:
         x = images.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
         with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
             logits = model(x).float()
         y = labels.to(dev, non_blocking=True)
-        loss_sum += criterion(logits, y.float() if multi_label else y[:, 0].long()) * len(images)
+        losses = criterion(logits, y.float() if multi_label else y[:, 0].long())
+        all_losses.append(losses.mean(dim=1) if multi_label else losses)
         mark_step()
         # Per-class probabilities, medmnist.evaluator's y_score; kept on the device: one copy back at the end
         all_scores.append(torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1))
         all_labels.append(labels)
     y_score, y_true = torch.cat(all_scores).cpu().numpy(), torch.cat(all_labels).numpy()
-    return {"loss": loss_sum.item() / len(y_true), **evaluate(task, y_true, y_score),
+    losses = torch.cat(all_losses).cpu().numpy()
+    # With resamples (the test), also loss, ACC and AUC of bootstrap resamples, for their intervals: those values
+    # leave this envoy, its predictions do not
+    return {"loss": float(losses.mean()), **evaluate(task, y_true, y_score, losses, resamples, seed),
             "seconds": time.perf_counter() - started}
 
 
@@ -123,6 +130,17 @@ def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16
     tasks.add_kwargs(task=task, device_request=device, bf16=bf16)(validate)
     tasks.register_fl_task(model="model", data_loader="val_loader", device="device")(validate)
     return tasks
+
+
+def bootstrapping(tasks: TaskInterface, resamples: int, seed: int) -> TaskInterface:
+    """A copy of `tasks` whose validate task also scores `resamples` bootstrap resamples of its split (seeded by
+    `seed`), for the test's confidence intervals (docs/experiment.md); `tasks` itself if resamples is 0."""
+    if not resamples:
+        return tasks
+    copied = copy.copy(tasks)
+    copied.task_settings = copy.copy(tasks.task_settings)
+    copied.task_settings["validate"] = {**tasks.task_settings["validate"], "resamples": resamples, "seed": seed}
+    return copied
 
 
 def personalizing(tasks: TaskInterface, epochs: int) -> TaskInterface:

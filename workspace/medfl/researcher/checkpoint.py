@@ -277,5 +277,7 @@ def open_run(namespace: dict, envoys: list[dict]) -> OpenedRun:
         envoys = keep_out(namespace["federation"], envoys, kept_out)
     attempt = attempt_name(name, checkpoint)
     record = {"params": {**params, "experiment": name, "tls": bool(run["ca_cert"])}, "envoys": envoys,
-              "data_source": run["data_source"], "restarts": restarts(folder, checkpoint, attempt)}
+              "data_source": run["data_source"], "restarts": restarts(folder, checkpoint, attempt),
+              # where finish_run also logs the run (MLflow), if anywhere
+              "tracking": {k: run[k] for k in ("tracking", "tracking_uri", "tracking_parent", "output_dir")}}
     return OpenedRun(folder, name, attempt, checkpoint, record)

@@ -23,6 +23,7 @@ from ..events import (
     TRAFFIC_COUNTS,
     VALIDATE_GLOBAL,
 )
+from ..intervals import HIGH, LOW
 from ..selection import Best
 
 TASK_NAMES = {"train": "train", "locally_tuned_model_validate": "local val", VALIDATE_GLOBAL: "global val",
@@ -214,11 +215,14 @@ def _secured(run: Followed, m: dict, where: str, echo) -> None:
 
 
 def _line(where: str, m: dict, values: dict) -> str:
-    shown = "  ".join(_shown(name, value) for name, value in values.items())
+    shown = "  ".join(_shown(name, value, values) for name, value in values.items() if not name.endswith(HIGH))
     return f"{where:<16} {m['metric_origin']:<11} {TASK_NAMES.get(m['task_name'], m['task_name']):<11} {shown}"
 
 
-def _shown(name: str, value: float) -> str:
+def _shown(name: str, value: float, values: dict) -> str:
+    if name.endswith(LOW):  # a test metric's interval (medfl.intervals)
+        high = values.get(name[:-len(LOW)] + HIGH, float("nan"))
+        return f"{name[:-len(LOW)]} 95% CI {value:.4f}-{high:.4f}"
     if name.endswith("_bytes"):
         return f"{name[:-6]} {value / 1e6:.2f} MB"
     if name == "connections":

@@ -25,6 +25,7 @@ from ..checks import (
     check_settings,
 )
 from ..device import REQUESTS
+from ..metrics import RESAMPLES
 from ..model import FLAGS, MULTI_LABEL, SIZES, STEMS, task_type
 from ..privacy import DPSGD, PrivacyError
 from ..privacy import OPTIONS as DP_OPTIONS
@@ -78,6 +79,12 @@ RUN = {
     "wire_dtype": "float32",  # "float16", "bfloat16": each round's weight changes in half the bytes
     "secure_threshold": 0,  # secure aggregation: shares needed to unmask a round (0: more than half the envoys)
     "max_update_norm": MAX_UPDATE_NORM,  # ...and the norm each envoy clips its update to, since nobody else sees it
+    "bootstrap": RESAMPLES,  # the test's 95 % intervals: bootstrap resamples on each envoy (0: no intervals)
+    "tracking": "",  # "mlflow": the run's parameters, metrics and files also go to MLflow (medfl.researcher.tracking)
+    "tracking_uri": "",  # MLflow's store; empty: the folder mlruns beside the runs (browse: mlflow ui)
+    "tracking_parent": "",  # an MLflow run this one goes under (make compare's)
+    "evaluate_model": "",  # a saved state_dict: section 9 tests it on every envoy (make evaluate model=...)
+    "evaluate_split": "test",  # ...on their "test" or "val" split
 }
 # The federation's rules: the keys of `run` that the director's aggregator (medfl.aggregator.SelectingAggregator)
 # takes as its settings, from the plan that the notebook's start cell writes.
@@ -85,7 +92,7 @@ RULES = ("best_metric", "best_mode", "min_envoys", "round_timeout", "max_update_
          "rejection_window", "max_update_size", "min_update_cosine")
 # The keys of `run` that shape the experiment, the rules among them: a researcher chooses them (make demo takes each
 # by name), and results.json records them with the parameters. The others say where it runs and where results go.
-RUN_CHOICES = ("stem", *RULES, "wire_dtype", "secure_threshold", "max_update_norm")
+RUN_CHOICES = ("stem", *RULES, "wire_dtype", "secure_threshold", "max_update_norm", "bootstrap")
 # Each dict parameter's defaults.
 DICTS = {"algorithm_options": ALGORITHM_OPTIONS, "dp_options": DP_OPTIONS, "run": RUN}
 
@@ -228,6 +235,17 @@ def check_run(run: dict) -> None:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ParameterError(f"director_port={port!r}: give the director's TCP port, e.g. 50051")
     check_certificates(run["ca_cert"], run["api_cert"], run["api_key"])
+    resamples = run["bootstrap"]
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or not (resamples == 0 or resamples >= 100):
+        raise ParameterError(f"bootstrap={resamples!r}: give the number of resamples for the test's intervals, at "
+                             f"least 100 (default {RESAMPLES}), or 0 for none")
+    if run["tracking"] not in ("", "mlflow"):
+        raise ParameterError(f"tracking={run['tracking']!r}: use \"mlflow\" (the run also goes to MLflow) or \"\"")
+    if run["evaluate_split"] not in ("test", "val"):
+        raise ParameterError(f"evaluate_split={run['evaluate_split']!r}: use \"test\" or \"val\"")
+    if not isinstance(run["evaluate_model"], str):
+        raise ParameterError(f"evaluate_model={run['evaluate_model']!r}: give the path of a saved state_dict, e.g. "
+                             "\"../runs/latest/best_model.pt\"")
 
 
 def _number(value) -> bool:

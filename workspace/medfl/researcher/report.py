@@ -15,6 +15,8 @@ import torch
 
 from .. import algorithms
 from ..events import AGGREGATED, REFUSED, TRAFFIC, VALIDATE_GLOBAL, VALIDATE_LOCAL
+from ..intervals import HIGH, LOW
+from ..metrics import CI_NAMES
 from .checkpoint import write_atomically
 from .federation import is_synthetic
 from .follow import Followed
@@ -110,7 +112,38 @@ def test_block(metrics: list[dict], samples: dict[str, int], task: str = VALIDAT
         else:
             entry = block["per_envoy"].setdefault(m["metric_origin"], {"samples": samples.get(m["metric_origin"])})
             entry[m["metric_name"]] = m["metric_value"]
+    for entry in (block, *block["per_envoy"].values()):
+        _fold_intervals(entry)
     return block
+
+
+def _fold_intervals(entry: dict) -> None:
+    """<name>_ci_low and <name>_ci_high (medfl.intervals) become entry["ci"][name] = [low, high] (None where the
+    interval is undefined); entry["ci"] is None without intervals (bootstrap 0)."""
+    ci = {}
+    for name in CI_NAMES:
+        low, high = entry.pop(name + LOW, None), entry.pop(name + HIGH, None)
+        if low is not None:
+            ci[name] = [low, high] if np.isfinite(low) and np.isfinite(high) else None
+    entry["ci"] = ci or None
+
+
+def with_interval(entry: dict, name: str) -> str:
+    """`0.9123 (95 % CI 0.8975-0.9262)`: a test metric and its interval, if it has one."""
+    value, ci = entry.get(name), (entry.get("ci") or {}).get(name)
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" (95 % CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+
+
+def test_rows(block: dict) -> list[dict]:
+    """The test table: one row per envoy and one pooled, each metric with its 95 % interval."""
+    rows = [{"envoy": name, "samples": entry.get("samples"), **{m.upper() if m != "loss" else m: with_interval(entry, m)
+                                                                for m in CI_NAMES}}
+            for name, entry in sorted(block.get("per_envoy", {}).items())]
+    samples = sum(r["samples"] or 0 for r in rows) or None
+    return [*rows, {"envoy": "pooled", "samples": samples,
+                    **{m.upper() if m != "loss" else m: with_interval(block, m) for m in CI_NAMES}}]
 
 
 def build_results(*, params: dict, envoys: list[dict], training: Followed, testing: Followed | None = None,
@@ -184,10 +217,16 @@ def stop_if_failed(run_dir: Path, *, training: Followed, testing: Followed | Non
 
 def finish_run(run_dir: Path, *, training: Followed, testing: Followed | None = None,
                best_model: torch.nn.Module | None = None, last_model: torch.nn.Module | None = None,
-               **record) -> dict:
-    """The run's results (build_results), written with the models given to its folder (save_run); returned."""
+               tracking: dict | None = None, **record) -> dict:
+    """The run's results (build_results), written with the models given to its folder (save_run); returned. With
+    `tracking` (the run's settings, run["tracking"] "mlflow"), also logged to MLflow (medfl.researcher.tracking)."""
     results = build_results(training=training, testing=testing, **record)
     save_run(run_dir, results, training, testing, best_model=best_model, last_model=last_model)
+    if tracking and tracking["tracking"] == "mlflow":
+        from .tracking import track  # imports MLflow: only for a tracked run
+
+        results["tracking"] = {"tracking": "mlflow", **track(run_dir, results, tracking)}
+        write_atomically(Path(run_dir) / "results.json", json.dumps(results, indent=1, default=str).encode())
     return results
 
 
