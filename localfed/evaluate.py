@@ -11,9 +11,12 @@ from pathlib import Path
 
 import nbformat
 
+from medfl.researcher import ParameterError
+from medfl.researcher.evaluation import SavedModel
 from medfl.researcher.report import test_rows
 from medmnist_shard import DataError
 
+from .notebook import definitions
 from .run import data_for, launch_notebook, local_federation, notebook_parameters, shard_params
 from .settings import Settings
 
@@ -44,6 +47,12 @@ def evaluate(settings: Settings) -> int:
                         "model=runs/latest/best_model.pt")
     if settings.split not in ("test", "val"):
         raise DataError(f"split={settings.split!r}: use test or val")
+    # Refused here, before anything starts, as the notebook's section 9 would refuse it: the notebook's own network
+    network = definitions(settings.notebook, **settings.notebook_parameters())
+    try:
+        SavedModel(model, network.model, f"{settings.dataset} {settings.size} px, stem {network.run['stem']}")
+    except ParameterError as exc:
+        raise DataError(str(exc).replace("evaluate_model=", "model=", 1)) from None
     started = time.monotonic()
     data_dir, data_source = data_for(settings)
     print(f"data: {data_source} ({data_dir or settings.data_dirs})")

@@ -27,6 +27,9 @@ def check_results(results: dict, *, envoys: list[str], rounds: int) -> None:
     assert sorted(test["per_envoy"]) == envoys
     for block in [test, *test["per_envoy"].values()]:
         assert 0 <= block["acc"] <= 1 and 0 <= block["auc"] <= 1 and block["loss"] >= 0
+        for metric in ("acc", "auc", "loss"):  # every test score with its 95 % interval (run["bootstrap"] > 0)
+            low, high = block["ci"][metric]
+            assert low <= block[metric] <= high, metric
     assert 0 <= results["best"]["round"] <= rounds
     traffic = results["traffic"]
     assert [t["round"] for t in traffic] == list(range(rounds + 1))

@@ -1,5 +1,6 @@
 """`make demo` end to end: a real director and two envoys on disjoint synthetic shards, the notebook
 executed headless against them, and everything it leaves behind checked against a fresh evaluation."""
+import hashlib
 import json
 import os
 import re
@@ -62,7 +63,9 @@ def run(data_dir, tmp_path_factory, medfl_imports):
     saboteur = str(ROOT / "tests" / "saboteur")  # test-only hooks: here, each process records its imports of medfl
     env = {**os.environ, "MEDFL_TEST_IMPORTS": str(medfl_imports),
            "PYTHONPATH": os.pathsep.join(filter(None, [saboteur, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(demo_command(data_dir, runs), cwd=ROOT, capture_output=True, text=True, timeout=400,
+    # tracking=mlflow: the run also goes to MLflow (runs/mlruns); the default imports no MLflow (test_intervals.py)
+    result = subprocess.run(demo_command(data_dir, runs, "tracking=mlflow"), cwd=ROOT, capture_output=True, text=True,
+                            timeout=400,
                             env=env)
     assert result.returncode == 0, f"make demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     run_dir = (runs / "latest").resolve()
@@ -173,6 +176,84 @@ def test_best_model_is_the_reported_best_and_reproduces_its_validation(results, 
     fresh = _pooled(_evaluate(results["best_model"], "val", data_dir))
     for name in ("loss", "acc", "auc"):
         assert fresh[name] == pytest.approx(reported[f"val_{name}"], abs=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, data_dir, tmp_path_factory):
+    """make evaluate of the run's best model on the same envoys' test splits: (evaluation.json, stdout)."""
+    runs = tmp_path_factory.mktemp("evaluations")
+    command = [sys.executable, "-m", "localfed", "evaluate", f"model={run[0] / 'best_model.pt'}",
+               f"data_dir={data_dir}", f"runs={runs}", "envoys=2", "timeout=300"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, f"make evaluate failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    (folder,) = runs.glob("*-evaluate-bloodmnist-28")
+    assert not leftovers(folder), "a director, envoy or kernel outlived the evaluation"
+    return json.loads((folder / "evaluation.json").read_text()), result.stdout
+
+
+def test_every_test_score_has_its_interval_per_envoy_and_pooled(results):
+    for block in [results["test"], *results["test"]["per_envoy"].values()]:
+        for metric in ("acc", "auc", "loss"):
+            low, high = block["ci"][metric]
+            assert low <= block[metric] <= high and high - low > 0, metric
+    # pooled over both envoys' test images: narrower than either envoy's own
+    for metric in ("acc", "loss"):
+        pooled = results["test"]["ci"][metric]
+        assert all(pooled[1] - pooled[0] < e["ci"][metric][1] - e["ci"][metric][0]
+                   for e in results["test"]["per_envoy"].values()), metric
+
+
+def test_make_evaluate_reproduces_the_runs_test_block_exactly(results, evaluated, run):
+    """The run's best model, sent back with nothing trained, scores what the run's test reported: every value and
+    every interval, bit for bit (the bootstrap is seeded by the run's seed and the split)."""
+    evaluation, stdout = evaluated
+    assert (evaluation["status"], evaluation["split"], evaluation["dataset"]) == ("completed", "test", "bloodmnist")
+    assert evaluation["model_sha256"] == hashlib.sha256((run[0] / "best_model.pt").read_bytes()).hexdigest()
+    for key in ("acc", "auc", "loss", "ci"):
+        assert evaluation[key] == results["test"][key], key
+    for name, scores in results["test"]["per_envoy"].items():
+        for key in ("samples", "acc", "auc", "loss", "ci"):
+            assert evaluation["per_envoy"][name][key] == scores[key], (name, key)
+    table = stdout[stdout.index("on each envoy's test split"):]
+    assert "envoy_1" in table and "pooled" in table and "95 % CI" in table
+
+
+def test_make_evaluate_refuses_a_model_of_another_network_before_it_starts(data_dir, tmp_path):
+    import torch
+
+    from medfl import build_model
+
+    model = tmp_path / "pathmnist.pt"
+    torch.save(build_model("pathmnist", 28).state_dict(), model)  # 9 classes, where bloodmnist has 8
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, "-m", "localfed", "evaluate", f"model={model}", f"data_dir={data_dir}",
+                             f"runs={runs}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "is not the weights of this network (bloodmnist 28 px" in result.stderr
+    assert "(9, 128) there and (8, 128) here" in result.stderr and not runs.exists()
+
+
+def test_mlflow_lists_the_run_with_the_metrics_of_results_json(results):
+    """Read back through MLflow's own API: one run, whose test scores, intervals and curves are results.json's."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    tracked = results["tracking"]
+    client = MlflowClient(tracked["uri"])
+    experiment = client.get_experiment_by_name("medfl-bloodmnist-28")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_id == tracked["run_id"] and found.info.status == "FINISHED"
+    metrics, test = found.data.metrics, results["test"]
+    for metric in ("acc", "auc", "loss"):
+        assert metrics[f"test_{metric}"] == test[metric]
+        assert [metrics[f"test_{metric}_ci_low"], metrics[f"test_{metric}_ci_high"]] == test["ci"][metric]
+        assert metrics[f"envoy_1/test_{metric}"] == test["per_envoy"]["envoy_1"][metric]
+    history = client.get_metric_history(found.info.run_id, "val_auc")
+    assert sorted((h.step, h.value) for h in history) == [(e["round"], e["aggregated"]["val_auc"])
+                                                          for e in results["rounds"]]
+    assert found.data.params["algorithm.name"] == "fedavg" and found.data.params["rounds"] == str(ROUNDS)
+    files = {f.path for f in client.list_artifacts(found.info.run_id)}
+    assert {"results.json", "best_model.pt", "curves.png", "metrics.csv"} <= files
 
 
 def test_test_scores_are_the_best_models_on_each_envoys_test_split(results, data_dir):

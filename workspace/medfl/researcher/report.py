@@ -225,8 +225,9 @@ def finish_run(run_dir: Path, *, training: Followed, testing: Followed | None = 
     if tracking and tracking["tracking"] == "mlflow":
         from .tracking import track  # imports MLflow: only for a tracked run
 
-        results["tracking"] = {"tracking": "mlflow", **track(run_dir, results, tracking)}
-        write_atomically(Path(run_dir) / "results.json", json.dumps(results, indent=1, default=str).encode())
+        written = json.loads((Path(run_dir) / "results.json").read_text())  # with the models' paths
+        written["tracking"] = results["tracking"] = {"tracking": "mlflow", **track(run_dir, written, tracking)}
+        write_atomically(Path(run_dir) / "results.json", json.dumps(written, indent=1, default=str).encode())
     return results
 
 
