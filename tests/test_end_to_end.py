@@ -203,6 +203,7 @@ def test_every_test_score_has_its_interval_per_envoy_and_pooled(results):
                    for e in results["test"]["per_envoy"].values()), metric
 
 
+@pytest.mark.slow
 def test_make_evaluate_reproduces_the_runs_test_block_exactly(results, evaluated, run):
     """The run's best model, sent back with nothing trained, scores what the run's test reported: every value and
     every interval, bit for bit (the bootstrap is seeded by the run's seed and the split)."""
@@ -218,6 +219,7 @@ def test_make_evaluate_reproduces_the_runs_test_block_exactly(results, evaluated
     assert "envoy_1" in table and "pooled" in table and "95 % CI" in table
 
 
+@pytest.mark.slow
 def test_make_evaluate_refuses_a_model_of_another_network_before_it_starts(data_dir, tmp_path):
     import torch
 
@@ -328,6 +330,8 @@ def test_ctrl_c_stops_every_process(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="the HPU notebook's own federation (about 20 s): runs when "
+                    "CI=true; tests/test_repository.py checks it differs from the CPU one only in its parameters")
 def test_the_hpu_notebook_runs_here_with_device_auto(data_dir, tmp_path):
     """With FedProx: its optimizer travels to the envoys (tests/test_compare.py runs FedNTD and FedAdam)."""
     notebook = ROOT / "workspace" / "HPU_Pytorch_MedMNIST_2D.ipynb"

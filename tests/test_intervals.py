@@ -69,8 +69,8 @@ def test_the_pooled_interval_equals_the_direct_bootstrap_over_the_pooled_predict
     bootstrap of the pooled samples; for AUC, whose pooled value is the envoys' weighted mean, against resampling
     each envoy's samples and weighing their AUCs."""
     rng = np.random.default_rng(3)
-    sizes = {"envoy_1": 600, "envoy_2": 1400}
-    data = {e: sample("multi-class", n, rng) for e, n in sizes.items()}
+    sizes = {"envoy_1": 150, "envoy_2": 850}  # unequal: a mean that ignored the counts would be far off
+    data = {e: sample("multi-class", n, rng, skill) for (e, n), skill in zip(sizes.items(), (0.2, 0.4), strict=True)}
     resamples = 2000
     values = {e: bootstrap("multi-class", *data[e], resamples, seed=11) for e in sizes}
     y = np.concatenate([d[0] for d in data.values()])
@@ -87,7 +87,7 @@ def test_the_pooled_interval_equals_the_direct_bootstrap_over_the_pooled_predict
                     for e, n in sizes.items()) / sum(sizes.values())
         assert ours[0] < point < ours[1]
     # AUC on a binary task (one column: sklearn's AUC once per resample and envoy keeps the direct loop short)
-    sizes = {"envoy_1": 300, "envoy_2": 700}
+    sizes = {"envoy_1": 150, "envoy_2": 850}
     data = {e: sample("binary-class", n, rng, skill=0.05) for e, n in sizes.items()}
     values = {e: bootstrap("binary-class", *data[e], 1000, seed=14) for e in sizes}
     draws, stratified = np.random.default_rng(13), []

@@ -169,7 +169,9 @@ def test_open_run_names_the_folder_logs_there_and_refuses_a_run_to_resume_withou
         assert checkpoint is None and (folder / "logs" / "openfl.log").is_file()
         assert record == {"params": {**{k: namespace[k] for k in DEFAULTS if k != "run"},
                                      **{k: run[k] for k in RUN_CHOICES}, "experiment": name, "tls": False},
-                          "envoys": envoys, "data_source": "medmnist", "restarts": []}
+                          "envoys": envoys, "data_source": "medmnist", "restarts": [],
+                          "tracking": {"tracking": "", "tracking_uri": "", "tracking_parent": "",
+                                       "output_dir": str(tmp_path)}}
         named = {**namespace, "run": {**run, "experiment_name": "mine"}}
         assert open_run(named, envoys).dir == tmp_path / "mine"
         resumed = {**namespace, "run": {**run, "resume_from": str(tmp_path / "earlier")}}
