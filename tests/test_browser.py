@@ -300,7 +300,7 @@ def page(driver, lab, federation, lab_dir):
         def finished():
             state = driver.execute_script(PAGE)
             done = (state["kernel"] == "idle" and all(re.fullmatch(r"\[\d+\]:", c["prompt"]) for c in state["cells"])
-                    and len(state["cells"][-1]["images"]) == 2)
+                    and len(state["cells"][tags.index("plots")]["images"]) == 2)
             return state if done and _kernel_idle(lab) else None
 
         state = _wait("Run All to finish", finished, clicked + RUN_S, also=no_failure)
@@ -326,12 +326,12 @@ def screenshot_on_failure(driver):
 
 
 def _screenshots(driver, tags) -> None:
-    """The top of the notebook, the progress of the training and the plots, for a person to look at."""
+    """The top of the notebook, the progress of the training, the test table and the plots, for a person to look at."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     cells = driver.execute_script("return [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')]")
     driver.execute_script("document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollTop = 0")
     driver.save_screenshot(str(SCREENSHOTS / "1-top.png"))
-    for name, tag in (("2-progress", "follow"), ("3-plots", "plots")):
+    for name, tag in (("2-progress", "follow"), ("3-test", "results"), ("4-plots", "plots")):
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", cells[tags.index(tag)])
         driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
 
@@ -349,6 +349,9 @@ def test_progress_lines_and_the_final_line_are_visible(page):
         assert re.search(line, follow), f"{line!r} not shown under the follow cell:\n{follow}"
     assert re.search(r"test\s+aggregator\s+global val\s+loss", page["tags"]["test"]["text"])
     assert RESULT_LINE in page["tags"]["results"]["text"]
+    # the test table: each envoy and pooled, every score with its 95 % interval
+    assert re.search(r"pooled\s+60\s+0\.\d{4} \(95 % CI 0\.\d{4}-0\.\d{4}\)", page["tags"]["results"]["text"])
+    assert "no model to evaluate" in page["tags"]["evaluate"]["text"]  # section 9 without evaluate_model
 
 
 def test_progress_bars_are_widgets_while_running_and_their_last_state_stays_as_text(page):

@@ -22,7 +22,7 @@ def compared(tiny_file, tmp_path_factory):
     data_dir = tiny_file("bloodmnist", 28, SIZES).parent
     runs = tmp_path_factory.mktemp("runs")
     command = [sys.executable, "-m", "localfed", "compare", f"data_dir={data_dir}", f"runs={runs}", "rounds=2",
-               "algorithms=fedntd fedadam", "timeout=300"]
+               "algorithms=fedntd fedadam", "timeout=300", "tracking=mlflow"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"make compare failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     (out,) = runs.glob("compare-*")
@@ -68,6 +68,25 @@ def test_compare_json_holds_every_algorithm_and_the_centralized_baseline(compare
         assert results["algorithm"]["name"] == name and results["traffic"]
         # Honest envoys under label skew: none rejected, none clipped (docs/faults.md's calibration)
         assert (results["rejected_updates"], results["clipped_updates"], results["dropouts"]) == ([], [], []), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="make compare end to end (about 60 s): runs when CI=true")
+def test_with_tracking_mlflow_each_algorithm_is_a_run_under_one_parent(compared):
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    out, _ = compared
+    client = MlflowClient((out.parent / "mlruns").as_uri())
+    found = client.search_runs([client.get_experiment_by_name("medfl-bloodmnist-28").experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("mlflow.runName") == out.name]
+    children = {r.data.params["algorithm.name"]: r for r in found if r.data.tags.get("mlflow.parentRunId")
+                == parent.info.run_id}
+    assert sorted(children) == ["fedadam", "fedntd"] and parent.info.status == "FINISHED"
+    for name, run in children.items():
+        results = json.loads((out / name / "results.json").read_text())
+        assert run.info.run_id == results["tracking"]["run_id"]
+        assert run.data.metrics["test_acc"] == results["test"]["acc"], name
 
 
 @pytest.mark.slow

@@ -173,6 +173,10 @@ def test_each_envoy_tests_with_its_own_normalization_of_the_best_round(fedbn_run
     assert personal["epochs"] == 1 and sorted(personal["per_envoy"]) == ["envoy_1", "envoy_2", "envoy_3"]
     assert all(0 <= e["acc"] <= 1 and e["samples"] for e in personal["per_envoy"].values())
     assert personal["per_envoy"] != results["test"]["per_envoy"]
+    for block in [personal, *personal["per_envoy"].values()]:  # each hospital's own model has its intervals too
+        for metric in ("acc", "auc", "loss"):
+            low, high = block["ci"][metric]
+            assert low <= block[metric] <= high, metric
     scanners = [e["acquisition"] for e in results["envoys"]]
     assert [a["rank"] for a in scanners] == [1, 2, 3] and results["partition"]["strategy"] == "scanner"
     # Honest envoys behind different scanners: the update checks reject and clip none (docs/faults.md)

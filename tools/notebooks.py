@@ -333,12 +333,13 @@ code("results", """from IPython.display import display
 
 results = researcher.finish_run(run_dir, training=training, testing=testing, best_model=best_model,
                                 last_model=last_model, **record)  # results.json, plots and models, in run_dir
+test = results["test"]
 print(("SYNTHETIC data: " if results["synthetic"] else "") + f"{dataset} {size}px, {len(envoys)} envoys, "
-      f"{algorithm}; saved to {run_dir.resolve()}")
+      f"{algorithm}; test ACC {test['acc']:.4f}, AUC {test['auc']:.4f}; saved to {run_dir.resolve()}")
 if results["privacy"]:
     print(f"DP-SGD: {results['privacy']['summary']}")
 display(pd.DataFrame([{"round": e["round"], **e["aggregated"]} for e in results["rounds"]]).set_index("round"))
-pd.DataFrame(researcher.test_rows(results["test"])).set_index("envoy")  # the best model's test, 95 % intervals"""),
+pd.DataFrame(researcher.test_rows(test)).set_index("envoy")  # the best model's test, each with its 95 % interval"""),
 code("plots", """from IPython.display import Image, display
 
 display(Image(str(run_dir / "curves.png")), Image(str(run_dir / "partition.png")))"""),
