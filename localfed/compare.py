@@ -18,7 +18,7 @@ from pathlib import Path
 from medfl.algorithms import describe
 
 from .baseline import baseline
-from .run import RunError, compared, data_for, local_federation, run_notebook, shard_params
+from .run import RunError, compared, data_for, local_federation, run_notebook, shard_params, tracking_uri
 from .settings import Settings
 
 CENTRALIZED = "centralized"
@@ -38,17 +38,15 @@ def compare(settings: Settings) -> int:
     out = Path(settings.runs) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     federation = local_federation(settings, out, shards)
     steps = len(algorithms) + 1
-    spread = "each envoy's own file" if s.data_dirs else \
-        f"{s.partition} partition" + (f" alpha {s.alpha:g}" if s.partition == "dirichlet" else "")
     print(f"comparing {', '.join(algorithms)} and a centralized baseline: {s.rounds} rounds x {s.epochs} epochs, "
-          f"{spread}, {s.envoys} envoys, seed {s.seed}; results in {out}")
+          f"{spread(partition(s))}, {s.envoys} envoys, seed {s.seed}; results in {out}")
     print(f"starting a director and {s.envoys} envoys on {federation.host}:{federation.port} ...", flush=True)
     runs: dict[str, dict] = {}
     tracked = {}  # tracking=mlflow: every algorithm's run goes under one parent run
     if settings.tracking == "mlflow":
         from medfl.researcher.tracking import start_parent
 
-        store = {"tracking_uri": settings.tracking_uri or (Path(settings.runs) / "mlruns").as_uri()}
+        store = {"tracking_uri": tracking_uri(settings)}
         tracked = {"run": {**store, "tracking_parent": start_parent(store, out.name, s.dataset, int(s.size))}}
         print(f"MLflow: every algorithm's run under the parent run {out.name} ({store['tracking_uri']})")
     with federation:
@@ -128,9 +126,7 @@ def build(settings: Settings, algorithms: list[str], runs: dict, central: dict, 
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "system": platform.platform()},
         "dataset": settings.dataset, "size": int(settings.size), "data_source": data_source, "synthetic": synthetic,
         "envoys": settings.envoys,
-        # with data_dirs each envoy serves its own whole file: no partition was applied
-        "partition": ({"strategy": "own files", "alpha": None, "seed": None} if settings.data_dirs else
-                      {"strategy": settings.partition, "alpha": settings.alpha, "seed": settings.seed}),
+        "partition": partition(settings),
         "bootstrap": settings.bootstrap,
         "rounds": settings.rounds, "epochs": settings.epochs, "seed": settings.seed,
         "algorithms": {name: runs[name] for name in algorithms},
@@ -156,16 +152,28 @@ def _label(name: str, run: dict) -> str:
     return describe(run["settings"]) if run.get("settings") else name
 
 
+def partition(settings: Settings) -> dict:
+    """How the data was spread over the envoys, as it was run: with data_dirs each envoy serves its own whole file,
+    and no partition was applied."""
+    if settings.data_dirs:
+        return {"strategy": "own files", "alpha": None, "seed": None}
+    return {"strategy": settings.partition, "alpha": settings.alpha, "seed": settings.seed}
+
+
+def spread(partition: dict) -> str:
+    """A partition in words."""
+    return {"dirichlet": f"dirichlet label skew, alpha {partition['alpha']}", "iid": "iid shards",
+            "scanner": "scanner shift (each envoy's own acquisition)",
+            "own files": "each envoy's own file, no partition applied"}.get(partition["strategy"],
+                                                                         str(partition["strategy"]))
+
+
 def describe_setting(report: dict) -> str:
     """What was compared, as it was run: the data, how it was spread over the envoys, the budget."""
     source = "SYNTHETIC data" if report["synthetic"] else "MedMNIST"
-    partition = report["partition"]
-    spread = {"dirichlet": f"dirichlet label skew, alpha {partition['alpha']}", "iid": "iid shards",
-              "scanner": "scanner shift (each envoy's own acquisition)",
-              "own files": "each envoy's own file, no partition applied"}.get(partition["strategy"],
-                                                                           str(partition["strategy"]))
-    return (f"{source}: {report['dataset']} {report['size']}px, {report['envoys']} envoys, {spread}, "
-            f"{report['rounds']} rounds x {report['epochs']} epochs, seed {report['seed']}")
+    return (f"{source}: {report['dataset']} {report['size']}px, {report['envoys']} envoys, "
+            f"{spread(report['partition'])}, {report['rounds']} rounds x {report['epochs']} epochs, "
+            f"seed {report['seed']}")
 
 
 def _with_ci(entry: dict, name: str) -> str:

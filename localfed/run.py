@@ -154,6 +154,11 @@ def envoy_policy(path: str) -> dict:
     return section
 
 
+def tracking_uri(settings: Settings) -> str:
+    """The MLflow store of the launcher's runs: tracking_uri, or one for every run, runs/mlruns."""
+    return settings.tracking_uri or (Path(settings.runs) / "mlruns").as_uri()
+
+
 def notebook_parameters(settings: Settings, federation: LocalFederation, run_dir: Path, data_source: str) -> dict:
     """What the notebook is given: the notebook settings given, and `run` with where the director is, the
     certificates, where the results go, and the data source."""
@@ -163,8 +168,8 @@ def notebook_parameters(settings: Settings, federation: LocalFederation, run_dir
            "data_source": data_source}
     if settings.resume_from:
         run["resume_from"] = str(run_dir)
-    if settings.tracking and not settings.tracking_uri:  # one MLflow store for every run: runs/mlruns
-        run["tracking_uri"] = (Path(settings.runs) / "mlruns").as_uri()
+    if settings.tracking:
+        run["tracking_uri"] = tracking_uri(settings)
     if federation.certs:
         researcher = federation.certs / RESEARCHER
         run.update(ca_cert=str(federation.certs / "ca.crt"), api_cert=f"{researcher}.crt",

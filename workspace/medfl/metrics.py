@@ -35,14 +35,8 @@ def evaluate(task: str, y_true: np.ndarray, y_score: np.ndarray, losses: np.ndar
 
 
 def _auc_over_defined_columns(task: str, y_true: np.ndarray, y_score: np.ndarray) -> float:
-    if task == MULTI_LABEL:
-        columns = [(y_true[:, i], y_score[:, i]) for i in range(y_score.shape[1])]
-    elif task == "binary-class":
-        columns = [(y_true[:, 0], y_score[:, -1])]
-    else:
-        columns = [((y_true[:, 0] == i).astype(int), y_score[:, i]) for i in range(y_score.shape[1])]
     # Each defined column goes through the library's binary AUC, so the definition stays theirs.
-    values = [getAUC(t, s, "binary-class") for t, s in columns if 0 < t.sum() < len(t)]
+    values = [getAUC(t, s, "binary-class") for t, s in _auc_columns(task, y_true, y_score) if 0 < t.sum() < len(t)]
     return float(np.mean(values)) if values else float("nan")
 
 

@@ -135,20 +135,19 @@ def build_tasks(flag: str, epochs_per_round: int = 1, device: str = "auto", bf16
 def bootstrapping(tasks: TaskInterface, resamples: int, seed: int) -> TaskInterface:
     """A copy of `tasks` whose validate task also scores `resamples` bootstrap resamples of its split (seeded by
     `seed`), for the test's confidence intervals (docs/experiment.md); `tasks` itself if resamples is 0."""
-    if not resamples:
-        return tasks
-    copied = copy.copy(tasks)
-    copied.task_settings = copy.copy(tasks.task_settings)
-    copied.task_settings["validate"] = {**tasks.task_settings["validate"], "resamples": resamples, "seed": seed}
-    return copied
+    return _with_settings(tasks, "validate", resamples=resamples, seed=seed) if resamples else tasks
 
 
 def personalizing(tasks: TaskInterface, epochs: int) -> TaskInterface:
     """A copy of `tasks` whose train task fine-tunes for `epochs` epochs on the plain loss (no DP-SGD, no
     distillation): each envoy's own model, which never leaves it (medfl.algorithms.local_plan's personalize), so that
     only its test scores do."""
+    return _with_settings(tasks, "train", epochs=epochs, privacy=None, distill=None)
+
+
+def _with_settings(tasks: TaskInterface, task: str, **changes) -> TaskInterface:
+    """A copy of `tasks` with some of one task's add_kwargs settings changed; `tasks` stays as it is."""
     copied = copy.copy(tasks)
     copied.task_settings = copy.copy(tasks.task_settings)
-    copied.task_settings["train"] = {**tasks.task_settings["train"], "epochs": epochs, "privacy": None,
-                                     "distill": None}
+    copied.task_settings[task] = {**tasks.task_settings[task], **changes}
     return copied

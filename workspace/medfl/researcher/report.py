@@ -138,12 +138,12 @@ def with_interval(entry: dict, name: str) -> str:
 
 def test_rows(block: dict) -> list[dict]:
     """The test table: one row per envoy and one pooled, each metric with its 95 % interval."""
-    rows = [{"envoy": name, "samples": entry.get("samples"), **{m.upper() if m != "loss" else m: with_interval(entry, m)
-                                                                for m in CI_NAMES}}
-            for name, entry in sorted(block.get("per_envoy", {}).items())]
-    samples = sum(r["samples"] or 0 for r in rows) or None
-    return [*rows, {"envoy": "pooled", "samples": samples,
-                    **{m.upper() if m != "loss" else m: with_interval(block, m) for m in CI_NAMES}}]
+    def row(name: str, entry: dict, samples) -> dict:
+        return {"envoy": name, "samples": samples, "ACC": with_interval(entry, "acc"),
+                "AUC": with_interval(entry, "auc"), "loss": with_interval(entry, "loss")}
+
+    rows = [row(name, e, e.get("samples")) for name, e in sorted(block.get("per_envoy", {}).items())]
+    return [*rows, row("pooled", block, sum(r["samples"] or 0 for r in rows) or None)]
 
 
 def build_results(*, params: dict, envoys: list[dict], training: Followed, testing: Followed | None = None,
